@@ -1,0 +1,4 @@
+// All differentiable ops.
+#pragma once
+#include "framework/ops_nn.h"
+#include "framework/ops_tensor.h"
