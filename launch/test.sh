@@ -28,8 +28,14 @@ export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="${OMPI_ALLOW_RUN_AS_ROOT_CONFIRM:-1}"
 export OMPI_MCA_rmaps_base_oversubscribe="${OMPI_MCA_rmaps_base_oversubscribe:-1}"
 
 start=${SECONDS}
-"${repo_root}/launch/setup.sh" "$@"
+setup_status=0
+"${repo_root}/launch/setup.sh" "$@" || setup_status=$?
 built=${SECONDS}
+if ((setup_status != 0)); then
+  printf 'loom tests: FAILED: launch/setup.sh (install/configure/build) exited %s after %s s; no tests run\n' \
+    "${setup_status}" "$((built - start))"
+  exit "${setup_status}"
+fi
 
 jobs="${JOBS:-$(nproc)}"
 timeout="${CTEST_TIMEOUT:-600}"  # tests that set their own TIMEOUT keep it
