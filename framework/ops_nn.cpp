@@ -1,0 +1,250 @@
+// Differentiable NN ops: RMSNorm, activations (sigmoid, SiLU, fused SwiGLU),
+// softmax over any dim, RoPE, reference softmax attention, fused cross-entropy.
+// Each op validates its inputs (device, dtype, shapes, naming the values),
+// makes them contiguous, runs the CPU forward kernel and records one node whose
+// backward runs the matching backward kernel on the tensors it saved.
+// Attention is one node with two outputs (out and lse), so a caller that merges
+// partial results (ring attention) back-propagates through lse too; its
+// backward needs only q, k, v, out and lse. Index tensors (positions, targets)
+// are saved as owned copies: the caller may reuse its buffers before backward.
+#include <cmath>
+
+#include "framework/ops_nn.h"
+#include "framework/stream.h"
+#include "kernels/cpu/activation.h"
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/cross_entropy.h"
+#include "kernels/cpu/rmsnorm.h"
+#include "kernels/cpu/rope.h"
+#include "kernels/cpu/softmax.h"
+
+namespace loom {
+
+namespace {
+
+// A floating CPU input; CUDA tensors are refused until their kernels exist.
+void check_input(const Variable& x, const char* op, const char* name) {
+  LOOM_CHECK(x.defined()) << op << ": " << name << " is undefined";
+  LOOM_CHECK(x.device().is_cpu()) << op << ": no CUDA kernel yet, tensor " << name << " on " << x.device();
+  LOOM_CHECK(x.dtype() == DType::f32 || x.dtype() == DType::f64)
+      << op << ": " << name << " must be f32 or f64, got " << x.dtype();
+}
+
+void check_same_dtype(const Variable& a, const Variable& b, const char* op, const char* name_a, const char* name_b) {
+  LOOM_CHECK(a.dtype() == b.dtype()) << op << ": " << name_a << " is " << a.dtype() << " but " << name_b << " is "
+                                     << b.dtype();
+}
+
+void check_positions(const Tensor& positions, const char* op, const char* name) {
+  LOOM_CHECK(positions.defined()) << op << ": " << name << " are undefined";
+  LOOM_CHECK(positions.device().is_cpu()) << op << ": no CUDA kernel yet, tensor " << name << " on "
+                                          << positions.device();
+  LOOM_CHECK(positions.dtype() == DType::i64 || positions.dtype() == DType::i32)
+      << op << ": " << name << " must be i64 or i32, got " << positions.dtype();
+}
+
+// Global positions of `n` tokens as an owned contiguous i64 (n): the given ones, or 0..n-1.
+Tensor resolve_positions(const Tensor& given, int64_t n, const char* name) {
+  if (!given.defined()) return Tensor::arange(n, DType::i64);
+  check_positions(given, "attention", name);
+  LOOM_CHECK(given.dim() == 1 && given.size(0) == n)
+      << "attention: " << name << " shape " << shape_str(given.shape()) << " must be " << shape_str({n});
+  Tensor owned = Tensor::empty({n}, DType::i64);
+  owned.copy_(given);
+  return owned;
+}
+
+Stream& stream_of(const Tensor& t) { return Stream::default_for(t.device()); }
+
+}  // namespace
+
+Variable rms_norm(const Variable& x, const Variable& weight, double eps) {
+  const char* op = "rms_norm";
+  check_input(x, op, "x");
+  check_input(weight, op, "weight");
+  check_same_dtype(x, weight, op, "x", "weight");
+  LOOM_CHECK(x.dim() >= 1 && weight.dim() == 1 && weight.size(0) == x.size(-1))
+      << op << ": weight shape " << shape_str(weight.shape()) << " must be (C) with C the last dim of x "
+      << shape_str(x.shape());
+  LOOM_CHECK(eps >= 0.0) << op << ": eps = " << eps << " must be >= 0";
+  Tensor xc = x.data().contiguous();       // (..., C)
+  Tensor wc = weight.data().contiguous();  // (C)
+  int64_t cols = x.size(-1), rows = cols == 0 ? 0 : x.numel() / cols;
+  Tensor y = Tensor::empty(x.shape(), x.dtype());                       // (..., C)
+  Tensor rstd = Tensor::empty({rows}, cpu::rmsnorm_rstd_dtype(x.dtype()));  // (N) rows = leading dims flattened
+  cpu::rmsnorm_forward(y, rstd, xc, wc, eps, stream_of(xc));
+  return make_output(y, {x, weight}, "RmsNorm", [xc, wc, rstd](const std::vector<Tensor>& grads) {
+    if (!grads[0].defined()) return std::vector<Tensor>{Tensor(), Tensor()};
+    Tensor dy = grads[0].contiguous();
+    Tensor dx = Tensor::empty(xc.shape(), xc.dtype());  // (..., C)
+    Tensor dw = Tensor::empty(wc.shape(), wc.dtype());  // (C)
+    cpu::rmsnorm_backward(dx, dw, dy, xc, wc, rstd, stream_of(dy));
+    return std::vector<Tensor>{dx, dw};
+  });
+}
+
+Variable sigmoid(const Variable& x) {
+  check_input(x, "sigmoid", "x");
+  Tensor xc = x.data().contiguous();
+  Tensor y = Tensor::empty(x.shape(), x.dtype());  // like x
+  cpu::sigmoid_forward(y, xc, stream_of(xc));
+  return make_output(y, {x}, "Sigmoid", [y](const std::vector<Tensor>& grads) {
+    if (!grads[0].defined()) return std::vector<Tensor>{Tensor()};
+    Tensor dx = Tensor::empty(y.shape(), y.dtype());
+    cpu::sigmoid_backward(dx, grads[0].contiguous(), y, stream_of(y));
+    return std::vector<Tensor>{dx};
+  });
+}
+
+Variable silu(const Variable& x) {
+  check_input(x, "silu", "x");
+  Tensor xc = x.data().contiguous();
+  Tensor y = Tensor::empty(x.shape(), x.dtype());  // like x
+  cpu::silu_forward(y, xc, stream_of(xc));
+  return make_output(y, {x}, "Silu", [xc](const std::vector<Tensor>& grads) {
+    if (!grads[0].defined()) return std::vector<Tensor>{Tensor()};
+    Tensor dx = Tensor::empty(xc.shape(), xc.dtype());
+    cpu::silu_backward(dx, grads[0].contiguous(), xc, stream_of(xc));
+    return std::vector<Tensor>{dx};
+  });
+}
+
+Variable swiglu(const Variable& gate, const Variable& up) {
+  const char* op = "swiglu";
+  check_input(gate, op, "gate");
+  check_input(up, op, "up");
+  check_same_dtype(gate, up, op, "gate", "up");
+  LOOM_CHECK(gate.shape() == up.shape()) << op << ": gate shape " << shape_str(gate.shape()) << " differs from up "
+                                         << shape_str(up.shape());
+  Tensor gc = gate.data().contiguous();  // (..., F)
+  Tensor uc = up.data().contiguous();    // (..., F)
+  Tensor out = Tensor::empty(gate.shape(), gate.dtype());  // (..., F)
+  cpu::swiglu_forward(out, gc, uc, stream_of(gc));
+  return make_output(out, {gate, up}, "SwiGLU", [gc, uc](const std::vector<Tensor>& grads) {
+    if (!grads[0].defined()) return std::vector<Tensor>{Tensor(), Tensor()};
+    Tensor dgate = Tensor::empty(gc.shape(), gc.dtype());
+    Tensor dup = Tensor::empty(uc.shape(), uc.dtype());
+    cpu::swiglu_backward(dgate, dup, grads[0].contiguous(), gc, uc, stream_of(gc));
+    return std::vector<Tensor>{dgate, dup};
+  });
+}
+
+Variable softmax(const Variable& x, int64_t dim) {
+  const char* op = "softmax";
+  check_input(x, op, "x");
+  LOOM_CHECK(x.dim() >= 1 && dim >= -x.dim() && dim < x.dim())
+      << op << ": dim " << dim << " is out of range for x of shape " << shape_str(x.shape());
+  int64_t d = dim < 0 ? dim + x.dim() : dim, last = x.dim() - 1;
+  // The kernel reduces over the last dim: swap `d` there (a contiguous copy) and back afterwards.
+  bool moved = d != last;
+  Tensor xt = moved ? x.data().transpose(d, last).contiguous() : x.data().contiguous();  // x with dims d, last swapped
+  Tensor yt = Tensor::empty(xt.shape(), xt.dtype());                                     // like xt
+  cpu::softmax_forward(yt, xt, stream_of(xt));
+  Tensor y = moved ? yt.transpose(d, last).contiguous() : yt;  // like x
+  return make_output(y, {x}, "Softmax", [yt, d, last, moved](const std::vector<Tensor>& grads) {
+    if (!grads[0].defined()) return std::vector<Tensor>{Tensor()};
+    Tensor gt = moved ? grads[0].transpose(d, last).contiguous() : grads[0].contiguous();
+    Tensor dxt = Tensor::empty(yt.shape(), yt.dtype());
+    cpu::softmax_backward(dxt, gt, yt, stream_of(yt));
+    return std::vector<Tensor>{moved ? dxt.transpose(d, last).contiguous() : dxt};
+  });
+}
+
+Variable rope(const Variable& x, const Tensor& positions, double theta) {
+  const char* op = "rope";
+  check_input(x, op, "x");
+  check_positions(positions, op, "positions");
+  LOOM_CHECK(x.dim() == 4) << op << ": x must be (B, T, H, D), got shape " << shape_str(x.shape());
+  int64_t B = x.size(0), T = x.size(1), D = x.size(3);
+  LOOM_CHECK(D % 2 == 0) << op << ": head dim D = " << D << " must be even (channel i pairs with i + D/2)";
+  LOOM_CHECK((positions.dim() == 1 && positions.size(0) == T) ||
+             (positions.dim() == 2 && positions.size(0) == B && positions.size(1) == T))
+      << op << ": positions shape " << shape_str(positions.shape()) << " must be (T) with T = " << T << ", or (B, T) = "
+      << shape_str({B, T}) << " for x " << shape_str(x.shape());
+  LOOM_CHECK(theta > 0.0) << op << ": theta = " << theta << " must be positive";
+  Tensor xc = x.data().contiguous();  // (B, T, H, D)
+  Tensor pc = positions.clone();      // (T) or (B, T), owned
+  Tensor y = Tensor::empty(x.shape(), x.dtype());  // (B, T, H, D)
+  cpu::rope_forward(y, xc, pc, theta, stream_of(xc));
+  return make_output(y, {x}, "Rope", [pc, theta](const std::vector<Tensor>& grads) {
+    if (!grads[0].defined()) return std::vector<Tensor>{Tensor()};
+    Tensor dy = grads[0].contiguous();
+    Tensor dx = Tensor::empty(dy.shape(), dy.dtype());  // (B, T, H, D)
+    cpu::rope_backward(dx, dy, pc, theta, stream_of(dy));
+    return std::vector<Tensor>{dx};
+  });
+}
+
+AttentionResult attention(const Variable& q, const Variable& k, const Variable& v, const AttentionOptions& options) {
+  const char* op = "attention";
+  check_input(q, op, "q");
+  check_input(k, op, "k");
+  check_input(v, op, "v");
+  LOOM_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4)
+      << op << ": q " << shape_str(q.shape()) << " must be (B, T, H, D), k " << shape_str(k.shape()) << " and v "
+      << shape_str(v.shape()) << " (B, S, Hkv, D)";
+  LOOM_CHECK(k.shape() == v.shape()) << op << ": k shape " << shape_str(k.shape()) << " differs from v "
+                                     << shape_str(v.shape());
+  LOOM_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3))
+      << op << ": k " << shape_str(k.shape()) << " does not match q " << shape_str(q.shape())
+      << " in batch B or head dim D";
+  int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), S = k.size(1), Hkv = k.size(2);
+  LOOM_CHECK(Hkv > 0 && H % Hkv == 0) << op << ": H = " << H << " query heads is not a multiple of Hkv = " << Hkv
+                                      << " kv heads";
+  LOOM_CHECK(q.dtype() == k.dtype() && q.dtype() == v.dtype())
+      << op << ": dtypes differ: q " << q.dtype() << ", k " << k.dtype() << ", v " << v.dtype();
+  double scale = options.scale != 0.0 ? options.scale : 1.0 / std::sqrt(static_cast<double>(D));
+  LOOM_CHECK(std::isfinite(scale)) << op << ": scale = " << scale << " (D = " << D << ") is not finite";
+  bool causal = options.causal;
+  Tensor q_pos = resolve_positions(options.q_positions, T, "q_positions");  // (T) i64
+  Tensor k_pos = resolve_positions(options.k_positions, S, "k_positions");  // (S) i64
+
+  Tensor qc = q.data().contiguous();  // (B, T, H, D)
+  Tensor kc = k.data().contiguous();  // (B, S, Hkv, D)
+  Tensor vc = v.data().contiguous();  // (B, S, Hkv, D)
+  Tensor out = Tensor::empty({B, T, H, D}, q.dtype());  // (B, T, H, D)
+  Tensor lse = Tensor::empty({B, H, T}, q.dtype());     // (B, H, T)
+  cpu::attention_forward(out, lse, qc, kc, vc, q_pos, k_pos, scale, causal, stream_of(qc));
+
+  auto backward = [qc, kc, vc, out, lse, q_pos, k_pos, scale, causal](const std::vector<Tensor>& grads) {
+    if (!grads[0].defined() && !grads[1].defined()) return std::vector<Tensor>{Tensor(), Tensor(), Tensor()};
+    Tensor dout = grads[0].defined() ? grads[0].contiguous() : Tensor();  // (B, T, H, D) or none
+    Tensor dlse = grads[1].defined() ? grads[1].contiguous() : Tensor();  // (B, H, T) or none
+    Tensor dq = Tensor::empty(qc.shape(), qc.dtype());  // (B, T, H, D)
+    Tensor dk = Tensor::empty(kc.shape(), kc.dtype());  // (B, S, Hkv, D)
+    Tensor dv = Tensor::empty(vc.shape(), vc.dtype());  // (B, S, Hkv, D)
+    cpu::attention_backward(dq, dk, dv, dout, dlse, qc, kc, vc, out, lse, q_pos, k_pos, scale, causal, stream_of(qc));
+    return std::vector<Tensor>{dq, dk, dv};
+  };
+  std::vector<Variable> outputs = make_outputs({out, lse}, {q, k, v}, "Attention", std::move(backward));
+  return AttentionResult{outputs[0], outputs[1]};
+}
+
+Variable cross_entropy(const Variable& logits, const Tensor& targets, int64_t ignore_index, Reduction reduction) {
+  const char* op = "cross_entropy";
+  check_input(logits, op, "logits");
+  LOOM_CHECK(logits.dim() == 2) << op << ": logits must be (N, V), got shape " << shape_str(logits.shape());
+  LOOM_CHECK(targets.defined()) << op << ": targets are undefined";
+  LOOM_CHECK(targets.device().is_cpu()) << op << ": no CUDA kernel yet, tensor targets on " << targets.device();
+  LOOM_CHECK(targets.dtype() == DType::i64 || targets.dtype() == DType::i32)
+      << op << ": targets must be i64 or i32, got " << targets.dtype();
+  LOOM_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0))
+      << op << ": targets shape " << shape_str(targets.shape()) << " must be (N) = " << shape_str({logits.size(0)})
+      << " for logits " << shape_str(logits.shape());
+  bool mean = reduction == Reduction::mean;
+  Tensor lc = logits.data().contiguous();  // (N, V)
+  Tensor tc = targets.clone();             // (N), owned: the caller may reuse its buffer before backward
+  Tensor loss = Tensor::empty({}, lc.dtype());             // ()
+  Tensor lse = Tensor::empty({lc.size(0)}, lc.dtype());    // (N)
+  cpu::cross_entropy_forward(loss, lse, lc, tc, ignore_index, mean, stream_of(lc));
+  return make_output(loss, {logits}, "CrossEntropy",
+                     [lc, tc, lse, ignore_index, mean](const std::vector<Tensor>& grads) {
+                       if (!grads[0].defined()) return std::vector<Tensor>{Tensor()};
+                       Tensor dlogits = Tensor::empty(lc.shape(), lc.dtype());  // (N, V)
+                       cpu::cross_entropy_backward(dlogits, grads[0].contiguous(), lc, tc, lse, ignore_index, mean,
+                                                   stream_of(lc));
+                       return std::vector<Tensor>{dlogits};
+                     });
+}
+
+}  // namespace loom

@@ -1,0 +1,269 @@
+// Reference attention CPU kernels. Forward: one query row (b, h, i) per
+// iteration, scores for its visible keys kept in a per-thread buffer, exact
+// (not online) softmax, and lse written beside the output so partial results
+// can be merged. Backward follows ALGORITHMS.md §1 plus the lse gradient
+// (d lse / d score = p). It runs in two race-free passes instead of one with
+// atomics: pass 1 is row-parallel and writes dq; pass 2 is parallel over
+// (b, kv head, key) and writes dk, dv, recomputing p. That doubles the exp
+// work but keeps every output written by one thread, in a fixed order, so
+// results are deterministic. Sums run in float for f32 (fp32 statistics, as on
+// the GPU) and in double for f64.
+#include "kernels/cpu/attention.h"
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace loom::cpu {
+
+namespace {
+
+struct AttentionDims {
+  int64_t B, T, S, H, Hkv, D;
+  int64_t group() const { return H / Hkv; }
+  int64_t q_index(int64_t b, int64_t i, int64_t h) const { return ((b * T + i) * H + h) * D; }   // q, out, dout
+  int64_t kv_index(int64_t b, int64_t j, int64_t hk) const { return ((b * S + j) * Hkv + hk) * D; }
+  int64_t row_index(int64_t b, int64_t h, int64_t i) const { return (b * H + h) * T + i; }         // lse
+  int64_t work() const { return B * H * T * S * D; }
+};
+
+// Key j is visible to query i (causal: by global position).
+struct Mask {
+  const int64_t* q_pos = nullptr;
+  const int64_t* k_pos = nullptr;
+  bool causal = false;
+  bool visible(int64_t i, int64_t j) const { return !causal || k_pos[j] <= q_pos[i]; }
+};
+
+constexpr int64_t kParallelWork = 1 << 16;  // multiply-adds below which threads are not worth starting
+
+template <typename Acc, typename T>
+inline Acc dot(const T* a, const T* b, int64_t n) {
+  Acc total = 0;
+  for (int64_t d = 0; d < n; ++d) total += static_cast<Acc>(a[d]) * static_cast<Acc>(b[d]);
+  return total;
+}
+
+template <typename T>
+void attention_forward_kernel(T* out, T* lse, const T* q, const T* k, const T* v, const Mask& mask,
+                              const AttentionDims& n, double scale) {
+  using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const Acc sc = static_cast<Acc>(scale);
+  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+#pragma omp parallel if (n.work() > kParallelWork)
+  {
+    std::vector<Acc> scores(n.S), acc(n.D);
+#pragma omp for schedule(static) collapse(3)
+    for (int64_t b = 0; b < n.B; ++b)
+      for (int64_t h = 0; h < n.H; ++h)
+        for (int64_t i = 0; i < n.T; ++i) {
+          int64_t hk = h / n.group();
+          const T* qi = q + n.q_index(b, i, h);
+          T* oi = out + n.q_index(b, i, h);
+          Acc row_max = neg_inf;
+          bool any = false;
+          for (int64_t j = 0; j < n.S; ++j) {
+            if (!mask.visible(i, j)) {
+              scores[j] = neg_inf;
+              continue;
+            }
+            any = true;
+            scores[j] = sc * dot<Acc>(qi, k + n.kv_index(b, j, hk), n.D);
+            row_max = scores[j] > row_max ? scores[j] : row_max;
+          }
+          if (!any) {  // empty row: nothing to attend to
+            for (int64_t d = 0; d < n.D; ++d) oi[d] = T(0);
+            lse[n.row_index(b, h, i)] = static_cast<T>(neg_inf);
+            continue;
+          }
+          Acc total = 0;
+          for (int64_t d = 0; d < n.D; ++d) acc[d] = 0;
+          for (int64_t j = 0; j < n.S; ++j) {
+            if (scores[j] == neg_inf) continue;
+            Acc p = std::exp(scores[j] - row_max);
+            total += p;
+            const T* vj = v + n.kv_index(b, j, hk);
+            for (int64_t d = 0; d < n.D; ++d) acc[d] += p * static_cast<Acc>(vj[d]);
+          }
+          for (int64_t d = 0; d < n.D; ++d) oi[d] = static_cast<T>(acc[d] / total);
+          lse[n.row_index(b, h, i)] = static_cast<T>(row_max + std::log(total));
+        }
+  }
+}
+
+template <typename T>
+void attention_backward_kernel(T* dq, T* dk, T* dv, const T* dout, const T* dlse, const T* q, const T* k, const T* v,
+                               const T* out, const T* lse, const Mask& mask, const AttentionDims& n, double scale) {
+  using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const Acc sc = static_cast<Acc>(scale);
+  const bool parallel = n.work() > kParallelWork;
+  const int64_t rows = n.B * n.H * n.T;
+
+  // delta (B, H, T) = rowsum(dout * out); the softmax-backward term of each row.
+  std::vector<Acc> delta(rows, Acc(0));
+  if (dout != nullptr) {
+#pragma omp parallel for schedule(static) collapse(3) if (parallel)
+    for (int64_t b = 0; b < n.B; ++b)
+      for (int64_t h = 0; h < n.H; ++h)
+        for (int64_t i = 0; i < n.T; ++i)
+          delta[n.row_index(b, h, i)] = dot<Acc>(dout + n.q_index(b, i, h), out + n.q_index(b, i, h), n.D);
+  }
+  // ds for query row (b, h, i) and key j, given p; dp = dout_i . v_j.
+  auto grad_score = [&](int64_t b, int64_t h, int64_t i, int64_t j, Acc p) {
+    int64_t row = n.row_index(b, h, i);
+    Acc dp = dout != nullptr ? dot<Acc>(dout + n.q_index(b, i, h), v + n.kv_index(b, j, h / n.group()), n.D) : Acc(0);
+    Acc g_lse = dlse != nullptr ? static_cast<Acc>(dlse[row]) : Acc(0);
+    return p * (dp - delta[row] + g_lse);
+  };
+
+  // Pass 1: dq, one query row per iteration.
+#pragma omp parallel if (parallel)
+  {
+    std::vector<Acc> acc(n.D);
+#pragma omp for schedule(static) collapse(3)
+    for (int64_t b = 0; b < n.B; ++b)
+      for (int64_t h = 0; h < n.H; ++h)
+        for (int64_t i = 0; i < n.T; ++i) {
+          int64_t hk = h / n.group();
+          const T* qi = q + n.q_index(b, i, h);
+          Acc row_lse = static_cast<Acc>(lse[n.row_index(b, h, i)]);
+          for (int64_t d = 0; d < n.D; ++d) acc[d] = 0;
+          if (std::isfinite(row_lse)) {
+            for (int64_t j = 0; j < n.S; ++j) {
+              if (!mask.visible(i, j)) continue;
+              const T* kj = k + n.kv_index(b, j, hk);
+              Acc p = std::exp(sc * dot<Acc>(qi, kj, n.D) - row_lse);
+              Acc ds = grad_score(b, h, i, j, p);
+              for (int64_t d = 0; d < n.D; ++d) acc[d] += ds * static_cast<Acc>(kj[d]);
+            }
+          }
+          T* dqi = dq + n.q_index(b, i, h);
+          for (int64_t d = 0; d < n.D; ++d) dqi[d] = static_cast<T>(sc * acc[d]);
+        }
+  }
+
+  // Pass 2: dk and dv, one key row of one kv head per iteration, summed over
+  // the query heads of its group and all query rows that see it.
+#pragma omp parallel if (parallel)
+  {
+    std::vector<Acc> acc_k(n.D), acc_v(n.D);
+#pragma omp for schedule(static) collapse(3)
+    for (int64_t b = 0; b < n.B; ++b)
+      for (int64_t hk = 0; hk < n.Hkv; ++hk)
+        for (int64_t j = 0; j < n.S; ++j) {
+          const T* kj = k + n.kv_index(b, j, hk);
+          for (int64_t d = 0; d < n.D; ++d) acc_k[d] = acc_v[d] = 0;
+          for (int64_t h = hk * n.group(); h < (hk + 1) * n.group(); ++h)
+            for (int64_t i = 0; i < n.T; ++i) {
+              if (!mask.visible(i, j)) continue;
+              Acc row_lse = static_cast<Acc>(lse[n.row_index(b, h, i)]);
+              if (!std::isfinite(row_lse)) continue;
+              const T* qi = q + n.q_index(b, i, h);
+              Acc p = std::exp(sc * dot<Acc>(qi, kj, n.D) - row_lse);
+              Acc ds = grad_score(b, h, i, j, p);
+              for (int64_t d = 0; d < n.D; ++d) acc_k[d] += ds * static_cast<Acc>(qi[d]);
+              if (dout != nullptr) {
+                const T* doi = dout + n.q_index(b, i, h);
+                for (int64_t d = 0; d < n.D; ++d) acc_v[d] += p * static_cast<Acc>(doi[d]);
+              }
+            }
+          T* dkj = dk + n.kv_index(b, j, hk);
+          T* dvj = dv + n.kv_index(b, j, hk);
+          for (int64_t d = 0; d < n.D; ++d) {
+            dkj[d] = static_cast<T>(sc * acc_k[d]);
+            dvj[d] = static_cast<T>(acc_v[d]);
+          }
+        }
+  }
+}
+
+void check_operand(const Tensor& t, const char* op, const char* name) {
+  LOOM_CHECK(t.defined()) << op << ": " << name << " is undefined";
+  LOOM_CHECK(t.device().is_cpu()) << op << ": no CUDA kernel yet, " << name << " on " << t.device();
+  LOOM_CHECK(t.is_contiguous()) << op << ": " << name << " must be contiguous, shape " << shape_str(t.shape())
+                                << " strides " << shape_str(t.strides());
+}
+
+void check_shape(const Tensor& t, const Shape& shape, DType dtype, const char* op, const char* name) {
+  LOOM_CHECK(t.shape() == shape) << op << ": " << name << " shape " << shape_str(t.shape()) << ", expected "
+                                 << shape_str(shape);
+  LOOM_CHECK(t.dtype() == dtype) << op << ": " << name << " dtype " << t.dtype() << ", expected " << dtype;
+}
+
+// Validates q, k, v and the positions; returns the dims and the mask.
+AttentionDims check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_positions,
+                           const Tensor& k_positions, bool causal, const char* op, Mask& mask) {
+  check_operand(q, op, "q");
+  check_operand(k, op, "k");
+  check_operand(v, op, "v");
+  LOOM_CHECK(q.dim() == 4 && k.dim() == 4) << op << ": q " << shape_str(q.shape()) << " must be (B, T, H, D) and k "
+                                           << shape_str(k.shape()) << " (B, S, Hkv, D)";
+  AttentionDims n{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
+  LOOM_CHECK(k.size(0) == n.B && k.size(3) == n.D)
+      << op << ": k shape " << shape_str(k.shape()) << " does not match q " << shape_str(q.shape())
+      << " in batch or head dim";
+  LOOM_CHECK(n.Hkv > 0 && n.H % n.Hkv == 0) << op << ": H = " << n.H << " query heads is not a multiple of Hkv = "
+                                            << n.Hkv << " kv heads";
+  check_shape(k, k.shape(), q.dtype(), op, "k");
+  check_shape(v, k.shape(), q.dtype(), op, "v");
+  mask.causal = causal;
+  if (causal) {
+    check_operand(q_positions, op, "q_positions");
+    check_operand(k_positions, op, "k_positions");
+    check_shape(q_positions, {n.T}, DType::i64, op, "q_positions");
+    check_shape(k_positions, {n.S}, DType::i64, op, "k_positions");
+    mask.q_pos = q_positions.data<int64_t>();
+    mask.k_pos = k_positions.data<int64_t>();
+  }
+  return n;
+}
+
+}  // namespace
+
+void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                       const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal, Stream& s) {
+  (void)s;
+  const char* op = "attention_forward";
+  Mask mask;
+  AttentionDims n = check_inputs(q, k, v, q_positions, k_positions, causal, op, mask);
+  check_operand(out, op, "out");
+  check_operand(lse, op, "lse");
+  check_shape(out, q.shape(), q.dtype(), op, "out");
+  check_shape(lse, {n.B, n.H, n.T}, q.dtype(), op, "lse");
+  LOOM_DISPATCH_FLOAT(q.dtype(), T, [&] {
+    attention_forward_kernel<T>(out.data<T>(), lse.data<T>(), q.data<T>(), k.data<T>(), v.data<T>(), mask, n, scale);
+  });
+}
+
+void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& dlse, const Tensor& q,
+                        const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                        const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal, Stream& s) {
+  (void)s;
+  const char* op = "attention_backward";
+  Mask mask;
+  AttentionDims n = check_inputs(q, k, v, q_positions, k_positions, causal, op, mask);
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}, {&out, "out"},
+                         {&lse, "lse"}})
+    check_operand(*t, op, name);
+  check_shape(dq, q.shape(), q.dtype(), op, "dq");
+  check_shape(dk, k.shape(), q.dtype(), op, "dk");
+  check_shape(dv, k.shape(), q.dtype(), op, "dv");
+  check_shape(out, q.shape(), q.dtype(), op, "out");
+  check_shape(lse, {n.B, n.H, n.T}, q.dtype(), op, "lse");
+  if (dout.defined()) {
+    check_operand(dout, op, "dout");
+    check_shape(dout, q.shape(), q.dtype(), op, "dout");
+  }
+  if (dlse.defined()) {
+    check_operand(dlse, op, "dlse");
+    check_shape(dlse, {n.B, n.H, n.T}, q.dtype(), op, "dlse");
+  }
+  LOOM_DISPATCH_FLOAT(q.dtype(), T, [&] {
+    attention_backward_kernel<T>(dq.data<T>(), dk.data<T>(), dv.data<T>(), dout.defined() ? dout.data<T>() : nullptr,
+                                 dlse.defined() ? dlse.data<T>() : nullptr, q.data<T>(), k.data<T>(), v.data<T>(),
+                                 out.data<T>(), lse.data<T>(), mask, n, scale);
+  });
+}
+
+}  // namespace loom::cpu

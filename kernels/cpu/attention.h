@@ -1,0 +1,32 @@
+// Reference softmax attention CPU kernels with per-row log-sum-exp (the
+// statistic ring attention merges partials with, ALGORITHMS.md §1), GQA and a
+// causal mask by global token positions.
+#pragma once
+
+#include "framework/stream.h"
+#include "framework/tensor.h"
+
+namespace loom::cpu {
+
+// q (B, T, H, D), k and v (B, S, Hkv, D), H % Hkv == 0 (query head h reads kv
+// head h / (H / Hkv)); all contiguous, same dtype (f32 or f64).
+// q_positions (T), k_positions (S): contiguous i64 global positions, used when
+// `causal` (key j visible to query i iff k_positions[j] <= q_positions[i]);
+// ignored (may be undefined) otherwise.
+// out (B, T, H, D) = softmax(scale * q k^T + mask) v;  lse (B, H, T) = log-sum-exp
+// of the visible scaled scores, same dtype as q. A row with no visible key gets
+// out = 0 and lse = -inf.
+void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                       const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal, Stream& s);
+
+// Gradients from dout (B, T, H, D) and dlse (B, H, T); either may be undefined
+// (counts as zero). Needs only the forward's out and lse besides q, k, v:
+//   delta = rowsum(dout * out),  p = exp(scale * q k^T - lse),
+//   ds = p * (dout v^T - delta + dlse),  dq = scale * ds k,  dk = scale * ds^T q,  dv = p^T dout,
+// with dk, dv summed over the query heads that share a kv head. Rows with
+// lse = -inf contribute nothing. dq, dk, dv are overwritten.
+void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& dlse, const Tensor& q,
+                        const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                        const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal, Stream& s);
+
+}  // namespace loom::cpu
