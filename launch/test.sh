@@ -46,8 +46,17 @@ status=0
 ctest --test-dir "${build_dir}" --output-on-failure --no-tests=error \
   -j "${jobs}" --timeout "${timeout}" 2>&1 | tee "${log}" || status=$?
 
+# ctest hides the output of skipped tests; show why each was skipped (GTEST_SKIP).
+last_test_log="${build_dir}/Testing/Temporary/LastTest.log"
+if [[ -f "${last_test_log}" ]] && grep -q ': Skipped$' "${last_test_log}"; then
+  printf '==> test: skipped tests, and why:\n'
+  awk '/: Skipped$/ { where = $1; getline; printf "    %s %s\n", where, $0 }' "${last_test_log}"
+fi
+
 result="$(grep -E '[0-9]+% tests passed' "${log}" | tail -n 1 || true)"
 [[ -n "${result}" ]] || result="no ctest result line (see above)"
+skipped="$(grep -cE '^[[:space:]]+[0-9]+ - .*\(Skipped\)$' "${log}" || true)"
+((skipped == 0)) || result="${result}, ${skipped} skipped"
 timing="build $((built - start)) s, tests $((SECONDS - built)) s"
 if ((status == 0)); then
   printf 'loom tests: PASSED: %s (%s)\n' "${result}" "${timing}"
