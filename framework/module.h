@@ -83,6 +83,19 @@ class Module {
   std::vector<std::pair<std::string, std::shared_ptr<Module>>> children_;
 };
 
+// An ordered list of submodules named "0", "1", ... (so "blocks.3.mixer...").
+class ModuleList : public Module {
+ public:
+  template <typename M>
+  std::shared_ptr<M> append(std::shared_ptr<M> module) {
+    return register_module(std::to_string(size_++), std::move(module));
+  }
+  int64_t size() const { return size_; }
+
+ private:
+  int64_t size_ = 0;
+};
+
 // A deterministic 64-bit seed for (base seed, parameter name).
 uint64_t name_seed(uint64_t base, const std::string& name);
 
