@@ -8,6 +8,7 @@
 // the group in the same order; `stream` orders the work on CUDA (ignored by
 // MPI, which completes before returning). Sizes and dtypes must agree across
 // ranks; a mismatch is an error, not a hang, wherever the backend can tell.
+// Dim 0 is the block dimension of every collective that splits or concatenates.
 #pragma once
 
 #include <memory>
@@ -20,6 +21,21 @@
 namespace loom {
 
 enum class ReduceOp { sum, avg, max, min };
+const char* reduce_op_name(ReduceOp op);  // "sum", "avg", "max", "min"
+
+// A non-blocking collective in flight. Its tensors stay alive (the Work holds
+// them) and must not be touched until wait() returns. Destroying a Work that
+// was never waited for waits for it (a buffer cannot be freed under a transfer).
+class Work {
+ public:
+  virtual ~Work() = default;
+  // Blocks until the result is in place (MPI), or until it is ordered on the
+  // stream (stream-ordered backends). Calling it again is a no-op.
+  virtual void wait() = 0;
+  // Never blocks; true once wait() would return at once. Calling it also lets
+  // backends without a progress thread (MPI) advance the transfer.
+  virtual bool is_completed() = 0;
+};
 
 class Communicator {
  public:
@@ -45,6 +61,19 @@ class Communicator {
   // out (P * N, ...) : block r of `in` goes to rank r; block r of `out` came from rank r.
   virtual void all_to_all(Tensor& out, const Tensor& in, Stream& stream) = 0;
   virtual void barrier() = 0;
+
+  // ---- with default implementations (backends override with native calls) ----
+
+  // Starts an all_reduce of `tensor` in place and returns at once; the result is
+  // there after wait(). Default: the blocking all_reduce and a completed Work.
+  virtual std::unique_ptr<Work> all_reduce_async(Tensor& tensor, ReduceOp op, Stream& stream);
+  // All-to-all with per-rank row counts along dim 0 (expert dispatch):
+  // in (sum(in_splits), ...): rows [sum(in_splits[:r]), +in_splits[r]) go to rank r;
+  // out (sum(out_splits), ...): rows [sum(out_splits[:r]), +out_splits[r]) came from rank r.
+  // out_splits[r] on this rank must equal in_splits[this rank] on rank r.
+  // Default: P - 1 send_recv rounds (round s sends to rank + s, receives from rank - s).
+  virtual void all_to_all_v(Tensor& out, const std::vector<int64_t>& out_splits, const Tensor& in,
+                            const std::vector<int64_t>& in_splits, Stream& stream);
 };
 
 }  // namespace loom
