@@ -130,7 +130,7 @@ void register_run_keys(ConfigSchema& s) {
   s.add(LOOM_CONFIG_FIELD(log.dir), "directory of all runs").non_empty();
   s.add(LOOM_CONFIG_FIELD(log.name), "run name, the run's subdirectory (\"\" = the recipe's file stem, or default)");
   s.add(LOOM_CONFIG_FIELD(log.metrics), "write metrics.jsonl");
-  s.add(LOOM_CONFIG_FIELD(log.progress), "progress bar (auto = when stdout is a terminal)")
+  s.add(LOOM_CONFIG_FIELD(log.progress), "progress bar between log lines (auto = when stdout is a terminal and not under mpirun; on = always)")
       .one_of({"auto", "on", "off"});
 
   // ---- cross-field checks

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 
@@ -27,7 +28,8 @@ MetricsLog::~MetricsLog() {
 
 void MetricsLog::write(const nlohmann::json& record) {
   if (file_ == nullptr) return;
-  std::string line = record.dump() + "\n";
+  // Invalid UTF-8 (e.g. bytes sampled from a byte-level model) is replaced, never fatal.
+  std::string line = record.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
   LOOM_CHECK(std::fwrite(line.data(), 1, line.size(), file_) == line.size())
       << "writing " << path_ << " failed: " << std::strerror(errno);
   std::fflush(file_);
@@ -90,6 +92,12 @@ std::string format_bytes(double bytes) {
   return fmt::format("{:.0f} B", bytes);
 }
 
-bool stdout_is_terminal() { return isatty(STDOUT_FILENO) == 1; }
+bool stdout_is_terminal() {
+  // Under mpirun, ranks write to a pseudo-terminal even when the launcher's
+  // output is a file or a pipe, so a launcher's environment counts as "not a terminal".
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
+    if (std::getenv(var) != nullptr) return false;
+  return isatty(STDOUT_FILENO) == 1;
+}
 
 }  // namespace loom

@@ -1,0 +1,342 @@
+// The training loop (see trainer.h). One optimizer step:
+//   for each of grad_accum micro-batches: loss / grad_accum -> backward
+//     (gradient averaging over dp starts from grad-ready hooks on the last one)
+//   -> finish the reduction -> skip the step if loss or gradients are not finite
+//   -> clip the global norm -> AdamW step at the scheduled lr -> zero grads.
+#include "launch/trainer/trainer.h"
+
+#include <fmt/format.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <memory>
+
+#include "framework/data.h"
+#include "framework/metrics.h"
+#include "framework/ops.h"
+#include "framework/tokenizer.h"
+#include "launch/trainer/checkpointing.h"
+#include "models/decoder.h"
+#include "optim/adamw.h"
+#include "optim/clip.h"
+#include "optim/schedule.h"
+#include "parallel/data_parallel.h"
+#include "parallel/mesh.h"
+#include "parallel/mpi_communicator.h"
+
+namespace loom {
+
+DecoderConfig decoder_config_from(const RunConfig& config) {
+  const ModelConfig& m = config.model;
+  DecoderConfig d;
+  d.vocab_size = m.vocab_size;
+  d.d_model = m.d_model;
+  d.n_layers = m.n_layers;
+  d.n_heads = m.n_heads;
+  d.n_kv_heads = m.effective_n_kv_heads();
+  d.head_dim = m.effective_head_dim();
+  d.ffn_hidden = m.effective_ffn_hidden();
+  d.layers = m.layers;
+  d.rope_theta = m.rope_theta;
+  d.max_seq_len = m.max_seq_len;
+  d.norm_eps = m.norm_eps;
+  d.tie_embeddings = m.tie_embeddings;
+  d.init_std = m.init_std;
+  d.activation_checkpointing = config.train.activation_checkpointing;
+  d.dtype = DType::f32;
+  return d;
+}
+
+namespace {
+
+Stream& host_stream() { return Stream::default_for(Device::cpu()); }
+
+// Mean of a scalar over the ranks of `comm`.
+double mean_over(double value, Communicator& comm) {
+  Tensor t = Tensor::scalar(value, DType::f64);
+  comm.all_reduce(t, ReduceOp::avg, host_stream());
+  return t.item();
+}
+
+// The data of a run: prepared from text on rank 0 when data.train is empty.
+struct RunData {
+  std::shared_ptr<const TokenSource> train, val;
+};
+
+RunData open_data(const RunConfig& config, MpiCommunicator& world, std::ostream& out) {
+  const int64_t vocab = config.model.vocab_size;
+  RunData data;
+  std::vector<std::string> train_files, val_files;
+  if (config.data.train.empty()) {
+    LOOM_CHECK(vocab >= ByteTokenizer::kVocabSize)
+        << "model.vocab_size = " << vocab << " is too small for the byte tokenizer used when data.train is empty ("
+        << ByteTokenizer::kVocabSize << " ids)";
+    std::string dir = (std::filesystem::path(config.run_dir()) / "data").string();
+    std::string error;
+    if (world.rank() == 0) {
+      try {
+        std::string text = config.data.text.empty() ? find_demo_corpus() : config.data.text;
+        PreparedCorpus corpus = prepare_text_corpus({text}, dir, "corpus", config.data.val_fraction);
+        out << fmt::format("data: {} -> {} train tokens, {} val tokens in {}\n", text, corpus.train_tokens,
+                           corpus.val_tokens, dir);
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+    }
+    // Every rank learns whether rank 0 failed, so none waits forever.
+    Tensor failed = Tensor::scalar(error.empty() ? 0.0 : 1.0, DType::i64);
+    world.all_reduce(failed, ReduceOp::max, host_stream());
+    LOOM_CHECK(failed.item() == 0) << (error.empty() ? std::string("data preparation failed on rank 0") : error);
+    data.train = std::make_shared<TokenSource>(dir + "/corpus_train_*.bin", vocab);
+    if (config.data.val_fraction > 0) data.val = std::make_shared<TokenSource>(dir + "/corpus_val_*.bin", vocab);
+  } else {
+    data.train = std::make_shared<TokenSource>(config.data.train, vocab);
+    if (!config.data.val.empty()) data.val = std::make_shared<TokenSource>(config.data.val, vocab);
+  }
+  return data;
+}
+
+LrSchedule schedule_from(const RunConfig& config) {
+  LrSchedule s;
+  s.kind = lr_schedule_kind_from_name(config.optim.schedule);
+  s.lr = config.optim.lr;
+  s.min_lr = config.optim.min_lr;
+  s.total_steps = config.train.steps;
+  s.warmup_steps = std::min(config.optim.warmup_steps, config.train.steps);
+  s.decay_steps = config.optim.decay_steps > 0 ? config.optim.decay_steps
+                                               : std::max<int64_t>(1, config.train.steps / 5);
+  if (s.kind == LrScheduleKind::wsd) s.decay_steps = std::min(s.decay_steps, s.total_steps - s.warmup_steps);
+  s.validate();
+  return s;
+}
+
+// Mean validation loss over eval_batches batches (all ranks; dp shards averaged).
+double evaluate(const DecoderLM& model, DataLoader& loader, int64_t batches, Communicator& dp) {
+  NoGradGuard no_grad;
+  loader.reset();
+  double total = 0;
+  int64_t n = std::min<int64_t>(batches, loader.steps_per_epoch());
+  for (int64_t i = 0; i < n; ++i) {
+    Batch batch = loader.next();
+    SequenceContext ctx;
+    total += model.loss(batch.inputs, batch.targets, ctx).item();
+  }
+  return mean_over(total / static_cast<double>(std::max<int64_t>(n, 1)), dp);
+}
+
+std::string sample_text(const DecoderLM& model, const RunConfig& config, int64_t step) {
+  ByteTokenizer tokenizer;
+  std::vector<int32_t> prompt32 = tokenizer.encode(config.train.prompt);
+  std::vector<int64_t> prompt(prompt32.begin(), prompt32.end());
+  if (prompt.empty()) prompt.push_back(ByteTokenizer::kEndOfDocument);
+  std::vector<int64_t> continuation =
+      generate(model, prompt, config.train.sample_tokens, 0.8, static_cast<uint64_t>(config.train.seed + step),
+               config.data.seq_len);
+  for (int64_t& id : continuation) id = std::min<int64_t>(id, ByteTokenizer::kEndOfDocument);
+  std::string text = config.train.prompt + tokenizer.decode(std::span<const int64_t>(continuation), "\n");
+  // One printable line: control and non-ASCII bytes (an untrained model emits any byte) become '?'.
+  for (char& c : text) {
+    auto u = static_cast<unsigned char>(c);
+    if (c == '\n' || c == '\t') c = ' ';
+    else if (u < 0x20 || u >= 0x7f) c = '?';
+  }
+  return text;
+}
+
+}  // namespace
+
+TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::ostream& out) {
+  const bool is_root = world.rank() == 0;
+  std::ostream null_stream(nullptr);
+  std::ostream& log = is_root ? out : null_stream;
+
+  // ---- mesh and device ----
+  LOOM_CHECK(config.parallel.cp == 1) << "parallel.cp = " << config.parallel.cp
+                                      << ": sequence parallelism is not available yet (use cp = 1)";
+  LOOM_CHECK(config.parallel.ep == 1) << "parallel.ep = " << config.parallel.ep
+                                      << ": expert parallelism is not available yet (use ep = 1)";
+  LOOM_CHECK(config.train.device == "cpu") << "train.device = \"" << config.train.device
+                                           << "\": training on CUDA is not available yet (use cpu)";
+  MeshSizes sizes;
+  sizes.dp = static_cast<int>(config.parallel.dp);
+  sizes.cp = static_cast<int>(config.parallel.cp);
+  sizes.ep = static_cast<int>(config.parallel.ep);
+  DeviceMesh mesh(sizes, world);
+  Communicator& dp = mesh.group("dp");
+  const int64_t dp_size = mesh.sizes().dp;
+
+  if (is_root) {
+    log << config_table(config);
+    write_resolved(config, config.config_path());
+  }
+
+  // ---- data ----
+  RunData data = open_data(config, world, log);
+  const int64_t seq_len = config.data.seq_len, micro = config.train.micro_batch_size;
+  DataLoaderOptions train_options;
+  train_options.seq_len = seq_len;
+  train_options.global_batch = micro * dp_size;
+  train_options.dp_rank = mesh.coord().dp;
+  train_options.dp_size = dp_size;
+  train_options.seed = static_cast<uint64_t>(config.train.seed);
+  DataLoader train_loader(data.train, train_options);
+  std::unique_ptr<DataLoader> val_loader;
+  if (data.val && config.train.eval_every > 0) {
+    DataLoaderOptions val_options = train_options;
+    val_options.shuffle = false;
+    val_loader = std::make_unique<DataLoader>(data.val, val_options);
+  }
+
+  // ---- model and optimizer ----
+  DecoderLM model(decoder_config_from(config));
+  model.initialize(static_cast<uint64_t>(config.train.seed), config.model.init_std, config.model.n_layers);
+  std::vector<Parameter> params = model.named_parameters();
+  broadcast_parameters(params, world);  // replicas start identical even if init ever depended on the rank
+  AdamWConfig adamw;
+  adamw.beta1 = config.optim.beta1;
+  adamw.beta2 = config.optim.beta2;
+  adamw.eps = config.optim.eps;
+  adamw.weight_decay = config.optim.weight_decay;
+  AdamW optimizer(params, adamw);
+  LrSchedule schedule = schedule_from(config);
+  std::unique_ptr<GradReducer> reducer;
+  if (dp_size > 1) reducer = std::make_unique<GradReducer>(params, dp);
+
+  // ---- resume ----
+  TrainingCounters counters;
+  TrainSummary summary;
+  if (auto dir = resume_checkpoint(config, world)) {
+    counters = load_checkpoint(*dir, model, optimizer);
+    train_loader.set_state(DataLoaderState::from_json(counters.loader_state));
+    log << fmt::format("resumed from {} at step {}\n", *dir, counters.step);
+  }
+  summary.start_step = counters.step;
+  LOOM_CHECK(counters.step <= config.train.steps) << "checkpoint step " << counters.step << " is past train.steps = "
+                                                  << config.train.steps;
+
+  const int64_t tokens_per_step = micro * seq_len * dp_size * config.train.grad_accum;
+  const double flops_per_token = model.training_flops_per_token(seq_len);
+  log << fmt::format(
+      "model: {} parameters ({} in matrix products), layers \"{}\", {} ranks (dp {}), {} tokens per step\n"
+      "MFU = tokens/s x {:.4g} FLOP/token / peak (6 x {} active params + attention, ALGORITHMS.md §11)\n",
+      model.num_parameters(), model.active_parameters(), config.model.layer_types(), world.size(), dp_size,
+      tokens_per_step, flops_per_token, model.active_parameters());
+
+  std::unique_ptr<MetricsLog> metrics;
+  if (is_root && config.log.metrics)
+    metrics = std::make_unique<MetricsLog>((std::filesystem::path(config.run_dir()) / "metrics.jsonl").string());
+  const bool progress_bar =
+      is_root && (config.log.progress == "on" || (config.log.progress == "auto" && stdout_is_terminal()));
+  ProgressMeter meter(counters.step, config.train.steps);
+  auto run_start = std::chrono::steady_clock::now();
+
+  auto run_eval = [&](int64_t step) {
+    if (!val_loader) return;
+    double val = evaluate(model, *val_loader, config.train.eval_batches, dp);
+    if (summary.first_val_loss < 0) summary.first_val_loss = val;
+    summary.last_val_loss = val;
+    nlohmann::json record = {{"step", step}, {"val_loss", val}};
+    if (is_root) {
+      if (progress_bar) log << "\r\033[K";
+      log << fmt::format("eval step {}: val loss {:.4f}\n", step, val);
+      if (config.train.sample_every > 0 && config.train.sample_tokens > 0) {
+        std::string text = sample_text(model, config, step);
+        log << "sample: " << text << "\n";
+        record["sample"] = text;
+      }
+      if (metrics) metrics->write(record);
+    }
+  };
+
+  if (counters.step == 0 && val_loader) run_eval(0);
+
+  while (counters.step < config.train.steps) {
+    const int64_t step = counters.step;
+    const double lr = schedule.lr_at(step);
+    double loss_sum = 0;
+    for (int64_t k = 0; k < config.train.grad_accum; ++k) {
+      bool last = k + 1 == config.train.grad_accum;
+      if (reducer) reducer->set_sync(last);
+      Batch batch = train_loader.next();
+      SequenceContext ctx;
+      Variable loss = model.loss(batch.inputs, batch.targets, ctx);
+      loss_sum += loss.item();
+      scale(loss, 1.0 / static_cast<double>(config.train.grad_accum)).backward();
+    }
+    if (reducer) reducer->finish();
+    double loss = mean_over(loss_sum / static_cast<double>(config.train.grad_accum), dp);
+
+    // After the reduction every rank holds the same gradients, so the verdict agrees.
+    bool finite = std::isfinite(loss) && grads_finite(params);
+    double grad_norm = std::nan("");
+    if (finite) {
+      grad_norm = clip_grad_norm(params, config.optim.grad_clip);
+      optimizer.step(lr);
+      counters.bad_steps_in_a_row = 0;
+    } else {
+      counters.skipped_steps += 1;
+      counters.bad_steps_in_a_row += 1;
+      log << fmt::format("step {}: non-finite loss or gradients (loss {}), step skipped ({} in a row)\n", step + 1,
+                         loss, counters.bad_steps_in_a_row);
+      LOOM_CHECK(counters.bad_steps_in_a_row <= config.train.max_bad_steps)
+          << counters.bad_steps_in_a_row << " non-finite steps in a row (train.max_bad_steps = "
+          << config.train.max_bad_steps << "); last loss " << loss << " at step " << step + 1;
+    }
+    optimizer.zero_grad();
+    counters.step += 1;
+    counters.tokens += tokens_per_step;
+    summary.losses.push_back(loss);
+    meter.step_done(counters.step, tokens_per_step);
+
+    bool log_now = config.train.log_every > 0 &&
+                   (counters.step % config.train.log_every == 0 || counters.step == config.train.steps);
+    if (log_now && is_root) {
+      double tok_s = meter.tokens_per_second();
+      double flops = tok_s * flops_per_token;
+      MemoryStats mem = memory_stats(Device::cpu());
+      std::string mfu = "n/a on cpu";  // MFU is against the GPU's dense bf16 peak (989 TFLOP/s on H100)
+      if (progress_bar) log << "\r\033[K";
+      log << fmt::format(
+          "step {}/{} | loss {:.4f} | lr {:.3e} | grad-norm {:.3f} | {} tok/s | {:.3g} GFLOP/s, MFU {} | mem {} "
+          "(peak {}) | ETA {}\n",
+          counters.step, config.train.steps, loss, lr, grad_norm, format_count(tok_s), flops / 1e9, mfu,
+          format_bytes(static_cast<double>(mem.current_bytes)), format_bytes(static_cast<double>(mem.peak_bytes)),
+          format_duration(meter.seconds_remaining()));
+      if (metrics) {
+        double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
+        metrics->write({{"step", counters.step}, {"loss", loss}, {"lr", lr},
+                        {"grad_norm", std::isfinite(grad_norm) ? nlohmann::json(grad_norm) : nlohmann::json()},
+                        {"tokens", counters.tokens}, {"tokens_per_s", tok_s}, {"flops_per_token", flops_per_token},
+                        {"flops_per_s", flops}, {"mfu", nullptr}, {"mem_bytes", mem.current_bytes},
+                        {"mem_peak_bytes", mem.peak_bytes}, {"elapsed_s", elapsed},
+                        {"eta_s", meter.seconds_remaining()}, {"skipped_steps", counters.skipped_steps}});
+      }
+      meter.window_reset();
+    } else if (progress_bar) {
+      log << "\r\033[K" << meter.bar() << std::flush;
+    }
+
+    if (config.train.eval_every > 0 && counters.step % config.train.eval_every == 0 &&
+        counters.step != config.train.steps)
+      run_eval(counters.step);
+    bool last_step = counters.step == config.train.steps;
+    if (last_step || (config.checkpoint.every > 0 && counters.step % config.checkpoint.every == 0)) {
+      counters.loader_state = train_loader.state().to_json();
+      summary.last_checkpoint = save_checkpoint(config, model, optimizer, counters, world);
+      if (is_root) {
+        if (progress_bar) log << "\r\033[K";
+        log << "checkpoint: " << summary.last_checkpoint << "\n";
+      }
+    }
+  }
+  if (summary.start_step < config.train.steps || val_loader) run_eval(counters.step);
+  summary.final_step = counters.step;
+  summary.skipped_steps = counters.skipped_steps;
+  if (is_root && summary.first_val_loss >= 0)
+    log << fmt::format("done: {} steps, val loss {:.4f} -> {:.4f}\n", counters.step, summary.first_val_loss,
+                       summary.last_val_loss);
+  return summary;
+}
+
+}  // namespace loom

@@ -1,0 +1,36 @@
+// The training loop behind loom-train: builds the mesh, data, model and
+// optimizer from a RunConfig, trains train.steps optimizer steps with
+// evaluation, sampling, logging, metrics and checkpoints, and resumes from the
+// newest complete checkpoint when asked. Tests call it in-process.
+#pragma once
+
+#include <cstdint>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "framework/config.h"
+
+namespace loom {
+
+class MpiCommunicator;
+
+struct TrainSummary {
+  int64_t start_step = 0;   // first step this run executed (> 0 after a resume)
+  int64_t final_step = 0;   // steps completed in total
+  std::vector<double> losses;  // training loss of every executed step (global mean)
+  double first_val_loss = -1;  // -1: no evaluation ran
+  double last_val_loss = -1;
+  int64_t skipped_steps = 0;  // non-finite loss or gradients
+  std::string last_checkpoint;
+};
+
+// Runs training on the ranks of `world` (every rank calls it). Rank 0 prints
+// to `out`; errors throw loom::Error naming the value at fault.
+TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::ostream& out);
+
+// The decoder's shapes from the recipe's model section (0-valued sizes resolved).
+struct DecoderConfig;
+DecoderConfig decoder_config_from(const RunConfig& config);
+
+}  // namespace loom
