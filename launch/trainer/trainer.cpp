@@ -287,6 +287,7 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
     counters.step += 1;
     counters.tokens += tokens_per_step;
     summary.losses.push_back(loss);
+    summary.grad_norms.push_back(grad_norm);
     meter.step_done(counters.step, tokens_per_step);
 
     bool log_now = config.train.log_every > 0 &&

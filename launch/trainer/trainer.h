@@ -19,6 +19,7 @@ struct TrainSummary {
   int64_t start_step = 0;   // first step this run executed (> 0 after a resume)
   int64_t final_step = 0;   // steps completed in total
   std::vector<double> losses;  // training loss of every executed step (global mean)
+  std::vector<double> grad_norms;  // global gradient norm before clipping (NaN for skipped steps)
   double first_val_loss = -1;  // -1: no evaluation ran
   double last_val_loss = -1;
   int64_t skipped_steps = 0;  // non-finite loss or gradients
