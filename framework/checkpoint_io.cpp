@@ -315,36 +315,6 @@ std::map<std::string, Tensor> read_tensors_h5(const std::string& path, nlohmann:
 
 // ---- durability helpers ----
 
-void fsync_path(const fs::path& path) {
-  std::error_code ec;
-  bool directory = fs::is_directory(path, ec);
-  int fd = ::open(path.c_str(), O_RDONLY | (directory ? O_DIRECTORY : 0) | O_CLOEXEC);
-  LOOM_CHECK(fd >= 0) << "cannot open '" << path.string() << "' to fsync it: " << std::strerror(errno);
-  int status = ::fsync(fd);
-  int saved = errno;
-  ::close(fd);
-  // Some file systems cannot fsync a directory (EINVAL); its entries are then as durable as they get.
-  LOOM_CHECK(status == 0 || (directory && (saved == EINVAL || saved == EROFS)))
-      << "fsync of '" << path.string() << "' failed: " << std::strerror(saved);
-}
-
-void write_file_atomic(const fs::path& path, const std::string& contents) {
-  fs::path tmp = path;
-  tmp += ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    LOOM_CHECK(out.good()) << "cannot create '" << tmp.string() << "': " << std::strerror(errno);
-    out.write(contents.data(), static_cast<std::streamsize>(contents.size()));
-    out.close();
-    LOOM_CHECK(out.good()) << "writing " << contents.size() << " bytes to '" << tmp.string() << "' failed";
-  }
-  fsync_path(tmp);
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  LOOM_CHECK(!ec) << "renaming '" << tmp.string() << "' to '" << path.string() << "' failed: " << ec.message();
-  fsync_path(path.parent_path().empty() ? fs::path(".") : path.parent_path());
-}
-
 // ---- checkpoint directories ----
 
 std::string checkpoint_step_name(int64_t step) {

@@ -45,6 +45,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "framework/file_io.h"
 #include "framework/tensor.h"
 
 namespace loom {
@@ -112,13 +113,5 @@ std::optional<std::filesystem::path> find_latest_checkpoint(const std::filesyste
 // directories that are not complete (no or bad index.json) are left alone for
 // a person to look at. Returns the removed paths.
 std::vector<std::filesystem::path> prune_checkpoints(const std::filesystem::path& root, int64_t keep_last);
-
-// ---- durability helpers (shared with safetensors.cpp) ----
-
-// fsync a regular file or a directory (by path); throws naming it on failure.
-void fsync_path(const std::filesystem::path& path);
-// Writes `contents` to path + ".tmp", fsyncs it, renames it over `path` and
-// fsyncs the parent directory.
-void write_file_atomic(const std::filesystem::path& path, const std::string& contents);
 
 }  // namespace loom

@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "framework/config.h"
+#include "framework/file_io.h"
 #include "framework/error.h"
 
 namespace loom {
@@ -109,27 +110,7 @@ std::string to_yaml(const RunConfig& config, const ConfigSchema& schema) {
 void write_resolved(const RunConfig& config, const std::string& path, const ConfigSchema& schema) {
   namespace fs = std::filesystem;
   std::string text = to_yaml(config, schema);
-  fs::path target(path);
-  std::error_code ec;
-  if (target.has_parent_path()) {
-    fs::create_directories(target.parent_path(), ec);
-    LOOM_CHECK(!ec) << "cannot create directory " << target.parent_path().string() << ": " << ec.message();
-  }
-  // Same directory as the target, so the rename is atomic: readers see the old file or the whole new one.
-  std::string temp = path + ".tmp." + std::to_string(::getpid());
-  {
-    std::ofstream out(temp, std::ios::binary | std::ios::trunc);
-    LOOM_CHECK(out) << "cannot write " << temp;
-    out << text;
-    out.flush();
-    LOOM_CHECK(out) << "error writing " << temp;
-  }
-  fs::rename(temp, target, ec);
-  if (ec) {
-    std::error_code ignored;
-    fs::remove(temp, ignored);
-    LOOM_FAIL() << "cannot rename " << temp << " to " << path << ": " << ec.message();
-  }
+  write_file_atomic(fs::path(path), text);  // readers see the old file or the whole new one
 }
 
 }  // namespace loom

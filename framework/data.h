@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "framework/file_io.h"
 #include "framework/tensor.h"
 
 namespace loom {
@@ -52,9 +53,6 @@ class MappedFile {
   const uint8_t* data_ = nullptr;
   size_t size_ = 0;
 };
-
-// Writes `size` bytes to `path` atomically: a temp file beside it, fsync, rename.
-void write_file_atomic(const std::string& path, const void* data, size_t size);
 
 // A flat stream of token ids stored in one file (or one file pair).
 class TokenFile {

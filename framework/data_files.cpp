@@ -132,32 +132,6 @@ MappedFile& MappedFile::operator=(MappedFile&& other) noexcept {
   return *this;
 }
 
-void write_file_atomic(const std::string& path, const void* data, size_t size) {
-  std::string tmp = path + ".tmp.XXXXXX";
-  int fd = ::mkstemp(tmp.data());
-  LOOM_CHECK(fd >= 0) << "cannot create a temp file beside " << path << ": " << std::strerror(errno);
-  const auto* p = static_cast<const uint8_t*>(data);
-  size_t done = 0;
-  int err = 0;
-  while (done < size) {
-    ssize_t n = ::write(fd, p + done, size - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      err = errno;
-      break;
-    }
-    done += static_cast<size_t>(n);
-  }
-  if (err == 0 && ::fchmod(fd, 0644) != 0) err = errno;
-  if (err == 0 && ::fsync(fd) != 0) err = errno;
-  if (::close(fd) != 0 && err == 0) err = errno;
-  if (err == 0 && std::rename(tmp.c_str(), path.c_str()) != 0) err = errno;
-  if (err != 0) {
-    ::unlink(tmp.c_str());
-    LOOM_FAIL() << "cannot write " << path << " (" << size << " bytes): " << std::strerror(err);
-  }
-}
-
 void TokenFile::check_all_tokens() const {
   constexpr int64_t chunk = 1 << 20;
   std::vector<int32_t> buffer(static_cast<size_t>(std::min<int64_t>(chunk, num_tokens())));
