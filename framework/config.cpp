@@ -61,14 +61,45 @@ void register_run_keys(ConfigSchema& s) {
   s.add(LOOM_CONFIG_FIELD(model.head_dim), "head dim D (0 = d_model / n_heads)").min(0);
   s.add(LOOM_CONFIG_FIELD(model.ffn_hidden), "SwiGLU hidden width (0 = 8/3 d_model rounded up to a multiple of 64)")
       .min(0);
-  s.add(LOOM_CONFIG_FIELD(model.layers), "layer-type pattern repeated to n_layers (S = softmax attention)")
-      .letters("S");
-  s.add(LOOM_CONFIG_FIELD(model.ffn), "feed-forward block").one_of({"dense"});
+  s.add(LOOM_CONFIG_FIELD(model.layers),
+        "layer-type pattern repeated to n_layers (S = softmax attention, L = lightning attention)")
+      .letters("SL");
+  s.add(LOOM_CONFIG_FIELD(model.ffn), "feed-forward block: dense SwiGLU or mixture of experts").one_of({"dense", "moe"});
   s.add(LOOM_CONFIG_FIELD(model.rope_theta), "RoPE base frequency").above(0);
   s.add(LOOM_CONFIG_FIELD(model.norm_eps), "RMSNorm epsilon").above(0);
   s.add(LOOM_CONFIG_FIELD(model.tie_embeddings), "LM head shares the embedding matrix");
   s.add(LOOM_CONFIG_FIELD(model.init_std), "std of the normal weight init").above(0);
   s.add(LOOM_CONFIG_FIELD(model.max_seq_len), "longest sequence the model supports (RoPE tables)").min(1);
+  // softmax-attention (S) options
+  s.add(LOOM_CONFIG_FIELD(model.S.gate), "S: sigmoid output gate after attention, before o_proj")
+      .one_of({"none", "headwise", "elementwise"});
+  s.add(LOOM_CONFIG_FIELD(model.S.heads), "S: all heads, or mixture-of-heads routing").one_of({"dense", "moh"});
+  s.add(LOOM_CONFIG_FIELD(model.S.moh.shared), "S/MoH: heads always on (h_s)").min(0);
+  s.add(LOOM_CONFIG_FIELD(model.S.moh.topk), "S/MoH: routed heads chosen per token (k)").min(1);
+  s.add(LOOM_CONFIG_FIELD(model.S.moh.aux_coef), "S/MoH: load-balance loss coefficient").min(0);
+  s.add(LOOM_CONFIG_FIELD(model.S.sparsity), "S: dense attention or S2 per-head context shards").one_of({"dense", "s2"});
+  s.add(LOOM_CONFIG_FIELD(model.S.s2.block), "S/S2: tokens per block").min(1);
+  s.add(LOOM_CONFIG_FIELD(model.S.s2.local_blocks), "S/S2: blocks of the local window").min(1);
+  s.add(LOOM_CONFIG_FIELD(model.S.s2.vert_stride), "S/S2: period of each head's strided key blocks").min(1);
+  // lightning-attention (L) options
+  s.add(LOOM_CONFIG_FIELD(model.L.block), "L: block size of the blocked kernel").min(1);
+  s.add(LOOM_CONFIG_FIELD(model.L.qk_activation), "L: activation on q and k").one_of({"silu", "none"});
+  s.add(LOOM_CONFIG_FIELD(model.L.decay_scale), "L: decay rates lambda_h = scale * h / H * (1 - l / L); 0 = none")
+      .min(0);
+  s.add(LOOM_CONFIG_FIELD(model.L.output_gate), "L: sigmoid output gate from the block input");
+  s.add(LOOM_CONFIG_FIELD(model.L.output_norm), "L: RMSNorm of the attention output");
+  // MoE options
+  s.add(LOOM_CONFIG_FIELD(model.moe.experts), "MoE: routed experts E").min(1);
+  s.add(LOOM_CONFIG_FIELD(model.moe.topk), "MoE: experts per token k").min(1);
+  s.add(LOOM_CONFIG_FIELD(model.moe.hidden), "MoE: expert SwiGLU width (0 = ffn_hidden / topk)").min(0);
+  s.add(LOOM_CONFIG_FIELD(model.moe.router), "MoE: top-k of logits then softmax over k, or softmax then top-k")
+      .one_of({"topk_softmax", "softmax_topk"});
+  s.add(LOOM_CONFIG_FIELD(model.moe.aux_coef), "MoE: load-balance loss coefficient").min(0);
+  s.add(LOOM_CONFIG_FIELD(model.moe.z_coef), "MoE: router z-loss coefficient").min(0);
+  s.add(LOOM_CONFIG_FIELD(model.moe.bias_balance), "MoE: loss-free balancing with a per-expert selection bias");
+  s.add(LOOM_CONFIG_FIELD(model.moe.bias_rate), "MoE: bias update per step (u)").min(0);
+  s.add(LOOM_CONFIG_FIELD(model.moe.capacity_factor), "MoE: expert capacity factor (0 = dropless)").min(0);
+  s.add(LOOM_CONFIG_FIELD(model.moe.shared_experts), "MoE: always-on shared experts").min(0);
 
   // ---- data
   s.add(LOOM_CONFIG_FIELD(data.train), "training tokens: path or glob of llm.c .bin shards, or a Megatron prefix");
@@ -161,6 +192,24 @@ void register_run_keys(ConfigSchema& s) {
       return fmt::format("model.layers = \"{}\" has more letters than model.n_layers = {}", c.model.layers,
                          c.model.n_layers);
     }
+    return "";
+  });
+  s.add_check([](const RunConfig& c) -> std::string {
+    const ModelConfig& m = c.model;
+    if (m.S.heads == "moh" && (m.S.moh.shared >= m.n_heads || m.S.moh.topk > m.n_heads - m.S.moh.shared)) {
+      return fmt::format(
+          "model.S.moh: shared = {} and topk = {} need shared < n_heads = {} and topk <= n_heads - shared = {}",
+          m.S.moh.shared, m.S.moh.topk, m.n_heads, m.n_heads - m.S.moh.shared);
+    }
+    return "";
+  });
+  s.add_check([](const RunConfig& c) -> std::string {
+    const MoeOptions& e = c.model.moe;
+    if (c.model.ffn != "moe") return "";
+    if (e.topk > e.experts)
+      return fmt::format("model.moe.topk = {} exceeds model.moe.experts = {}", e.topk, e.experts);
+    if (e.topk == 1 && e.router != "softmax_topk")
+      return "model.moe.topk = 1 needs model.moe.router = softmax_topk (a softmax over one logit is constant)";
     return "";
   });
   s.add_check([](const RunConfig& c) -> std::string {

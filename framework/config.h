@@ -28,6 +28,51 @@
 
 namespace loom {
 
+// model.S.*: options of the softmax-attention mixer (ALGORITHMS.md §7-§9).
+struct MohOptions {
+  int64_t shared = 1;       // h_s: heads always on
+  int64_t topk = 2;         // k of the E = H - h_s routed heads chosen per token
+  double aux_coef = 0.01;   // load-balance loss coefficient (averaged over layers)
+  bool operator==(const MohOptions&) const = default;
+};
+struct S2Options {
+  int64_t block = 64;         // Bs: tokens per block
+  int64_t local_blocks = 16;  // blocks of the local window
+  int64_t vert_stride = 8;    // period of each head's strided shard
+  bool operator==(const S2Options&) const = default;
+};
+struct SoftmaxOptions {
+  std::string gate = "none";      // none | headwise | elementwise (sigmoid output gate)
+  std::string heads = "dense";    // dense | moh (mixture-of-heads routing)
+  MohOptions moh;
+  std::string sparsity = "dense";  // dense | s2 (heterogeneous per-head context shards)
+  S2Options s2;
+  bool operator==(const SoftmaxOptions&) const = default;
+};
+// model.L.*: options of the lightning-attention mixer (ALGORITHMS.md §4).
+struct LightningOptions {
+  int64_t block = 64;                // Bk of the blocked kernel
+  std::string qk_activation = "silu";  // silu | none, applied to q and k
+  double decay_scale = 8.0;          // lambda_h = decay_scale * h / H * (1 - l / L); 0 = no decay
+  bool output_gate = true;           // sigmoid gate from the block input on the output
+  bool output_norm = true;           // RMSNorm of the attention output before the gate
+  bool operator==(const LightningOptions&) const = default;
+};
+// model.moe.*: the MoE feed-forward block (ALGORITHMS.md §10), used when model.ffn = moe.
+struct MoeOptions {
+  int64_t experts = 8;                 // E
+  int64_t topk = 2;                    // k experts per token
+  int64_t hidden = 0;                  // expert SwiGLU width (0 = model.ffn_hidden / topk, multiple of 16)
+  std::string router = "topk_softmax";  // topk_softmax (top-k logits, softmax over k) | softmax_topk
+  double aux_coef = 0.01;              // load-balance loss coefficient
+  double z_coef = 0.001;               // router z-loss coefficient
+  bool bias_balance = false;           // loss-free balancing: per-expert selection bias
+  double bias_rate = 0.001;            // u: bias update per step
+  double capacity_factor = 0.0;        // 0 = dropless; else capacity ceil(T k / E * cf) with dropping
+  int64_t shared_experts = 0;          // experts every token goes through
+  bool operator==(const MoeOptions&) const = default;
+};
+
 struct ModelConfig {
   int64_t vocab_size = 257;
   int64_t d_model = 128;
@@ -43,6 +88,9 @@ struct ModelConfig {
   bool tie_embeddings = true;
   double init_std = 0.02;
   int64_t max_seq_len = 2048;
+  SoftmaxOptions S;
+  LightningOptions L;
+  MoeOptions moe;
 
   // The sizes the model is built with, zeros resolved.
   int64_t effective_n_kv_heads() const;

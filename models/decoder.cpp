@@ -7,40 +7,8 @@
 
 #include "framework/ops.h"
 #include "framework/random.h"
-#include "models/softmax_attention.h"
-#include "models/swiglu_ffn.h"
 
 namespace loom {
-
-// ---- registry ----
-void MixerRegistry::add(char letter, std::string description, MixerFactory factory) {
-  LOOM_CHECK(!contains(letter)) << "mixer letter '" << letter << "' registered twice";
-  factories_[letter] = {std::move(description), std::move(factory)};
-}
-
-std::shared_ptr<Mixer> MixerRegistry::create(char letter, const DecoderConfig& config, int64_t layer) const {
-  auto it = factories_.find(letter);
-  LOOM_CHECK(it != factories_.end()) << "unknown layer type '" << letter << "' in model.layers \"" << config.layers
-                                     << "\" (known: " << letters() << ")";
-  return it->second.second(config, layer);
-}
-
-std::string MixerRegistry::letters() const {
-  std::string s;
-  for (const auto& [letter, entry] : factories_) s += letter;
-  return s;
-}
-
-const MixerRegistry& builtin_mixers() {
-  static const MixerRegistry registry = [] {
-    MixerRegistry r;
-    r.add('S', "softmax attention (MHA/GQA, RoPE)", [](const DecoderConfig& c, int64_t layer) {
-      return std::make_shared<SoftmaxAttention>(c, layer);
-    });
-    return r;
-  }();
-  return registry;
-}
 
 // ---- config ----
 void DecoderConfig::validate() const {
@@ -64,7 +32,7 @@ Block::Block(const DecoderConfig& config, int64_t layer) {
   mixer_norm_ = register_module("mixer_norm", std::make_shared<RMSNorm>(config.d_model, config.norm_eps, config.dtype));
   mixer_ = register_module("mixer", builtin_mixers().create(config.layer_type(layer), config, layer));
   ffn_norm_ = register_module("ffn_norm", std::make_shared<RMSNorm>(config.d_model, config.norm_eps, config.dtype));
-  ffn_ = register_module("ffn", std::static_pointer_cast<FeedForward>(std::make_shared<SwiGluFFN>(config, layer)));
+  ffn_ = register_module("ffn", create_ffn(config, layer));
 }
 
 Variable Block::forward(const Variable& x, SequenceContext& ctx) const {
@@ -91,11 +59,27 @@ Variable DecoderLM::forward(const Tensor& ids, SequenceContext& ctx) const {
   for (const auto& block : blocks_) {
     if (config_.activation_checkpointing) {
       // Recomputed in backward; layers must be deterministic given their inputs.
+      // Auxiliary losses are outputs of the checkpointed region, so they keep
+      // their gradient path; statistics come from the first (forward) run.
       std::shared_ptr<Block> b = block;
-      SequenceContext* context = &ctx;
-      h = checkpoint([b, context](const std::vector<Variable>& in) {
-            return std::vector<Variable>{b->forward(in[0], *context)};
-          }, {h})[0];
+      Tensor positions = ctx.positions;
+      std::map<std::string, double>* stats = &ctx.stats;
+      auto first_run = std::make_shared<bool>(true);
+      std::vector<Variable> outs = checkpoint(
+          [b, positions, stats, first_run](const std::vector<Variable>& in) {
+            SequenceContext local;
+            local.positions = positions;
+            std::vector<Variable> result{b->forward(in[0], local)};
+            result.insert(result.end(), local.aux_losses.begin(), local.aux_losses.end());
+            if (*first_run) {
+              for (const auto& [key, value] : local.stats) (*stats)[key] = value;
+              *first_run = false;
+            }
+            return result;
+          },
+          {h});
+      h = outs[0];
+      ctx.aux_losses.insert(ctx.aux_losses.end(), outs.begin() + 1, outs.end());
     } else {
       h = block->forward(h, ctx);
     }

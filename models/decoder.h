@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "framework/config.h"
 #include "models/layer.h"
 
 namespace loom {
@@ -37,6 +38,10 @@ struct DecoderConfig {
   double init_std = 0.02;
   bool activation_checkpointing = false;
   DType dtype = DType::f32;
+  std::string ffn = "dense";   // dense | moe
+  SoftmaxOptions softmax;      // options of S layers (gate, MoH, S2)
+  LightningOptions lightning;  // options of L layers
+  MoeOptions moe;              // options of the MoE FFN
 
   // Throws naming the values when the combination is invalid.
   void validate() const;

@@ -57,7 +57,9 @@ class MixerRegistry {
   std::map<char, std::pair<std::string, MixerFactory>> factories_;
 };
 
-// The registry with every built-in mixer.
+// The registry with every built-in mixer (models/registry.cpp).
 const MixerRegistry& builtin_mixers();
+// The FFN of a block, by config.ffn (dense SwiGLU, MoE).
+std::shared_ptr<FeedForward> create_ffn(const DecoderConfig& config, int64_t layer);
 
 }  // namespace loom

@@ -45,6 +45,10 @@ DecoderConfig decoder_config_from(const RunConfig& config) {
   d.init_std = m.init_std;
   d.activation_checkpointing = config.train.activation_checkpointing;
   d.dtype = DType::f32;
+  d.ffn = m.ffn;
+  d.softmax = m.S;
+  d.lightning = m.L;
+  d.moe = m.moe;
   return d;
 }
 

@@ -216,23 +216,24 @@ TEST(Config, BadEnumValuesListTheAllowedOnes) {
   EXPECT_CONFIG_ERROR(from_string("train:\n  dtype: f16\n"),
                       {"recipe.yaml:2", "train.dtype = \"f16\"", "allowed: f32, bf16"});
   EXPECT_CONFIG_ERROR(from_overrides({"optim.schedule=step"}), {"allowed: constant, cosine, linear, wsd"});
-  EXPECT_CONFIG_ERROR(from_overrides({"model.ffn=moe"}), {"model.ffn = \"moe\"", "allowed: dense"});
-  EXPECT_CONFIG_ERROR(from_overrides({"model.layers=SLS"}), {"model.layers = \"SLS\"", "letter 'L'", "letters S"});
+  EXPECT_CONFIG_ERROR(from_overrides({"model.ffn=mixture"}), {"model.ffn = \"mixture\"", "allowed: dense, moe"});
+  EXPECT_CONFIG_ERROR(from_overrides({"model.layers=SXS"}), {"model.layers = \"SXS\"", "letter 'X'", "letters S L"});
+  EXPECT_CONFIG_ERROR(from_overrides({"model.S.gate=sometimes"}), {"allowed: none, headwise, elementwise"});
   EXPECT_CONFIG_ERROR(from_overrides({"model.layers="}), {"model.layers = \"\"", "must not be empty"});
 }
 
 TEST(Config, ExtendedSchemaAcceptsNewLettersAndValues) {
   ConfigSchema schema = config_schema();  // what the model layer does for its mixers
-  schema.key("model.layers").letters("L");
-  schema.key("model.ffn").allow("moe");
-  RunConfig config = load_config("", {"model.layers=LLLS", "model.ffn=moe"}, schema);
-  EXPECT_EQ(config.model.layers, "LLLS");
-  EXPECT_EQ(config.model.layer_types(), "LLLS");
-  EXPECT_EQ(config.model.ffn, "moe");
-  config = load_config("", {"model.layers=LLS", "model.n_layers=5"}, schema);
-  EXPECT_EQ(config.model.layer_types(), "LLSLL");
+  schema.key("model.layers").letters("Q");
+  schema.key("model.ffn").allow("custom");
+  RunConfig config = load_config("", {"model.layers=QQLS", "model.ffn=custom"}, schema);
+  EXPECT_EQ(config.model.layers, "QQLS");
+  EXPECT_EQ(config.model.layer_types(), "QQLS");
+  EXPECT_EQ(config.model.ffn, "custom");
+  config = load_config("", {"model.layers=QQS", "model.n_layers=5"}, schema);
+  EXPECT_EQ(config.model.layer_types(), "QQSQQ");
   // The built-in schema is unchanged.
-  EXPECT_CONFIG_ERROR(from_overrides({"model.layers=LLLS"}), {"letter 'L'"});
+  EXPECT_CONFIG_ERROR(from_overrides({"model.layers=QQLS"}), {"letter 'Q'"});
 }
 
 TEST(Config, MalformedYamlNamesFileAndLine) {
