@@ -160,6 +160,8 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
                                       << ": sequence parallelism is not available yet (use cp = 1)";
   LOOM_CHECK(config.parallel.ep == 1) << "parallel.ep = " << config.parallel.ep
                                       << ": expert parallelism is not available yet (use ep = 1)";
+  LOOM_CHECK(!config.optim.zero) << "optim.zero = true: ZeRO-1 optimizer-state sharding is not available yet "
+                                    "(use optim.zero = false)";
   LOOM_CHECK(config.train.device == "cpu") << "train.device = \"" << config.train.device
                                            << "\": training on CUDA is not available yet (use cpu)";
   MeshSizes sizes;
