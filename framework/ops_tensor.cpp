@@ -7,6 +7,7 @@
 
 #include <algorithm>
 
+#include "framework/op_checks.h"
 #include "framework/stream.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/reduce.h"
@@ -14,19 +15,6 @@
 namespace loom {
 
 namespace {
-
-// The data of an op input, checked: defined, on CPU (no CUDA kernels yet), floating.
-const Tensor& float_input(const char* op, const Variable& v, const char* name) {
-  LOOM_CHECK(v.defined()) << op << ": input " << name << " is undefined";
-  const Tensor& t = v.data();
-  LOOM_CHECK(t.device().is_cpu()) << op << ": no CUDA kernel yet, tensor on " << t.device();
-  LOOM_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::f64)
-      << op << ": input " << name << " " << shape_str(t.shape()) << " has dtype " << t.dtype()
-      << "; f32 or f64 needed";
-  return t;
-}
-
-Stream& stream_for(const Tensor& t) { return Stream::default_for(t.device()); }
 
 Tensor binary_values(const Tensor& a, const Tensor& b, cpu::BinaryOp op) {
   Tensor out = Tensor::empty(broadcast_shapes(a.shape(), b.shape()), a.dtype());
@@ -37,14 +25,6 @@ Tensor binary_values(const Tensor& a, const Tensor& b, cpu::BinaryOp op) {
 Tensor scaled(const Tensor& x, double alpha) {
   Tensor out = Tensor::empty(x.shape(), x.dtype());
   cpu::scale(out, x, alpha, 0.0, stream_for(x));
-  return out;
-}
-
-// The gradient of an operand that was broadcast to g's shape: g summed down to `shape`.
-Tensor reduce_to(const Tensor& g, const Shape& shape) {
-  if (g.shape() == shape) return g.contiguous();
-  Tensor out = Tensor::empty(shape, g.dtype());
-  cpu::sum_to(out, g, stream_for(g));
   return out;
 }
 

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 
+#include "framework/op_checks.h"
 #include "framework/stream.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/matmul.h"
@@ -16,27 +17,6 @@
 namespace loom {
 
 namespace {
-
-// The data of an op input, checked: defined, on CPU (no CUDA kernels yet), floating.
-const Tensor& float_input(const char* op, const Variable& v, const char* name) {
-  LOOM_CHECK(v.defined()) << op << ": input " << name << " is undefined";
-  const Tensor& t = v.data();
-  LOOM_CHECK(t.device().is_cpu()) << op << ": no CUDA kernel yet, tensor on " << t.device();
-  LOOM_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::f64)
-      << op << ": input " << name << " " << shape_str(t.shape()) << " has dtype " << t.dtype()
-      << "; f32 or f64 needed";
-  return t;
-}
-
-Stream& stream_for(const Tensor& t) { return Stream::default_for(t.device()); }
-
-// The gradient of an operand that was broadcast to g's shape: g summed down to `shape`.
-Tensor reduce_to(const Tensor& g, const Shape& shape) {
-  if (g.shape() == shape) return g.contiguous();
-  Tensor out = Tensor::empty(shape, g.dtype());
-  cpu::sum_to(out, g, stream_for(g));
-  return out;
-}
 
 // Number of matrices in t (..., R, C).
 int64_t batch_count(const Tensor& t) {

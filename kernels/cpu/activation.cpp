@@ -3,6 +3,7 @@
 // sigmoid from gate instead of saving it. The sigmoid is evaluated in the
 // overflow-free form (exp of a non-positive argument only).
 #include "kernels/cpu/activation.h"
+#include "kernels/cpu/checks.h"
 
 #include <cmath>
 
@@ -17,17 +18,6 @@ inline T stable_sigmoid(T x) {
   if (x >= T(0)) return T(1) / (T(1) + std::exp(-x));
   T e = std::exp(x);
   return e / (T(1) + e);
-}
-
-void check_operand(const Tensor& t, const Tensor& like, const char* op, const char* name) {
-  LOOM_CHECK(t.defined()) << op << ": " << name << " is undefined";
-  LOOM_CHECK(t.device().is_cpu()) << op << ": no CUDA kernel yet, " << name << " on " << t.device();
-  LOOM_CHECK(t.is_contiguous()) << op << ": " << name << " must be contiguous, shape " << shape_str(t.shape())
-                                << " strides " << shape_str(t.strides());
-  LOOM_CHECK(t.shape() == like.shape()) << op << ": " << name << " shape " << shape_str(t.shape()) << " differs from "
-                                        << shape_str(like.shape());
-  LOOM_CHECK(t.dtype() == like.dtype()) << op << ": " << name << " dtype " << t.dtype() << " differs from "
-                                        << like.dtype();
 }
 
 // Runs fn(i) for every element index, threaded for large tensors.

@@ -3,6 +3,7 @@
 // positions, one cos/sin table per token reused across its H heads, so large
 // positions keep full precision.
 #include "kernels/cpu/rope.h"
+#include "kernels/cpu/checks.h"
 
 #include <cmath>
 #include <cstdint>
@@ -11,17 +12,6 @@
 namespace loom::cpu {
 
 namespace {
-
-void check_operand(const Tensor& t, const Tensor& like, const char* op, const char* name) {
-  LOOM_CHECK(t.defined()) << op << ": " << name << " is undefined";
-  LOOM_CHECK(t.device().is_cpu()) << op << ": no CUDA kernel yet, " << name << " on " << t.device();
-  LOOM_CHECK(t.is_contiguous()) << op << ": " << name << " must be contiguous, shape " << shape_str(t.shape())
-                                << " strides " << shape_str(t.strides());
-  LOOM_CHECK(t.shape() == like.shape()) << op << ": " << name << " shape " << shape_str(t.shape()) << " differs from "
-                                        << shape_str(like.shape());
-  LOOM_CHECK(t.dtype() == like.dtype()) << op << ": " << name << " dtype " << t.dtype() << " differs from "
-                                        << like.dtype();
-}
 
 template <typename T, typename P>
 void rope_kernel(T* y, const T* x, const P* positions, bool per_batch, int64_t B, int64_t T_, int64_t H, int64_t D,

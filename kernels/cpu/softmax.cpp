@@ -2,6 +2,7 @@
 // are written straight into y and normalized in place (two reads of x, no
 // scratch); row sums are accumulated in double. The backward needs only y.
 #include "kernels/cpu/softmax.h"
+#include "kernels/cpu/checks.h"
 
 #include <cmath>
 #include <limits>
@@ -9,18 +10,6 @@
 namespace loom::cpu {
 
 namespace {
-
-void check_operand(const Tensor& t, const Tensor& like, const char* op, const char* name) {
-  LOOM_CHECK(t.defined()) << op << ": " << name << " is undefined";
-  LOOM_CHECK(t.device().is_cpu()) << op << ": no CUDA kernel yet, " << name << " on " << t.device();
-  LOOM_CHECK(t.is_contiguous()) << op << ": " << name << " must be contiguous, shape " << shape_str(t.shape())
-                                << " strides " << shape_str(t.strides());
-  LOOM_CHECK(t.shape() == like.shape()) << op << ": " << name << " shape " << shape_str(t.shape()) << " differs from "
-                                        << shape_str(like.shape());
-  LOOM_CHECK(t.dtype() == like.dtype()) << op << ": " << name << " dtype " << t.dtype() << " differs from "
-                                        << like.dtype();
-  LOOM_CHECK(t.dim() >= 1) << op << ": " << name << " needs at least one dim";
-}
 
 template <typename T>
 void softmax_forward_kernel(T* y, const T* x, int64_t rows, int64_t cols) {
