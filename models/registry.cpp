@@ -1,6 +1,7 @@
 // The layer registry: which mixer each letter of model.layers builds, and
 // which FFN a block gets. Adding a layer family = one registration here.
 #include "models/decoder.h"
+#include "models/moe_ffn.h"
 #include "models/softmax_attention.h"
 #include "models/swiglu_ffn.h"
 
@@ -37,7 +38,8 @@ const MixerRegistry& builtin_mixers() {
 
 std::shared_ptr<FeedForward> create_ffn(const DecoderConfig& config, int64_t layer) {
   if (config.ffn == "dense") return std::make_shared<SwiGluFFN>(config, layer);
-  LOOM_FAIL() << "model.ffn = \"" << config.ffn << "\" is not available (known: dense)";
+  if (config.ffn == "moe") return std::make_shared<MoeFFN>(config, layer);
+  LOOM_FAIL() << "model.ffn = \"" << config.ffn << "\" is not available (known: dense, moe)";
 }
 
 }  // namespace loom

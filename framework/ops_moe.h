@@ -1,0 +1,28 @@
+// Differentiable ops of the MoE FFN dispatch (ALGORITHMS.md §10): gather rows
+// by an index (tokens -> expert-sorted slots), scatter-add rows back (slots ->
+// tokens), row-wise log-sum-exp (router z-loss), and the non-differentiable
+// top-k selection. Kernels in kernels/cpu/moe; each op is one autograd node and
+// the two row ops are each other's backward.
+#pragma once
+
+#include "framework/autograd.h"
+
+namespace loom {
+
+// x (N, C) any strides, index (M) i64 with entries in [0, N) -> (M, C): row i is x[index[i]].
+// Backward: index_add of the output gradient.
+Variable index_select_rows(const Variable& x, const Tensor& index);
+
+// rows (M, C) any strides, index (M) i64 in [0, n) -> (n, C): out[index[i]] += rows[i],
+// zeros elsewhere (repeated indices add up). Backward: index_select of the output gradient.
+Variable index_add_rows(const Variable& rows, const Tensor& index, int64_t n);
+
+// x (..., K) -> (...): log sum_j exp(x[..., j]) over the last dim.
+// Backward: grad * softmax(x).
+Variable logsumexp(const Variable& x);
+
+// scores (N, E) floating -> (N, k) i64: columns of the k largest scores per row,
+// descending, ties to the lower column. Not differentiable (selection only).
+Tensor topk_indices(const Tensor& scores, int64_t k);
+
+}  // namespace loom

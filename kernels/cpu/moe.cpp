@@ -1,0 +1,156 @@
+// CPU kernels of the MoE dispatch (see moe.h). Inputs are contiguous; index
+// validation runs serially before any OpenMP region (no exception may leave
+// one). index_add_rows splits work by column blocks, never by indices, so no
+// two threads write the same element and the summation order is fixed.
+#include "kernels/cpu/moe.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace loom::cpu {
+
+namespace {
+
+// The index (contiguous i64, CPU) as a vector, each entry checked against [0, n).
+std::vector<int64_t> checked_index(const Tensor& index, int64_t n, const char* op) {
+  LOOM_CHECK(index.device().is_cpu() && index.is_contiguous() && index.dtype() == DType::i64)
+      << op << ": index must be a contiguous CPU i64 tensor, got " << index.dtype() << " "
+      << shape_str(index.shape());
+  std::vector<int64_t> out(index.data<int64_t>(), index.data<int64_t>() + index.numel());
+  for (size_t i = 0; i < out.size(); ++i)
+    LOOM_CHECK(out[i] >= 0 && out[i] < n) << op << ": index " << out[i] << " at position " << i
+                                          << " is outside [0, " << n << ")";
+  return out;
+}
+
+// Both 2-D, contiguous, CPU, same dtype and width; `rows` has one row per index.
+void check_rows(const Tensor& table, const Tensor& rows, int64_t m, const char* op) {
+  LOOM_CHECK(table.device().is_cpu() && rows.device().is_cpu())
+      << op << ": CPU kernel got tensors on " << table.device() << " and " << rows.device();
+  LOOM_CHECK(table.dim() == 2 && rows.dim() == 2 && table.size(1) == rows.size(1) && rows.size(0) == m)
+      << op << ": table " << shape_str(table.shape()) << ", rows " << shape_str(rows.shape()) << ", " << m
+      << " indices";
+  LOOM_CHECK(table.is_contiguous() && rows.is_contiguous()) << op << ": tensors must be contiguous";
+  LOOM_CHECK(table.dtype() == rows.dtype()) << op << ": dtypes differ, " << table.dtype() << " vs " << rows.dtype();
+}
+
+template <typename T>
+void gather(T* out, const T* x, const std::vector<int64_t>& index, int64_t width) {
+  int64_t m = static_cast<int64_t>(index.size());
+#pragma omp parallel for schedule(static) if (m * width > (int64_t{1} << 16))
+  for (int64_t i = 0; i < m; ++i) std::memcpy(out + i * width, x + index[i] * width, width * sizeof(T));
+}
+
+template <typename T>
+void scatter_add(T* out, const T* rows, const std::vector<int64_t>& index, int64_t width) {
+  constexpr int64_t block = 64;  // columns per work item
+  int64_t m = static_cast<int64_t>(index.size()), blocks = (width + block - 1) / block;
+#pragma omp parallel for schedule(static) if (blocks > 1 && m * width > (int64_t{1} << 16))
+  for (int64_t b = 0; b < blocks; ++b) {
+    int64_t c0 = b * block, c1 = std::min(width, c0 + block);
+    for (int64_t i = 0; i < m; ++i) {
+      T* dst = out + index[i] * width;
+      const T* src = rows + i * width;
+      for (int64_t j = c0; j < c1; ++j) dst[j] += src[j];
+    }
+  }
+}
+
+void check_matrix(const Tensor& x, const char* op) {
+  LOOM_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 2)
+      << op << ": expected a contiguous CPU (N, K) tensor, got " << shape_str(x.shape()) << " on " << x.device();
+}
+
+}  // namespace
+
+void index_select_rows(Tensor& out, const Tensor& x, const Tensor& index, Stream& s) {
+  (void)s;
+  check_rows(x, out, index.numel(), "index_select_rows");
+  std::vector<int64_t> idx = checked_index(index, x.size(0), "index_select_rows");
+  LOOM_DISPATCH_FLOAT(x.dtype(), T, [&] { gather(out.data<T>(), x.data<T>(), idx, x.size(1)); });
+}
+
+void index_add_rows(Tensor& out, const Tensor& rows, const Tensor& index, Stream& s) {
+  (void)s;
+  check_rows(out, rows, index.numel(), "index_add_rows");
+  std::vector<int64_t> idx = checked_index(index, out.size(0), "index_add_rows");
+  LOOM_DISPATCH_FLOAT(out.dtype(), T, [&] { scatter_add(out.data<T>(), rows.data<T>(), idx, out.size(1)); });
+}
+
+void logsumexp_forward(Tensor& lse, const Tensor& x, Stream& s) {
+  (void)s;
+  check_matrix(x, "logsumexp_forward");
+  LOOM_CHECK(lse.is_contiguous() && lse.numel() == x.size(0) && lse.dtype() == x.dtype())
+      << "logsumexp_forward: lse " << shape_str(lse.shape()) << " " << lse.dtype() << " for x "
+      << shape_str(x.shape()) << " " << x.dtype();
+  int64_t n = x.size(0), k = x.size(1);
+  LOOM_DISPATCH_FLOAT(x.dtype(), T, [&] {
+    const T* in = x.data<T>();
+    T* out = lse.data<T>();
+    for (int64_t i = 0; i < n; ++i) {
+      const T* row = in + i * k;
+      double m = -std::numeric_limits<double>::infinity();
+      for (int64_t j = 0; j < k; ++j) m = std::max(m, static_cast<double>(row[j]));
+      if (std::isinf(m)) {  // empty row or all -inf / +inf: the sum is exp(m)
+        out[i] = static_cast<T>(m);
+        continue;
+      }
+      double sum = 0.0;
+      for (int64_t j = 0; j < k; ++j) sum += std::exp(static_cast<double>(row[j]) - m);
+      out[i] = static_cast<T>(m + std::log(sum));
+    }
+  });
+}
+
+void logsumexp_backward(Tensor& grad_x, const Tensor& grad_lse, const Tensor& x, const Tensor& lse, Stream& s) {
+  (void)s;
+  check_matrix(x, "logsumexp_backward");
+  check_matrix(grad_x, "logsumexp_backward");
+  LOOM_CHECK(grad_x.shape() == x.shape() && grad_lse.numel() == x.size(0) && lse.numel() == x.size(0) &&
+             grad_lse.is_contiguous() && lse.is_contiguous() && grad_x.dtype() == x.dtype() &&
+             grad_lse.dtype() == x.dtype() && lse.dtype() == x.dtype())
+      << "logsumexp_backward: grad_x " << shape_str(grad_x.shape()) << ", grad_lse " << shape_str(grad_lse.shape())
+      << ", x " << shape_str(x.shape()) << ", lse " << shape_str(lse.shape());
+  int64_t n = x.size(0), k = x.size(1);
+  LOOM_DISPATCH_FLOAT(x.dtype(), T, [&] {
+    const T *in = x.data<T>(), *l = lse.data<T>(), *g = grad_lse.data<T>();
+    T* out = grad_x.data<T>();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < k; ++j) {
+        double p = std::isinf(static_cast<double>(l[i])) ? 0.0 : std::exp(static_cast<double>(in[i * k + j] - l[i]));
+        out[i * k + j] = static_cast<T>(static_cast<double>(g[i]) * p);
+      }
+  });
+}
+
+void topk_rows(Tensor& indices, const Tensor& scores, int64_t k, Stream& s) {
+  (void)s;
+  check_matrix(scores, "topk_rows");
+  int64_t n = scores.size(0), e = scores.size(1);
+  LOOM_CHECK(k >= 1 && k <= e) << "topk_rows: k = " << k << " must lie in [1, " << e << "]";
+  LOOM_CHECK(indices.is_contiguous() && indices.dtype() == DType::i64 && indices.shape() == (Shape{n, k}))
+      << "topk_rows: indices must be contiguous i64 (" << n << ", " << k << "), got " << indices.dtype() << " "
+      << shape_str(indices.shape());
+  LOOM_DISPATCH_FLOAT(scores.dtype(), T, [&] {
+    const T* in = scores.data<T>();
+    int64_t* out = indices.data<int64_t>();
+    std::vector<int64_t> order(e);
+    for (int64_t i = 0; i < n; ++i) {
+      const T* row = in + i * e;
+      for (int64_t j = 0; j < e; ++j)
+        LOOM_CHECK(!std::isnan(static_cast<double>(row[j]))) << "topk_rows: score (" << i << ", " << j << ") is NaN";
+      std::iota(order.begin(), order.end(), int64_t{0});
+      // Descending score, then ascending column: a strict weak order, so the result is deterministic.
+      std::partial_sort(order.begin(), order.begin() + k, order.end(), [row](int64_t a, int64_t b) {
+        return row[a] > row[b] || (row[a] == row[b] && a < b);
+      });
+      std::copy_n(order.begin(), k, out + i * k);
+    }
+  });
+}
+
+}  // namespace loom::cpu

@@ -1,0 +1,81 @@
+// MoE dispatch ops: row gather / scatter-add (values, repeated indices,
+// gradients on non-contiguous inputs, bad indices), log-sum-exp, top-k.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "framework/ops.h"
+#include "framework/ops_moe.h"
+#include "tests/testing.h"
+
+namespace loom {
+namespace {
+
+Tensor index_of(const std::vector<int64_t>& v) { return Tensor::from_vector(v, {static_cast<int64_t>(v.size())}); }
+
+TEST(OpsMoe, IndexSelectRowsGathersRows) {
+  Tensor x = Tensor::from_vector(std::vector<double>{0, 1, 10, 11, 20, 21}, {3, 2});
+  Variable y = index_select_rows(Variable(x), index_of({2, 0, 2}));
+  EXPECT_EQ(y.data().to_vector<double>(), (std::vector<double>{20, 21, 0, 1, 20, 21}));
+  try {
+    index_select_rows(Variable(x), index_of({1, 3}));
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("index 3 at position 1"), std::string::npos) << e.what();
+  }
+}
+
+TEST(OpsMoe, IndexAddRowsAddsRepeatedIndices) {
+  Tensor rows = Tensor::from_vector(std::vector<double>{1, 2, 3, 4, 5, 6}, {3, 2});
+  Variable y = index_add_rows(Variable(rows), index_of({1, 3, 1}), 4);
+  EXPECT_EQ(y.data().to_vector<double>(), (std::vector<double>{0, 0, 6, 8, 0, 0, 3, 4}));
+  EXPECT_THROW(index_add_rows(Variable(rows), index_of({0, 1}), 4), Error);  // one index per row
+}
+
+TEST(OpsMoe, RowOpGradientsMatchFiniteDifferencesOnNonContiguousInputs) {
+  Tensor x = testing::non_contiguous(testing::random_tensor({5, 3}, 1));
+  Tensor index = index_of({4, 0, 4, 2, 2, 2, 1});  // repeats, and row 3 unused
+  ASSERT_FALSE(x.is_contiguous());
+  EXPECT_GRADCHECK([&](const std::vector<Variable>& in) { return std::vector<Variable>{index_select_rows(in[0], index)}; },
+                   {x});
+  Tensor rows = testing::non_contiguous(testing::random_tensor({7, 3}, 2));
+  EXPECT_GRADCHECK([&](const std::vector<Variable>& in) { return std::vector<Variable>{index_add_rows(in[0], index, 5)}; },
+                   {rows});
+  // A transposed view (column-major rows) through both ops in a chain.
+  Tensor xt = testing::random_tensor({3, 5}, 3).transpose(0, 1);
+  EXPECT_GRADCHECK(
+      [&](const std::vector<Variable>& in) {
+        return std::vector<Variable>{index_add_rows(index_select_rows(in[0], index), index_of({0, 1, 0, 1, 0, 1, 0}), 2)};
+      },
+      {xt});
+}
+
+TEST(OpsMoe, LogSumExpMatchesNaiveAndIsStable) {
+  Tensor x = testing::random_tensor({2, 3, 4}, 4);
+  Variable lse = logsumexp(Variable(x));
+  ASSERT_EQ(lse.shape(), (Shape{2, 3}));
+  std::vector<double> xv = x.to_vector<double>(), lv = lse.data().to_vector<double>();
+  for (int r = 0; r < 6; ++r) {
+    double s = 0;
+    for (int j = 0; j < 4; ++j) s += std::exp(xv[r * 4 + j]);
+    EXPECT_NEAR(lv[r], std::log(s), 1e-12);
+  }
+  Tensor big = Tensor::from_vector(std::vector<double>{1000, 1000, -1000}, {1, 3});
+  EXPECT_NEAR(logsumexp(Variable(big)).data().to_vector<double>()[0], 1000 + std::log(2.0), 1e-9);
+  Tensor xn = testing::non_contiguous(testing::random_tensor({3, 5}, 5));
+  EXPECT_GRADCHECK([](const std::vector<Variable>& in) { return std::vector<Variable>{logsumexp(in[0])}; }, {xn});
+  Tensor x3 = testing::random_tensor({3, 1, 5}, 6).transpose(0, 2);  // (5, 1, 3), non-contiguous
+  EXPECT_GRADCHECK([](const std::vector<Variable>& in) { return std::vector<Variable>{logsumexp(in[0])}; }, {x3});
+}
+
+TEST(OpsMoe, TopKIsDescendingWithTiesToTheLowerColumn) {
+  Tensor s = Tensor::from_vector(std::vector<double>{0.1, 0.5, 0.5, 0.2, 3, 1, 2, 3}, {2, 4});
+  EXPECT_EQ(topk_indices(s, 3).to_vector<int64_t>(), (std::vector<int64_t>{1, 2, 3, 0, 3, 2}));
+  EXPECT_EQ(topk_indices(s.to(DType::f32), 1).to_vector<int64_t>(), (std::vector<int64_t>{1, 0}));
+  EXPECT_THROW(topk_indices(s, 5), Error);
+  Tensor nan = Tensor::from_vector(std::vector<double>{0.1, std::nan("")}, {1, 2});
+  EXPECT_THROW(topk_indices(nan, 1), Error);
+}
+
+}  // namespace
+}  // namespace loom
