@@ -7,6 +7,8 @@
 // partial results (ring attention) back-propagates through lse too; its
 // backward needs only q, k, v, out and lse. Index tensors (positions, targets)
 // are saved as owned copies: the caller may reuse its buffers before backward.
+// The S2 block mask (AttentionOptions::s2) is one more visibility rule inside
+// the same kernels, so dense behaviour is unchanged when it is off.
 #include <cmath>
 
 #include "framework/ops_nn.h"
@@ -198,22 +200,36 @@ AttentionResult attention(const Variable& q, const Variable& k, const Variable& 
   bool causal = options.causal;
   Tensor q_pos = resolve_positions(options.q_positions, T, "q_positions");  // (T) i64
   Tensor k_pos = resolve_positions(options.k_positions, S, "k_positions");  // (S) i64
+  S2Pattern s2 = options.s2;
+  LOOM_CHECK(s2.block >= 0) << op << ": S2 block = " << s2.block << " must be >= 0 (0 = dense)";
+  if (s2.enabled()) {
+    LOOM_CHECK(causal) << op << ": S2 block sparsity (block = " << s2.block << ") needs causal attention";
+    LOOM_CHECK(s2.local_blocks >= 1 && s2.vert_stride >= 1)
+        << op << ": S2 local_blocks = " << s2.local_blocks << " and vert_stride = " << s2.vert_stride
+        << " must be >= 1";
+    for (const Tensor* pos : {&q_pos, &k_pos}) {
+      const int64_t* p = pos->data<int64_t>();
+      for (int64_t i = 0; i < pos->numel(); ++i)
+        LOOM_CHECK(p[i] >= 0) << op << ": S2 needs non-negative positions, got " << p[i] << " at index " << i;
+    }
+  }
 
   Tensor qc = q.data().contiguous();  // (B, T, H, D)
   Tensor kc = k.data().contiguous();  // (B, S, Hkv, D)
   Tensor vc = v.data().contiguous();  // (B, S, Hkv, D)
   Tensor out = Tensor::empty({B, T, H, D}, q.dtype());  // (B, T, H, D)
   Tensor lse = Tensor::empty({B, H, T}, q.dtype());     // (B, H, T)
-  cpu::attention_forward(out, lse, qc, kc, vc, q_pos, k_pos, scale, causal, stream_of(qc));
+  cpu::attention_forward(out, lse, qc, kc, vc, q_pos, k_pos, scale, causal, s2, stream_of(qc));
 
-  auto backward = [qc, kc, vc, out, lse, q_pos, k_pos, scale, causal](const std::vector<Tensor>& grads) {
+  auto backward = [qc, kc, vc, out, lse, q_pos, k_pos, scale, causal, s2](const std::vector<Tensor>& grads) {
     if (!grads[0].defined() && !grads[1].defined()) return std::vector<Tensor>{Tensor(), Tensor(), Tensor()};
     Tensor dout = grads[0].defined() ? grads[0].contiguous() : Tensor();  // (B, T, H, D) or none
     Tensor dlse = grads[1].defined() ? grads[1].contiguous() : Tensor();  // (B, H, T) or none
     Tensor dq = Tensor::empty(qc.shape(), qc.dtype());  // (B, T, H, D)
     Tensor dk = Tensor::empty(kc.shape(), kc.dtype());  // (B, S, Hkv, D)
     Tensor dv = Tensor::empty(vc.shape(), vc.dtype());  // (B, S, Hkv, D)
-    cpu::attention_backward(dq, dk, dv, dout, dlse, qc, kc, vc, out, lse, q_pos, k_pos, scale, causal, stream_of(qc));
+    cpu::attention_backward(dq, dk, dv, dout, dlse, qc, kc, vc, out, lse, q_pos, k_pos, scale, causal, s2,
+                            stream_of(qc));
     return std::vector<Tensor>{dq, dk, dv};
   };
   std::vector<Variable> outputs = make_outputs({out, lse}, {q, k, v}, "Attention", std::move(backward));

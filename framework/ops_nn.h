@@ -5,6 +5,7 @@
 #pragma once
 
 #include "framework/autograd.h"
+#include "kernels/cpu/s2_pattern.h"
 
 namespace loom {
 
@@ -30,6 +31,12 @@ struct AttentionOptions {
   // iff k_positions[j] <= q_positions[i].
   Tensor q_positions;
   Tensor k_positions;
+  // S2 block sparsity (ALGORITHMS.md §7); s2.block = 0 (default) is dense.
+  // Blocks are by global position (position / s2.block). Query head h uses the
+  // pattern of its kv head h / (H / Hkv) among Hkv patterns (the heads of a GQA
+  // group share K/V, so they share the key blocks to load). Needs causal and
+  // non-negative positions. Masked-out keys contribute nothing, forward and backward.
+  S2Pattern s2;
 };
 struct AttentionResult {
   Variable out;  // (B, T, H, D)

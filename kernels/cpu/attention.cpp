@@ -6,7 +6,8 @@
 // atomics: pass 1 is row-parallel and writes dq; pass 2 is parallel over
 // (b, kv head, key) and writes dk, dv, recomputing p. That doubles the exp
 // work but keeps every output written by one thread, in a fixed order, so
-// results are deterministic. Sums run in float for f32 (fp32 statistics, as on
+// results are deterministic. The S2 block mask (ALGORITHMS.md §7) is tested
+// per element here; the CUDA kernel will iterate over active blocks only. Sums run in float for f32 (fp32 statistics, as on
 // the GPU) and in double for f64.
 #include "kernels/cpu/attention.h"
 
@@ -28,12 +29,18 @@ struct AttentionDims {
   int64_t work() const { return B * H * T * S * D; }
 };
 
-// Key j is visible to query i (causal: by global position).
+// Key j is visible to query i of kv head hk (causal: by global position; S2:
+// the block pair must be active in pattern hk of Hkv, ALGORITHMS.md §7).
 struct Mask {
   const int64_t* q_pos = nullptr;
   const int64_t* k_pos = nullptr;
   bool causal = false;
-  bool visible(int64_t i, int64_t j) const { return !causal || k_pos[j] <= q_pos[i]; }
+  S2Pattern s2;
+  int64_t num_patterns = 1;
+  bool visible(int64_t i, int64_t j, int64_t hk) const {
+    if (causal && k_pos[j] > q_pos[i]) return false;
+    return !s2.enabled() || s2_block_active(q_pos[i] / s2.block, k_pos[j] / s2.block, hk, num_patterns, s2);
+  }
 };
 
 constexpr int64_t kParallelWork = 1 << 16;  // multiply-adds below which threads are not worth starting
@@ -64,7 +71,7 @@ void attention_forward_kernel(T* out, T* lse, const T* q, const T* k, const T* v
           Acc row_max = neg_inf;
           bool any = false;
           for (int64_t j = 0; j < n.S; ++j) {
-            if (!mask.visible(i, j)) {
+            if (!mask.visible(i, j, hk)) {
               scores[j] = neg_inf;
               continue;
             }
@@ -131,7 +138,7 @@ void attention_backward_kernel(T* dq, T* dk, T* dv, const T* dout, const T* dlse
           for (int64_t d = 0; d < n.D; ++d) acc[d] = 0;
           if (std::isfinite(row_lse)) {
             for (int64_t j = 0; j < n.S; ++j) {
-              if (!mask.visible(i, j)) continue;
+              if (!mask.visible(i, j, hk)) continue;
               const T* kj = k + n.kv_index(b, j, hk);
               Acc p = std::exp(sc * dot<Acc>(qi, kj, n.D) - row_lse);
               Acc ds = grad_score(b, h, i, j, p);
@@ -156,7 +163,7 @@ void attention_backward_kernel(T* dq, T* dk, T* dv, const T* dout, const T* dlse
           for (int64_t d = 0; d < n.D; ++d) acc_k[d] = acc_v[d] = 0;
           for (int64_t h = hk * n.group(); h < (hk + 1) * n.group(); ++h)
             for (int64_t i = 0; i < n.T; ++i) {
-              if (!mask.visible(i, j)) continue;
+              if (!mask.visible(i, j, hk)) continue;
               Acc row_lse = static_cast<Acc>(lse[n.row_index(b, h, i)]);
               if (!std::isfinite(row_lse)) continue;
               const T* qi = q + n.q_index(b, i, h);
@@ -193,7 +200,7 @@ void check_shape(const Tensor& t, const Shape& shape, DType dtype, const char* o
 
 // Validates q, k, v and the positions; returns the dims and the mask.
 AttentionDims check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_positions,
-                           const Tensor& k_positions, bool causal, const char* op, Mask& mask) {
+                           const Tensor& k_positions, bool causal, const S2Pattern& s2, const char* op, Mask& mask) {
   check_operand(q, op, "q");
   check_operand(k, op, "k");
   check_operand(v, op, "v");
@@ -208,7 +215,14 @@ AttentionDims check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, co
   check_shape(k, k.shape(), q.dtype(), op, "k");
   check_shape(v, k.shape(), q.dtype(), op, "v");
   mask.causal = causal;
-  if (causal) {
+  mask.s2 = s2;
+  mask.num_patterns = n.Hkv;
+  if (s2.enabled()) {
+    LOOM_CHECK(s2.local_blocks >= 1 && s2.vert_stride >= 1)
+        << op << ": S2 local_blocks = " << s2.local_blocks << " and vert_stride = " << s2.vert_stride
+        << " must be >= 1";
+  }
+  if (causal || s2.enabled()) {
     check_operand(q_positions, op, "q_positions");
     check_operand(k_positions, op, "k_positions");
     check_shape(q_positions, {n.T}, DType::i64, op, "q_positions");
@@ -222,11 +236,12 @@ AttentionDims check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, co
 }  // namespace
 
 void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
-                       const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal, Stream& s) {
+                       const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
+                       const S2Pattern& s2, Stream& s) {
   (void)s;
   const char* op = "attention_forward";
   Mask mask;
-  AttentionDims n = check_inputs(q, k, v, q_positions, k_positions, causal, op, mask);
+  AttentionDims n = check_inputs(q, k, v, q_positions, k_positions, causal, s2, op, mask);
   check_operand(out, op, "out");
   check_operand(lse, op, "lse");
   check_shape(out, q.shape(), q.dtype(), op, "out");
@@ -238,11 +253,12 @@ void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& 
 
 void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& dlse, const Tensor& q,
                         const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                        const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal, Stream& s) {
+                        const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
+                        const S2Pattern& s2, Stream& s) {
   (void)s;
   const char* op = "attention_backward";
   Mask mask;
-  AttentionDims n = check_inputs(q, k, v, q_positions, k_positions, causal, op, mask);
+  AttentionDims n = check_inputs(q, k, v, q_positions, k_positions, causal, s2, op, mask);
   for (auto [t, name] : {std::pair<const Tensor*, const char*>{&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}, {&out, "out"},
                          {&lse, "lse"}})
     check_operand(*t, op, name);

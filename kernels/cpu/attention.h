@@ -1,10 +1,11 @@
 // Reference softmax attention CPU kernels with per-row log-sum-exp (the
-// statistic ring attention merges partials with, ALGORITHMS.md §1), GQA and a
-// causal mask by global token positions.
+// statistic ring attention merges partials with, ALGORITHMS.md §1), GQA, a
+// causal mask by global token positions and the optional S2 block mask (§7).
 #pragma once
 
 #include "framework/stream.h"
 #include "framework/tensor.h"
+#include "kernels/cpu/s2_pattern.h"
 
 namespace loom::cpu {
 
@@ -12,12 +13,15 @@ namespace loom::cpu {
 // head h / (H / Hkv)); all contiguous, same dtype (f32 or f64).
 // q_positions (T), k_positions (S): contiguous i64 global positions, used when
 // `causal` (key j visible to query i iff k_positions[j] <= q_positions[i]);
-// ignored (may be undefined) otherwise.
+// ignored (may be undefined) otherwise, unless `s2` is enabled: then query i
+// of kv head hk also needs s2_block_active(q_pos[i] / Bs, k_pos[j] / Bs, hk, Hkv)
+// (the query heads of a GQA group share their kv head's pattern).
 // out (B, T, H, D) = softmax(scale * q k^T + mask) v;  lse (B, H, T) = log-sum-exp
 // of the visible scaled scores, same dtype as q. A row with no visible key gets
 // out = 0 and lse = -inf.
 void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
-                       const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal, Stream& s);
+                       const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
+                       const S2Pattern& s2, Stream& s);
 
 // Gradients from dout (B, T, H, D) and dlse (B, H, T); either may be undefined
 // (counts as zero). Needs only the forward's out and lse besides q, k, v:
@@ -27,6 +31,7 @@ void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& 
 // lse = -inf contribute nothing. dq, dk, dv are overwritten.
 void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& dlse, const Tensor& q,
                         const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                        const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal, Stream& s);
+                        const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
+                       const S2Pattern& s2, Stream& s);
 
 }  // namespace loom::cpu
