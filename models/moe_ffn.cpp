@@ -153,6 +153,8 @@ Variable MoeFFN::forward(const Variable& x, SequenceContext& ctx) const {
   Variable probs = softmax(logits);               // (N, E) full softmax
 
   // Selection on logits + bias (host, f64); the bias never enters the weights.
+  // Host synchronization: the reference plan (top-k, stable sort, capacity) is
+  // built on the host from the logits; a device-side sort replaces it on GPU.
   std::vector<double> scores = logits.data().contiguous().to_vector<double>();
   if (router_bias_.defined()) {
     std::vector<double> bias = router_bias_.data().to_vector<double>();

@@ -18,6 +18,9 @@
 // F = moe.hidden, or (0) ffn_hidden / topk rounded up to a multiple of 16.
 //
 // Decisions:
+// - The router runs in the model dtype: on CPU that is f32 or f64, so "router
+//   in fp32" holds; a bf16 model needs a differentiable cast here (left for the
+//   CUDA path).
 // - Selection is top-k of (logits + router_bias) in both router modes (softmax
 //   is monotone per token, so "softmax then top-k" selects the same experts).
 //   topk_softmax: weights = softmax over the k selected logits (sum to 1).

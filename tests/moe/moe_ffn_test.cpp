@@ -212,6 +212,49 @@ TEST(MoeFFN, BiasBalancingSteersSelectionNotWeights) {
   EXPECT_EQ(moe.router_bias().data().to_vector<double>(), (std::vector<double>{0.25, 9.75}));
 }
 
+TEST(MoeFFN, BiasUpdatesMoveLoadsTowardBalance) {
+  DecoderConfig cfg = moe_config(4, 4, 1, 4);
+  cfg.moe.bias_balance = true;
+  cfg.moe.bias_rate = 0.05;
+  MoeFFN moe(cfg, 0);
+  moe.initialize(5, 0.5, 2);
+  set(moe.router_proj().weight(), {1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1});
+  std::vector<double> x;  // 8 tokens, all preferring expert 0 by different margins
+  for (int t = 0; t < 8; ++t) x.insert(x.end(), {0.5 + 0.1 * t, 0.3 - 0.03 * t, 0.1 * (t % 3), 0.0});
+  auto max_load = [&] {
+    SequenceContext ctx;
+    moe.forward(Variable(input(x, 8, 4)), ctx);
+    return ctx.stats.at("layer0.moe.max_load");
+  };
+  double first = max_load(), last = first;
+  moe.update_balance_bias();
+  for (int step = 0; step < 40; ++step) {
+    last = max_load();
+    moe.update_balance_bias();
+  }
+  EXPECT_EQ(first, 4.0);  // 8 slots on expert 0, mean 2
+  EXPECT_LE(last, 2.0) << "loads did not move toward balance";
+  std::vector<double> bias = moe.router_bias().data().to_vector<double>();
+  EXPECT_LT(bias[0], 0.0);  // the overloaded expert became less attractive
+  // The bias survives a state_dict round trip (checkpoints).
+  MoeFFN copy(cfg, 0);
+  copy.load_state_dict(moe.state_dict());
+  EXPECT_EQ(copy.router_bias().data().to_vector<double>(), bias);
+}
+
+TEST(MoeFFN, BadOptionsNameTheValues) {
+  DecoderConfig cfg = moe_config(4, 4, 1, 4);
+  cfg.moe.router = "topk_softmax";
+  try {
+    MoeFFN m(cfg, 0);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("topk = 1 needs"), std::string::npos) << e.what();
+  }
+  cfg = moe_config(4, 4, 5, 4);
+  EXPECT_THROW(MoeFFN(cfg, 0), Error);
+}
+
 TEST(MoeFFN, NamesAttributesAndActiveParameters) {
   DecoderConfig cfg = moe_config(8, 4, 2, 0);
   cfg.ffn_hidden = 40;
