@@ -67,6 +67,24 @@ Variable index_add_rows(const Variable& rows, const Tensor& index, int64_t n) {
   });
 }
 
+Variable grouped_linear(const Variable& x, const Variable& weight, const std::vector<int64_t>& offsets) {
+  const char* op = "grouped_linear";
+  const Tensor& xt = cpu_floating_input(op, x);
+  const Tensor& wt = cpu_floating_input(op, weight);
+  LOOM_CHECK(xt.dim() == 2 && wt.dim() == 3) << op << ": x must be (S, In) and weight (E, Out, In), got "
+                                             << shape_str(xt.shape()) << " and " << shape_str(wt.shape());
+  Tensor xc = xt.contiguous(), wc = wt.contiguous();
+  Tensor y = Tensor::empty({xc.size(0), wc.size(1)}, xc.dtype());  // (S, Out)
+  cpu::grouped_linear_forward(y, xc, wc, offsets, Stream::default_for(xc.device()));
+  return make_output(y, {x, weight}, "GroupedLinear", [xc, wc, offsets](const std::vector<Tensor>& grads) {
+    if (!grads[0].defined()) return std::vector<Tensor>{Tensor(), Tensor()};
+    Tensor gx = Tensor::empty(xc.shape(), xc.dtype());  // (S, In)
+    Tensor gw = Tensor::empty(wc.shape(), wc.dtype());  // (E, Out, In)
+    cpu::grouped_linear_backward(gx, gw, grads[0].contiguous(), xc, wc, offsets, Stream::default_for(xc.device()));
+    return std::vector<Tensor>{gx, gw};
+  });
+}
+
 Variable logsumexp(const Variable& x) {
   const char* op = "logsumexp";
   const Tensor& xt = cpu_floating_input(op, x);

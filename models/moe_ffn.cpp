@@ -102,6 +102,12 @@ MoeExperts::MoeExperts(int64_t experts, int64_t d_model, int64_t hidden, DType d
   down_proj = register_module("down_proj", std::make_shared<ExpertProjection>(experts, hidden, d_model, out_init, dtype));
 }
 
+Variable MoeExperts::forward_grouped(const Variable& xs, const std::vector<int64_t>& offsets) const {
+  Variable h = swiglu(grouped_linear(xs, gate_proj->weight(), offsets),
+                      grouped_linear(xs, up_proj->weight(), offsets));  // (S, F)
+  return grouped_linear(h, down_proj->weight(), offsets);             // (S, C)
+}
+
 Variable MoeExperts::forward(const Variable& x, int64_t expert) const {
   Variable h = swiglu(gate_proj->forward(x, expert), up_proj->forward(x, expert));  // (M, F)
   return down_proj->forward(h, expert);                                            // (M, C)
@@ -183,13 +189,8 @@ Variable MoeFFN::forward(const Variable& x, SequenceContext& ctx) const {
   if (kept > 0) {
     Variable xs = index_select_rows(x2, plan.token);                                // (S, C)
     Variable ws = index_select_rows(reshape(weights, {N * k, 1}), plan.slot);       // (S, 1)
-    std::vector<Variable> pieces;
-    for (int64_t e = 0; e < E; ++e) {
-      if (plan.kept[e] == 0) continue;
-      pieces.push_back(experts_->forward(narrow(xs, 0, plan.offsets[e], plan.kept[e]), e));  // (kept_e, C)
-    }
-    Variable ys = pieces.size() == 1 ? pieces[0] : concat(pieces, 0);  // (S, C)
-    y = index_add_rows(mul(ys, ws), plan.token, N);                    // (N, C)
+    Variable ys = experts_->forward_grouped(xs, plan.offsets);                      // (S, C)
+    y = index_add_rows(mul(ys, ws), plan.token, N);                                 // (N, C)
   } else {
     y = Variable(Tensor::zeros({N, C}, x.dtype()));
   }

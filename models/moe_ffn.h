@@ -1,6 +1,6 @@
 // Mixture-of-experts FFN (ALGORITHMS.md §10), the reference dispatch: router
 // logits -> top-k -> token slots sorted by expert (stable) -> gather -> one
-// SwiGLU per expert on its rows -> scale by the routing weight -> scatter-add
+// SwiGLU per expert on its rows (grouped GEMMs) -> scale by the routing weight -> scatter-add
 // back, plus optional always-on shared experts. Differentiable end to end
 // through framework ops (ops_moe: index_select_rows / index_add_rows /
 // logsumexp); the selection itself is not differentiable.
@@ -48,9 +48,9 @@
 //   block once (its no-grad first pass is skipped, the recompute counts).
 //   Under data parallelism the trainer must all-reduce pending_load() before
 //   the update so every rank keeps the same bias.
-// - The per-expert loop narrows the stacked weights; narrow's backward writes
-//   a full (E, ., .) gradient per expert (O(E^2) work in backward) — fine for a
-//   reference; a grouped-GEMM op replaces it later.
+// - The experts run as three grouped GEMMs (ops_moe grouped_linear: one BLAS
+//   call per non-empty expert on its contiguous rows); MoeExperts::forward(x, e)
+//   is the per-expert reference the tests compare against.
 #pragma once
 
 #include <vector>
@@ -96,8 +96,11 @@ class ExpertProjection : public Module {
 class MoeExperts : public Module {
  public:
   MoeExperts(int64_t experts, int64_t d_model, int64_t hidden, DType dtype);
-  // x (M, C) -> (M, C): expert e's SwiGLU.
+  // x (M, C) -> (M, C): expert e's SwiGLU (the per-expert reference).
   Variable forward(const Variable& x, int64_t expert) const;
+  // xs (S, C) sorted by expert, rows [offsets[e], offsets[e+1]) for expert e -> (S, C):
+  // every expert's SwiGLU on its rows through grouped GEMMs.
+  Variable forward_grouped(const Variable& xs, const std::vector<int64_t>& offsets) const;
   std::shared_ptr<ExpertProjection> gate_proj, up_proj, down_proj;
 };
 

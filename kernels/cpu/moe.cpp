@@ -4,6 +4,8 @@
 // two threads write the same element and the summation order is fixed.
 #include "kernels/cpu/moe.h"
 
+#include "kernels/cpu/matmul.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -125,6 +127,63 @@ void logsumexp_backward(Tensor& grad_x, const Tensor& grad_lse, const Tensor& x,
         out[i * k + j] = static_cast<T>(static_cast<double>(g[i]) * p);
       }
   });
+}
+
+namespace {
+
+void check_grouped(const Tensor& x, const Tensor& w, const std::vector<int64_t>& offsets, int64_t out_rows,
+                   int64_t out_cols, const char* op) {
+  LOOM_CHECK(x.dim() == 2 && w.dim() == 3 && x.size(1) == w.size(2) && x.is_contiguous() && w.is_contiguous() &&
+             x.dtype() == w.dtype())
+      << op << ": x " << shape_str(x.shape()) << " " << x.dtype() << ", w " << shape_str(w.shape()) << " "
+      << w.dtype() << " (need contiguous (S, In) and (E, Out, In) of one dtype)";
+  LOOM_CHECK(static_cast<int64_t>(offsets.size()) == w.size(0) + 1 && offsets.front() == 0 &&
+             offsets.back() == x.size(0))
+      << op << ": " << offsets.size() << " offsets for " << w.size(0) << " experts and " << x.size(0) << " rows";
+  for (size_t e = 0; e + 1 < offsets.size(); ++e)
+    LOOM_CHECK(offsets[e] <= offsets[e + 1]) << op << ": offsets decrease at expert " << e;
+  LOOM_CHECK(out_rows == x.size(0) && out_cols == w.size(1)) << op << ": output (" << out_rows << ", " << out_cols
+                                                             << ") for x " << shape_str(x.shape()) << ", w "
+                                                             << shape_str(w.shape());
+}
+
+}  // namespace
+
+void grouped_linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const std::vector<int64_t>& offsets,
+                            Stream& s) {
+  check_grouped(x, w, offsets, y.size(0), y.size(1), "grouped_linear_forward");
+  LOOM_CHECK(y.is_contiguous() && y.dtype() == x.dtype()) << "grouped_linear_forward: y must be contiguous " << x.dtype();
+  for (int64_t e = 0; e < w.size(0); ++e) {
+    int64_t n = offsets[e + 1] - offsets[e];
+    if (n == 0) continue;
+    Tensor ye = y.narrow(0, offsets[e], n);                       // (n, Out)
+    gemm(ye, x.narrow(0, offsets[e], n), w.select(0, e), false, true, 1.0, 0.0, s);
+  }
+}
+
+void grouped_linear_backward(Tensor& grad_x, Tensor& grad_w, const Tensor& grad_y, const Tensor& x, const Tensor& w,
+                             const std::vector<int64_t>& offsets, Stream& s) {
+  check_grouped(x, w, offsets, grad_y.size(0), grad_y.size(1), "grouped_linear_backward");
+  LOOM_CHECK(grad_y.is_contiguous() && grad_y.dtype() == x.dtype())
+      << "grouped_linear_backward: grad_y must be contiguous " << x.dtype();
+  LOOM_CHECK(!grad_x.defined() || (grad_x.shape() == x.shape() && grad_x.is_contiguous()))
+      << "grouped_linear_backward: grad_x " << shape_str(grad_x.shape()) << " for x " << shape_str(x.shape());
+  LOOM_CHECK(!grad_w.defined() || (grad_w.shape() == w.shape() && grad_w.is_contiguous()))
+      << "grouped_linear_backward: grad_w " << shape_str(grad_w.shape()) << " for w " << shape_str(w.shape());
+  if (grad_w.defined()) grad_w.zero_();
+  for (int64_t e = 0; e < w.size(0); ++e) {
+    int64_t n = offsets[e + 1] - offsets[e];
+    if (n == 0) continue;
+    Tensor gy = grad_y.narrow(0, offsets[e], n);  // (n, Out)
+    if (grad_x.defined()) {
+      Tensor gx = grad_x.narrow(0, offsets[e], n);  // (n, In)
+      gemm(gx, gy, w.select(0, e), false, false, 1.0, 0.0, s);
+    }
+    if (grad_w.defined()) {
+      Tensor gw = grad_w.select(0, e);  // (Out, In)
+      gemm(gw, gy, x.narrow(0, offsets[e], n), true, false, 1.0, 0.0, s);
+    }
+  }
 }
 
 void topk_rows(Tensor& indices, const Tensor& scores, int64_t k, Stream& s) {

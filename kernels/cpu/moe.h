@@ -1,8 +1,10 @@
 // MoE dispatch kernels on CPU: row gather / scatter-add by an index (the
-// token <-> expert-slot permutation), row-wise log-sum-exp (router z-loss), and
+// token <-> expert-slot permutation), the grouped per-expert GEMM, row-wise log-sum-exp (router z-loss), and
 // top-k selection (router). All deterministic: the scatter-add visits indices
 // in order per column block, top-k breaks ties toward the lower index.
 #pragma once
+
+#include <vector>
 
 #include "framework/stream.h"
 #include "framework/tensor.h"
@@ -20,6 +22,16 @@ void index_add_rows(Tensor& out, const Tensor& rows, const Tensor& index, Stream
 void logsumexp_forward(Tensor& lse, const Tensor& x, Stream& s);
 // grad_x (N, K) = grad_lse (N)[i] * exp(x[i, j] - lse[i]).
 void logsumexp_backward(Tensor& grad_x, const Tensor& grad_lse, const Tensor& x, const Tensor& lse, Stream& s);
+
+// Grouped linear (one GEMM per expert over its contiguous rows): rows
+// [offsets[e], offsets[e+1]) of x (S, In) go through w[e] (E, Out, In):
+// y (S, Out) = x_rows @ w[e]^T. offsets (E + 1), non-decreasing, 0 .. S. All contiguous.
+void grouped_linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const std::vector<int64_t>& offsets,
+                            Stream& s);
+// grad_x (S, In) = grad_y_rows @ w[e]; grad_w (E, Out, In)[e] = grad_y_rows^T @ x_rows
+// (zero for empty groups). Either output may be undefined (not computed).
+void grouped_linear_backward(Tensor& grad_x, Tensor& grad_w, const Tensor& grad_y, const Tensor& x, const Tensor& w,
+                             const std::vector<int64_t>& offsets, Stream& s);
 
 // indices (N, k, i64) = the k largest entries of each row of scores (N, E),
 // in descending order; equal scores go to the lower column first. k <= E.

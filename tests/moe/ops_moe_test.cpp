@@ -1,5 +1,6 @@
 // MoE dispatch ops: row gather / scatter-add (values, repeated indices,
-// gradients on non-contiguous inputs, bad indices), log-sum-exp, top-k.
+// gradients on non-contiguous inputs, bad indices), grouped linear,
+// log-sum-exp, top-k.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -48,6 +49,32 @@ TEST(OpsMoe, RowOpGradientsMatchFiniteDifferencesOnNonContiguousInputs) {
         return std::vector<Variable>{index_add_rows(index_select_rows(in[0], index), index_of({0, 1, 0, 1, 0, 1, 0}), 2)};
       },
       {xt});
+}
+
+TEST(OpsMoe, GroupedLinearMatchesPerGroupLinear) {
+  Tensor x = testing::random_tensor({7, 5}, 7);     // (S, In)
+  Tensor w = testing::random_tensor({4, 3, 5}, 8);  // (E, Out, In)
+  std::vector<int64_t> offsets = {0, 2, 2, 7, 7};   // experts 1 and 3 get no rows
+  Tensor y = grouped_linear(Variable(x), Variable(w), offsets).data();
+  ASSERT_EQ(y.shape(), (Shape{7, 3}));
+  for (int64_t e = 0; e < 4; ++e) {
+    int64_t n = offsets[e + 1] - offsets[e];
+    if (n == 0) continue;
+    Tensor want = linear(Variable(x.narrow(0, offsets[e], n)), Variable(w.select(0, e))).data();
+    EXPECT_TENSOR_CLOSE(y.narrow(0, offsets[e], n), want, 1e-14, 1e-14) << "expert " << e;
+  }
+  EXPECT_THROW(grouped_linear(Variable(x), Variable(w), {0, 2, 1, 7, 7}), Error);  // decreasing
+  EXPECT_THROW(grouped_linear(Variable(x), Variable(w), {0, 2, 7}), Error);        // wrong count
+  Tensor xn = testing::non_contiguous(x), wn = testing::non_contiguous(w);
+  ASSERT_FALSE(xn.is_contiguous() || wn.is_contiguous());
+  EXPECT_GRADCHECK(
+      [&](const std::vector<Variable>& in) { return std::vector<Variable>{grouped_linear(in[0], in[1], offsets)}; },
+      {xn, wn});
+  EXPECT_GRADCHECK(  // transposed x, one group holding all rows
+      [&](const std::vector<Variable>& in) {
+        return std::vector<Variable>{grouped_linear(in[0], in[1], {0, 0, 0, 7, 7})};
+      },
+      {testing::random_tensor({5, 7}, 9).transpose(0, 1), w});
 }
 
 TEST(OpsMoe, LogSumExpMatchesNaiveAndIsStable) {
