@@ -5,6 +5,9 @@
 //   sparsity: dense | s2                 per-head block-sparse context shards (§7)
 // Gate and MoH are per-(token, head) scales of the attention output, applied
 // before o_proj: y = W_O · concat_h(moh_h · σ(W_g x)_h ⊙ o_h).
+// S2 patterns are per kv head (query heads of a GQA group share theirs, as they
+// share K/V): Hkv distinct patterns, stride_offset = max(1, vert_stride / Hkv);
+// construction warns on stderr when Hkv < vert_stride (shards miss blocks).
 //
 // Parameters (no biases, Llama layout for the dense part):
 //   q_proj (H*D, C), k_proj and v_proj (Hkv*D, C), o_proj (C, H*D)

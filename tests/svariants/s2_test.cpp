@@ -197,6 +197,20 @@ TEST(S2Attention, ComposedWithGateAndMohGradientsMatchFiniteDifferences) {
   EXPECT_TRUE(testing::mixer_gradcheck(m2, x2, default_positions(8, 2)));
 }
 
+TEST(S2Attention, ConstructionWarnsOnceWhenShardsMissBlocks) {
+  DecoderConfig c = s2_config(4, 2, 2);
+  c.softmax.s2.vert_stride = 4;  // 2 kv-head patterns < 4
+  ::testing::internal::CaptureStderr();
+  SoftmaxAttention sparse(c, 5);
+  std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find("layer 5"), std::string::npos) << err;
+  EXPECT_EQ(err.find("warning", err.find("warning") + 1), std::string::npos) << err;  // once
+  c.softmax.s2.vert_stride = 2;
+  ::testing::internal::CaptureStderr();
+  SoftmaxAttention covered(c, 5);
+  EXPECT_EQ(::testing::internal::GetCapturedStderr(), "");
+}
+
 TEST(S2Attention, BadOptionsNameTheValues) {
   DecoderConfig c = s2_config(4, 4, 2);
   c.softmax.s2.block = 0;
