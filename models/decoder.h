@@ -7,6 +7,10 @@
 //   embed.weight                              (V, C)
 //   blocks.{i}.mixer_norm.weight              (C)
 //   blocks.{i}.mixer.{q,k,v,o}_proj.weight    S mixer: (H*D, C), (Hkv*D, C) x2, (C, H*D)
+//   blocks.{i}.mixer.gate_proj.weight         S with gate: (H, C) headwise or (H*D, C) elementwise
+//   blocks.{i}.mixer.router_proj.weight       S with MoH: (H - h_s, C); shared_router_proj (h_s, C)
+//                                             when h_s > 1; mix_proj (2, C) when h_s > 0
+//   (L mixer and MoE FFN: see models/lightning_attention.h and models/moe_ffn.h)
 //   blocks.{i}.ffn_norm.weight                (C)
 //   blocks.{i}.ffn.{gate,up,down}_proj.weight (F, C), (F, C), (C, F)
 //   norm.weight                               (C)
