@@ -238,4 +238,16 @@ void MoeFFN::update_balance_bias() const {
   pending.zero_();
 }
 
+void update_moe_balance_biases(const DecoderLM& model, const std::function<void(Tensor& load)>& reduce_loads) {
+  for (const auto& block : model.blocks()) {
+    const auto* moe = dynamic_cast<const MoeFFN*>(&block->ffn());
+    if (moe == nullptr || !moe->router_bias().defined()) continue;
+    if (reduce_loads) {
+      Tensor load = moe->pending_load();  // shares storage
+      reduce_loads(load);
+    }
+    moe->update_balance_bias();
+  }
+}
+
 }  // namespace loom

@@ -53,6 +53,7 @@
 //   is the per-expert reference the tests compare against.
 #pragma once
 
+#include <functional>
 #include <vector>
 
 #include "models/decoder.h"
@@ -134,5 +135,11 @@ class MoeFFN : public FeedForward {
   Variable router_bias_;
   Tensor pending_load_;  // its storage is written by const forward: routing statistics, not model state
 };
+
+// The trainer's once-per-step call: update_balance_bias() on every MoE block
+// of `model` (no-op for dense blocks or without bias_balance). `reduce_loads`,
+// when given, sums each block's pending_load() (E, f64) over the data-parallel
+// group in place first, so that every rank applies the same update.
+void update_moe_balance_biases(const DecoderLM& model, const std::function<void(Tensor& load)>& reduce_loads = {});
 
 }  // namespace loom
