@@ -1,6 +1,7 @@
 // The layer registry: which mixer each letter of model.layers builds, and
 // which FFN a block gets. Adding a layer family = one registration here.
 #include "models/decoder.h"
+#include "models/lightning_attention.h"
 #include "models/moe_ffn.h"
 #include "models/softmax_attention.h"
 #include "models/swiglu_ffn.h"
@@ -30,6 +31,9 @@ const MixerRegistry& builtin_mixers() {
     MixerRegistry r;
     r.add('S', "softmax attention (MHA/GQA, RoPE; gate, MoH, S2 options)", [](const DecoderConfig& c, int64_t layer) {
       return std::make_shared<SoftmaxAttention>(c, layer);
+    });
+    r.add('L', "lightning attention (linear, per-head decay)", [](const DecoderConfig& c, int64_t layer) {
+      return std::make_shared<LightningAttention>(c, layer);
     });
     return r;
   }();

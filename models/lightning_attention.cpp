@@ -1,0 +1,94 @@
+// The `L` mixer on the lightning_attention op. Sequence parallelism (LASP-2)
+// and fused kernels replace the op call (through its state input/output), not
+// this layer's parameters or math.
+#include "models/lightning_attention.h"
+
+#include <cmath>
+
+#include "framework/ops.h"
+#include "framework/ops_lightning.h"
+
+namespace loom {
+
+Tensor transnormer_decay_lambdas(double decay_scale, int64_t n_heads, int64_t layer, int64_t n_layers) {
+  LOOM_CHECK(decay_scale >= 0 && std::isfinite(decay_scale))
+      << "model.L.decay_scale = " << decay_scale << " must be finite and >= 0";
+  LOOM_CHECK(n_heads > 0 && n_layers > 0 && layer >= 0 && layer < n_layers)
+      << "decay schedule: layer " << layer << " of " << n_layers << " layers, " << n_heads << " heads";
+  std::vector<double> lambdas(static_cast<size_t>(n_heads));
+  double depth = 1.0 - static_cast<double>(layer) / static_cast<double>(n_layers);
+  for (int64_t h = 0; h < n_heads; ++h)
+    lambdas[h] = decay_scale * static_cast<double>(h) / static_cast<double>(n_heads) * depth;
+  return Tensor::from_vector(lambdas, {n_heads});
+}
+
+HeadRMSNorm::HeadRMSNorm(int64_t heads, int64_t head_dim, double eps, DType dtype)
+    : heads_(heads), head_dim_(head_dim), eps_(eps) {
+  ParamAttrs a;
+  a.weight_decay = false;
+  a.init.kind = InitSpec::Kind::ones;
+  weight_ = register_parameter("weight", Tensor::ones({heads * head_dim}, dtype), a);  // (H*D)
+  unit_ = Variable(Tensor::ones({head_dim}, dtype), false);                            // (D)
+}
+
+Variable HeadRMSNorm::forward(const Variable& x) const {
+  LOOM_CHECK(x.dim() >= 2 && x.size(-2) == heads_ && x.size(-1) == head_dim_)
+      << "HeadRMSNorm: input " << shape_str(x.shape()) << " must end in (H, D) = (" << heads_ << ", " << head_dim_
+      << ")";
+  Shape shape = x.shape();
+  Shape merged(shape.begin(), shape.end() - 1);
+  merged.back() = heads_ * head_dim_;
+  Variable normed = reshape(rms_norm(x, unit_, eps_), merged);  // (..., H*D)
+  return reshape(mul(normed, weight_), shape);                 // (..., H, D)
+}
+
+LightningAttention::LightningAttention(const DecoderConfig& config, int64_t layer)
+    : n_heads_(config.n_heads), head_dim_(config.head_dim), block_size_(config.lightning.block),
+      out_scale_(1.0 / std::sqrt(static_cast<double>(config.head_dim))) {
+  const LightningOptions& o = config.lightning;
+  LOOM_CHECK(o.qk_activation == "silu" || o.qk_activation == "none")
+      << "model.L.qk_activation = \"" << o.qk_activation << "\" (known: silu, none)";
+  LOOM_CHECK(o.block >= 1) << "model.L.block = " << o.block << " must be >= 1";
+  silu_qk_ = o.qk_activation == "silu";
+  decay_lambdas_ = transnormer_decay_lambdas(o.decay_scale, n_heads_, layer, config.n_layers);
+  int64_t c = config.d_model, hd = n_heads_ * head_dim_;
+  InitSpec out_init;
+  out_init.kind = InitSpec::Kind::scaled_normal;  // writes into the residual stream
+  q_proj_ = register_module("q_proj", std::make_shared<Linear>(c, hd, false, InitSpec{}, config.dtype));
+  k_proj_ = register_module("k_proj", std::make_shared<Linear>(c, hd, false, InitSpec{}, config.dtype));
+  v_proj_ = register_module("v_proj", std::make_shared<Linear>(c, hd, false, InitSpec{}, config.dtype));
+  if (o.output_gate)
+    gate_proj_ = register_module("gate_proj", std::make_shared<Linear>(c, hd, false, InitSpec{}, config.dtype));
+  if (o.output_norm)
+    out_norm_ = register_module("out_norm",
+                                std::make_shared<HeadRMSNorm>(n_heads_, head_dim_, config.norm_eps, config.dtype));
+  o_proj_ = register_module("o_proj", std::make_shared<Linear>(hd, c, false, out_init, config.dtype));
+}
+
+Variable LightningAttention::forward(const Variable& x, SequenceContext& ctx) const {
+  (void)ctx;  // no positions: the decay alone orders the tokens
+  LOOM_CHECK(x.dim() == 3) << "lightning attention: x must be (B, T, C), got " << shape_str(x.shape());
+  int64_t b = x.size(0), t = x.size(1), hd = n_heads_ * head_dim_;
+  Variable q = reshape(q_proj_->forward(x), {b, t, n_heads_, head_dim_});  // (B, T, H, D)
+  Variable k = reshape(k_proj_->forward(x), {b, t, n_heads_, head_dim_});  // (B, T, H, D)
+  Variable v = reshape(v_proj_->forward(x), {b, t, n_heads_, head_dim_});  // (B, T, H, D)
+  if (silu_qk_) {
+    q = silu(q);
+    k = silu(k);
+  }
+  Variable o = lightning_attention(q, k, v, decay_lambdas_, Variable(), out_scale_, block_size_).out;  // (B, T, H, D)
+  if (out_norm_) o = out_norm_->forward(o);                        // (B, T, H, D)
+  o = reshape(o, {b, t, hd});                                      // (B, T, H*D)
+  if (gate_proj_) o = mul(o, sigmoid(gate_proj_->forward(x)));     // (B, T, H*D)
+  return o_proj_->forward(o);                                      // (B, T, C)
+}
+
+double LightningAttention::extra_forward_flops_per_token(int64_t context_length) const {
+  (void)context_length;  // linear attention: independent of the context
+  // Per head: 2*Bk*D for the intra-block scores and their weighted sum each,
+  // 2*D*D for reading the state and 2*D*D for updating it (ALGORITHMS.md §11).
+  double bk = static_cast<double>(block_size_), d = static_cast<double>(head_dim_);
+  return (4.0 * bk * d + 4.0 * d * d) * static_cast<double>(n_heads_);
+}
+
+}  // namespace loom
