@@ -8,6 +8,7 @@
 #include <filesystem>
 
 #include "framework/error.h"
+#include "framework/tasks.h"
 
 namespace loom {
 
@@ -41,6 +42,28 @@ std::string RunConfig::checkpoint_dir() const {
 std::string RunConfig::config_path() const { return (std::filesystem::path(run_dir()) / "config.yaml").string(); }
 
 namespace {
+
+// A number in [0, 1] (data.needle.depths entries).
+bool is_fraction(const std::string& text) {
+  try {
+    size_t used = 0;
+    double v = std::stod(text, &used);
+    return used == text.size() && v >= 0 && v <= 1;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+// A whole number >= 1 (train.eval_lengths entries); 0 when it is not one.
+int64_t parse_length(const std::string& text) {
+  try {
+    size_t used = 0;
+    long long v = std::stoll(text, &used);
+    return used == text.size() && v >= 1 ? static_cast<int64_t>(v) : 0;
+  } catch (const std::exception&) {
+    return 0;
+  }
+}
 
 bool is_device_name(const ConfigValue& value) {
   const auto& s = std::get<std::string>(value);
@@ -102,6 +125,23 @@ void register_run_keys(ConfigSchema& s) {
   s.add(LOOM_CONFIG_FIELD(model.moe.shared_experts), "MoE: always-on shared experts").min(0);
 
   // ---- data
+  s.add(LOOM_CONFIG_FIELD(data.task),
+        "what to train on: text (token files / data.text), or a synthetic long-context task "
+        "(recall = multi-query associative recall, needle = needle retrieval in data.text filler)")
+      .one_of({"text", "recall", "needle"});
+  s.add(LOOM_CONFIG_FIELD(data.recall.pairs), "recall: key-value pairs per sequence (0 = as many as fit)").min(0);
+  s.add(LOOM_CONFIG_FIELD(data.recall.queries), "recall: queried keys per sequence (0 = one per pair)").min(0);
+  s.add(LOOM_CONFIG_FIELD(data.recall.key_len), "recall: letters per key (a-z)").min(1).max(8);
+  s.add(LOOM_CONFIG_FIELD(data.recall.value_len), "recall: digits per value (the answer tokens)").min(1).max(8);
+  s.add(LOOM_CONFIG_FIELD(data.needle.depths), "needle: evaluated depths of the needle in the context (0 = start, 1 = end)")
+      .non_empty()
+      .satisfies(
+          [](const ConfigValue& v) {
+            for (const std::string& d : std::get<std::vector<std::string>>(v))
+              if (!is_fraction(d)) return false;
+            return true;
+          },
+          "numbers in [0, 1]");
   s.add(LOOM_CONFIG_FIELD(data.train), "training tokens: path or glob of llm.c .bin shards, or a Megatron prefix");
   s.add(LOOM_CONFIG_FIELD(data.val), "validation tokens, like data.train (\"\" = split off data.val_fraction)");
   s.add(LOOM_CONFIG_FIELD(data.format), "token file format (auto = by file header / extension)")
@@ -128,6 +168,15 @@ void register_run_keys(ConfigSchema& s) {
   s.add(LOOM_CONFIG_FIELD(train.sample_tokens), "tokens generated per sample").min(1);
   s.add(LOOM_CONFIG_FIELD(train.prompt), "prompt of the text samples");
   s.add(LOOM_CONFIG_FIELD(train.activation_checkpointing), "recompute block activations in backward to save memory");
+  s.add(LOOM_CONFIG_FIELD(train.eval_lengths),
+        "context lengths of the task accuracy evaluation when data.task != text ([] = data.seq_len)")
+      .satisfies(
+          [](const ConfigValue& v) {
+            for (const std::string& l : std::get<std::vector<std::string>>(v))
+              if (parse_length(l) == 0) return false;
+            return true;
+          },
+          "whole numbers >= 1");
 
   // ---- optim
   s.add(LOOM_CONFIG_FIELD(optim.lr), "peak learning rate").min(0);
@@ -215,6 +264,35 @@ void register_run_keys(ConfigSchema& s) {
   s.add_check([](const RunConfig& c) -> std::string {
     if (c.data.seq_len > c.model.max_seq_len) {
       return fmt::format("data.seq_len = {} exceeds model.max_seq_len = {}", c.data.seq_len, c.model.max_seq_len);
+    }
+    return "";
+  });
+  s.add_check([](const RunConfig& c) -> std::string {
+    if (c.data.task == "text") return "";
+    if (c.model.vocab_size < 257) {
+      return fmt::format("data.task = {} needs the byte vocabulary: model.vocab_size = {} is below 257", c.data.task,
+                         c.model.vocab_size);
+    }
+    std::vector<int64_t> lengths = {c.data.seq_len};
+    for (const std::string& l : c.train.eval_lengths) {
+      int64_t length = parse_length(l);
+      if (length == 0) return "";  // reported by the key itself
+      if (length > c.model.max_seq_len)
+        return fmt::format("train.eval_lengths entry {} exceeds model.max_seq_len = {}", length, c.model.max_seq_len);
+      lengths.push_back(length);
+    }
+    for (int64_t length : lengths) {
+      std::string what = length == c.data.seq_len ? fmt::format("data.seq_len = {}", length)
+                                                  : fmt::format("train.eval_lengths entry {}", length);
+      if (c.data.task == "recall") {
+        std::string problem;
+        recall_layout(c.data.recall, length, &problem);
+        if (!problem.empty()) return fmt::format("data.task = recall at {}: {}", what, problem);
+      } else if (length < needle_min_seq_len()) {
+        return fmt::format("data.task = needle at {}: a sequence needs at least {} tokens (needle, question, answer "
+                           "and {} filler bytes)",
+                           what, needle_min_seq_len(), kNeedleMinFiller);
+      }
     }
     return "";
   });

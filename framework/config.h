@@ -102,7 +102,24 @@ struct ModelConfig {
   bool operator==(const ModelConfig&) const = default;
 };
 
+// data.recall.*: multi-query associative recall (framework/tasks.h).
+struct RecallOptions {
+  int64_t pairs = 0;      // key-value pairs per sequence (0 = as many as fit seq_len)
+  int64_t queries = 0;    // queries per sequence (0 = one per pair)
+  int64_t key_len = 2;    // letters per key
+  int64_t value_len = 2;  // digits per value
+  bool operator==(const RecallOptions&) const = default;
+};
+// data.needle.*: needle retrieval in corpus filler (framework/tasks.h).
+struct NeedleOptions {
+  std::vector<std::string> depths = {"0.1", "0.5", "0.9"};  // evaluated depths in [0, 1]
+  bool operator==(const NeedleOptions&) const = default;
+};
+
 struct DataConfig {
+  std::string task = "text";  // text | recall | needle
+  RecallOptions recall;
+  NeedleOptions needle;
   std::string train;
   std::string val;
   std::string format = "auto";
@@ -129,6 +146,7 @@ struct TrainConfig {
   int64_t sample_tokens = 64;
   std::string prompt = "The hacker";
   bool activation_checkpointing = false;
+  std::vector<std::string> eval_lengths;  // task evaluation context lengths ([] = data.seq_len)
 
   bool operator==(const TrainConfig&) const = default;
 };

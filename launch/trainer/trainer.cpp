@@ -3,6 +3,9 @@
 //     (gradient averaging over dp starts from grad-ready hooks on the last one)
 //   -> finish the reduction -> skip the step if loss or gradients are not finite
 //   -> clip the global norm -> AdamW step at the scheduled lr -> zero grads.
+// Batches come from token files (DataLoader) or, when data.task != text, from a
+// synthetic task stream (framework/tasks.h) whose position is the number of
+// examples consumed; task runs evaluate answer accuracy instead of val loss.
 #include "launch/trainer/trainer.h"
 
 #include <fmt/format.h>
@@ -10,13 +13,16 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <map>
 #include <memory>
 
 #include "framework/data.h"
 #include "framework/metrics.h"
 #include "framework/ops.h"
+#include "framework/tasks.h"
 #include "framework/tokenizer.h"
 #include "launch/trainer/checkpointing.h"
+#include "launch/trainer/task_eval.h"
 #include "models/decoder.h"
 #include "optim/adamw.h"
 #include "optim/clip.h"
@@ -129,6 +135,71 @@ double evaluate(const DecoderLM& model, DataLoader& loader, int64_t batches, Com
   return mean_over(total / static_cast<double>(std::max<int64_t>(n, 1)), dp);
 }
 
+// The training batches: windows of token files, or examples of a task stream.
+class TrainStream {
+ public:
+  TrainStream(std::unique_ptr<DataLoader> loader, std::unique_ptr<TaskDataset> task, const RunConfig& config)
+      : loader_(std::move(loader)), task_(std::move(task)), config_(config) {}
+
+  Batch next() {
+    if (loader_) return loader_->next();
+    Batch batch = task_->batch(examples_, config_.data.seq_len);
+    examples_ += task_->global_batch();
+    return batch;
+  }
+  // What the checkpoint index stores as "data": the loader state, or the task stream position.
+  nlohmann::json state() const {
+    if (loader_) return loader_->state().to_json();
+    return {{"task", config_.data.task}, {"examples", examples_}, {"seed", config_.train.seed}};
+  }
+  void set_state(const nlohmann::json& state) {
+    const bool saved_task = state.contains("task");
+    std::string saved = saved_task ? state.at("task").get<std::string>() : "text";
+    LOOM_CHECK(saved == config_.data.task) << "the checkpoint was written by a run with data.task = " << saved
+                                           << ", this run has data.task = " << config_.data.task;
+    if (loader_) {
+      loader_->set_state(DataLoaderState::from_json(state));
+      return;
+    }
+    LOOM_CHECK(state.at("seed").get<int64_t>() == config_.train.seed)
+        << "the checkpoint's task stream has train.seed = " << state.at("seed").get<int64_t>()
+        << ", this run has train.seed = " << config_.train.seed;
+    examples_ = state.at("examples").get<int64_t>();
+  }
+  const TaskDataset* task() const { return task_.get(); }
+
+ private:
+  std::unique_ptr<DataLoader> loader_;
+  std::unique_ptr<TaskDataset> task_;
+  const RunConfig& config_;
+  int64_t examples_ = 0;  // task stream: global examples consumed
+};
+
+// Per-step sums of what the layers report besides the loss (averaged at log time).
+struct StepExtras {
+  double aux = 0;                        // sum over micro-batches of sum(ctx.aux_losses)
+  std::map<std::string, double> stats;  // sums over micro-batches of ctx.stats
+
+  void add(const SequenceContext& ctx) {
+    for (const Variable& a : ctx.aux_losses) aux += a.data().item();
+    for (const auto& [name, value] : ctx.stats) stats[name] += value;
+  }
+};
+
+// Stats averaged over micro-batches and dp ranks (every rank's model reports the same names).
+nlohmann::json mean_stats(const StepExtras& extras, int64_t micro_batches, Communicator& dp) {
+  nlohmann::json out = nlohmann::json::object();
+  if (extras.stats.empty()) return out;
+  std::vector<double> values;
+  for (const auto& [name, v] : extras.stats) values.push_back(v / static_cast<double>(micro_batches));
+  Tensor t = Tensor::from_vector(values, {static_cast<int64_t>(values.size())});
+  dp.all_reduce(t, ReduceOp::avg, host_stream());
+  std::vector<double> mean = t.to_vector<double>();
+  size_t i = 0;
+  for (const auto& [name, v] : extras.stats) out[name] = mean[i++];
+  return out;
+}
+
 std::string sample_text(const DecoderLM& model, const RunConfig& config, int64_t step) {
   ByteTokenizer tokenizer;
   std::vector<int32_t> prompt32 = tokenizer.encode(config.train.prompt);
@@ -178,21 +249,33 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
   }
 
   // ---- data ----
-  RunData data = open_data(config, world, log);
   const int64_t seq_len = config.data.seq_len, micro = config.train.micro_batch_size;
-  DataLoaderOptions train_options;
-  train_options.seq_len = seq_len;
-  train_options.global_batch = micro * dp_size;
-  train_options.dp_rank = mesh.coord().dp;
-  train_options.dp_size = dp_size;
-  train_options.seed = static_cast<uint64_t>(config.train.seed);
-  DataLoader train_loader(data.train, train_options);
+  const bool is_task = config.data.task != "text";
   std::unique_ptr<DataLoader> val_loader;
-  if (data.val && config.train.eval_every > 0) {
-    DataLoaderOptions val_options = train_options;
-    val_options.shuffle = false;
-    val_loader = std::make_unique<DataLoader>(data.val, val_options);
+  std::unique_ptr<TrainStream> train_stream;
+  if (is_task) {
+    // Generated in-process: nothing to prepare (needle reads its filler text on every rank).
+    auto task = std::make_unique<TaskDataset>(task_spec_from(config.data), static_cast<uint64_t>(config.train.seed),
+                                              micro * dp_size, mesh.coord().dp, dp_size);
+    train_stream = std::make_unique<TrainStream>(nullptr, std::move(task), config);
+    log << fmt::format("data: synthetic task {} at {} tokens\n", config.data.task, seq_len);
+  } else {
+    RunData data = open_data(config, world, log);
+    DataLoaderOptions train_options;
+    train_options.seq_len = seq_len;
+    train_options.global_batch = micro * dp_size;
+    train_options.dp_rank = mesh.coord().dp;
+    train_options.dp_size = dp_size;
+    train_options.seed = static_cast<uint64_t>(config.train.seed);
+    auto train_loader = std::make_unique<DataLoader>(data.train, train_options);
+    if (data.val && config.train.eval_every > 0) {
+      DataLoaderOptions val_options = train_options;
+      val_options.shuffle = false;
+      val_loader = std::make_unique<DataLoader>(data.val, val_options);
+    }
+    train_stream = std::make_unique<TrainStream>(std::move(train_loader), nullptr, config);
   }
+  const std::vector<int64_t> eval_lengths = task_eval_lengths(config);
 
   // ---- model and optimizer ----
   DecoderLM model(decoder_config_from(config));
@@ -214,7 +297,7 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
   TrainSummary summary;
   if (auto dir = resume_checkpoint(config, world)) {
     counters = load_checkpoint(*dir, model, optimizer);
-    train_loader.set_state(DataLoaderState::from_json(counters.loader_state));
+    train_stream->set_state(counters.loader_state);
     log << fmt::format("resumed from {} at step {}\n", *dir, counters.step);
   }
   summary.start_step = counters.step;
@@ -237,7 +320,24 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
   ProgressMeter meter(counters.step, config.train.steps);
   auto run_start = std::chrono::steady_clock::now();
 
+  auto run_task_eval = [&](int64_t step) {
+    TaskEvalResult result = evaluate_task(model, *train_stream->task(), eval_lengths, config.data.needle.depths,
+                                          config.train.eval_batches, dp);
+    double mean = result.mean_accuracy();
+    if (summary.first_task_accuracy < 0) summary.first_task_accuracy = mean;
+    summary.last_task_accuracy = mean;
+    summary.task_evals.push_back(result.to_json());
+    if (is_root) {
+      if (progress_bar) log << "\r\033[K";
+      log << fmt::format("eval step {}: {} accuracy {:.3f}\n{}", step, result.task, mean, result.table());
+      nlohmann::json record = result.to_json();
+      record["step"] = step;
+      if (metrics) metrics->write(record);
+    }
+  };
+
   auto run_eval = [&](int64_t step) {
+    if (is_task) return run_task_eval(step);
     if (!val_loader) return;
     double val = evaluate(model, *val_loader, config.train.eval_batches, dp);
     if (summary.first_val_loss < 0) summary.first_val_loss = val;
@@ -255,23 +355,32 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
     }
   };
 
-  if (counters.step == 0 && val_loader) run_eval(0);
+  const bool evaluates = val_loader || (is_task && config.train.eval_every > 0);
+  if (counters.step == 0 && evaluates) run_eval(0);
 
   while (counters.step < config.train.steps) {
     const int64_t step = counters.step;
     const double lr = schedule.lr_at(step);
     double loss_sum = 0;
+    StepExtras extras;
     for (int64_t k = 0; k < config.train.grad_accum; ++k) {
       bool last = k + 1 == config.train.grad_accum;
       if (reducer) reducer->set_sync(last);
-      Batch batch = train_loader.next();
+      Batch batch = train_stream->next();
       SequenceContext ctx;
-      Variable loss = model.loss(batch.inputs, batch.targets, ctx);
+      Variable loss = model.loss(batch.inputs, batch.targets, ctx);  // cross-entropy + sum(ctx.aux_losses)
       loss_sum += loss.item();
+      extras.add(ctx);
       scale(loss, 1.0 / static_cast<double>(config.train.grad_accum)).backward();
     }
     if (reducer) reducer->finish();
-    double loss = mean_over(loss_sum / static_cast<double>(config.train.grad_accum), dp);
+    const double micro_batches = static_cast<double>(config.train.grad_accum);
+    // One all-reduce for the total and the aux part; "loss" below is the LM loss alone.
+    Tensor sums = Tensor::from_vector(std::vector<double>{loss_sum / micro_batches, extras.aux / micro_batches}, {2});
+    dp.all_reduce(sums, ReduceOp::avg, host_stream());
+    const std::vector<double> means = sums.to_vector<double>();
+    const double aux_loss = means[1];
+    double loss = means[0] - aux_loss;
 
     // After the reduction every rank holds the same gradients, so the verdict agrees.
     bool finite = std::isfinite(loss) && grads_finite(params);
@@ -293,11 +402,14 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
     counters.step += 1;
     counters.tokens += tokens_per_step;
     summary.losses.push_back(loss);
+    summary.aux_losses.push_back(aux_loss);
     summary.grad_norms.push_back(grad_norm);
     meter.step_done(counters.step, tokens_per_step);
 
     bool log_now = config.train.log_every > 0 &&
                    (counters.step % config.train.log_every == 0 || counters.step == config.train.steps);
+    nlohmann::json stats;
+    if (log_now) stats = mean_stats(extras, config.train.grad_accum, dp);  // collective: every rank
     if (log_now && is_root) {
       double tok_s = meter.tokens_per_second();
       double flops = tok_s * flops_per_token;
@@ -317,7 +429,8 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
                         {"tokens", counters.tokens}, {"tokens_per_s", tok_s}, {"flops_per_token", flops_per_token},
                         {"flops_per_s", flops}, {"mfu", nullptr}, {"mem_bytes", mem.current_bytes},
                         {"mem_peak_bytes", mem.peak_bytes}, {"elapsed_s", elapsed},
-                        {"eta_s", meter.seconds_remaining()}, {"skipped_steps", counters.skipped_steps}});
+                        {"eta_s", meter.seconds_remaining()}, {"skipped_steps", counters.skipped_steps},
+                        {"aux_loss", aux_loss}, {"stats", stats}});
       }
       meter.window_reset();
     } else if (progress_bar) {
@@ -329,7 +442,7 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
       run_eval(counters.step);
     bool last_step = counters.step == config.train.steps;
     if (last_step || (config.checkpoint.every > 0 && counters.step % config.checkpoint.every == 0)) {
-      counters.loader_state = train_loader.state().to_json();
+      counters.loader_state = train_stream->state();
       summary.last_checkpoint = save_checkpoint(config, model, optimizer, counters, world);
       if (is_root) {
         if (progress_bar) log << "\r\033[K";
@@ -337,12 +450,15 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
       }
     }
   }
-  if (summary.start_step < config.train.steps || val_loader) run_eval(counters.step);
+  if (summary.start_step < config.train.steps || evaluates) run_eval(counters.step);
   summary.final_step = counters.step;
   summary.skipped_steps = counters.skipped_steps;
   if (is_root && summary.first_val_loss >= 0)
     log << fmt::format("done: {} steps, val loss {:.4f} -> {:.4f}\n", counters.step, summary.first_val_loss,
                        summary.last_val_loss);
+  if (is_root && summary.first_task_accuracy >= 0)
+    log << fmt::format("done: {} steps, {} accuracy {:.3f} -> {:.3f}\n", counters.step, config.data.task,
+                       summary.first_task_accuracy, summary.last_task_accuracy);
   return summary;
 }
 

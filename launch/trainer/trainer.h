@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "framework/config.h"
 
 namespace loom {
@@ -20,8 +22,12 @@ struct TrainSummary {
   int64_t final_step = 0;   // steps completed in total
   std::vector<double> losses;  // training loss of every executed step (global mean)
   std::vector<double> grad_norms;  // global gradient norm before clipping (NaN for skipped steps)
+  std::vector<double> aux_losses;  // auxiliary loss of every executed step (0 without MoE/MoH)
   double first_val_loss = -1;  // -1: no evaluation ran
   double last_val_loss = -1;
+  double first_task_accuracy = -1;  // data.task != text: mean answer accuracy (-1: no evaluation ran)
+  double last_task_accuracy = -1;
+  std::vector<nlohmann::json> task_evals;  // every task evaluation, as written to metrics.jsonl (without "step")
   int64_t skipped_steps = 0;  // non-finite loss or gradients
   std::string last_checkpoint;
 };
