@@ -24,6 +24,7 @@
 #include "launch/trainer/checkpointing.h"
 #include "launch/trainer/task_eval.h"
 #include "models/decoder.h"
+#include "models/moe_ffn.h"
 #include "optim/adamw.h"
 #include "optim/clip.h"
 #include "optim/schedule.h"
@@ -388,6 +389,8 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
     if (finite) {
       grad_norm = clip_grad_norm(params, config.optim.grad_clip);
       optimizer.step(lr);
+      // Loss-free MoE balancing: every rank applies the same bias update from the dp-summed loads.
+      update_moe_balance_biases(model, [&](Tensor& load) { dp.all_reduce(load, ReduceOp::sum, host_stream()); });
       counters.bad_steps_in_a_row = 0;
     } else {
       counters.skipped_steps += 1;
