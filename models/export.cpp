@@ -38,7 +38,9 @@ std::vector<std::pair<std::string, Tensor>> export_tensors(const DecoderLM& mode
 }
 
 nlohmann::json export_config(const DecoderConfig& c, DType torch_dtype) {
-  bool softmax_only = c.layers.find_first_not_of('S') == std::string::npos;
+  // Llama-compatible: softmax layers without loom-specific options, dense FFN.
+  bool softmax_only = c.layers.find_first_not_of('S') == std::string::npos && c.softmax.gate == "none" &&
+                      c.softmax.heads == "dense" && c.softmax.sparsity == "dense" && c.ffn == "dense";
   nlohmann::json j;
   j["architectures"] = {softmax_only ? "LlamaForCausalLM" : "LoomForCausalLM"};
   j["model_type"] = softmax_only ? "llama" : "loom";

@@ -36,6 +36,23 @@ ExportResult export_checkpoint(const std::string& checkpoint, const std::string&
   write_safetensors(result.safetensors_path, export_tensors(model), metadata, dtype);
   nlohmann::json hf = export_config(model.config(), dtype);
   hf["loom_tokenizer"] = "bytes: ids 0-255 are bytes, 256 is end-of-document";
+  // Parameters without a Llama counterpart, under their exported names (module path after "loom.").
+  nlohmann::json loom_names = nlohmann::json::array();
+  for (const auto& [name, tensor] : export_tensors(model))
+    if (name.find(".loom.") != std::string::npos) loom_names.push_back({{"name", name}, {"shape", tensor.shape()}});
+  hf["loom_parameters"] = loom_names;
+  hf["loom_options"] = {{"S", {{"gate", config.model.S.gate}, {"heads", config.model.S.heads},
+                               {"moh_shared", config.model.S.moh.shared}, {"moh_topk", config.model.S.moh.topk},
+                               {"sparsity", config.model.S.sparsity}, {"s2_block", config.model.S.s2.block},
+                               {"s2_local_blocks", config.model.S.s2.local_blocks},
+                               {"s2_vert_stride", config.model.S.s2.vert_stride}}},
+                        {"L", {{"block", config.model.L.block}, {"qk_activation", config.model.L.qk_activation},
+                               {"decay_scale", config.model.L.decay_scale}, {"output_gate", config.model.L.output_gate},
+                               {"output_norm", config.model.L.output_norm}}},
+                        {"ffn", config.model.ffn},
+                        {"moe", {{"experts", config.model.moe.experts}, {"topk", config.model.moe.topk},
+                                 {"router", config.model.moe.router},
+                                 {"shared_experts", config.model.moe.shared_experts}}}};
   write_file_atomic(result.config_path, hf.dump(2) + "\n");
   return result;
 }
