@@ -18,6 +18,9 @@ inline const Tensor& float_input(const char* op, const Variable& v, const char* 
   return t;
 }
 
+// The same check where only the validation is needed.
+inline void check_input(const Variable& v, const char* op, const char* name) { (void)float_input(op, v, name); }
+
 // Ops run on the default stream of their data's device.
 inline Stream& stream_for(const Tensor& t) { return Stream::default_for(t.device()); }
 

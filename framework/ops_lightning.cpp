@@ -3,6 +3,7 @@
 // the inputs (q, k, v, initial_state, decays): the kernel recomputes the
 // states, which is cheaper than keeping one (D, D) state per block.
 #include "framework/ops_lightning.h"
+#include "framework/op_checks.h"
 
 #include <cmath>
 
@@ -12,13 +13,6 @@
 namespace loom {
 
 namespace {
-
-void check_input(const Variable& x, const char* op, const char* name) {
-  LOOM_CHECK(x.defined()) << op << ": " << name << " is undefined";
-  LOOM_CHECK(x.device().is_cpu()) << op << ": no CUDA kernel yet, tensor " << name << " on " << x.device();
-  LOOM_CHECK(x.dtype() == DType::f32 || x.dtype() == DType::f64)
-      << op << ": " << name << " must be f32 or f64, got " << x.dtype();
-}
 
 }  // namespace
 

@@ -12,6 +12,7 @@
 #include <cmath>
 
 #include "framework/ops_nn.h"
+#include "framework/op_checks.h"
 #include "framework/stream.h"
 #include "kernels/cpu/activation.h"
 #include "kernels/cpu/attention.h"
@@ -23,14 +24,6 @@
 namespace loom {
 
 namespace {
-
-// A floating CPU input; CUDA tensors are refused until their kernels exist.
-void check_input(const Variable& x, const char* op, const char* name) {
-  LOOM_CHECK(x.defined()) << op << ": " << name << " is undefined";
-  LOOM_CHECK(x.device().is_cpu()) << op << ": no CUDA kernel yet, tensor " << name << " on " << x.device();
-  LOOM_CHECK(x.dtype() == DType::f32 || x.dtype() == DType::f64)
-      << op << ": " << name << " must be f32 or f64, got " << x.dtype();
-}
 
 void check_same_dtype(const Variable& a, const Variable& b, const char* op, const char* name_a, const char* name_b) {
   LOOM_CHECK(a.dtype() == b.dtype()) << op << ": " << name_a << " is " << a.dtype() << " but " << name_b << " is "

@@ -4,6 +4,7 @@
 // thread owns whole columns and visits ids in order, so no two threads add to
 // the same element and the summation order is fixed.
 #include "kernels/cpu/embedding.h"
+#include "kernels/cpu/rows.h"
 
 #include <algorithm>
 #include <cstring>
@@ -33,28 +34,6 @@ void check_table(const Tensor& table, const Tensor& rows, int64_t n, const char*
       << op << ": table " << shape_str(table.shape()) << ", rows " << shape_str(rows.shape()) << ", " << n << " ids";
   LOOM_CHECK(table.is_contiguous() && rows.is_contiguous()) << op << ": tensors must be contiguous";
   LOOM_CHECK(table.dtype() == rows.dtype()) << op << ": dtypes differ, " << table.dtype() << " vs " << rows.dtype();
-}
-
-template <typename T>
-void gather_rows(T* out, const T* table, const std::vector<int64_t>& index, int64_t width) {
-  int64_t n = static_cast<int64_t>(index.size());
-#pragma omp parallel for schedule(static) if (n * width > (int64_t{1} << 16))
-  for (int64_t i = 0; i < n; ++i) std::memcpy(out + i * width, table + index[i] * width, width * sizeof(T));
-}
-
-template <typename T>
-void scatter_add_rows(T* table, const T* rows, const std::vector<int64_t>& index, int64_t width) {
-  constexpr int64_t block = 64;  // channels per work item
-  int64_t n = static_cast<int64_t>(index.size()), blocks = (width + block - 1) / block;
-#pragma omp parallel for schedule(static) if (blocks > 1 && n * width > (int64_t{1} << 16))
-  for (int64_t b = 0; b < blocks; ++b) {
-    int64_t c0 = b * block, c1 = std::min(width, c0 + block);
-    for (int64_t i = 0; i < n; ++i) {
-      T* dst = table + index[i] * width;
-      const T* src = rows + i * width;
-      for (int64_t j = c0; j < c1; ++j) dst[j] += src[j];
-    }
-  }
 }
 
 }  // namespace

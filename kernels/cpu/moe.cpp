@@ -3,6 +3,7 @@
 // one). index_add_rows splits work by column blocks, never by indices, so no
 // two threads write the same element and the summation order is fixed.
 #include "kernels/cpu/moe.h"
+#include "kernels/cpu/rows.h"
 
 #include "kernels/cpu/matmul.h"
 
@@ -40,28 +41,6 @@ void check_rows(const Tensor& table, const Tensor& rows, int64_t m, const char* 
   LOOM_CHECK(table.dtype() == rows.dtype()) << op << ": dtypes differ, " << table.dtype() << " vs " << rows.dtype();
 }
 
-template <typename T>
-void gather(T* out, const T* x, const std::vector<int64_t>& index, int64_t width) {
-  int64_t m = static_cast<int64_t>(index.size());
-#pragma omp parallel for schedule(static) if (m * width > (int64_t{1} << 16))
-  for (int64_t i = 0; i < m; ++i) std::memcpy(out + i * width, x + index[i] * width, width * sizeof(T));
-}
-
-template <typename T>
-void scatter_add(T* out, const T* rows, const std::vector<int64_t>& index, int64_t width) {
-  constexpr int64_t block = 64;  // columns per work item
-  int64_t m = static_cast<int64_t>(index.size()), blocks = (width + block - 1) / block;
-#pragma omp parallel for schedule(static) if (blocks > 1 && m * width > (int64_t{1} << 16))
-  for (int64_t b = 0; b < blocks; ++b) {
-    int64_t c0 = b * block, c1 = std::min(width, c0 + block);
-    for (int64_t i = 0; i < m; ++i) {
-      T* dst = out + index[i] * width;
-      const T* src = rows + i * width;
-      for (int64_t j = c0; j < c1; ++j) dst[j] += src[j];
-    }
-  }
-}
-
 void check_matrix(const Tensor& x, const char* op) {
   LOOM_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 2)
       << op << ": expected a contiguous CPU (N, K) tensor, got " << shape_str(x.shape()) << " on " << x.device();
@@ -73,14 +52,14 @@ void index_select_rows(Tensor& out, const Tensor& x, const Tensor& index, Stream
   (void)s;
   check_rows(x, out, index.numel(), "index_select_rows");
   std::vector<int64_t> idx = checked_index(index, x.size(0), "index_select_rows");
-  LOOM_DISPATCH_FLOAT(x.dtype(), T, [&] { gather(out.data<T>(), x.data<T>(), idx, x.size(1)); });
+  LOOM_DISPATCH_FLOAT(x.dtype(), T, [&] { gather_rows(out.data<T>(), x.data<T>(), idx, x.size(1)); });
 }
 
 void index_add_rows(Tensor& out, const Tensor& rows, const Tensor& index, Stream& s) {
   (void)s;
   check_rows(out, rows, index.numel(), "index_add_rows");
   std::vector<int64_t> idx = checked_index(index, out.size(0), "index_add_rows");
-  LOOM_DISPATCH_FLOAT(out.dtype(), T, [&] { scatter_add(out.data<T>(), rows.data<T>(), idx, out.size(1)); });
+  LOOM_DISPATCH_FLOAT(out.dtype(), T, [&] { scatter_add_rows(out.data<T>(), rows.data<T>(), idx, out.size(1)); });
 }
 
 void logsumexp_forward(Tensor& lse, const Tensor& x, Stream& s) {

@@ -125,7 +125,7 @@ TEST(LightningOp, ErrorsNameTheValues) {
       lightning_attention(q, k, v, lambdas, Variable(Tensor::zeros({2, 3, 4, 4}, DType::f32)), 1, 4),
       {op, "initial_state is f32", "q is f64"});
   EXPECT_ERROR_MENTIONS(lightning_attention(Variable(Tensor::zeros({2, 5, 3, 4}, DType::i64)), k, v, lambdas, {}, 1, 4),
-                        {op, "q must be f32 or f64"});
+                        {op, "input q", "f32 or f64 needed"});
 }
 
 TEST(LightningOp, CudaTensorsAreRefused) {
