@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <cstdlib>
 
 #include "framework/storage.h"
 
@@ -148,6 +149,18 @@ Tensor non_contiguous(const Tensor& t) {
                                                       << " (analytic vs numeric): " << result.message();
   }
   return ::testing::AssertionSuccess();
+}
+
+TempDir::TempDir(const std::string& tag) {
+  std::string pattern = (std::filesystem::temp_directory_path() / (tag + "_XXXXXX")).string();
+  char* made = ::mkdtemp(pattern.data());
+  LOOM_CHECK(made != nullptr) << "mkdtemp " << pattern << " failed";
+  path_ = made;
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
 }
 
 std::string gpu_skip_reason() { return cuda_unavailable_reason(); }

@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <functional>
 #include <string>
 #include <vector>
@@ -47,6 +48,20 @@ struct GradCheckOptions {
 ::testing::AssertionResult gradcheck(const GradFn& fn, const std::vector<Tensor>& inputs,
                                      const GradCheckOptions& options = {});
 #define EXPECT_GRADCHECK(...) EXPECT_TRUE(::loom::testing::gradcheck(__VA_ARGS__))
+
+// A fresh directory under /tmp (named after `tag`), removed with its contents at scope end.
+class TempDir {
+ public:
+  explicit TempDir(const std::string& tag = "loom_test");
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  std::filesystem::path path_;
+};
 
 // Why GPU tests cannot run here ("" when a GPU is usable).
 std::string gpu_skip_reason();

@@ -10,6 +10,7 @@
 // per element here; the CUDA kernel will iterate over active blocks only. Sums run in float for f32 (fp32 statistics, as on
 // the GPU) and in double for f64.
 #include "kernels/cpu/attention.h"
+#include "kernels/cpu/checks.h"
 
 #include <cmath>
 #include <limits>
@@ -183,19 +184,6 @@ void attention_backward_kernel(T* dq, T* dk, T* dv, const T* dout, const T* dlse
           }
         }
   }
-}
-
-void check_operand(const Tensor& t, const char* op, const char* name) {
-  LOOM_CHECK(t.defined()) << op << ": " << name << " is undefined";
-  LOOM_CHECK(t.device().is_cpu()) << op << ": no CUDA kernel yet, " << name << " on " << t.device();
-  LOOM_CHECK(t.is_contiguous()) << op << ": " << name << " must be contiguous, shape " << shape_str(t.shape())
-                                << " strides " << shape_str(t.strides());
-}
-
-void check_shape(const Tensor& t, const Shape& shape, DType dtype, const char* op, const char* name) {
-  LOOM_CHECK(t.shape() == shape) << op << ": " << name << " shape " << shape_str(t.shape()) << ", expected "
-                                 << shape_str(shape);
-  LOOM_CHECK(t.dtype() == dtype) << op << ": " << name << " dtype " << t.dtype() << ", expected " << dtype;
 }
 
 // Validates q, k, v and the positions; returns the dims and the mask.

@@ -3,6 +3,7 @@
 // value. Row losses are summed serially in double after the parallel loop, so
 // the result does not depend on the thread count.
 #include "kernels/cpu/cross_entropy.h"
+#include "kernels/cpu/checks.h"
 
 #include <cmath>
 #include <limits>
@@ -11,19 +12,6 @@
 namespace loom::cpu {
 
 namespace {
-
-void check_operand(const Tensor& t, const char* op, const char* name) {
-  LOOM_CHECK(t.defined()) << op << ": " << name << " is undefined";
-  LOOM_CHECK(t.device().is_cpu()) << op << ": no CUDA kernel yet, " << name << " on " << t.device();
-  LOOM_CHECK(t.is_contiguous()) << op << ": " << name << " must be contiguous, shape " << shape_str(t.shape())
-                                << " strides " << shape_str(t.strides());
-}
-
-void check_shape(const Tensor& t, const Shape& shape, DType dtype, const char* op, const char* name) {
-  LOOM_CHECK(t.shape() == shape) << op << ": " << name << " shape " << shape_str(t.shape()) << ", expected "
-                                 << shape_str(shape);
-  LOOM_CHECK(t.dtype() == dtype) << op << ": " << name << " dtype " << t.dtype() << ", expected " << dtype;
-}
 
 // Targets as i64 (copied from i32 when needed), validated against [0, V) or
 // ignore_index; `count` gets the number of rows that are not ignored.

@@ -1,4 +1,4 @@
-// Helpers for the data tests: a scratch directory under /tmp (removed at scope exit),
+// Helpers for the data tests (the scratch directory is tests/testing.h's TempDir):
 // raw file writing for corrupt inputs, and an expectation that a call throws loom::Error
 // whose message contains given fragments (file names, expected vs found values).
 #pragma once
@@ -15,29 +15,9 @@
 #include <vector>
 
 #include "framework/error.h"
+#include "tests/testing.h"  // TempDir
 
 namespace loom::testing {
-
-class TempDir {
- public:
-  TempDir() {
-    char pattern[] = "/tmp/loom_data_test.XXXXXX";
-    const char* dir = ::mkdtemp(pattern);
-    if (dir == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = dir;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const std::string& path() const { return path_; }
-  std::string file(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
 
 inline void write_bytes(const std::string& path, const std::vector<uint8_t>& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);

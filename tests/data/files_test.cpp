@@ -117,7 +117,7 @@ TEST(TokenShard, EveryCorruptionIsNamed) {
   unchecked.check_all_tokens();
 
   EXPECT_THROWS_WITH(TokenShard(dir.file("missing.bin")), dir.file("missing.bin"), "No such file");
-  EXPECT_THROWS_WITH(TokenShard(dir.path()), dir.path(), "not a regular file");
+  EXPECT_THROWS_WITH(TokenShard(dir.path()), dir.path().string(), "not a regular file");
 }
 
 // ---------------------------------------------------------------- Megatron
