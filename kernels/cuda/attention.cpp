@@ -1,0 +1,106 @@
+// Entry points of the CUDA attention kernels (see attention.h): operand checks
+// and the S2 rule's host-side constants, then the launches in attention.cu.
+// This file is C++20 (it needs S2Pattern); the kernels are compiled as C++17.
+#include "kernels/cuda/attention.h"
+
+#include <cmath>
+
+#include "kernels/cpu/s2_pattern.h"
+#include "kernels/cuda/attention_launch.h"
+
+namespace loom::cuda {
+
+namespace {
+
+void check_device(const Tensor& t, const Stream& s, const char* op, const char* name) {
+  LOOM_CHECK(t.defined()) << op << ": " << name << " is undefined";
+  LOOM_CHECK(t.device().is_cuda() && t.device() == s.device())
+      << op << ": " << name << " must be on " << s.device() << ", is on " << t.device();
+  LOOM_CHECK(t.is_contiguous()) << op << ": " << name << " " << shape_str(t.shape()) << " must be contiguous, strides "
+                                << shape_str(t.strides());
+}
+
+void check_like(const Tensor& t, const Shape& shape, DType dtype, const Stream& s, const char* op, const char* name) {
+  check_device(t, s, op, name);
+  LOOM_CHECK(t.shape() == shape) << op << ": " << name << " shape " << shape_str(t.shape()) << ", expected "
+                                 << shape_str(shape);
+  LOOM_CHECK(t.dtype() == dtype) << op << ": " << name << " dtype " << t.dtype() << ", expected " << dtype;
+}
+
+detail::AttentionDims check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_positions,
+                                   const Tensor& k_positions, double scale, bool causal, const S2Pattern& s2,
+                                   const Stream& s, const char* op, detail::AttentionMask& mask) {
+  check_device(q, s, op, "q");
+  LOOM_CHECK(q.dim() == 4 && k.dim() == 4) << op << ": q " << shape_str(q.shape()) << " must be (B, T, H, D) and k "
+                                           << shape_str(k.shape()) << " (B, S, Hkv, D)";
+  LOOM_CHECK(q.dtype() == DType::bf16 || q.dtype() == DType::f32) << op << ": dtype " << q.dtype()
+                                                                  << " is not supported (bf16, f32)";
+  detail::AttentionDims n{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
+  LOOM_CHECK(k.size(0) == n.B && k.size(3) == n.D) << op << ": k shape " << shape_str(k.shape())
+                                                   << " does not match q " << shape_str(q.shape())
+                                                   << " in batch or head dim";
+  LOOM_CHECK(n.Hkv > 0 && n.H % n.Hkv == 0) << op << ": H = " << n.H << " query heads is not a multiple of Hkv = "
+                                            << n.Hkv << " kv heads";
+  LOOM_CHECK(n.D <= detail::kMaxAttentionHeadDim) << op << ": head dim D = " << n.D << " is above "
+                                                  << detail::kMaxAttentionHeadDim << " (CUDA kernel limit)";
+  LOOM_CHECK(std::isfinite(scale)) << op << ": scale = " << scale << " is not finite";
+  check_like(k, k.shape(), q.dtype(), s, op, "k");
+  check_like(v, k.shape(), q.dtype(), s, op, "v");
+  mask.causal = causal;
+  if (s2.enabled()) {
+    LOOM_CHECK(s2.local_blocks >= 1 && s2.vert_stride >= 1)
+        << op << ": S2 local_blocks = " << s2.local_blocks << " and vert_stride = " << s2.vert_stride
+        << " must be >= 1";
+    mask.s2_block = s2.block;
+    mask.s2_local = s2.local_blocks;
+    mask.s2_stride = s2.vert_stride;
+    mask.s2_offset = s2_stride_offset(s2.vert_stride, n.Hkv);
+  }
+  if (causal || s2.enabled()) {
+    check_like(q_positions, {n.T}, DType::i64, s, op, "q_positions");
+    check_like(k_positions, {n.S}, DType::i64, s, op, "k_positions");
+    mask.q_pos = q_positions.data<int64_t>();
+    mask.k_pos = k_positions.data<int64_t>();
+  }
+  return n;
+}
+
+}  // namespace
+
+void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                       const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
+                       const S2Pattern& s2, Stream& s) {
+  const char* op = "attention_forward";
+  detail::AttentionMask mask;
+  detail::AttentionDims n = check_inputs(q, k, v, q_positions, k_positions, scale, causal, s2, s, op, mask);
+  check_like(out, q.shape(), q.dtype(), s, op, "out");
+  check_like(lse, {n.B, n.H, n.T}, DType::f32, s, op, "lse");
+  detail::launch_attention_forward(q.dtype(), out.raw_data(), lse.data<float>(), q.raw_data(), k.raw_data(),
+                                   v.raw_data(), n, mask, static_cast<float>(scale),
+                                   static_cast<cudaStream_t>(s.handle()));
+}
+
+void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& dlse, const Tensor& q,
+                        const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                        const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
+                        const S2Pattern& s2, Stream& s) {
+  const char* op = "attention_backward";
+  detail::AttentionMask mask;
+  detail::AttentionDims n = check_inputs(q, k, v, q_positions, k_positions, scale, causal, s2, s, op, mask);
+  check_like(dq, q.shape(), q.dtype(), s, op, "dq");
+  check_like(dk, k.shape(), q.dtype(), s, op, "dk");
+  check_like(dv, k.shape(), q.dtype(), s, op, "dv");
+  check_like(out, q.shape(), q.dtype(), s, op, "out");
+  check_like(lse, {n.B, n.H, n.T}, DType::f32, s, op, "lse");
+  if (dout.defined()) check_like(dout, q.shape(), q.dtype(), s, op, "dout");
+  if (dlse.defined()) check_like(dlse, {n.B, n.H, n.T}, DType::f32, s, op, "dlse");
+  // delta (B, H, T): rowsum(dout * out) - dlse, on the stream's pool.
+  Storage delta(static_cast<size_t>(std::max<int64_t>(1, n.B * n.H * n.T)) * sizeof(float), q.device(), &s);
+  detail::launch_attention_backward(q.dtype(), dq.raw_data(), dk.raw_data(), dv.raw_data(),
+                                    static_cast<float*>(delta.data()), dout.defined() ? dout.raw_data() : nullptr,
+                                    dlse.defined() ? dlse.data<float>() : nullptr, q.raw_data(), k.raw_data(),
+                                    v.raw_data(), out.raw_data(), lse.data<float>(), n, mask,
+                                    static_cast<float>(scale), static_cast<cudaStream_t>(s.handle()));
+}
+
+}  // namespace loom::cuda

@@ -1,0 +1,44 @@
+// Internal interface between the attention entry points (attention.cpp, C++20:
+// Tensor checks, S2Pattern) and the kernels (attention.cu, compiled by nvcc as
+// C++17, which cannot include s2_pattern.h's defaulted comparison). Plain
+// pointers and sizes only; every pointer lives on the launching stream's device.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "framework/dtype.h"
+
+namespace loom::cuda::detail {
+
+struct AttentionDims {
+  int64_t B, T, S, H, Hkv, D;
+};
+
+// Visibility of key j to query i of kv head hk (the CPU twin's rule):
+// causal: k_pos[j] <= q_pos[i]; S2 (s2_block > 0): with I = q_pos / block and
+// J = k_pos / block, J <= I and (I - J < s2_local or (J + hk * s2_offset) % s2_stride == 0),
+// s2_offset = s2_stride_offset(vert_stride, Hkv) computed on the host.
+struct AttentionMask {
+  const int64_t* q_pos = nullptr;  // (T) or null when neither causal nor S2
+  const int64_t* k_pos = nullptr;  // (S)
+  bool causal = false;
+  int64_t s2_block = 0, s2_local = 1, s2_stride = 1, s2_offset = 1;
+};
+
+// Largest head dim the kernels take (rows are padded to 32, 64 or 128 on chip).
+constexpr int64_t kMaxAttentionHeadDim = 128;
+
+// out (B, T, H, D) like q; lse (B, H, T) f32. dtype: f32 or bf16.
+void launch_attention_forward(DType dtype, void* out, float* lse, const void* q, const void* k, const void* v,
+                              const AttentionDims& n, const AttentionMask& mask, float scale, cudaStream_t stream);
+
+// dq, dk, dv like q, k, v; dout may be null (zero), dlse may be null (zero);
+// delta is scratch of B * H * T floats.
+void launch_attention_backward(DType dtype, void* dq, void* dk, void* dv, float* delta, const void* dout,
+                               const float* dlse, const void* q, const void* k, const void* v, const void* out,
+                               const float* lse, const AttentionDims& n, const AttentionMask& mask, float scale,
+                               cudaStream_t stream);
+
+}  // namespace loom::cuda::detail
