@@ -54,6 +54,16 @@ DecoderLM::DecoderLM(const DecoderConfig& config) : config_(config) {
 
 Variable DecoderLM::forward(const Tensor& ids, SequenceContext& ctx) const {
   LOOM_CHECK(ids.dim() == 2) << "model input ids must be (B, T), got " << shape_str(ids.shape());
+  if (ctx.cp.active()) {
+    LOOM_CHECK(ctx.cp.layout && ctx.cp.layout->cp_size() == ctx.cp.comm->size())
+        << "sequence parallelism: the context needs the token layout of its cp group of " << ctx.cp.comm->size()
+        << " ranks";
+    LOOM_CHECK(ids.size(1) == ctx.cp.layout->local_len())
+        << "model input ids " << shape_str(ids.shape()) << ": under cp " << ctx.cp.comm->size()
+        << " each rank holds seq_len / cp = " << ctx.cp.layout->local_len() << " tokens (seq_len "
+        << ctx.cp.layout->seq_len() << ")";
+    if (!ctx.positions.defined()) ctx.positions = ctx.cp.layout->positions(ctx.cp.comm->rank());  // (T/P)
+  }
   if (!ctx.positions.defined()) ctx.positions = default_positions(ids.size(1));
   Variable h = embed_->forward(ids);  // (B, T, C)
   for (const auto& block : blocks_) {
@@ -63,12 +73,14 @@ Variable DecoderLM::forward(const Tensor& ids, SequenceContext& ctx) const {
       // their gradient path; statistics come from the first (forward) run.
       std::shared_ptr<Block> b = block;
       Tensor positions = ctx.positions;
+      SequenceParallel cp = ctx.cp;  // recomputation repeats the layer's collectives on every rank alike
       std::map<std::string, double>* stats = &ctx.stats;
       auto first_run = std::make_shared<bool>(true);
       std::vector<Variable> outs = checkpoint(
-          [b, positions, stats, first_run](const std::vector<Variable>& in) {
+          [b, positions, cp, stats, first_run](const std::vector<Variable>& in) {
             SequenceContext local;
             local.positions = positions;
+            local.cp = cp;
             std::vector<Variable> result{b->forward(in[0], local)};
             result.insert(result.end(), local.aux_losses.begin(), local.aux_losses.end());
             if (*first_run) {
@@ -94,7 +106,21 @@ Variable DecoderLM::loss(const Tensor& ids, const Tensor& targets, SequenceConte
                                              << shape_str(ids.shape());
   Variable logits = forward(ids, ctx);  // (B, T, V)
   int64_t n = ids.numel();
-  Variable total = cross_entropy(reshape(logits, {n, config_.vocab_size}), targets.reshape({n}));
+  Variable total;
+  if (ctx.cp.active()) {
+    // This rank's share: its tokens' summed loss over the GLOBAL count of
+    // non-ignored targets (summed over the cp group), so the shares add up
+    // to the mean over the whole sequence.
+    double counted = 0;
+    for (int64_t id : targets.to_vector<int64_t>()) counted += id != -100 ? 1 : 0;
+    Tensor count = Tensor::scalar(counted, DType::f64);
+    sum_over_sequence(count, ctx, "loss");
+    Variable summed = cross_entropy(reshape(logits, {n, config_.vocab_size}), targets.reshape({n}), -100,
+                                    Reduction::sum);
+    total = scale(summed, count.item() > 0 ? 1.0 / count.item() : 0.0);
+  } else {
+    total = cross_entropy(reshape(logits, {n, config_.vocab_size}), targets.reshape({n}));
+  }
   for (const Variable& aux : ctx.aux_losses) total = add(total, aux);
   return total;
 }

@@ -72,7 +72,12 @@ class DecoderLM : public Module {
   // ids (B, T) integer, ctx.positions (T) -> logits (B, T, V)
   Variable forward(const Tensor& ids, SequenceContext& ctx) const;
   // Mean cross-entropy of next-token prediction plus the auxiliary losses the
-  // layers added to ctx; targets (B, T) integer with -100 = ignore.
+  // layers added to ctx; targets (B, T) integer with -100 = ignore. Under
+  // active cp (ctx.cp) ids and targets are this rank's shard (targets shifted
+  // before sharding) and the result is this rank's SHARE: summed over the cp
+  // group it is the loss of the whole sequence (mean over the global count of
+  // non-ignored targets, aux losses global over the sequence), and so are the
+  // parameter gradients.
   Variable loss(const Tensor& ids, const Tensor& targets, SequenceContext& ctx) const;
   const DecoderConfig& config() const { return config_; }
   const std::vector<std::shared_ptr<Block>>& blocks() const { return blocks_; }

@@ -11,19 +11,52 @@
 #include <vector>
 
 #include "framework/module.h"
+#include "parallel/comm_stats.h"
+#include "parallel/sp_collectives.h"
+#include "parallel/token_layout.h"
 
 namespace loom {
 
 struct DecoderConfig;
 
+// Sequence (context) parallelism: the sequence is split over the `comm` group
+// as `layout` says; this rank holds layout->chunks(comm->rank()). Inactive
+// (comm null or of one rank): every layer runs its single-device math.
+struct SequenceParallel {
+  std::shared_ptr<const TokenLayout> layout;
+  Communicator* comm = nullptr;      // the cp group
+  std::string softmax = "ring";      // parallel.cp_softmax for S layers: ring | allgather
+  CommStats* stats = nullptr;        // over `comm`: bytes per layer type (null: not counted)
+
+  bool active() const { return comm != nullptr && comm->size() > 1; }
+  int size() const { return active() ? comm->size() : 1; }
+  // The group for a layer type's traffic ("L", "S", "moe", "loss"), counted when stats are on.
+  Communicator& group(const std::string& layer_type) const { return stats ? stats->counted(layer_type) : *comm; }
+};
+
 // What a layer needs to know about the tokens it sees, beyond the activations.
+// Under cp the training objective is the SUM over the cp ranks of each rank's
+// loss share (DecoderLM::loss); a per-token mean statistic (MoE/MoH balance)
+// must then be global over the sequence: sum_over_sequence below.
 struct SequenceContext {
   Tensor positions;  // (T) i64: global position of each local token (RoPE, causal masks)
+  SequenceParallel cp;
   // Auxiliary losses (e.g. load balancing) added to the training loss by the
   // model owner, and scalar statistics for metrics.jsonl ("layer3.moe.max_load" ...).
   std::vector<Variable> aux_losses;
   std::map<std::string, double> stats;
 };
+
+// Under active cp: the sum over the cp group of this rank's partial `x`
+// (differentiable: all-reduce forward and backward, so a value every rank then
+// uses in its own share back-propagates to all ranks' tokens); else x.
+inline Variable sum_over_sequence(const Variable& x, const SequenceContext& ctx, const std::string& layer_type) {
+  return ctx.cp.active() ? sp::all_reduce_sum(x, ctx.cp.group(layer_type)) : x;
+}
+// The same for a constant (counts, loads): a plain all-reduce (sum) in place.
+inline void sum_over_sequence(Tensor& x, const SequenceContext& ctx, const std::string& layer_type) {
+  if (ctx.cp.active()) ctx.cp.group(layer_type).all_reduce(x, ReduceOp::sum, Stream::default_for(x.device()));
+}
 
 class Mixer : public Module {
  public:

@@ -1,12 +1,13 @@
-// The `L` mixer on the lightning_attention op. Sequence parallelism (LASP-2)
-// and fused kernels replace the op call (through its state input/output), not
-// this layer's parameters or math.
+// The `L` mixer on the lightning_attention op, or on LASP-2 under sequence
+// parallelism (parallel/lasp2.h). Fused kernels replace the op call, not this
+// layer's parameters or math.
 #include "models/lightning_attention.h"
 
 #include <cmath>
 
 #include "framework/ops.h"
 #include "framework/ops_lightning.h"
+#include "parallel/lasp2.h"
 
 namespace loom {
 
@@ -66,7 +67,8 @@ LightningAttention::LightningAttention(const DecoderConfig& config, int64_t laye
 }
 
 Variable LightningAttention::forward(const Variable& x, SequenceContext& ctx) const {
-  (void)ctx;  // no positions: the decay alone orders the tokens
+  // No positions: the decay alone orders the tokens. Under cp, LASP-2 chains
+  // the ranks' chunks through their states (any layout).
   LOOM_CHECK(x.dim() == 3) << "lightning attention: x must be (B, T, C), got " << shape_str(x.shape());
   int64_t b = x.size(0), t = x.size(1), hd = n_heads_ * head_dim_;
   Variable q = reshape(q_proj_->forward(x), {b, t, n_heads_, head_dim_});  // (B, T, H, D)
@@ -76,7 +78,10 @@ Variable LightningAttention::forward(const Variable& x, SequenceContext& ctx) co
     q = silu(q);
     k = silu(k);
   }
-  Variable o = lightning_attention(q, k, v, decay_lambdas_, Variable(), out_scale_, block_size_).out;  // (B, T, H, D)
+  Variable o = ctx.cp.active()
+                   ? lasp2_attention(q, k, v, decay_lambdas_, out_scale_, block_size_, *ctx.cp.layout,
+                                     ctx.cp.group("L"))                                            // (B, T, H, D)
+                   : lightning_attention(q, k, v, decay_lambdas_, Variable(), out_scale_, block_size_).out;
   if (out_norm_) o = out_norm_->forward(o);                        // (B, T, H, D)
   o = reshape(o, {b, t, hd});                                      // (B, T, H*D)
   if (gate_proj_) o = mul(o, sigmoid(gate_proj_->forward(x)));     // (B, T, H*D)

@@ -197,18 +197,29 @@ Variable MoeFFN::forward(const Variable& x, SequenceContext& ctx) const {
   if (shared_) y = add(y, shared_->forward(x2, ctx));  // (N, C): always-on shared experts
 
   // Aux load-balance loss E sum_i f_i P_i (f constant) and z-loss mean_t lse_t^2.
-  std::vector<double> share(static_cast<size_t>(E));
-  for (int64_t e = 0; e < E; ++e) share[e] = static_cast<double>(plan.load[e]) / static_cast<double>(N * k);
-  Variable f(Tensor::from_vector(share, {E}).to(x.dtype()));
-  Variable aux = scale(sum(mul(mean(probs, 0), f)), static_cast<double>(E));  // ()
-  Variable lse = logsumexp(logits);                                           // (N)
-  Variable z = mean(mul(lse, lse));                                           // ()
-  if (options_.aux_coef > 0) ctx.aux_losses.push_back(scale(aux, options_.aux_coef));
+  // Under cp both are over the whole sequence: f and P from loads and
+  // probabilities summed over the cp group (P differentiably), the aux value,
+  // identical on every rank, enters each rank's share as aux / cp; the z-loss
+  // share is the local sum over the global token count.
+  const int cp = ctx.cp.size();
+  const double tokens = static_cast<double>(N) * cp;  // over the whole sequence (equal shards)
+  Tensor loads = Tensor::empty({E}, DType::f64);
+  for (int64_t e = 0; e < E; ++e) loads.data<double>()[e] = static_cast<double>(plan.load[e]);
+  sum_over_sequence(loads, ctx, "moe");
+  std::vector<double> share = loads.to_vector<double>();
+  for (double& fr : share) fr /= tokens * static_cast<double>(k);
+  Variable f(Tensor::from_vector(share, {E}).to(x.dtype()));  // (E) constant
+  Variable mean_probs = cp > 1 ? scale(sum_over_sequence(sum(probs, 0), ctx, "moe"), 1.0 / tokens)
+                               : mean(probs, 0);                               // (E)
+  Variable aux = scale(sum(mul(mean_probs, f)), static_cast<double>(E));       // ()
+  Variable lse = logsumexp(logits);                                            // (N)
+  Variable z = cp > 1 ? scale(sum(mul(lse, lse)), 1.0 / tokens) : mean(mul(lse, lse));  // () share
+  if (options_.aux_coef > 0) ctx.aux_losses.push_back(scale(aux, options_.aux_coef / cp));
   if (options_.z_coef > 0) ctx.aux_losses.push_back(scale(z, options_.z_coef));
   const std::string prefix = "layer" + std::to_string(layer_) + ".moe.";
   double max_load = static_cast<double>(*std::max_element(plan.load.begin(), plan.load.end()));
   ctx.stats[prefix + "aux"] = aux.item();
-  ctx.stats[prefix + "z"] = z.item();
+  ctx.stats[prefix + "z"] = z.item() * cp;  // this rank's mean (stats are averaged over ranks)
   ctx.stats[prefix + "max_load"] = max_load / (static_cast<double>(N * k) / static_cast<double>(E));
   ctx.stats[prefix + "dropped"] = static_cast<double>(plan.dropped) / static_cast<double>(N * k);
 

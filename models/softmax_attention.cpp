@@ -102,7 +102,15 @@ Variable SoftmaxAttention::forward(const Variable& x, SequenceContext& ctx) cons
   options.q_positions = ctx.positions;
   options.k_positions = ctx.positions;
   options.s2 = s2_;
-  Variable o = attention(q, k, v, options).out;  // (B, T, H, D)
+  Variable o;  // (B, T, H, D)
+  if (ctx.cp.active()) {
+    LOOM_CHECK(false) << "S layers under parallel.cp = " << ctx.cp.size() << " (parallel.cp_softmax = "
+                      << ctx.cp.softmax
+                      << ") need ring or all-gather attention, which is not available yet; use a model of only L "
+                         "layers (and MoE/MLP) or cp = 1";
+  } else {
+    o = attention(q, k, v, options).out;
+  }
   if (gate_proj_) {
     // σ runs in the activation dtype (f32/f64 on CPU); the CUDA epilogue keeps it in fp32.
     Variable gate = sigmoid(gate_proj_->forward(x));  // (B, T, H) headwise or (B, T, H*D) elementwise

@@ -59,16 +59,24 @@ Variable SoftmaxAttention::moh_gate(const Variable& x, SequenceContext& ctx) con
   }
 
   // Load balance: E · Σ_i mean_t(p_ti) · f_i with f_i the fraction of tokens routed to head i.
-  std::vector<double> fractions(static_cast<size_t>(routed));
-  for (int64_t i = 0; i < routed; ++i) fractions[static_cast<size_t>(i)] = static_cast<double>(counts[i]) / n;
+  // Under cp both means are over the whole sequence (counts and probabilities
+  // summed over the cp group, P differentiably); each rank adds aux / cp.
+  const int cp = ctx.cp.size();
+  const double tokens = static_cast<double>(n) * cp;
+  Tensor routed_counts = Tensor::empty({routed}, DType::f64);
+  for (int64_t i = 0; i < routed; ++i) routed_counts.data<double>()[i] = static_cast<double>(counts[i]);
+  sum_over_sequence(routed_counts, ctx, "S");
+  std::vector<double> fractions = routed_counts.to_vector<double>();
+  for (double& fr : fractions) fr /= tokens;
   Variable f(Tensor::from_vector(fractions, {routed}).to(x.dtype()));  // (E) constant
-  Variable aux = scale(sum(mul(mean(p, 0), f)), static_cast<double>(routed));  // ()
+  Variable mean_p = cp > 1 ? scale(sum_over_sequence(sum(p, 0), ctx, "S"), 1.0 / tokens) : mean(p, 0);  // (E)
+  Variable aux = scale(sum(mul(mean_p, f)), static_cast<double>(routed));  // ()
   std::string prefix = "layer" + std::to_string(layer_) + ".moh.";
   ctx.stats[prefix + "aux"] = aux.item();  // CPU value; a GPU run reads it with the step's other metrics
   for (int64_t i = 0; i < routed; ++i)     // share of the B*T*k routed slots per routed head (1/E if balanced)
     ctx.stats[prefix + "head" + std::to_string(shared + i) + ".load"] = static_cast<double>(counts[i]) / (n * k);
   if (options_.moh.aux_coef > 0)
-    ctx.aux_losses.push_back(scale(aux, options_.moh.aux_coef / static_cast<double>(moh_layers_)));
+    ctx.aux_losses.push_back(scale(aux, options_.moh.aux_coef / static_cast<double>(moh_layers_ * cp)));
   return reshape(gate, {b, t, n_heads_});  // (B, T, H)
 }
 
