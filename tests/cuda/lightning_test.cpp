@@ -1,0 +1,223 @@
+// CUDA lightning attention kernels against the recurrent CPU twin
+// (kernels/cpu/lightning.h, block_size 0) in f32 on the same inputs (bf16 cases
+// round the inputs first): T = 1, 63, 64, 65, 300 (around and across the
+// 64-token chunk), D = 16, 64, 128 and an odd 40, no decay and strong decay
+// (per head), non-zero initial state and dS_final, outputs poisoned with NaN.
+// Also: two calls chained through the state equal one call (outputs, final
+// state, and all gradients with dS flowing back between the calls), T = 0, and
+// named argument errors. Tolerance: the GPU sums in fp32 in another order
+// (chunked vs token by token), so an absolute slack of 2e-5 of the largest
+// reference magnitude, plus one bf16 rounding (relative) for bf16 outputs.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "kernels/cpu/lightning.h"
+#include "kernels/cuda/lightning.h"
+#include "tests/testing.h"
+
+namespace loom {
+namespace {
+
+Stream& cpu_stream() { return Stream::default_for(Device::cpu()); }
+Stream& gpu_stream() { return Stream::default_for(Device::cuda(0)); }
+Device gpu() { return Device::cuda(0); }
+
+double max_abs(const Tensor& t) {
+  double m = 0;
+  for (double v : t.to_vector<double>()) m = std::max(m, std::fabs(v));
+  return m;
+}
+
+::testing::AssertionResult close(const Tensor& gpu_tensor, const Tensor& expected, DType dtype) {
+  const double rtol = dtype == DType::bf16 ? std::ldexp(1.0, -8) : 1e-4;
+  return testing::tensors_close(gpu_tensor.to(Device::cpu()).to(DType::f32), expected, rtol,
+                                2e-5 * std::max(1.0, max_abs(expected)));
+}
+
+Tensor random_rounded(const Shape& shape, uint64_t seed, DType dtype, double scale = 1.0) {
+  return testing::random_tensor(shape, seed, DType::f32, scale).to(dtype).to(DType::f32);
+}
+
+Tensor poisoned(const Shape& shape, DType dtype) { return Tensor::full(shape, NAN, dtype, gpu()); }
+
+struct Inputs {
+  Tensor q, k, v, dout, s0, dsf, lambdas;
+};
+
+Inputs make_inputs(int64_t B, int64_t T, int64_t H, int64_t D, const std::vector<double>& lambdas, DType dtype,
+                   uint64_t seed) {
+  const Shape shape{B, T, H, D}, state{B, H, D, D};
+  Inputs in;
+  in.q = random_rounded(shape, seed, dtype);
+  in.k = random_rounded(shape, seed + 1, dtype);
+  in.v = random_rounded(shape, seed + 2, dtype);
+  in.dout = random_rounded(shape, seed + 3, dtype);
+  in.s0 = testing::random_tensor(state, seed + 4, DType::f32);
+  in.dsf = testing::random_tensor(state, seed + 5, DType::f32);
+  in.lambdas = Tensor::from_vector<double>(lambdas, {H});
+  return in;
+}
+
+Tensor up(const Tensor& t, DType dtype) { return t.to(dtype).to(gpu()); }
+
+void check_case(int64_t B, int64_t T, int64_t H, int64_t D, const std::vector<double>& lambdas, DType dtype,
+                uint64_t seed) {
+  SCOPED_TRACE(::testing::Message() << dtype << " B " << B << " T " << T << " H " << H << " D " << D << " lambda "
+                                    << lambdas[0] << ".." << lambdas.back());
+  const Shape shape{B, T, H, D}, state{B, H, D, D};
+  const double so = 1.0 / std::sqrt(static_cast<double>(D));
+  Inputs in = make_inputs(B, T, H, D, lambdas, dtype, seed);
+  Tensor out_ref = Tensor::empty(shape), sf_ref = Tensor::empty(state);
+  cpu::lightning_forward(out_ref, sf_ref, in.q, in.k, in.v, in.s0, in.lambdas, so, 0, cpu_stream());
+  Tensor dq_ref = Tensor::empty(shape), dk_ref = Tensor::empty(shape), dv_ref = Tensor::empty(shape);
+  Tensor ds0_ref = Tensor::empty(state);
+  cpu::lightning_backward(dq_ref, dk_ref, dv_ref, ds0_ref, in.dout, in.dsf, in.q, in.k, in.v, in.s0, in.lambdas, so, 0,
+                          cpu_stream());
+
+  Tensor qg = up(in.q, dtype), kg = up(in.k, dtype), vg = up(in.v, dtype), dog = up(in.dout, dtype);
+  Tensor s0g = in.s0.to(gpu()), dsfg = in.dsf.to(gpu());
+  Tensor out = poisoned(shape, dtype), sf = poisoned(state, DType::f32);
+  cuda::lightning_forward(out, sf, qg, kg, vg, s0g, in.lambdas, so, 64, gpu_stream());
+  EXPECT_TRUE(close(out, out_ref, dtype)) << "out";
+  EXPECT_TRUE(close(sf, sf_ref, DType::f32)) << "final_state";
+  Tensor dq = poisoned(shape, dtype), dk = poisoned(shape, dtype), dv = poisoned(shape, dtype);
+  Tensor ds0 = poisoned(state, DType::f32);
+  cuda::lightning_backward(dq, dk, dv, ds0, dog, dsfg, qg, kg, vg, s0g, in.lambdas, so, 64, gpu_stream());
+  EXPECT_TRUE(close(dq, dq_ref, dtype)) << "dq";
+  EXPECT_TRUE(close(dk, dk_ref, dtype)) << "dk";
+  EXPECT_TRUE(close(dv, dv_ref, dtype)) << "dv";
+  EXPECT_TRUE(close(ds0, ds0_ref, DType::f32)) << "dinitial_state";
+}
+
+TEST(CudaLightning, MatchesTheRecurrentCpuTwin) {
+  LOOM_SKIP_WITHOUT_GPU();
+  uint64_t seed = 2000;
+  for (DType dtype : {DType::bf16, DType::f32})
+    for (int64_t T : {1, 63, 64, 65, 300})
+      for (int64_t D : {16, 64, 128})
+        for (const std::vector<double>& lambdas : {std::vector<double>{0.0, 0.0}, std::vector<double>{0.7, 3.0}}) {
+          check_case(1, T, 2, D, lambdas, dtype, seed);
+          seed += 10;
+        }
+}
+
+TEST(CudaLightning, MatchesTheCpuTwinOnBatchesMixedDecaysAndOddHeadDims) {
+  LOOM_SKIP_WITHOUT_GPU();
+  uint64_t seed = 3000;
+  for (DType dtype : {DType::bf16, DType::f32}) {
+    check_case(2, 130, 3, 40, {0.0, 0.05, 1.5}, dtype, seed);
+    check_case(3, 17, 4, 32, {0.01, 0.1, 0.5, 2.0}, dtype, seed + 10);
+    check_case(1, 200, 1, 100, {0.02}, dtype, seed + 20);
+  }
+}
+
+TEST(CudaLightning, TwoChainedCallsEqualOneCall) {
+  LOOM_SKIP_WITHOUT_GPU();
+  const int64_t B = 2, T = 300, T1 = 100, H = 2, D = 64;
+  const double so = 0.125;
+  const Shape shape{B, T, H, D}, state{B, H, D, D};
+  Inputs in = make_inputs(B, T, H, D, {0.0, 0.3}, DType::f32, 4000);
+  auto part = [&](const Tensor& t, int64_t start, int64_t len) { return t.narrow(1, start, len).contiguous().to(gpu()); };
+  // One call.
+  Tensor out = poisoned(shape, DType::f32), sf = poisoned(state, DType::f32);
+  Tensor qg = in.q.to(gpu()), kg = in.k.to(gpu()), vg = in.v.to(gpu()), s0g = in.s0.to(gpu()), dsfg = in.dsf.to(gpu());
+  cuda::lightning_forward(out, sf, qg, kg, vg, s0g, in.lambdas, so, 64, gpu_stream());
+  Tensor dq = poisoned(shape, DType::f32), dk = poisoned(shape, DType::f32), dv = poisoned(shape, DType::f32);
+  Tensor ds0 = poisoned(state, DType::f32);
+  cuda::lightning_backward(dq, dk, dv, ds0, in.dout.to(gpu()), dsfg, qg, kg, vg, s0g, in.lambdas, so, 64,
+                           gpu_stream());
+  // Two calls: [0, T1) then [T1, T) starting from the first call's final state.
+  const int64_t lens[2] = {T1, T - T1}, starts[2] = {0, T1};
+  Tensor outs[2], mids[2], dqs[2], dks[2], dvs[2], ds0s[2];
+  Tensor state_in = s0g;
+  for (int c = 0; c < 2; ++c) {
+    Shape part_shape{B, lens[c], H, D};
+    outs[c] = poisoned(part_shape, DType::f32), mids[c] = poisoned(state, DType::f32);
+    cuda::lightning_forward(outs[c], mids[c], part(in.q, starts[c], lens[c]), part(in.k, starts[c], lens[c]),
+                            part(in.v, starts[c], lens[c]), state_in, in.lambdas, so, 64, gpu_stream());
+    state_in = mids[c];
+  }
+  Tensor ds_in = dsfg;  // dL/dS after the second call, then after the first
+  for (int c = 1; c >= 0; --c) {
+    Shape part_shape{B, lens[c], H, D};
+    dqs[c] = poisoned(part_shape, DType::f32), dks[c] = poisoned(part_shape, DType::f32);
+    dvs[c] = poisoned(part_shape, DType::f32), ds0s[c] = poisoned(state, DType::f32);
+    cuda::lightning_backward(dqs[c], dks[c], dvs[c], ds0s[c], part(in.dout, starts[c], lens[c]), ds_in,
+                             part(in.q, starts[c], lens[c]), part(in.k, starts[c], lens[c]),
+                             part(in.v, starts[c], lens[c]), c == 0 ? s0g : mids[0], in.lambdas, so, 64, gpu_stream());
+    ds_in = ds0s[c];
+  }
+  auto whole = [](const Tensor& t) { return t.to(Device::cpu()); };
+  auto slice = [&](const Tensor& t, int c) { return whole(t).narrow(1, starts[c], lens[c]).contiguous(); };
+  for (int c = 0; c < 2; ++c) {
+    SCOPED_TRACE(::testing::Message() << "part " << c);
+    EXPECT_TRUE(close(outs[c], slice(out, c), DType::f32)) << "out";
+    EXPECT_TRUE(close(dqs[c], slice(dq, c), DType::f32)) << "dq";
+    EXPECT_TRUE(close(dks[c], slice(dk, c), DType::f32)) << "dk";
+    EXPECT_TRUE(close(dvs[c], slice(dv, c), DType::f32)) << "dv";
+  }
+  EXPECT_TRUE(close(mids[1], whole(sf), DType::f32)) << "final_state";
+  EXPECT_TRUE(close(ds0s[0], whole(ds0), DType::f32)) << "dinitial_state";
+}
+
+TEST(CudaLightning, EmptySequenceAndUndefinedStatesAndGradients) {
+  LOOM_SKIP_WITHOUT_GPU();
+  const int64_t B = 1, H = 2, D = 64;
+  const Shape state{B, H, D, D};
+  Tensor lambdas = Tensor::from_vector<double>({0.1, 0.2}, {H});
+  // T = 0: the final state is the initial state, dS_initial is dS_final.
+  Tensor empty = Tensor::zeros({B, 0, H, D}, DType::bf16, gpu());
+  Tensor s0 = testing::random_tensor(state, 5, DType::f32).to(gpu()), dsf = testing::random_tensor(state, 6, DType::f32).to(gpu());
+  Tensor sf = poisoned(state, DType::f32), ds0 = poisoned(state, DType::f32);
+  cuda::lightning_forward(empty, sf, empty, empty, empty, s0, lambdas, 0.125, 64, gpu_stream());
+  EXPECT_TENSOR_CLOSE(sf.to(Device::cpu()), s0.to(Device::cpu()), 0, 0);
+  Tensor e1 = empty.clone(), e2 = empty.clone(), e3 = empty.clone();
+  cuda::lightning_backward(e1, e2, e3, ds0, empty, dsf, empty, empty, empty, s0, lambdas, 0.125, 64, gpu_stream());
+  EXPECT_TENSOR_CLOSE(ds0.to(Device::cpu()), dsf.to(Device::cpu()), 0, 0);
+  // Undefined initial state, dout and dfinal_state: zero state in, zero gradients out.
+  const Shape shape{B, 65, H, D};
+  Tensor q = testing::random_tensor(shape, 7, DType::f32).to(gpu());
+  Tensor out = poisoned(shape, DType::f32), sf2 = poisoned(state, DType::f32);
+  cuda::lightning_forward(out, sf2, q, q, q, Tensor(), lambdas, 0.125, 64, gpu_stream());
+  Tensor out_ref = Tensor::empty(shape), sf_ref = Tensor::empty(state);
+  Tensor qc = q.to(Device::cpu());
+  cpu::lightning_forward(out_ref, sf_ref, qc, qc, qc, Tensor(), lambdas, 0.125, 0, cpu_stream());
+  EXPECT_TRUE(close(out, out_ref, DType::f32));
+  EXPECT_TRUE(close(sf2, sf_ref, DType::f32));
+  Tensor dq = poisoned(shape, DType::f32), dk = poisoned(shape, DType::f32), dv = poisoned(shape, DType::f32);
+  Tensor no_state;
+  cuda::lightning_backward(dq, dk, dv, no_state, Tensor(), Tensor(), q, q, q, Tensor(), lambdas, 0.125, 64,
+                           gpu_stream());
+  for (const Tensor* g : {&dq, &dk, &dv}) EXPECT_TENSOR_CLOSE(g->to(Device::cpu()), Tensor::zeros(shape), 0, 0);
+}
+
+TEST(CudaLightning, BadArgumentsAreNamed) {
+  LOOM_SKIP_WITHOUT_GPU();
+  auto expect_error = [](const std::function<void()>& fn, const std::string& needle) {
+    try {
+      fn();
+      ADD_FAILURE() << "expected an error mentioning " << needle;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  const Shape shape{1, 4, 2, 64}, state{1, 2, 64, 64};
+  Tensor q = Tensor::zeros(shape, DType::bf16, gpu()), out = Tensor::zeros(shape, DType::bf16, gpu());
+  Tensor sf = Tensor::zeros(state, DType::f32, gpu());
+  Tensor lambdas = Tensor::from_vector<double>({0.1, -0.5}, {2});
+  expect_error([&] { cuda::lightning_forward(out, sf, q, q, q, Tensor(), lambdas, 1.0, 64, gpu_stream()); },
+               "decay_lambdas[1] = -0.5");
+  Tensor good = Tensor::from_vector<double>({0.1, 0.5}, {2});
+  expect_error([&] { cuda::lightning_forward(out, sf, q, q, q, Tensor(), good.to(gpu()), 1.0, 64, gpu_stream()); },
+               "CPU tensor");
+  Tensor sf_bf16 = Tensor::zeros(state, DType::bf16, gpu());
+  expect_error([&] { cuda::lightning_forward(out, sf_bf16, q, q, q, Tensor(), good, 1.0, 64, gpu_stream()); },
+               "final_state dtype");
+  Tensor wide = Tensor::zeros({1, 4, 2, 192}, DType::bf16, gpu());
+  expect_error([&] { cuda::lightning_forward(wide, sf, wide, wide, wide, Tensor(), good, 1.0, 64, gpu_stream()); },
+               "D = 192");
+}
+
+}  // namespace
+}  // namespace loom
