@@ -1,0 +1,205 @@
+// Ring attention's communication schedule (see ring_attention.h for the
+// algorithm); the block planning, the exact merge and the per-block gradients
+// are shared with the all-gather variant in parallel/sp_attention.cpp.
+#include "parallel/ring_attention.h"
+
+#include <limits>
+#include <optional>
+
+#include "framework/op_checks.h"
+
+namespace loom {
+
+namespace {
+
+using sp::PackedMessage;
+
+// The parts of one hop's message: a K,V shard with its positions, the dK, dV
+// accumulator of a shard, or both (then the accumulator belongs to the shard
+// held one step earlier, see ring_attention.h).
+struct HopMessage {
+  PackedMessage message;
+  int positions = -1, k = -1, v = -1, dk = -1, dv = -1;
+  HopMessage(bool with_kv, bool with_acc, const Shape& kv_shape, DType dtype) {
+    if (with_kv) {
+      positions = message.add({kv_shape[1]}, DType::i64);  // (T) global positions of the shard
+      k = message.add(kv_shape, dtype);                    // (B, T, Hkv, D)
+      v = message.add(kv_shape, dtype);
+    }
+    if (with_acc) {
+      dk = message.add(kv_shape, dtype);  // (B, T, Hkv, D)
+      dv = message.add(kv_shape, dtype);
+    }
+  }
+};
+
+// A held K,V shard: views into a received message, or this rank's own tensors.
+struct KvShard {
+  Tensor positions;  // (T) i64
+  Tensor k, v;       // (B, T, Hkv, D)
+};
+
+// One hop of the ring: send to rank + 1, receive from rank - 1. post() starts
+// it, wait() completes it; the buffers stay untouched in between. MPI's
+// send_recv blocks, so here post() moves the bytes (Communicator has no
+// non-blocking send_recv yet); call sites keep the post / compute / wait order
+// a stream-ordered backend needs to overlap.
+class RingHop {
+ public:
+  RingHop(Communicator& cp, Stream& stream) : cp_(cp), stream_(stream) {}
+  void post(const Tensor& send, Tensor& recv) {
+    const int P = cp_.size(), r = cp_.rank();
+    cp_.send_recv(send, (r + 1) % P, recv, (r + P - 1) % P, stream_);
+  }
+  void wait() {}
+
+ private:
+  Communicator& cp_;
+  Stream& stream_;
+};
+
+void count(SpAttentionStats* stats, bool forward, int64_t bytes) {
+  if (stats == nullptr) return;
+  (forward ? stats->forward_bytes_sent : stats->backward_bytes_sent) += bytes;
+  (forward ? stats->forward_messages : stats->backward_messages) += 1;
+}
+
+Tensor lse_init(const Shape& shape, DType dtype) {
+  return Tensor::full(shape, -std::numeric_limits<double>::infinity(), dtype);
+}
+
+// Backward of the whole ring (see ring_attention.h): returns {dq, dk, dv}.
+std::vector<Tensor> ring_backward(const Tensor& dout, const Tensor& dlse, const Tensor& q, const KvShard& own,
+                                  const Tensor& out, const Tensor& lse, const sp::AttentionCall& call,
+                                  Communicator& cp, SpAttentionStats* stats) {
+  Stream& stream = stream_for(q);
+  const int P = cp.size();
+  const Shape kv_shape = own.k.shape();  // (B, T, Hkv, D)
+  Tensor dq = Tensor::zeros(q.shape(), q.dtype());  // (B, T, H, D)
+  KvShard held = own;
+  Tensor held_message;                // storage behind `held` once it was received
+  Tensor acc_k, acc_v;                // accumulator of the shard held at the previous step
+  for (int step = 0; step < P; ++step) {
+    const bool send_kv = step + 1 < P, send_acc = step >= 1;
+    std::optional<HopMessage> hop_layout;
+    Tensor incoming;
+    RingHop hop(cp, stream);
+    if (send_kv || send_acc) {  // everything in this hop is ready: post it before the compute
+      hop_layout.emplace(send_kv, send_acc, kv_shape, q.dtype());
+      const PackedMessage& m = hop_layout->message;
+      Tensor outgoing = m.allocate();
+      if (send_kv) {
+        m.view(outgoing, hop_layout->positions).copy_(held.positions);
+        m.view(outgoing, hop_layout->k).copy_(held.k);
+        m.view(outgoing, hop_layout->v).copy_(held.v);
+      }
+      if (send_acc) {
+        m.view(outgoing, hop_layout->dk).copy_(acc_k);
+        m.view(outgoing, hop_layout->dv).copy_(acc_v);
+      }
+      incoming = m.allocate();
+      hop.post(outgoing, incoming);
+      count(stats, false, m.nbytes());
+    }
+    // This rank's terms of the held shard's gradients.
+    Tensor dk = Tensor::zeros(kv_shape, q.dtype());  // (B, T, Hkv, D)
+    Tensor dv = Tensor::zeros(kv_shape, q.dtype());
+    const std::vector<AttentionBlock> plan =
+        plan_attention_blocks(call.q_positions, held.positions, call.causal, call.s2, call.Hkv, call.chunk);
+    sp::attend_backward(dq, dk, dv, dout, dlse, q, held.k, held.v, out, lse, call.q_positions, held.positions, plan,
+                        call, stats, stream);
+    hop.wait();
+    if (send_acc) {  // the ranks before this one on the held shard's way round
+      sp::add_rows(dk, hop_layout->message.view(incoming, hop_layout->dk), 0);
+      sp::add_rows(dv, hop_layout->message.view(incoming, hop_layout->dv), 0);
+    }
+    acc_k = dk;
+    acc_v = dv;
+    if (send_kv) {
+      const HopMessage& h = *hop_layout;
+      held_message = incoming;
+      held = {h.message.view(held_message, h.positions), h.message.view(held_message, h.k),
+              h.message.view(held_message, h.v)};
+    }
+  }
+  if (P == 1) return {dq, acc_k, acc_v};
+  // The last shard held is rank r + 1's: its finished accumulator goes home,
+  // and this rank's own arrives from r - 1.
+  HopMessage last(false, true, kv_shape, q.dtype());
+  Tensor outgoing = last.message.allocate(), incoming = last.message.allocate();
+  last.message.view(outgoing, last.dk).copy_(acc_k);
+  last.message.view(outgoing, last.dv).copy_(acc_v);
+  RingHop hop(cp, stream);
+  hop.post(outgoing, incoming);
+  hop.wait();
+  count(stats, false, last.message.nbytes());
+  return {dq, last.message.view(incoming, last.dk), last.message.view(incoming, last.dv)};
+}
+
+}  // namespace
+
+AttentionResult ring_attention(const Variable& q, const Variable& k, const Variable& v,
+                               const AttentionOptions& options, const TokenLayout& layout, Communicator& cp,
+                               SpAttentionStats* stats) {
+  const sp::AttentionCall call = sp::resolve_call("ring_attention", q, k, v, options, layout, cp);
+  Tensor qc = q.data().contiguous();  // (B, T, H, D)
+  const KvShard own{call.k_positions, k.data().contiguous(), v.data().contiguous()};  // (B, T, Hkv, D)
+  Stream& stream = stream_for(qc);
+  const int P = cp.size();
+  const HopMessage hop_layout(true, false, own.k.shape(), qc.dtype());
+  const PackedMessage& m = hop_layout.message;
+
+  Tensor out = Tensor::zeros(qc.shape(), qc.dtype());                  // (B, T, H, D) running merge
+  Tensor lse = lse_init({call.B, call.H, call.T}, qc.dtype());         // (B, H, T), -inf: no key yet
+  KvShard held = own;
+  Tensor held_message;
+  for (int step = 0; step < P; ++step) {
+    Tensor incoming;
+    RingHop hop(cp, stream);
+    if (step + 1 < P) {  // post the hop that passes the held shard on, then compute on it
+      Tensor outgoing = held_message;
+      if (step == 0) {
+        outgoing = m.allocate();
+        m.view(outgoing, hop_layout.positions).copy_(own.positions);
+        m.view(outgoing, hop_layout.k).copy_(own.k);
+        m.view(outgoing, hop_layout.v).copy_(own.v);
+      }
+      incoming = m.allocate();
+      hop.post(outgoing, incoming);
+      count(stats, true, m.nbytes());
+    }
+    const std::vector<AttentionBlock> plan =
+        plan_attention_blocks(call.q_positions, held.positions, call.causal, call.s2, call.Hkv, call.chunk);
+    sp::attend_forward(out, lse, qc, held.k, held.v, call.q_positions, held.positions, plan, call, stats, stream);
+    hop.wait();
+    if (step + 1 < P) {
+      held_message = incoming;
+      held = {m.view(held_message, hop_layout.positions), m.view(held_message, hop_layout.k),
+              m.view(held_message, hop_layout.v)};
+    }
+  }
+
+  // Gradients to q, k, v: collective over cp, so it runs even when both
+  // output gradients are absent on this rank (they count as zero).
+  auto backward = [qc, own, out, lse, call, &cp, stats](const std::vector<Tensor>& grads) {
+    Tensor dout = grads[0].defined() ? grads[0].contiguous() : Tensor();  // (B, T, H, D) or none
+    Tensor dlse = grads[1].defined() ? grads[1].contiguous() : Tensor();  // (B, H, T) or none
+    return ring_backward(dout, dlse, qc, own, out, lse, call, cp, stats);
+  };
+  std::vector<Variable> outputs = make_outputs({out, lse}, {q, k, v}, "RingAttention", std::move(backward));
+  return AttentionResult{outputs[0], outputs[1]};
+}
+
+int64_t ring_attention_forward_bytes(int64_t B, int64_t T, int64_t Hkv, int64_t D, DType dtype, int P) {
+  return (P - 1) * HopMessage(true, false, {B, T, Hkv, D}, dtype).message.nbytes();
+}
+
+int64_t ring_attention_backward_bytes(int64_t B, int64_t T, int64_t Hkv, int64_t D, DType dtype, int P) {
+  if (P <= 1) return 0;
+  const Shape shape{B, T, Hkv, D};
+  const int64_t kv = HopMessage(true, false, shape, dtype).message.nbytes();
+  const int64_t acc = HopMessage(false, true, shape, dtype).message.nbytes();
+  return (P - 1) * kv + P * acc;
+}
+
+}  // namespace loom

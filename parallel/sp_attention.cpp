@@ -1,0 +1,318 @@
+// Shared local pieces of the sequence-parallel attentions (see sp_attention.h).
+// The CPU attention kernels do the block math; this file decides which blocks
+// to run, merges their partial (out, lse) exactly and routes their gradients.
+// The merge keeps the running (out, lse) in the input dtype, which is fp32 or
+// better on CPU (f32 or f64), and treats lse = -inf as "no key yet" so an
+// empty row never meets inf - inf.
+#include "parallel/sp_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "framework/op_checks.h"
+#include "kernels/cpu/attention.h"
+
+namespace loom {
+
+namespace {
+
+// A run of consecutive global positions, stored at rows [start, start + len).
+struct PositionRun {
+  int64_t start, len;
+  int64_t first, last;  // positions of its first and last row
+};
+
+// Cuts `n` positions into runs of consecutive values, also at every multiple
+// of `chunk` and of `block` where they are > 0 (so a run lies in one layout
+// chunk and one S2 block).
+std::vector<PositionRun> position_runs(const int64_t* pos, int64_t n, int64_t chunk, int64_t block) {
+  auto cut_at = [&](int64_t p) { return (chunk > 0 && p % chunk == 0) || (block > 0 && p % block == 0); };
+  std::vector<PositionRun> runs;
+  for (int64_t i = 0; i < n;) {
+    int64_t j = i + 1;
+    while (j < n && pos[j] == pos[j - 1] + 1 && !cut_at(pos[j])) ++j;
+    runs.push_back({i, j - i, pos[i], pos[j - 1]});
+    i = j;
+  }
+  return runs;
+}
+
+// Whether some (query, key) pair of the two runs is visible in some pattern.
+// Under S2 both runs lie in one block each (position_runs cut them there);
+// the test is written for a query run over several blocks all the same: the
+// rule's strided part does not depend on the query block, and its local part
+// favours the nearest one, so the first query block at or after the key
+// block decides.
+bool pair_needed(const PositionRun& query, const PositionRun& key, bool causal, const S2Pattern& s2,
+                 int64_t num_patterns) {
+  if (causal && key.first > query.last) return false;
+  if (!s2.enabled()) return true;
+  const int64_t kb = key.first / s2.block;
+  const int64_t q_lo = query.first / s2.block, q_hi = query.last / s2.block;
+  if (q_hi < kb) return false;
+  const int64_t qb = std::max(q_lo, kb);
+  for (int64_t pattern = 0; pattern < num_patterns; ++pattern)
+    if (s2_block_active(qb, kb, pattern, num_patterns, s2)) return true;
+  return false;
+}
+
+template <typename T>
+void merge_partial_kernel(T* out, T* lse, const T* part_out, const T* part_lse, int64_t B, int64_t T_all, int64_t n,
+                          int64_t H, int64_t D, int64_t start) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < n; ++i) {
+        const T lp = part_lse[(b * H + h) * n + i];
+        if (lp == neg_inf) continue;  // the block had no visible key for this row
+        T& la = lse[(b * H + h) * T_all + start + i];
+        T* oa = out + ((b * T_all + start + i) * H + h) * D;
+        const T* op = part_out + ((b * n + i) * H + h) * D;
+        if (la == neg_inf) {  // first visible block of this row
+          for (int64_t d = 0; d < D; ++d) oa[d] = op[d];
+          la = lp;
+          continue;
+        }
+        const T merged = std::max(la, lp) + std::log1p(std::exp(-std::abs(la - lp)));
+        const T wa = std::exp(la - merged), wp = std::exp(lp - merged);
+        for (int64_t d = 0; d < D; ++d) oa[d] = wa * oa[d] + wp * op[d];
+        la = merged;
+      }
+}
+
+// Rows [start, start + len) of dim 1, contiguous (a view when B == 1).
+Tensor rows_of(const Tensor& t, int64_t start, int64_t len) { return t.narrow(1, start, len).contiguous(); }
+// Columns [start, start + len) of the last dim of a (B, H, T) statistic, contiguous.
+Tensor cols_of(const Tensor& t, int64_t start, int64_t len) {
+  return t.defined() ? t.narrow(2, start, len).contiguous() : Tensor();
+}
+
+// The keys, values and positions of a block's key ranges: views when there is
+// one range (and B == 1), else gathered copies in range order.
+struct BlockKeys {
+  Tensor k, v;       // (B, k_len, Hkv, D) contiguous
+  Tensor positions;  // (k_len) i64
+};
+BlockKeys gather_keys(const Tensor& k, const Tensor& v, const Tensor& positions, const std::vector<KeyRange>& keys) {
+  if (keys.size() == 1) {
+    const KeyRange& r = keys[0];
+    return {rows_of(k, r.start, r.len), rows_of(v, r.start, r.len), positions.narrow(0, r.start, r.len)};
+  }
+  int64_t total = 0;
+  for (const KeyRange& r : keys) total += r.len;
+  Shape shape = k.shape();
+  shape[1] = total;
+  BlockKeys out{Tensor::empty(shape, k.dtype()), Tensor::empty(shape, v.dtype()), Tensor::empty({total}, DType::i64)};
+  int64_t at = 0;
+  for (const KeyRange& r : keys) {
+    out.k.narrow(1, at, r.len).copy_(k.narrow(1, r.start, r.len));
+    out.v.narrow(1, at, r.len).copy_(v.narrow(1, r.start, r.len));
+    out.positions.narrow(0, at, r.len).copy_(positions.narrow(0, r.start, r.len));
+    at += r.len;
+  }
+  return out;
+}
+
+Tensor owned_positions(const Tensor& given, int64_t n, const char* op, const char* name) {
+  LOOM_CHECK(given.device().is_cpu()) << op << ": " << name << " on " << given.device() << "; CPU positions needed";
+  LOOM_CHECK(given.dtype() == DType::i64 || given.dtype() == DType::i32)
+      << op << ": " << name << " must be i64 or i32, got " << given.dtype();
+  LOOM_CHECK(given.dim() == 1 && given.size(0) == n)
+      << op << ": " << name << " shape " << shape_str(given.shape()) << " must be " << shape_str({n})
+      << " (the local tokens)";
+  Tensor owned = Tensor::empty({n}, DType::i64);
+  owned.copy_(given);
+  return owned;
+}
+
+}  // namespace
+
+int64_t AttentionBlock::k_len() const {
+  int64_t n = 0;
+  for (const KeyRange& r : keys) n += r.len;
+  return n;
+}
+
+std::vector<AttentionBlock> plan_attention_blocks(const Tensor& q_positions, const Tensor& k_positions, bool causal,
+                                                  const S2Pattern& s2, int64_t num_patterns, int64_t chunk) {
+  LOOM_CHECK(q_positions.dtype() == DType::i64 && q_positions.dim() == 1 && q_positions.is_contiguous() &&
+             k_positions.dtype() == DType::i64 && k_positions.dim() == 1 && k_positions.is_contiguous())
+      << "plan_attention_blocks: positions must be contiguous 1-D i64, got q " << shape_str(q_positions.shape())
+      << " " << q_positions.dtype() << " and k " << shape_str(k_positions.shape()) << " " << k_positions.dtype();
+  const int64_t Tq = q_positions.size(0), Tk = k_positions.size(0);
+  std::vector<AttentionBlock> plan;
+  if (Tq == 0 || Tk == 0) return plan;
+  if (!causal && !s2.enabled()) return {AttentionBlock{0, Tq, {KeyRange{0, Tk}}}};
+
+  const int64_t block = s2.enabled() ? s2.block : 0;
+  const std::vector<PositionRun> q_runs = position_runs(q_positions.data<int64_t>(), Tq, chunk, block);
+  const std::vector<PositionRun> k_runs = position_runs(k_positions.data<int64_t>(), Tk, chunk, block);
+  for (const PositionRun& qr : q_runs) {
+    std::vector<KeyRange> keys;
+    for (const PositionRun& kr : k_runs) {
+      if (!pair_needed(qr, kr, causal, s2, num_patterns)) continue;
+      if (!keys.empty() && keys.back().start + keys.back().len == kr.start) keys.back().len += kr.len;
+      else keys.push_back({kr.start, kr.len});
+    }
+    AttentionBlock* last = plan.empty() ? nullptr : &plan.back();
+    if (last != nullptr && last->q_start + last->q_len == qr.start && last->keys == keys) {
+      last->q_len += qr.len;  // same keys as the run before it: one block
+    } else if (!keys.empty()) {
+      plan.push_back({qr.start, qr.len, std::move(keys)});
+    }
+  }
+  return plan;
+}
+
+namespace sp {
+
+AttentionCall resolve_call(const char* op, const Variable& q, const Variable& k, const Variable& v,
+                           const AttentionOptions& options, const TokenLayout& layout, const Communicator& cp) {
+  check_input(q, op, "q");
+  check_input(k, op, "k");
+  check_input(v, op, "v");
+  LOOM_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4)
+      << op << ": q " << shape_str(q.shape()) << " must be (B, T, H, D), k " << shape_str(k.shape()) << " and v "
+      << shape_str(v.shape()) << " (B, T, Hkv, D)";
+  LOOM_CHECK(k.shape() == v.shape()) << op << ": k shape " << shape_str(k.shape()) << " differs from v "
+                                     << shape_str(v.shape());
+  LOOM_CHECK(q.dtype() == k.dtype() && q.dtype() == v.dtype())
+      << op << ": dtypes differ: q " << q.dtype() << ", k " << k.dtype() << ", v " << v.dtype();
+  AttentionCall call;
+  call.B = q.size(0);
+  call.T = q.size(1);
+  call.H = q.size(2);
+  call.D = q.size(3);
+  call.Hkv = k.size(2);
+  LOOM_CHECK(k.size(0) == call.B && k.size(1) == call.T && k.size(3) == call.D)
+      << op << ": k " << shape_str(k.shape()) << " does not match q " << shape_str(q.shape())
+      << " in batch, local tokens or head dim (the shards hold the same tokens)";
+  LOOM_CHECK(call.Hkv > 0 && call.H % call.Hkv == 0)
+      << op << ": H = " << call.H << " query heads is not a multiple of Hkv = " << call.Hkv << " kv heads";
+  LOOM_CHECK(layout.cp_size() == cp.size()) << op << ": token layout is for cp = " << layout.cp_size()
+                                            << " ranks but group '" << cp.name() << "' has " << cp.size();
+  LOOM_CHECK(call.T == layout.local_len()) << op << ": q has " << call.T << " local tokens but the "
+                                           << layout_kind_name(layout.kind()) << " layout of seq_len "
+                                           << layout.seq_len() << " over cp = " << layout.cp_size() << " gives "
+                                           << layout.local_len();
+  call.scale = options.scale != 0.0 ? options.scale : 1.0 / std::sqrt(static_cast<double>(call.D));
+  LOOM_CHECK(std::isfinite(call.scale)) << op << ": scale = " << call.scale << " (D = " << call.D
+                                        << ") is not finite";
+  call.causal = options.causal;
+  call.chunk = layout.chunks(cp.rank()).front().length;
+  call.q_positions = options.q_positions.defined()
+                         ? owned_positions(options.q_positions, call.T, op, "q_positions")
+                         : layout.positions(cp.rank());
+  call.k_positions = options.k_positions.defined() ? owned_positions(options.k_positions, call.T, op, "k_positions")
+                                                   : call.q_positions.clone();
+  call.s2 = options.s2;
+  LOOM_CHECK(call.s2.block >= 0) << op << ": S2 block = " << call.s2.block << " must be >= 0 (0 = dense)";
+  if (call.s2.enabled()) {
+    LOOM_CHECK(call.causal) << op << ": S2 block sparsity (block = " << call.s2.block << ") needs causal attention";
+    LOOM_CHECK(call.s2.local_blocks >= 1 && call.s2.vert_stride >= 1)
+        << op << ": S2 local_blocks = " << call.s2.local_blocks << " and vert_stride = " << call.s2.vert_stride
+        << " must be >= 1";
+    for (const Tensor* pos : {&call.q_positions, &call.k_positions}) {
+      const int64_t* p = pos->data<int64_t>();
+      for (int64_t i = 0; i < pos->numel(); ++i)
+        LOOM_CHECK(p[i] >= 0) << op << ": S2 needs non-negative positions, got " << p[i] << " at index " << i;
+    }
+  }
+  return call;
+}
+
+void attend_forward(Tensor& out_acc, Tensor& lse_acc, const Tensor& q, const Tensor& k, const Tensor& v,
+                    const Tensor& q_positions, const Tensor& k_positions, const std::vector<AttentionBlock>& plan,
+                    const AttentionCall& call, SpAttentionStats* stats, Stream& stream) {
+  for (const AttentionBlock& blk : plan) {
+    const BlockKeys keys = gather_keys(k, v, k_positions, blk.keys);  // (B, k_len, Hkv, D)
+    Tensor q_blk = rows_of(q, blk.q_start, blk.q_len);  // (B, q_len, H, D)
+    Tensor out = Tensor::empty({call.B, blk.q_len, call.H, call.D}, q.dtype());  // (B, q_len, H, D)
+    Tensor lse = Tensor::empty({call.B, call.H, blk.q_len}, q.dtype());          // (B, H, q_len)
+    cpu::attention_forward(out, lse, q_blk, keys.k, keys.v, q_positions.narrow(0, blk.q_start, blk.q_len),
+                           keys.positions, call.scale, call.causal, call.s2, stream);
+    LOOM_DISPATCH_FLOAT(q.dtype(), T, [&] {
+      merge_partial_kernel<T>(out_acc.data<T>(), lse_acc.data<T>(), out.data<T>(), lse.data<T>(), call.B,
+                              out_acc.size(1), blk.q_len, call.H, call.D, blk.q_start);
+    });
+    if (stats != nullptr) {
+      stats->forward_blocks += 1;
+      stats->forward_score_pairs += blk.q_len * keys.k.size(1);
+    }
+  }
+}
+
+void attend_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& dlse, const Tensor& q,
+                     const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                     const Tensor& q_positions, const Tensor& k_positions, const std::vector<AttentionBlock>& plan,
+                     const AttentionCall& call, SpAttentionStats* stats, Stream& stream) {
+  for (const AttentionBlock& blk : plan) {
+    const BlockKeys keys = gather_keys(k, v, k_positions, blk.keys);  // (B, k_len, Hkv, D)
+    Tensor q_blk = rows_of(q, blk.q_start, blk.q_len);  // (B, q_len, H, D)
+    Tensor dq_blk = Tensor::empty(q_blk.shape(), q.dtype());  // (B, q_len, H, D)
+    Tensor dk_blk = Tensor::empty(keys.k.shape(), q.dtype());  // (B, k_len, Hkv, D)
+    Tensor dv_blk = Tensor::empty(keys.k.shape(), q.dtype());
+    cpu::attention_backward(dq_blk, dk_blk, dv_blk, dout.defined() ? rows_of(dout, blk.q_start, blk.q_len) : Tensor(),
+                            cols_of(dlse, blk.q_start, blk.q_len), q_blk, keys.k, keys.v,
+                            rows_of(out, blk.q_start, blk.q_len), cols_of(lse, blk.q_start, blk.q_len),
+                            q_positions.narrow(0, blk.q_start, blk.q_len), keys.positions, call.scale, call.causal,
+                            call.s2, stream);
+    add_rows(dq, dq_blk, blk.q_start);
+    int64_t at = 0;
+    for (const KeyRange& r : blk.keys) {  // scatter the gathered keys' gradients back to their rows
+      add_rows(dk, rows_of(dk_blk, at, r.len), r.start);
+      add_rows(dv, rows_of(dv_blk, at, r.len), r.start);
+      at += r.len;
+    }
+    if (stats != nullptr) {
+      stats->backward_blocks += 1;
+      stats->backward_score_pairs += blk.q_len * keys.k.size(1);
+    }
+  }
+}
+
+int PackedMessage::add(const Shape& shape, DType dtype) {
+  parts_.push_back({shape, dtype, nbytes_});
+  const int64_t bytes = shape_numel(shape) * static_cast<int64_t>(dtype_size(dtype));
+  nbytes_ += (bytes + 7) / 8 * 8;
+  return static_cast<int>(parts_.size()) - 1;
+}
+
+Tensor PackedMessage::allocate() const { return Tensor::empty({nbytes_}, DType::u8); }
+
+Tensor PackedMessage::view(const Tensor& buffer, int part, int64_t base) const {
+  LOOM_CHECK(part >= 0 && part < static_cast<int>(parts_.size())) << "PackedMessage: part " << part << " of "
+                                                                  << parts_.size();
+  LOOM_CHECK(buffer.dtype() == DType::u8 && buffer.is_contiguous() && base >= 0 && buffer.offset() % 8 == 0 &&
+             base % 8 == 0 && base + nbytes_ <= buffer.numel())
+      << "PackedMessage: buffer " << shape_str(buffer.shape()) << " " << buffer.dtype() << " (offset "
+      << buffer.offset() << ") cannot hold a message of " << nbytes_ << " bytes at byte " << base;
+  const Part& p = parts_[static_cast<size_t>(part)];
+  const int64_t element = static_cast<int64_t>(dtype_size(p.dtype));
+  return make_tensor(buffer.storage(), p.shape, contiguous_strides(p.shape),
+                     (buffer.offset() + base + p.offset) / element, p.dtype);
+}
+
+void add_rows(Tensor& dst, const Tensor& src, int64_t start) {
+  LOOM_CHECK(dst.is_contiguous() && src.is_contiguous() && dst.dtype() == src.dtype() && dst.dim() >= 2 &&
+             src.dim() == dst.dim() && src.size(0) == dst.size(0) && start >= 0 &&
+             start + src.size(1) <= dst.size(1) &&
+             src.numel() * dst.size(1) == dst.numel() * src.size(1))
+      << "add_rows: src " << shape_str(src.shape()) << " at row " << start << " does not fit dst "
+      << shape_str(dst.shape());
+  const int64_t B = dst.size(0), N = dst.size(1), n = src.size(1);
+  const int64_t row = B == 0 || N == 0 ? 0 : dst.numel() / (B * N);  // elements per row
+  LOOM_DISPATCH_FLOAT(dst.dtype(), T, [&] {
+    T* d = dst.data<T>();
+    const T* s = src.data<T>();
+    for (int64_t b = 0; b < B; ++b) {
+      T* drow = d + (b * N + start) * row;
+      const T* srow = s + b * n * row;
+      for (int64_t e = 0; e < n * row; ++e) drow[e] += srow[e];
+    }
+  });
+}
+
+}  // namespace sp
+}  // namespace loom

@@ -1,0 +1,124 @@
+// Helpers for the sequence-parallel softmax attention tests (ring and
+// all-gather): a cp group of the first P world ranks, and the check that P
+// ranks equal the 1-rank attention op over the whole sequence (outputs and
+// gradients of q, k, v, from a loss that uses both out and lse).
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "framework/ops_nn.h"
+#include "parallel/mpi_communicator.h"
+#include "parallel/sp_attention.h"
+#include "parallel/token_layout.h"
+#include "tests/parallel/parallel_testing.h"
+#include "tests/testing.h"
+
+namespace loom::testing {
+
+using SpAttentionFn = std::function<AttentionResult(const Variable&, const Variable&, const Variable&,
+                                                    const AttentionOptions&, const TokenLayout&, Communicator&,
+                                                    SpAttentionStats*)>;
+
+// The first `cp` world ranks as one group (collective over the world: every
+// rank calls it, in the same order). Null on the ranks outside the group.
+inline std::unique_ptr<MpiCommunicator> first_ranks_group(int cp) {
+  MpiCommunicator& world = mpi_context().world();
+  const bool member = world.rank() < cp;
+  std::unique_ptr<MpiCommunicator> group = world.split(member ? 0 : 1, world.rank(), "cp");
+  return member ? std::move(group) : nullptr;
+}
+
+#define LOOM_SKIP_UNLESS_RANKS(cp)                                                                       \
+  do {                                                                                                   \
+    if (::loom::testing::mpi_context().world_size() < (cp))                                             \
+      GTEST_SKIP() << "needs " << (cp) << " MPI ranks, this run has "                                   \
+                   << ::loom::testing::mpi_context().world_size() << " (run under mpirun -np " << (cp) << ")"; \
+  } while (0)
+
+struct SpCase {
+  int cp = 2;
+  LayoutKind layout = LayoutKind::zigzag;
+  int64_t B = 2, T = 24, H = 2, Hkv = 2, D = 4;
+  DType dtype = DType::f64;
+  bool causal = true;
+  S2Pattern s2;
+  int64_t k_shift = 0;  // keys at positions + k_shift (k_shift > 0: the first rows see no key)
+};
+
+inline std::string case_name(const SpCase& c) {
+  std::string name = "cp" + std::to_string(c.cp) + "_" + layout_kind_name(c.layout) + "_H" + std::to_string(c.H) +
+                     "kv" + std::to_string(c.Hkv) + "_" + dtype_name(c.dtype);
+  if (!c.causal) name += "_noncausal";
+  if (c.s2.enabled()) name += "_s2b" + std::to_string(c.s2.block);
+  if (c.k_shift != 0) name += "_kshift" + std::to_string(c.k_shift);
+  return name;
+}
+
+// Tolerances: both sides are exact up to rounding, in a different summation order
+// (worst seen: 1.4e-15 in f64, 1.4e-6 in f32).
+inline double tolerance(DType dtype) { return dtype == DType::f64 ? 1e-13 : 1e-5; }
+
+// Runs `fn` on the local shards of this rank of `group` and compares with the
+// attention op over the whole sequence. Returns this rank's stats.
+inline SpAttentionStats expect_matches_single_rank(const SpAttentionFn& fn, const SpCase& c, Communicator& group) {
+  const int rank = group.rank();
+  const Shape q_shape{c.B, c.T, c.H, c.D}, kv_shape{c.B, c.T, c.Hkv, c.D};
+  // Same seeds on every rank: every rank holds the same global tensors.
+  Tensor q = random_tensor(q_shape, 11, c.dtype), k = random_tensor(kv_shape, 12, c.dtype);
+  Tensor v = random_tensor(kv_shape, 13, c.dtype);
+  Tensor dout = random_tensor(q_shape, 14, c.dtype), dlse = random_tensor({c.B, c.H, c.T}, 15, c.dtype);
+  Tensor k_positions = Tensor::arange(c.T, DType::i64);
+  for (int64_t i = 0; i < c.T; ++i) k_positions.data<int64_t>()[i] += c.k_shift;
+
+  AttentionOptions whole;
+  whole.causal = c.causal;
+  whole.s2 = c.s2;
+  whole.k_positions = k_positions;
+  Variable gq(q, true), gk(k, true), gv(v, true);
+  AttentionResult ref = attention(gq, gk, gv, whole);
+  run_backward({ref.out, ref.lse}, {dout, dlse});
+
+  TokenLayout layout(c.layout, c.T, c.cp);
+  AttentionOptions local = whole;
+  local.q_positions = layout.positions(rank);
+  local.k_positions = layout.shard(k_positions, rank, 0);
+  if (c.k_shift == 0) local.k_positions = Tensor();  // default: the query positions
+  Variable lq(layout.shard(q, rank, 1), true), lk(layout.shard(k, rank, 1), true), lv(layout.shard(v, rank, 1), true);
+  SpAttentionStats stats;
+  AttentionResult got = fn(lq, lk, lv, local, layout, group, &stats);
+  run_backward({got.out, got.lse}, {layout.shard(dout, rank, 1), layout.shard(dlse, rank, 2)});
+
+  const double tol = tolerance(c.dtype);
+  SCOPED_TRACE(case_name(c) + " rank " + std::to_string(rank));
+  EXPECT_TENSOR_CLOSE(got.out.data(), layout.shard(ref.out.data(), rank, 1), tol, tol);
+  EXPECT_TENSOR_CLOSE(got.lse.data(), layout.shard(ref.lse.data(), rank, 2), tol, tol);
+  EXPECT_TENSOR_CLOSE(lq.grad(), layout.shard(gq.grad(), rank, 1), tol, tol);
+  EXPECT_TENSOR_CLOSE(lk.grad(), layout.shard(gk.grad(), rank, 1), tol, tol);
+  EXPECT_TENSOR_CLOSE(lv.grad(), layout.shard(gv.grad(), rank, 1), tol, tol);
+  return stats;
+}
+
+// The cases every algorithm must get right: cp 2, 3, 4 (3 is odd on purpose),
+// both layouts, plain / GQA / S2 (a block that straddles the chunk edges), f64 and f32.
+inline std::vector<SpCase> equivalence_cases() {
+  std::vector<SpCase> cases;
+  for (int cp : {2, 3, 4})
+    for (LayoutKind layout : {LayoutKind::zigzag, LayoutKind::contiguous})
+      for (DType dtype : {DType::f64, DType::f32})
+        for (int variant = 0; variant < 3; ++variant) {
+          SpCase c;
+          c.cp = cp;
+          c.layout = layout;
+          c.dtype = dtype;
+          if (variant >= 1) c.H = 4;  // GQA: 4 query heads over 2 kv heads
+          if (variant == 2) c.s2 = S2Pattern{5, 1, 3};  // block 5, 1 local block, vert_stride 3
+          cases.push_back(c);
+        }
+  return cases;
+}
+
+}  // namespace loom::testing
