@@ -23,8 +23,8 @@ namespace loom {
 // Same contract as ring_attention (parallel/ring_attention.h): q (B, T, H, D),
 // k and v (B, T, Hkv, D) local shards in layout order; returns this rank's
 // rows of attention() over the whole sequence, out (B, T, H, D) and lse
-// (B, H, T), both differentiable. Collective over `cp`. `stats` (may be null)
-// must outlive the backward.
+// (B, H, T), both differentiable. Collective over `cp`, forward and backward;
+// `cp` and `stats` (may be null) must outlive the backward.
 AttentionResult allgather_attention(const Variable& q, const Variable& k, const Variable& v,
                                     const AttentionOptions& options, const TokenLayout& layout, Communicator& cp,
                                     SpAttentionStats* stats = nullptr);

@@ -48,9 +48,10 @@ namespace loom {
 // layout.positions(rank), and k_positions = q_positions); causal, scale, s2.
 // Returns out (B, T, H, D) and lse (B, H, T) equal to the rows of this rank in
 // attention() over the whole sequence; both are differentiable. Collective
-// over `cp` (forward and backward): every rank calls it with the same shapes.
-// `stats` (may be null) gets this rank's traffic and work added, the backward's
-// when the gradient runs, so it must outlive the backward.
+// over `cp` (forward and backward): every rank calls it with the same shapes;
+// the backward uses `cp` again, so it must outlive the backward. `stats` (may
+// be null) gets this rank's traffic and work added, the backward's when the
+// gradient runs, so it too must outlive the backward.
 AttentionResult ring_attention(const Variable& q, const Variable& k, const Variable& v,
                                const AttentionOptions& options, const TokenLayout& layout, Communicator& cp,
                                SpAttentionStats* stats = nullptr);

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include "parallel/comm_stats.h"
 #include "parallel/allgather_attention.h"
 #include "parallel/ring_attention.h"
 #include "tests/sp/sp_attention_testing.h"
@@ -94,8 +95,11 @@ TEST(AllGatherAttention, BytesSentAreKvHeadsOnlyAndLinearInT) {
     Variable q(random_tensor({1, Tl, H, 4}, 1, DType::f32), true), k(random_tensor({1, Tl, 2, 4}, 2, DType::f32), true);
     Variable v(random_tensor({1, Tl, 2, 4}, 3, DType::f32), true);
     SpAttentionStats stats;
-    AttentionResult r = allgather_attention(q, k, v, {}, layout, *group, &stats);
+    double counted = 0.0;  // the trainer's per-layer-type counter sees the same bytes
+    CountingCommunicator counting(*group, counted);
+    AttentionResult r = allgather_attention(q, k, v, {}, layout, counting, &stats);
     run_backward({r.out}, {Tensor::ones(r.out.shape(), DType::f32)});
+    EXPECT_EQ(counted, static_cast<double>(stats.bytes_sent()));
     return std::pair<int64_t, int64_t>{stats.forward_bytes_sent, stats.backward_bytes_sent};
   };
   const int64_t T0 = 4 * cp;
