@@ -151,20 +151,23 @@ AttentionResult ring_attention(const Variable& q, const Variable& k, const Varia
 
   Tensor out = Tensor::zeros(qc.shape(), qc.dtype());                  // (B, T, H, D) running merge
   Tensor lse = lse_init({call.B, call.H, call.T}, qc.dtype());         // (B, H, T), -inf: no key yet
+  // Two message buffers, used in turn: the one held (sent on while it is
+  // attended) and the one being received; step 0 sends a packed copy of the
+  // own shard from the second.
+  Tensor buffers[2];
+  if (P > 1) {
+    buffers[0] = m.allocate();
+    buffers[1] = m.allocate();
+    m.view(buffers[1], hop_layout.positions).copy_(own.positions);
+    m.view(buffers[1], hop_layout.k).copy_(own.k);
+    m.view(buffers[1], hop_layout.v).copy_(own.v);
+  }
   KvShard held = own;
-  Tensor held_message;
   for (int step = 0; step < P; ++step) {
-    Tensor incoming;
+    Tensor& outgoing = buffers[(step + 1) % 2];  // step 0: the packed own shard; later: the held one
+    Tensor& incoming = buffers[step % 2];        // free: its contents were attended last step
     RingHop hop(cp, stream);
     if (step + 1 < P) {  // post the hop that passes the held shard on, then compute on it
-      Tensor outgoing = held_message;
-      if (step == 0) {
-        outgoing = m.allocate();
-        m.view(outgoing, hop_layout.positions).copy_(own.positions);
-        m.view(outgoing, hop_layout.k).copy_(own.k);
-        m.view(outgoing, hop_layout.v).copy_(own.v);
-      }
-      incoming = m.allocate();
       hop.post(outgoing, incoming);
       count(stats, true, m.nbytes());
     }
@@ -173,9 +176,7 @@ AttentionResult ring_attention(const Variable& q, const Variable& k, const Varia
     sp::attend_forward(out, lse, qc, held.k, held.v, call.q_positions, held.positions, plan, call, stats, stream);
     hop.wait();
     if (step + 1 < P) {
-      held_message = incoming;
-      held = {m.view(held_message, hop_layout.positions), m.view(held_message, hop_layout.k),
-              m.view(held_message, hop_layout.v)};
+      held = {m.view(incoming, hop_layout.positions), m.view(incoming, hop_layout.k), m.view(incoming, hop_layout.v)};
     }
   }
 

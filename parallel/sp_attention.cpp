@@ -179,6 +179,9 @@ AttentionCall resolve_call(const char* op, const Variable& q, const Variable& k,
                                      << shape_str(v.shape());
   LOOM_CHECK(q.dtype() == k.dtype() && q.dtype() == v.dtype())
       << op << ": dtypes differ: q " << q.dtype() << ", k " << k.dtype() << ", v " << v.dtype();
+  for (const Variable* t : {&q, &k, &v})
+    LOOM_CHECK(t->device().is_cpu()) << op << ": CPU tensors only so far, got one on " << t->device()
+                                     << " (the CUDA version needs device merge kernels and the NCCL group)";
   AttentionCall call;
   call.B = q.size(0);
   call.T = q.size(1);
