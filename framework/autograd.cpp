@@ -8,7 +8,7 @@
 #include <unordered_set>
 
 #include "framework/stream.h"
-#include "kernels/cpu/elementwise.h"
+#include "kernels/dispatch.h"
 
 namespace loom {
 
@@ -35,7 +35,13 @@ class AccumulateGrad : public Node {
   }
   std::vector<Tensor> apply(std::vector<Tensor>&& grads) override {
     if (grads[0].defined()) {
-      accumulate_grad(leaf_->grad, grads[0]);
+      if (!leaf_->grad.defined()) {
+        // First gradient of this backward: an owned buffer in the leaf's gradient dtype.
+        leaf_->grad = grads[0].to(grad_buffer_dtype(leaf_->data.dtype()));
+        if (leaf_->grad.shares_storage(grads[0])) leaf_->grad = grads[0].clone();
+      } else {
+        accumulate_grad(leaf_->grad, grads[0]);
+      }
       for (auto& hook : leaf_->hooks) hook(leaf_->grad);
     }
     return {};
@@ -56,15 +62,18 @@ std::vector<Tensor> FunctionNode::apply(std::vector<Tensor>&& grad_outputs) {
   return fn_(grad_outputs);
 }
 
+DType grad_buffer_dtype(DType dtype) { return dtype == DType::bf16 || dtype == DType::f16 ? DType::f32 : dtype; }
+
 void accumulate_grad(Tensor& accumulator, const Tensor& grad) {
   if (!accumulator.defined()) {
     accumulator = grad.clone();  // own buffer: later accumulation is in place
     return;
   }
   check_same_shape(accumulator, grad, "gradient accumulation");
-  LOOM_CHECK(accumulator.device().is_cpu()) << "gradient accumulation on " << accumulator.device()
-                                            << " needs the CUDA kernels";
-  cpu::axpy(accumulator, grad, 1.0, Stream::default_for(accumulator.device()));
+  LOOM_CHECK(accumulator.device() == grad.device()) << "gradient accumulation: buffer on " << accumulator.device()
+                                                    << ", gradient on " << grad.device();
+  Tensor addend = grad.dtype() == accumulator.dtype() ? grad : grad.to(accumulator.dtype());
+  dispatch::axpy(accumulator, addend, 1.0, Stream::default_for(accumulator.device()));
 }
 
 // ---- Variable ----
@@ -118,6 +127,7 @@ Edge Variable::gradient_edge() const {
   if (!acc) {
     acc = std::make_shared<AccumulateGrad>(impl_);
     acc->input_shapes = {impl_->data.shape()};
+    acc->input_dtypes = {impl_->data.dtype()};
     impl_->accumulator = acc;
   }
   return {acc, 0};
@@ -140,6 +150,7 @@ std::vector<Variable> make_outputs(std::vector<Tensor> outputs, const std::vecto
     for (const Variable& v : inputs) {
       node->next_edges.push_back(v.defined() ? v.gradient_edge() : Edge{});
       node->input_shapes.push_back(v.defined() ? v.shape() : Shape{});
+      node->input_dtypes.push_back(v.defined() ? v.dtype() : DType::f32);
     }
   }
   std::vector<Variable> result;
@@ -162,6 +173,19 @@ Variable make_output(Tensor output, const std::vector<Variable>& inputs, const s
 }
 
 // ---- engine ----
+namespace {
+// The gradient for input i of `node` in that input's dtype; an fp32 (or wider)
+// gradient heading into a 16-bit leaf's accumulator stays as it is.
+Tensor in_input_dtype(const Tensor& grad, const Node& node, size_t i, const Node& target) {
+  if (i >= node.input_dtypes.size()) return grad;  // a node built without dtypes (custom Node subclasses)
+  DType want = node.input_dtypes[i];
+  if (grad.dtype() == want) return grad;
+  if (dynamic_cast<const AccumulateGrad*>(&target) != nullptr && grad.dtype() == grad_buffer_dtype(want))
+    return grad;
+  return grad.to(want);
+}
+}  // namespace
+
 void run_backward(const std::vector<Variable>& roots, const std::vector<Tensor>& root_grads, bool retain_graph) {
   LOOM_CHECK(roots.size() == root_grads.size()) << "run_backward: " << roots.size() << " roots, " << root_grads.size()
                                                 << " gradients";
@@ -244,7 +268,7 @@ void run_backward(const std::vector<Variable>& roots, const std::vector<Tensor>&
         LOOM_CHECK(grads_in[i].shape() == node->input_shapes[i])
             << node->name() << ": gradient for input " << i << " has shape " << shape_str(grads_in[i].shape())
             << ", input has shape " << shape_str(node->input_shapes[i]);
-        add_to_buffer(e.node.get(), e.input_nr, grads_in[i]);
+        add_to_buffer(e.node.get(), e.input_nr, in_input_dtype(grads_in[i], *node, i, *e.node));
       }
       if (--dependencies[e.node.get()] == 0) ready.push(e.node);
     }

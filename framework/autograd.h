@@ -40,6 +40,10 @@ class Node {
 
   std::vector<Edge> next_edges;   // one per input of the op
   std::vector<Shape> input_shapes;  // expected gradient shape per input
+  // The dtype of each input: the engine hands every node gradients in its
+  // inputs' dtypes (a gradient in another dtype is converted on the way), except
+  // that an fp32 gradient for a 16-bit leaf stays fp32 (see accumulate_grad).
+  std::vector<DType> input_dtypes;
 
  protected:
   uint64_t sequence_nr_;  // creation order: later nodes run first when both are ready
@@ -150,7 +154,14 @@ class EnableGradGuard {
 using CheckpointFn = std::function<std::vector<Variable>(const std::vector<Variable>&)>;
 std::vector<Variable> checkpoint(const CheckpointFn& fn, const std::vector<Variable>& inputs);
 
-// Adds `grad` into `accumulator` (defining it on first use); both same shape.
+// Adds `grad` into `accumulator` (defining it on first use); both same shape,
+// same device. The sum is kept in the accumulator's dtype (the grad is
+// converted first where they differ).
 void accumulate_grad(Tensor& accumulator, const Tensor& grad);
+
+// The dtype of a leaf's gradient buffer for data of `dtype`: f32 for 16-bit
+// floats (mixed precision keeps fp32 gradients for bf16 compute weights,
+// DESIGN.md §3), else the data's dtype.
+DType grad_buffer_dtype(DType dtype);
 
 }  // namespace loom

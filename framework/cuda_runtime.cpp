@@ -71,7 +71,7 @@ void memcpy_async(void* dst, const void* src, size_t nbytes, CopyKind kind, int 
   set_device(device);
   cudaMemcpyKind k = kind == CopyKind::host_to_device   ? cudaMemcpyHostToDevice
                      : kind == CopyKind::device_to_host ? cudaMemcpyDeviceToHost
-                                                        : cudaMemcpyDeviceToDevice;
+                                                        : cudaMemcpyDefault;  // device to device, also across devices (UVA)
   LOOM_CUDA_CHECK(cudaMemcpyAsync(dst, src, nbytes, k, static_cast<cudaStream_t>(stream))) << nbytes << " bytes";
 }
 
@@ -117,6 +117,22 @@ void event_synchronize(int device, void* event) {
   set_device(device);
   LOOM_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(event)));
 }
+bool event_query(int device, void* event) {
+  set_device(device);
+  cudaError_t status = cudaEventQuery(static_cast<cudaEvent_t>(event));
+  if (status == cudaErrorNotReady) return false;
+  LOOM_CUDA_CHECK(status) << "cudaEventQuery";
+  return true;
+}
+void set_current_device(int device) { set_device(device); }
+
+void* host_alloc_pinned(size_t nbytes) {
+  void* ptr = nullptr;
+  LOOM_CUDA_CHECK(cudaMallocHost(&ptr, nbytes == 0 ? 1 : nbytes)) << "pinning " << nbytes << " host bytes";
+  return ptr;
+}
+void host_free_pinned(void* ptr) { LOOM_CUDA_CHECK(cudaFreeHost(ptr)); }
+
 float event_elapsed_ms(void* start, void* end) {
   float ms = 0.f;
   LOOM_CUDA_CHECK(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(start), static_cast<cudaEvent_t>(end)));

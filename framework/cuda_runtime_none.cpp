@@ -26,5 +26,13 @@ void event_record(int, void*, void*) { no_cuda("CUDA event"); }
 void stream_wait_event(int, void*, void*) { no_cuda("CUDA event"); }
 void event_synchronize(int, void*) { no_cuda("CUDA event"); }
 float event_elapsed_ms(void*, void*) { no_cuda("CUDA event"); }
+bool event_query(int, void*) { no_cuda("CUDA event"); }
+void set_current_device(int) { no_cuda("CUDA device"); }
+void* host_alloc_pinned(size_t) { no_cuda("pinned host memory"); }
+void host_free_pinned(void*) { no_cuda("pinned host memory"); }
+void strided_copy(void*, int, const StridedLayout&, const void*, int, const StridedLayout&, int, void*) {
+  no_cuda("CUDA copy");
+}
+void strided_fill(void*, int, const StridedLayout&, double, int, void*) { no_cuda("CUDA fill"); }
 
 }  // namespace loom::cuda_rt

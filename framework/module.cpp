@@ -110,10 +110,19 @@ void Module::initialize(uint64_t seed, double default_std, int64_t num_layers) {
 }
 
 void Module::to(Device device) {
-  for (auto& p : named_parameters()) p.var.set_data(p.var.data().to(device));
+  for (auto& p : named_parameters()) {
+    if (p.var.device() == device) continue;
+    p.var.set_data(p.var.data().to(device));
+    p.var.zero_grad();
+  }
 }
 void Module::to(DType dtype) {
-  for (auto& p : named_parameters()) p.var.set_data(p.var.data().to(dtype));
+  LOOM_CHECK(is_floating(dtype)) << "Module::to(" << dtype << "): parameters convert only to a floating dtype";
+  for (auto& p : named_parameters()) {
+    if (p.var.dtype() == dtype || !is_floating(p.var.dtype())) continue;
+    p.var.set_data(p.var.data().to(dtype));
+    p.var.zero_grad();
+  }
 }
 
 // ---- layers ----

@@ -63,7 +63,13 @@ class Module {
   // Initializes every parameter from its InitSpec with a per-name seed, so the
   // result does not depend on creation order or on how ranks split the model.
   void initialize(uint64_t seed, double default_std, int64_t num_layers);
-  // Moves every parameter to `device` / converts to `dtype` (values kept).
+  // Moves every parameter to `device` / converts every floating parameter to
+  // `dtype` (values kept, rounded when narrowing). The Variables stay the same
+  // objects (an optimizer or hook holding them sees the new data); gradients
+  // are dropped, since they describe the old placement. Build optimizers after
+  // this (their state lives beside the parameters). For CUDA mixed precision:
+  // initialize in f32, then to(Device::cuda(i)) and to(DType::bf16); AdamW
+  // keeps f32 masters of the bf16 compute weights.
   void to(Device device);
   void to(DType dtype);
 

@@ -1,5 +1,5 @@
 // lightning_attention: validates its inputs (naming the values), makes them
-// contiguous, runs the CPU kernel and records one node. The backward saves only
+// contiguous, runs the kernel on q's device (kernels/dispatch.h) and records one node. The backward saves only
 // the inputs (q, k, v, initial_state, decays): the kernel recomputes the
 // states, which is cheaper than keeping one (D, D) state per block.
 #include "framework/ops_lightning.h"
@@ -8,7 +8,6 @@
 #include <cmath>
 
 #include "framework/stream.h"
-#include "kernels/cpu/lightning.h"
 
 namespace loom {
 
@@ -29,10 +28,13 @@ LightningResult lightning_attention(const Variable& q, const Variable& k, const 
       << " must all be (B, T, H, D)";
   LOOM_CHECK(q.dtype() == k.dtype() && q.dtype() == v.dtype())
       << op << ": dtypes differ: q " << q.dtype() << ", k " << k.dtype() << ", v " << v.dtype();
+  check_device(op, k.data(), "k", q.device());
+  check_device(op, v.data(), "v", q.device());
   int64_t B = q.size(0), H = q.size(2), D = q.size(3);
   Shape state_shape{B, H, D, D};
   if (initial_state.defined()) {
     check_input(initial_state, op, "initial_state");
+    check_device(op, initial_state.data(), "initial_state", q.device());
     LOOM_CHECK(initial_state.shape() == state_shape)
         << op << ": initial_state shape " << shape_str(initial_state.shape()) << " must be (B, H, D, D) = "
         << shape_str(state_shape) << " for q " << shape_str(q.shape());
@@ -40,8 +42,6 @@ LightningResult lightning_attention(const Variable& q, const Variable& k, const 
         << op << ": initial_state is " << initial_state.dtype() << " but q is " << q.dtype();
   }
   LOOM_CHECK(decay_lambdas.defined()) << op << ": decay_lambdas are undefined";
-  LOOM_CHECK(decay_lambdas.device().is_cpu()) << op << ": no CUDA kernel yet, tensor decay_lambdas on "
-                                              << decay_lambdas.device();
   LOOM_CHECK(decay_lambdas.dim() == 1 && decay_lambdas.size(0) == H)
       << op << ": decay_lambdas shape " << shape_str(decay_lambdas.shape()) << " must be (H) = " << shape_str({H})
       << " for q " << shape_str(q.shape());
@@ -54,23 +54,24 @@ LightningResult lightning_attention(const Variable& q, const Variable& k, const 
   Tensor kc = k.data().contiguous();  // (B, T, H, D)
   Tensor vc = v.data().contiguous();  // (B, T, H, D)
   Tensor s0 = initial_state.defined() ? initial_state.data().contiguous() : Tensor();  // (B, H, D, D) or none
-  Tensor lambdas = decay_lambdas.to(DType::f64).clone();  // (H), owned: the caller may reuse its buffer
-  Tensor out = Tensor::empty(q.shape(), q.dtype());       // (B, T, H, D)
-  Tensor final_state = Tensor::empty(state_shape, q.dtype());  // (B, H, D, D)
+  // (H) f64, owned (the caller may reuse its buffer), on q's device.
+  Tensor lambdas = index_on(decay_lambdas.to(DType::f64).clone(), q.device());
+  Tensor out = Tensor::empty(q.shape(), q.dtype(), q.device());            // (B, T, H, D)
+  Tensor final_state = Tensor::empty(state_shape, q.dtype(), q.device());  // (B, H, D, D)
   Stream& stream = Stream::default_for(qc.device());
-  cpu::lightning_forward(out, final_state, qc, kc, vc, s0, lambdas, out_scale, block_size, stream);
+  dispatch::lightning_forward(out, final_state, qc, kc, vc, s0, lambdas, out_scale, block_size, stream);
 
   bool want_ds0 = initial_state.defined();
   auto backward = [qc, kc, vc, s0, lambdas, out_scale, block_size, want_ds0](const std::vector<Tensor>& grads) {
     if (!grads[0].defined() && !grads[1].defined()) return std::vector<Tensor>(4);
     Tensor dout = grads[0].defined() ? grads[0].contiguous() : Tensor();  // (B, T, H, D) or none
     Tensor dsf = grads[1].defined() ? grads[1].contiguous() : Tensor();   // (B, H, D, D) or none
-    Tensor dq = Tensor::empty(qc.shape(), qc.dtype());  // (B, T, H, D)
-    Tensor dk = Tensor::empty(qc.shape(), qc.dtype());  // (B, T, H, D)
-    Tensor dv = Tensor::empty(qc.shape(), qc.dtype());  // (B, T, H, D)
-    Tensor ds0 = want_ds0 ? Tensor::empty(s0.shape(), s0.dtype()) : Tensor();  // (B, H, D, D) or none
-    cpu::lightning_backward(dq, dk, dv, ds0, dout, dsf, qc, kc, vc, s0, lambdas, out_scale, block_size,
-                            Stream::default_for(qc.device()));
+    Tensor dq = Tensor::empty(qc.shape(), qc.dtype(), qc.device());  // (B, T, H, D)
+    Tensor dk = Tensor::empty(qc.shape(), qc.dtype(), qc.device());  // (B, T, H, D)
+    Tensor dv = Tensor::empty(qc.shape(), qc.dtype(), qc.device());  // (B, T, H, D)
+    Tensor ds0 = want_ds0 ? Tensor::empty(s0.shape(), s0.dtype(), s0.device()) : Tensor();  // (B, H, D, D) or none
+    dispatch::lightning_backward(dq, dk, dv, ds0, dout, dsf, qc, kc, vc, s0, lambdas, out_scale, block_size,
+                                 Stream::default_for(qc.device()));
     return std::vector<Tensor>{dq, dk, dv, ds0};
   };
   std::vector<Variable> outputs =

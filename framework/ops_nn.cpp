@@ -1,8 +1,11 @@
 // Differentiable NN ops: RMSNorm, activations (sigmoid, SiLU, fused SwiGLU),
 // softmax over any dim, RoPE, reference softmax attention, fused cross-entropy.
 // Each op validates its inputs (device, dtype, shapes, naming the values),
-// makes them contiguous, runs the CPU forward kernel and records one node whose
-// backward runs the matching backward kernel on the tensors it saved.
+// makes them contiguous, runs the forward kernel on the inputs' device
+// (kernels/dispatch.h) and records one node whose backward runs the matching
+// backward kernel on the tensors it saved. Index tensors (positions, targets)
+// may come from the host; they are moved to the data's device. With 16-bit
+// data, statistics (RMSNorm rstd, attention lse, the loss) are fp32.
 // Attention is one node with two outputs (out and lse), so a caller that merges
 // partial results (ring attention) back-propagates through lse too; its
 // backward needs only q, k, v, out and lse. Index tensors (positions, targets)
@@ -14,12 +17,7 @@
 #include "framework/ops_nn.h"
 #include "framework/op_checks.h"
 #include "framework/stream.h"
-#include "kernels/cpu/activation.h"
-#include "kernels/cpu/attention.h"
-#include "kernels/cpu/cross_entropy.h"
-#include "kernels/cpu/rmsnorm.h"
-#include "kernels/cpu/rope.h"
-#include "kernels/cpu/softmax.h"
+#include "kernels/cpu/rmsnorm.h"  // rmsnorm_rstd_dtype
 
 namespace loom {
 
@@ -28,17 +26,17 @@ namespace {
 void check_same_dtype(const Variable& a, const Variable& b, const char* op, const char* name_a, const char* name_b) {
   LOOM_CHECK(a.dtype() == b.dtype()) << op << ": " << name_a << " is " << a.dtype() << " but " << name_b << " is "
                                      << b.dtype();
+  check_device(op, b.data(), name_b, a.device());
 }
 
 void check_positions(const Tensor& positions, const char* op, const char* name) {
   LOOM_CHECK(positions.defined()) << op << ": " << name << " are undefined";
-  LOOM_CHECK(positions.device().is_cpu()) << op << ": no CUDA kernel yet, tensor " << name << " on "
-                                          << positions.device();
   LOOM_CHECK(positions.dtype() == DType::i64 || positions.dtype() == DType::i32)
       << op << ": " << name << " must be i64 or i32, got " << positions.dtype();
 }
 
-// Global positions of `n` tokens as an owned contiguous i64 (n): the given ones, or 0..n-1.
+// Global positions of `n` tokens as an owned contiguous i64 (n) on the host:
+// the given ones, or 0..n-1.
 Tensor resolve_positions(const Tensor& given, int64_t n, const char* name) {
   if (!given.defined()) return Tensor::arange(n, DType::i64);
   check_positions(given, "attention", name);
@@ -47,6 +45,11 @@ Tensor resolve_positions(const Tensor& given, int64_t n, const char* name) {
   Tensor owned = Tensor::empty({n}, DType::i64);
   owned.copy_(given);
   return owned;
+}
+
+// An owned copy of an index tensor on `device` (the caller may reuse its buffer before backward).
+Tensor owned_index(const Tensor& index, Device device) {
+  return index.device() == device ? index.clone() : index_on(index, device);
 }
 
 Stream& stream_of(const Tensor& t) { return Stream::default_for(t.device()); }
@@ -65,15 +68,18 @@ Variable rms_norm(const Variable& x, const Variable& weight, double eps) {
   Tensor xc = x.data().contiguous();       // (..., C)
   Tensor wc = weight.data().contiguous();  // (C)
   int64_t cols = x.size(-1), rows = cols == 0 ? 0 : x.numel() / cols;
-  Tensor y = Tensor::empty(x.shape(), x.dtype());                       // (..., C)
-  Tensor rstd = Tensor::empty({rows}, cpu::rmsnorm_rstd_dtype(x.dtype()));  // (N) rows = leading dims flattened
-  cpu::rmsnorm_forward(y, rstd, xc, wc, eps, stream_of(xc));
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());  // (..., C)
+  DType rstd_dtype = x.device().is_cpu() ? cpu::rmsnorm_rstd_dtype(x.dtype()) : DType::f32;
+  Tensor rstd = Tensor::empty({rows}, rstd_dtype, x.device());  // (N) rows = leading dims flattened
+  dispatch::rmsnorm_forward(y, rstd, xc, wc, eps, stream_of(xc));
   return make_output(y, {x, weight}, "RmsNorm", [xc, wc, rstd](const std::vector<Tensor>& grads) {
     if (!grads[0].defined()) return std::vector<Tensor>{Tensor(), Tensor()};
     Tensor dy = grads[0].contiguous();
-    Tensor dx = Tensor::empty(xc.shape(), xc.dtype());  // (..., C)
-    Tensor dw = Tensor::empty(wc.shape(), wc.dtype());  // (C)
-    cpu::rmsnorm_backward(dx, dw, dy, xc, wc, rstd, stream_of(dy));
+    Tensor dx = Tensor::empty(xc.shape(), xc.dtype(), xc.device());  // (..., C)
+    // CUDA sums dw over rows in fp32 and can hand it out as fp32 (fp32 gradient buffers).
+    DType dw_dtype = wc.device().is_cuda() ? DType::f32 : wc.dtype();
+    Tensor dw = Tensor::empty(wc.shape(), dw_dtype, wc.device());  // (C)
+    dispatch::rmsnorm_backward(dx, dw, dy, xc, wc, rstd, stream_of(dy));
     return std::vector<Tensor>{dx, dw};
   });
 }
@@ -81,12 +87,12 @@ Variable rms_norm(const Variable& x, const Variable& weight, double eps) {
 Variable sigmoid(const Variable& x) {
   check_input(x, "sigmoid", "x");
   Tensor xc = x.data().contiguous();
-  Tensor y = Tensor::empty(x.shape(), x.dtype());  // like x
-  cpu::sigmoid_forward(y, xc, stream_of(xc));
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());  // like x
+  dispatch::sigmoid_forward(y, xc, stream_of(xc));
   return make_output(y, {x}, "Sigmoid", [y](const std::vector<Tensor>& grads) {
     if (!grads[0].defined()) return std::vector<Tensor>{Tensor()};
-    Tensor dx = Tensor::empty(y.shape(), y.dtype());
-    cpu::sigmoid_backward(dx, grads[0].contiguous(), y, stream_of(y));
+    Tensor dx = Tensor::empty(y.shape(), y.dtype(), y.device());
+    dispatch::sigmoid_backward(dx, grads[0].contiguous(), y, stream_of(y));
     return std::vector<Tensor>{dx};
   });
 }
@@ -94,12 +100,12 @@ Variable sigmoid(const Variable& x) {
 Variable silu(const Variable& x) {
   check_input(x, "silu", "x");
   Tensor xc = x.data().contiguous();
-  Tensor y = Tensor::empty(x.shape(), x.dtype());  // like x
-  cpu::silu_forward(y, xc, stream_of(xc));
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());  // like x
+  dispatch::silu_forward(y, xc, stream_of(xc));
   return make_output(y, {x}, "Silu", [xc](const std::vector<Tensor>& grads) {
     if (!grads[0].defined()) return std::vector<Tensor>{Tensor()};
-    Tensor dx = Tensor::empty(xc.shape(), xc.dtype());
-    cpu::silu_backward(dx, grads[0].contiguous(), xc, stream_of(xc));
+    Tensor dx = Tensor::empty(xc.shape(), xc.dtype(), xc.device());
+    dispatch::silu_backward(dx, grads[0].contiguous(), xc, stream_of(xc));
     return std::vector<Tensor>{dx};
   });
 }
@@ -113,13 +119,13 @@ Variable swiglu(const Variable& gate, const Variable& up) {
                                          << shape_str(up.shape());
   Tensor gc = gate.data().contiguous();  // (..., F)
   Tensor uc = up.data().contiguous();    // (..., F)
-  Tensor out = Tensor::empty(gate.shape(), gate.dtype());  // (..., F)
-  cpu::swiglu_forward(out, gc, uc, stream_of(gc));
+  Tensor out = Tensor::empty(gate.shape(), gate.dtype(), gate.device());  // (..., F)
+  dispatch::swiglu_forward(out, gc, uc, stream_of(gc));
   return make_output(out, {gate, up}, "SwiGLU", [gc, uc](const std::vector<Tensor>& grads) {
     if (!grads[0].defined()) return std::vector<Tensor>{Tensor(), Tensor()};
-    Tensor dgate = Tensor::empty(gc.shape(), gc.dtype());
-    Tensor dup = Tensor::empty(uc.shape(), uc.dtype());
-    cpu::swiglu_backward(dgate, dup, grads[0].contiguous(), gc, uc, stream_of(gc));
+    Tensor dgate = Tensor::empty(gc.shape(), gc.dtype(), gc.device());
+    Tensor dup = Tensor::empty(uc.shape(), uc.dtype(), uc.device());
+    dispatch::swiglu_backward(dgate, dup, grads[0].contiguous(), gc, uc, stream_of(gc));
     return std::vector<Tensor>{dgate, dup};
   });
 }
@@ -133,14 +139,14 @@ Variable softmax(const Variable& x, int64_t dim) {
   // The kernel reduces over the last dim: swap `d` there (a contiguous copy) and back afterwards.
   bool moved = d != last;
   Tensor xt = moved ? x.data().transpose(d, last).contiguous() : x.data().contiguous();  // x with dims d, last swapped
-  Tensor yt = Tensor::empty(xt.shape(), xt.dtype());                                     // like xt
-  cpu::softmax_forward(yt, xt, stream_of(xt));
+  Tensor yt = Tensor::empty(xt.shape(), xt.dtype(), xt.device());                        // like xt
+  dispatch::softmax_forward(yt, xt, stream_of(xt));
   Tensor y = moved ? yt.transpose(d, last).contiguous() : yt;  // like x
   return make_output(y, {x}, "Softmax", [yt, d, last, moved](const std::vector<Tensor>& grads) {
     if (!grads[0].defined()) return std::vector<Tensor>{Tensor()};
     Tensor gt = moved ? grads[0].transpose(d, last).contiguous() : grads[0].contiguous();
-    Tensor dxt = Tensor::empty(yt.shape(), yt.dtype());
-    cpu::softmax_backward(dxt, gt, yt, stream_of(yt));
+    Tensor dxt = Tensor::empty(yt.shape(), yt.dtype(), yt.device());
+    dispatch::softmax_backward(dxt, gt, yt, stream_of(yt));
     return std::vector<Tensor>{moved ? dxt.transpose(d, last).contiguous() : dxt};
   });
 }
@@ -158,14 +164,14 @@ Variable rope(const Variable& x, const Tensor& positions, double theta) {
       << shape_str({B, T}) << " for x " << shape_str(x.shape());
   LOOM_CHECK(theta > 0.0) << op << ": theta = " << theta << " must be positive";
   Tensor xc = x.data().contiguous();  // (B, T, H, D)
-  Tensor pc = positions.clone();      // (T) or (B, T), owned
-  Tensor y = Tensor::empty(x.shape(), x.dtype());  // (B, T, H, D)
-  cpu::rope_forward(y, xc, pc, theta, stream_of(xc));
+  Tensor pc = owned_index(positions, x.device());  // (T) or (B, T), owned, on x's device
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());  // (B, T, H, D)
+  dispatch::rope_forward(y, xc, pc, theta, stream_of(xc));
   return make_output(y, {x}, "Rope", [pc, theta](const std::vector<Tensor>& grads) {
     if (!grads[0].defined()) return std::vector<Tensor>{Tensor()};
     Tensor dy = grads[0].contiguous();
-    Tensor dx = Tensor::empty(dy.shape(), dy.dtype());  // (B, T, H, D)
-    cpu::rope_backward(dx, dy, pc, theta, stream_of(dy));
+    Tensor dx = Tensor::empty(dy.shape(), dy.dtype(), dy.device());  // (B, T, H, D)
+    dispatch::rope_backward(dx, dy, pc, theta, stream_of(dy));
     return std::vector<Tensor>{dx};
   });
 }
@@ -188,6 +194,8 @@ AttentionResult attention(const Variable& q, const Variable& k, const Variable& 
                                       << " kv heads";
   LOOM_CHECK(q.dtype() == k.dtype() && q.dtype() == v.dtype())
       << op << ": dtypes differ: q " << q.dtype() << ", k " << k.dtype() << ", v " << v.dtype();
+  check_device(op, k.data(), "k", q.device());
+  check_device(op, v.data(), "v", q.device());
   double scale = options.scale != 0.0 ? options.scale : 1.0 / std::sqrt(static_cast<double>(D));
   LOOM_CHECK(std::isfinite(scale)) << op << ": scale = " << scale << " (D = " << D << ") is not finite";
   bool causal = options.causal;
@@ -207,22 +215,24 @@ AttentionResult attention(const Variable& q, const Variable& k, const Variable& 
     }
   }
 
+  q_pos = index_on(q_pos, q.device());  // owned host copies above; moved once to the data's device
+  k_pos = index_on(k_pos, q.device());
   Tensor qc = q.data().contiguous();  // (B, T, H, D)
   Tensor kc = k.data().contiguous();  // (B, S, Hkv, D)
   Tensor vc = v.data().contiguous();  // (B, S, Hkv, D)
-  Tensor out = Tensor::empty({B, T, H, D}, q.dtype());  // (B, T, H, D)
-  Tensor lse = Tensor::empty({B, H, T}, q.dtype());     // (B, H, T)
-  cpu::attention_forward(out, lse, qc, kc, vc, q_pos, k_pos, scale, causal, s2, stream_of(qc));
+  Tensor out = Tensor::empty({B, T, H, D}, q.dtype(), q.device());           // (B, T, H, D)
+  Tensor lse = Tensor::empty({B, H, T}, stats_dtype(q.dtype()), q.device());  // (B, H, T), fp32 for 16-bit q
+  dispatch::attention_forward(out, lse, qc, kc, vc, q_pos, k_pos, scale, causal, s2, stream_of(qc));
 
   auto backward = [qc, kc, vc, out, lse, q_pos, k_pos, scale, causal, s2](const std::vector<Tensor>& grads) {
     if (!grads[0].defined() && !grads[1].defined()) return std::vector<Tensor>{Tensor(), Tensor(), Tensor()};
     Tensor dout = grads[0].defined() ? grads[0].contiguous() : Tensor();  // (B, T, H, D) or none
     Tensor dlse = grads[1].defined() ? grads[1].contiguous() : Tensor();  // (B, H, T) or none
-    Tensor dq = Tensor::empty(qc.shape(), qc.dtype());  // (B, T, H, D)
-    Tensor dk = Tensor::empty(kc.shape(), kc.dtype());  // (B, S, Hkv, D)
-    Tensor dv = Tensor::empty(vc.shape(), vc.dtype());  // (B, S, Hkv, D)
-    cpu::attention_backward(dq, dk, dv, dout, dlse, qc, kc, vc, out, lse, q_pos, k_pos, scale, causal, s2,
-                            stream_of(qc));
+    Tensor dq = Tensor::empty(qc.shape(), qc.dtype(), qc.device());  // (B, T, H, D)
+    Tensor dk = Tensor::empty(kc.shape(), kc.dtype(), kc.device());  // (B, S, Hkv, D)
+    Tensor dv = Tensor::empty(vc.shape(), vc.dtype(), vc.device());  // (B, S, Hkv, D)
+    dispatch::attention_backward(dq, dk, dv, dout, dlse, qc, kc, vc, out, lse, q_pos, k_pos, scale, causal, s2,
+                                 stream_of(qc));
     return std::vector<Tensor>{dq, dk, dv};
   };
   std::vector<Variable> outputs = make_outputs({out, lse}, {q, k, v}, "Attention", std::move(backward));
@@ -234,7 +244,6 @@ Variable cross_entropy(const Variable& logits, const Tensor& targets, int64_t ig
   check_input(logits, op, "logits");
   LOOM_CHECK(logits.dim() == 2) << op << ": logits must be (N, V), got shape " << shape_str(logits.shape());
   LOOM_CHECK(targets.defined()) << op << ": targets are undefined";
-  LOOM_CHECK(targets.device().is_cpu()) << op << ": no CUDA kernel yet, tensor targets on " << targets.device();
   LOOM_CHECK(targets.dtype() == DType::i64 || targets.dtype() == DType::i32)
       << op << ": targets must be i64 or i32, got " << targets.dtype();
   LOOM_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0))
@@ -242,16 +251,16 @@ Variable cross_entropy(const Variable& logits, const Tensor& targets, int64_t ig
       << " for logits " << shape_str(logits.shape());
   bool mean = reduction == Reduction::mean;
   Tensor lc = logits.data().contiguous();  // (N, V)
-  Tensor tc = targets.clone();             // (N), owned: the caller may reuse its buffer before backward
-  Tensor loss = Tensor::empty({}, lc.dtype());             // ()
-  Tensor lse = Tensor::empty({lc.size(0)}, lc.dtype());    // (N)
-  cpu::cross_entropy_forward(loss, lse, lc, tc, ignore_index, mean, stream_of(lc));
+  Tensor tc = owned_index(targets, lc.device());  // (N), owned: the caller may reuse its buffer before backward
+  Tensor loss = Tensor::empty({}, stats_dtype(lc.dtype()), lc.device());           // (), fp32 for 16-bit logits
+  Tensor lse = Tensor::empty({lc.size(0)}, stats_dtype(lc.dtype()), lc.device());  // (N)
+  dispatch::cross_entropy_forward(loss, lse, lc, tc, ignore_index, mean, stream_of(lc));
   return make_output(loss, {logits}, "CrossEntropy",
                      [lc, tc, lse, ignore_index, mean](const std::vector<Tensor>& grads) {
                        if (!grads[0].defined()) return std::vector<Tensor>{Tensor()};
-                       Tensor dlogits = Tensor::empty(lc.shape(), lc.dtype());  // (N, V)
-                       cpu::cross_entropy_backward(dlogits, grads[0].contiguous(), lc, tc, lse, ignore_index, mean,
-                                                   stream_of(lc));
+                       Tensor dlogits = Tensor::empty(lc.shape(), lc.dtype(), lc.device());  // (N, V)
+                       dispatch::cross_entropy_backward(dlogits, grads[0].contiguous(), lc, tc, lse, ignore_index,
+                                                        mean, stream_of(lc));
                        return std::vector<Tensor>{dlogits};
                      });
 }

@@ -2,6 +2,7 @@
 // Each op is one autograd node; the backward of a broadcast operand sums the
 // gradient back down to the operand's shape (cpu::sum_to). Matrix products
 // live in ops_tensor_matmul.cpp, shape ops and embedding in ops_tensor_shape.cpp.
+// Kernels run through kernels/dispatch.h on the inputs' device.
 // Gradients returned by these ops are contiguous.
 #include "framework/ops_tensor.h"
 
@@ -9,22 +10,20 @@
 
 #include "framework/op_checks.h"
 #include "framework/stream.h"
-#include "kernels/cpu/elementwise.h"
-#include "kernels/cpu/reduce.h"
 
 namespace loom {
 
 namespace {
 
-Tensor binary_values(const Tensor& a, const Tensor& b, cpu::BinaryOp op) {
-  Tensor out = Tensor::empty(broadcast_shapes(a.shape(), b.shape()), a.dtype());
-  cpu::binary(out, a, b, op, stream_for(a));
+Tensor binary_values(const Tensor& a, const Tensor& b, dispatch::BinaryOp op) {
+  Tensor out = Tensor::empty(broadcast_shapes(a.shape(), b.shape()), a.dtype(), a.device());
+  dispatch::binary(out, a, b, op, stream_for(a));
   return out;
 }
 
 Tensor scaled(const Tensor& x, double alpha) {
-  Tensor out = Tensor::empty(x.shape(), x.dtype());
-  cpu::scale(out, x, alpha, 0.0, stream_for(x));
+  Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
+  dispatch::scale(out, x, alpha, 0.0, stream_for(x));
   return out;
 }
 
@@ -42,9 +41,10 @@ Shape broadcast_for(const char* op, const Tensor& a, const Tensor& b) {
   return broadcast_shapes(sa, sb);
 }
 
-Variable binary_op(const char* op, const Variable& a, const Variable& b, cpu::BinaryOp kind) {
+Variable binary_op(const char* op, const Variable& a, const Variable& b, dispatch::BinaryOp kind) {
   const Tensor& ta = float_input(op, a, "a");
   const Tensor& tb = float_input(op, b, "b");
+  check_device(op, tb, "b", ta.device());
   LOOM_CHECK(ta.dtype() == tb.dtype()) << op << ": dtypes differ, a " << shape_str(ta.shape()) << " " << ta.dtype()
                                        << " vs b " << shape_str(tb.shape()) << " " << tb.dtype();
   broadcast_for(op, ta, tb);
@@ -53,9 +53,9 @@ Variable binary_op(const char* op, const Variable& a, const Variable& b, cpu::Bi
   Shape sa = ta.shape(), sb = tb.shape();
   BackwardFn backward;
   switch (kind) {
-    case cpu::BinaryOp::add:
-    case cpu::BinaryOp::sub: {
-      double sign_b = kind == cpu::BinaryOp::add ? 1.0 : -1.0;
+    case dispatch::BinaryOp::add:
+    case dispatch::BinaryOp::sub: {
+      double sign_b = kind == dispatch::BinaryOp::add ? 1.0 : -1.0;
       backward = [need_a, need_b, sa, sb, sign_b](const std::vector<Tensor>& grads) -> std::vector<Tensor> {
         const Tensor& g = grads[0];
         if (!g.defined()) return {Tensor(), Tensor()};
@@ -66,28 +66,28 @@ Variable binary_op(const char* op, const Variable& a, const Variable& b, cpu::Bi
       };
       break;
     }
-    case cpu::BinaryOp::mul: {
+    case dispatch::BinaryOp::mul: {
       // d(a*b)/da = b, d(a*b)/db = a: keep only the operand the other gradient needs.
       Tensor saved_a = need_b ? ta : Tensor(), saved_b = need_a ? tb : Tensor();
       backward = [need_a, need_b, sa, sb, saved_a, saved_b](const std::vector<Tensor>& grads) -> std::vector<Tensor> {
         const Tensor& g = grads[0];
         if (!g.defined()) return {Tensor(), Tensor()};
-        Tensor ga = need_a ? reduce_to(binary_values(g, saved_b, cpu::BinaryOp::mul), sa) : Tensor();
-        Tensor gb = need_b ? reduce_to(binary_values(g, saved_a, cpu::BinaryOp::mul), sb) : Tensor();
+        Tensor ga = need_a ? reduce_to(binary_values(g, saved_b, dispatch::BinaryOp::mul), sa) : Tensor();
+        Tensor gb = need_b ? reduce_to(binary_values(g, saved_a, dispatch::BinaryOp::mul), sb) : Tensor();
         return {ga, gb};
       };
       break;
     }
-    case cpu::BinaryOp::div: {
+    case dispatch::BinaryOp::div: {
       // d(a/b)/da = 1/b, d(a/b)/db = -a/b^2 = -(a/b)/b: g/b serves both.
       Tensor saved_out = need_b ? out : Tensor();
       backward = [need_a, need_b, sa, sb, tb, saved_out](const std::vector<Tensor>& grads) -> std::vector<Tensor> {
         const Tensor& g = grads[0];
         if (!g.defined()) return {Tensor(), Tensor()};
-        Tensor g_over_b = binary_values(g, tb, cpu::BinaryOp::div);  // broadcast shape
+        Tensor g_over_b = binary_values(g, tb, dispatch::BinaryOp::div);  // broadcast shape
         Tensor ga = need_a ? reduce_to(g_over_b, sa) : Tensor();
         Tensor gb;
-        if (need_b) gb = scaled(reduce_to(binary_values(g_over_b, saved_out, cpu::BinaryOp::mul), sb), -1.0);
+        if (need_b) gb = scaled(reduce_to(binary_values(g_over_b, saved_out, dispatch::BinaryOp::mul), sb), -1.0);
         return {ga, gb};
       };
       break;
@@ -99,17 +99,17 @@ Variable binary_op(const char* op, const Variable& a, const Variable& b, cpu::Bi
 // g (the reduced shape, or any shape that broadcasts to `shape`) spread back
 // over `shape` and multiplied by alpha (1 for sum, 1/n for mean).
 Tensor spread_back(const Tensor& g, const Shape& shape, double alpha) {
-  Tensor out = Tensor::empty(shape, g.dtype());
-  cpu::scale(out, g.expand(shape), alpha, 0.0, stream_for(g));
+  Tensor out = Tensor::empty(shape, g.dtype(), g.device());
+  dispatch::scale(out, g.expand(shape), alpha, 0.0, stream_for(g));
   return out;
 }
 
 Variable reduce_all(const char* op, const Variable& x, bool mean) {
   const Tensor& t = float_input(op, x, "x");
-  Tensor out = Tensor::empty({}, t.dtype());  // ()
-  cpu::sum_all(out, t.contiguous(), stream_for(t));
+  Tensor out = Tensor::empty({}, t.dtype(), t.device());  // ()
+  dispatch::sum_all(out, t.contiguous(), stream_for(t));
   double alpha = mean ? 1.0 / static_cast<double>(t.numel()) : 1.0;
-  if (mean) cpu::scale(out, out, alpha, 0.0, stream_for(t));
+  if (mean) dispatch::scale(out, out, alpha, 0.0, stream_for(t));
   Shape shape = t.shape();
   return make_output(out, {x}, op, [shape, alpha](const std::vector<Tensor>& grads) -> std::vector<Tensor> {
     if (!grads[0].defined()) return {Tensor()};
@@ -126,10 +126,10 @@ Variable reduce_dim(const char* op, const Variable& x, int64_t dim, bool keepdim
   kept[d] = 1;
   Shape dropped = t.shape();
   dropped.erase(dropped.begin() + d);
-  Tensor out = Tensor::empty(keepdim ? kept : dropped, t.dtype());  // x's shape without (or with size 1 at) dim
-  cpu::sum_dim(out, t.contiguous(), d, stream_for(t));
+  Tensor out = Tensor::empty(keepdim ? kept : dropped, t.dtype(), t.device());  // x's shape without (or with size 1 at) dim
+  dispatch::sum_dim(out, t.contiguous(), d, stream_for(t));
   double alpha = mean ? 1.0 / static_cast<double>(t.size(d)) : 1.0;
-  if (mean) cpu::scale(out, out, alpha, 0.0, stream_for(t));
+  if (mean) dispatch::scale(out, out, alpha, 0.0, stream_for(t));
   Shape shape = t.shape();
   return make_output(out, {x}, op, [shape, kept, alpha](const std::vector<Tensor>& grads) -> std::vector<Tensor> {
     if (!grads[0].defined()) return {Tensor()};
@@ -141,10 +141,10 @@ Variable reduce_dim(const char* op, const Variable& x, int64_t dim, bool keepdim
 }  // namespace
 
 // ---- arithmetic ----
-Variable add(const Variable& a, const Variable& b) { return binary_op("add", a, b, cpu::BinaryOp::add); }
-Variable sub(const Variable& a, const Variable& b) { return binary_op("sub", a, b, cpu::BinaryOp::sub); }
-Variable mul(const Variable& a, const Variable& b) { return binary_op("mul", a, b, cpu::BinaryOp::mul); }
-Variable div(const Variable& a, const Variable& b) { return binary_op("div", a, b, cpu::BinaryOp::div); }
+Variable add(const Variable& a, const Variable& b) { return binary_op("add", a, b, dispatch::BinaryOp::add); }
+Variable sub(const Variable& a, const Variable& b) { return binary_op("sub", a, b, dispatch::BinaryOp::sub); }
+Variable mul(const Variable& a, const Variable& b) { return binary_op("mul", a, b, dispatch::BinaryOp::mul); }
+Variable div(const Variable& a, const Variable& b) { return binary_op("div", a, b, dispatch::BinaryOp::div); }
 Variable operator+(const Variable& a, const Variable& b) { return add(a, b); }
 Variable operator-(const Variable& a, const Variable& b) { return sub(a, b); }
 Variable operator*(const Variable& a, const Variable& b) { return mul(a, b); }

@@ -1,5 +1,7 @@
 // Differentiable matrix products: batched matmul with broadcast batch dims and
-// linear (x @ W^T + bias). Every product goes through cpu::gemm; transposes in
+// linear (x @ W^T + bias). Every product goes through dispatch::gemm (OpenBLAS
+// on CPU, cuBLASLt on CUDA); with 16-bit weights on CUDA the weight gradient
+// is produced in fp32 directly (fp32 accumulation, fp32 gradient buffers); transposes in
 // the forward and backward are BLAS flags, and transposed views of the inputs
 // are recognised and passed with the flag instead of being copied. A matmul
 // whose b has no batch (the common activation @ weight case) runs as one GEMM
@@ -10,9 +12,6 @@
 
 #include "framework/op_checks.h"
 #include "framework/stream.h"
-#include "kernels/cpu/elementwise.h"
-#include "kernels/cpu/matmul.h"
-#include "kernels/cpu/reduce.h"
 
 namespace loom {
 
@@ -71,18 +70,18 @@ Tensor product(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, con
   Shape out_shape = batch;
   out_shape.push_back(m);
   out_shape.push_back(n);
-  Tensor c = Tensor::empty(out_shape, a.dtype());  // (batch..., M, N)
+  Tensor c = Tensor::empty(out_shape, a.dtype(), a.device());  // (batch..., M, N)
   Stream& s = stream_for(a);
   if (!trans_a && count > 1 && batch_count(b) == 1 && batch_count(a) == count && a.is_contiguous()) {
     // Same b for every batch: one GEMM over a's rows stacked as (count * M, K).
     Tensor rows = a.view({count * m, a.size(-1)});
     Tensor c_rows = c.view({count * m, n});  // (count * M, N)
     Operand ob = as_operand(only_matrix(b), trans_b);
-    cpu::gemm(c_rows, rows, ob.stored, false, ob.trans, 1.0, 0.0, s);
+    dispatch::gemm(c_rows, rows, ob.stored, false, ob.trans, 1.0, 0.0, s);
     return c;
   }
   Operand oa = as_operand(a, trans_a), ob = as_operand(b, trans_b);
-  cpu::gemm(c, over_batch(oa.stored, batch), over_batch(ob.stored, batch), oa.trans, ob.trans, 1.0, 0.0, s);
+  dispatch::gemm(c, over_batch(oa.stored, batch), over_batch(ob.stored, batch), oa.trans, ob.trans, 1.0, 0.0, s);
   return c;
 }
 
@@ -93,6 +92,7 @@ Variable matmul(const Variable& a, const Variable& b) {
   const Tensor& tb = float_input("matmul", b, "b");
   LOOM_CHECK(ta.dim() >= 2 && tb.dim() >= 2) << "matmul: needs matrices (at least 2-D), got a "
                                              << shape_str(ta.shape()) << " and b " << shape_str(tb.shape());
+  check_device("matmul", tb, "b", ta.device());
   LOOM_CHECK(ta.dtype() == tb.dtype()) << "matmul: dtypes differ, a " << shape_str(ta.shape()) << " " << ta.dtype()
                                        << " vs b " << shape_str(tb.shape()) << " " << tb.dtype();
   LOOM_CHECK(ta.size(-1) == tb.size(-2)) << "matmul: a " << shape_str(ta.shape()) << " @ b " << shape_str(tb.shape())
@@ -126,8 +126,8 @@ Variable matmul(const Variable& a, const Variable& b) {
                            // dL/db = sum over the batch of a^T @ g = (stacked a)^T @ (stacked g): one GEMM.
                            Tensor a_rows = saved_a.contiguous().view({count * m, k});
                            Tensor g_rows = g.contiguous().view({count * m, n});
-                           Tensor gb2 = Tensor::empty({k, n}, g.dtype());  // (K, N)
-                           cpu::gemm(gb2, a_rows, g_rows, true, false, 1.0, 0.0, stream_for(g));
+                           Tensor gb2 = Tensor::empty({k, n}, g.dtype(), g.device());  // (K, N)
+                           dispatch::gemm(gb2, a_rows, g_rows, true, false, 1.0, 0.0, stream_for(g));
                            gb = gb2.view(sb);
                          } else {
                            gb = reduce_to(product(saved_a, true, g, false, batch), sb);
@@ -144,11 +144,13 @@ Variable linear(const Variable& x, const Variable& weight, const Variable& bias)
   LOOM_CHECK(tx.dim() >= 1 && tx.size(-1) == tw.size(1))
       << "linear: x " << shape_str(tx.shape()) << " does not end in In = " << tw.size(1) << " of weight "
       << shape_str(tw.shape());
+  check_device("linear", tw, "weight", tx.device());
   LOOM_CHECK(tx.dtype() == tw.dtype()) << "linear: dtypes differ, x " << tx.dtype() << " vs weight " << tw.dtype();
   int64_t in = tw.size(1), out_features = tw.size(0);
   Tensor tb;
   if (bias.defined()) {
     tb = float_input("linear", bias, "bias");
+    check_device("linear", tb, "bias", tx.device());
     LOOM_CHECK(tb.dim() == 1 && tb.size(0) == out_features)
         << "linear: bias " << shape_str(tb.shape()) << " does not match weight " << shape_str(tw.shape());
     LOOM_CHECK(tb.dtype() == tw.dtype()) << "linear: dtypes differ, bias " << tb.dtype() << " vs weight "
@@ -157,11 +159,11 @@ Variable linear(const Variable& x, const Variable& weight, const Variable& bias)
   int64_t rows = 1;  // N: x's leading dims flattened
   for (int64_t d = 0; d + 1 < tx.dim(); ++d) rows *= tx.size(d);
   Tensor x_rows = tx.dim() == 2 ? tx : tx.reshape({rows, in});  // (N, In), a view when x is contiguous
-  Tensor y_rows = Tensor::empty({rows, out_features}, tx.dtype());  // (N, Out)
+  Tensor y_rows = Tensor::empty({rows, out_features}, tx.dtype(), tx.device());  // (N, Out)
   Stream& s = stream_for(tx);
   if (tb.defined()) y_rows.copy_(tb.expand({rows, out_features}));
   Operand ox = as_operand(x_rows, false), ow = as_operand(tw, true);
-  cpu::gemm(y_rows, ox.stored, ow.stored, ox.trans, ow.trans, 1.0, tb.defined() ? 1.0 : 0.0, s);
+  dispatch::gemm(y_rows, ox.stored, ow.stored, ox.trans, ow.trans, 1.0, tb.defined() ? 1.0 : 0.0, s);
   Shape out_shape = tx.shape();
   out_shape.back() = out_features;
   Tensor y = y_rows.view(out_shape);  // (..., Out)
@@ -178,20 +180,22 @@ Variable linear(const Variable& x, const Variable& weight, const Variable& bias)
         Stream& s = stream_for(g_rows);
         Tensor gx, gw, gb;
         if (need_x) {  // dL/dx = g @ W
-          Tensor gx_rows = Tensor::empty({rows, in}, g_rows.dtype());  // (N, In)
+          Tensor gx_rows = Tensor::empty({rows, in}, g_rows.dtype(), g_rows.device());  // (N, In)
           Operand og = as_operand(g_rows, false), ow = as_operand(saved_w, false);
-          cpu::gemm(gx_rows, og.stored, ow.stored, og.trans, ow.trans, 1.0, 0.0, s);
+          dispatch::gemm(gx_rows, og.stored, ow.stored, og.trans, ow.trans, 1.0, 0.0, s);
           gx = gx_rows.view(sx);
         }
         if (need_w) {  // dL/dW = g^T @ x
-          gw = Tensor::empty({out_features, in}, g_rows.dtype());  // (Out, In)
+          // fp32 straight from the fp32 accumulator when 16-bit weights sit on CUDA.
+          DType gw_dtype = g_rows.device().is_cuda() ? stats_dtype(g_rows.dtype()) : g_rows.dtype();
+          gw = Tensor::empty({out_features, in}, gw_dtype, g_rows.device());  // (Out, In)
           Operand og = as_operand(g_rows, true), ox = as_operand(saved_x, false);
-          cpu::gemm(gw, og.stored, ox.stored, og.trans, ox.trans, 1.0, 0.0, s);
+          dispatch::gemm(gw, og.stored, ox.stored, og.trans, ox.trans, 1.0, 0.0, s);
         }
         if (need_b) {  // dL/dbias = g summed over rows
           Tensor g_contig = g_rows.contiguous();
-          gb = Tensor::empty({out_features}, g_rows.dtype());  // (Out)
-          cpu::sum_dim(gb, g_contig, 0, s);
+          gb = Tensor::empty({out_features}, g_rows.dtype(), g_rows.device());  // (Out)
+          dispatch::sum_dim(gb, g_contig, 0, s);
         }
         return {gx, gw, gb};
       });

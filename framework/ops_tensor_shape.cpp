@@ -4,24 +4,24 @@
 // puts the gradient back into the input's layout: the inverse view for
 // transposes, a zero tensor with the gradient copied into the window for
 // slices. Embedding gathers rows forward and scatter-adds them backward
-// (kernels/cpu/embedding). Gradients returned by these ops are contiguous.
+// (kernels/dispatch.h: CPU or CUDA). Gradients returned by these ops are
+// contiguous and on the input's device.
 #include "framework/ops_tensor.h"
 
 #include <algorithm>
 
+#include "framework/op_checks.h"
 #include "framework/stream.h"
-#include "kernels/cpu/embedding.h"
 
 namespace loom {
 
 namespace {
 
-// The data of an op input, checked: defined and on CPU (no CUDA kernels yet). Any dtype.
-const Tensor& cpu_input(const char* op, const Variable& v) {
+// The data of an op input, checked: defined. Any dtype, any device (views and
+// copies work on every device).
+const Tensor& any_input(const char* op, const Variable& v) {
   LOOM_CHECK(v.defined()) << op << ": input is undefined";
-  const Tensor& t = v.data();
-  LOOM_CHECK(t.device().is_cpu()) << op << ": no CUDA kernel yet, tensor on " << t.device();
-  return t;
+  return v.data();
 }
 
 // `dim` (negative counts from the end) checked against t, naming the op and t's shape.
@@ -54,7 +54,7 @@ Shape resolve_shape(const char* op, const Shape& shape, const Tensor& t) {
 }  // namespace
 
 Variable reshape(const Variable& x, const Shape& shape) {
-  const Tensor& t = cpu_input("reshape", x);
+  const Tensor& t = any_input("reshape", x);
   Tensor out = t.reshape(resolve_shape("reshape", shape, t));  // a view when x is contiguous
   Shape sx = t.shape();
   return make_output(out, {x}, "reshape", [sx](const std::vector<Tensor>& grads) -> std::vector<Tensor> {
@@ -64,7 +64,7 @@ Variable reshape(const Variable& x, const Shape& shape) {
 }
 
 Variable transpose(const Variable& x, int64_t dim0, int64_t dim1) {
-  const Tensor& t = cpu_input("transpose", x);
+  const Tensor& t = any_input("transpose", x);
   int64_t d0 = dim_of("transpose", dim0, t), d1 = dim_of("transpose", dim1, t);
   Tensor out = t.transpose(d0, d1);  // view, d0 and d1 swapped
   return make_output(out, {x}, "transpose", [d0, d1](const std::vector<Tensor>& grads) -> std::vector<Tensor> {
@@ -74,7 +74,7 @@ Variable transpose(const Variable& x, int64_t dim0, int64_t dim1) {
 }
 
 Variable permute(const Variable& x, const std::vector<int64_t>& order) {
-  const Tensor& t = cpu_input("permute", x);
+  const Tensor& t = any_input("permute", x);
   LOOM_CHECK(static_cast<int64_t>(order.size()) == t.dim())
       << "permute: order " << shape_str(order) << " for shape " << shape_str(t.shape()) << " needs " << t.dim()
       << " dims";
@@ -92,7 +92,7 @@ Variable permute(const Variable& x, const std::vector<int64_t>& order) {
 }
 
 Variable slice(const Variable& x, int64_t dim, int64_t start, int64_t end, int64_t step) {
-  const Tensor& t = cpu_input("slice", x);
+  const Tensor& t = any_input("slice", x);
   int64_t d = dim_of("slice", dim, t);
   int64_t n = t.size(d);
   int64_t first = start < 0 ? start + n : start, last = std::min(end < 0 ? end + n : end, n);
@@ -111,7 +111,7 @@ Variable slice(const Variable& x, int64_t dim, int64_t start, int64_t end, int64
 }
 
 Variable narrow(const Variable& x, int64_t dim, int64_t start, int64_t length) {
-  const Tensor& t = cpu_input("narrow", x);
+  const Tensor& t = any_input("narrow", x);
   int64_t d = dim_of("narrow", dim, t);
   LOOM_CHECK(start >= 0 && length >= 0 && start + length <= t.size(d))
       << "narrow: start " << start << ", length " << length << " out of range for dim " << d << " of shape "
@@ -128,13 +128,14 @@ Variable narrow(const Variable& x, int64_t dim, int64_t start, int64_t length) {
 
 Variable concat(const std::vector<Variable>& xs, int64_t dim) {
   LOOM_CHECK(!xs.empty()) << "concat: no inputs";
-  const Tensor& first = cpu_input("concat", xs[0]);
+  const Tensor& first = any_input("concat", xs[0]);
   int64_t d = dim_of("concat", dim, first);
   Shape out_shape = first.shape();
   out_shape[d] = 0;
   std::vector<int64_t> offsets, sizes;
   for (size_t i = 0; i < xs.size(); ++i) {
-    const Tensor& t = cpu_input("concat", xs[i]);
+    const Tensor& t = any_input("concat", xs[i]);
+    check_device("concat", t, ("input " + std::to_string(i)).c_str(), first.device());
     LOOM_CHECK(t.dtype() == first.dtype()) << "concat: input " << i << " has dtype " << t.dtype() << ", input 0 "
                                            << first.dtype();
     bool match = t.dim() == first.dim();
@@ -145,7 +146,7 @@ Variable concat(const std::vector<Variable>& xs, int64_t dim) {
     sizes.push_back(t.size(d));
     out_shape[d] += t.size(d);
   }
-  Tensor out = Tensor::empty(out_shape, first.dtype());  // inputs' shape, dim d summed
+  Tensor out = Tensor::empty(out_shape, first.dtype(), first.device());  // inputs' shape, dim d summed
   for (size_t i = 0; i < xs.size(); ++i) out.narrow(d, offsets[i], sizes[i]).copy_(xs[i].data());
   std::vector<bool> need(xs.size());
   for (size_t i = 0; i < xs.size(); ++i) need[i] = xs[i].requires_grad();
@@ -159,7 +160,7 @@ Variable concat(const std::vector<Variable>& xs, int64_t dim) {
 }
 
 Variable contiguous(const Variable& x) {
-  const Tensor& t = cpu_input("contiguous", x);
+  const Tensor& t = any_input("contiguous", x);
   return make_output(t.contiguous(), {x}, "contiguous", [](const std::vector<Tensor>& grads) -> std::vector<Tensor> {
     if (!grads[0].defined()) return {Tensor()};
     return {grads[0].contiguous()};
@@ -167,18 +168,18 @@ Variable contiguous(const Variable& x) {
 }
 
 Variable embedding(const Variable& weight, const Tensor& ids) {
-  const Tensor& w = cpu_input("embedding", weight);
+  const Tensor& w = any_input("embedding", weight);
   LOOM_CHECK(w.dim() == 2 && is_floating(w.dtype()))
       << "embedding: weight must be a floating (V, C) table, got " << shape_str(w.shape()) << " " << w.dtype();
   LOOM_CHECK(ids.defined()) << "embedding: ids are undefined";
-  LOOM_CHECK(ids.device().is_cpu()) << "embedding: no CUDA kernel yet, ids on " << ids.device();
   LOOM_CHECK(ids.dtype() == DType::i64 || ids.dtype() == DType::i32)
       << "embedding: ids must be i64 or i32, got " << ids.dtype() << " " << shape_str(ids.shape());
   int64_t vocab = w.size(0), width = w.size(1), n = ids.numel();
-  Tensor id = ids.clone();  // own copy: the backward must see the ids of this call
-  Tensor rows = Tensor::empty({n, width}, w.dtype());  // (N, C)
+  // Own copy on the weight's device: the backward must see the ids of this call.
+  Tensor id = ids.device() == w.device() ? ids.clone() : index_on(ids, w.device());
+  Tensor rows = Tensor::empty({n, width}, w.dtype(), w.device());  // (N, C)
   Stream& s = Stream::default_for(w.device());
-  cpu::embedding_forward(rows, w.contiguous(), id, s);
+  dispatch::embedding_forward(rows, w.contiguous(), id, s);
   Shape out_shape = ids.shape();
   out_shape.push_back(width);
   Tensor out = rows.view(out_shape);  // (..., C)
@@ -186,8 +187,10 @@ Variable embedding(const Variable& weight, const Tensor& ids) {
                      [id, vocab, width, n](const std::vector<Tensor>& grads) -> std::vector<Tensor> {
                        if (!grads[0].defined()) return {Tensor()};
                        Tensor g_rows = grads[0].contiguous().view({n, width});  // (N, C)
-                       Tensor gw = Tensor::zeros({vocab, width}, g_rows.dtype());  // (V, C)
-                       cpu::embedding_backward(gw, g_rows, id, Stream::default_for(gw.device()));
+                       // CUDA accumulates the table gradient in fp32 (deterministic, DESIGN.md §3).
+                       DType gw_dtype = g_rows.device().is_cuda() ? DType::f32 : g_rows.dtype();
+                       Tensor gw = Tensor::zeros({vocab, width}, gw_dtype, g_rows.device());  // (V, C)
+                       dispatch::embedding_backward(gw, g_rows, id, Stream::default_for(gw.device()));
                        return {gw};
                      });
 }

@@ -1,8 +1,15 @@
 // Storage allocation on CPU (aligned, counted) and CUDA (stream-ordered pool),
 // raw copies between devices, and per-device memory statistics.
+// Host -> device copies up to kStagingBytes go through a small ring of pinned
+// staging buffers per device: the host bytes are copied into a free slot and
+// the transfer is queued on the stream without waiting for it (the caller may
+// reuse its buffer at once). Device -> host copies wait for the stream, because
+// host code reads the bytes right after.
 #include "framework/storage.h"
 
+#include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
@@ -33,6 +40,54 @@ Counters& counters_for(Device device) {
   if (cuda.size() <= static_cast<size_t>(device.index)) cuda.resize(device.index + 1);
   if (!cuda[device.index]) cuda[device.index] = std::make_unique<Counters>();
   return *cuda[device.index];
+}
+
+constexpr size_t kStagingBytes = size_t{8} << 20;  // larger uploads are rare (loading) and go unstaged
+constexpr int kStagingSlots = 4;
+
+// Pinned buffers for uploads to one device; each slot's event marks when the
+// device has finished reading it. Kept for the process lifetime like the
+// default streams (a slot may be in flight during static destruction).
+struct StagingRing {
+  struct Slot {
+    void* pinned = nullptr;
+    size_t capacity = 0;
+    std::unique_ptr<Event> done;
+  };
+  std::mutex mutex;
+  Slot slots[kStagingSlots];
+  int next = 0;
+};
+
+StagingRing& staging_for(int device) {
+  static std::mutex mutex;
+  static std::vector<StagingRing*> rings;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (rings.size() <= static_cast<size_t>(device)) rings.resize(device + 1, nullptr);
+  if (rings[device] == nullptr) rings[device] = new StagingRing();  // never freed (see above)
+  return *rings[device];
+}
+
+// Host -> device through a pinned slot, ordered on `s`; returns without waiting for the transfer.
+void staged_upload(void* dst, const void* src, size_t nbytes, Device device, Stream& s) {
+  StagingRing& ring = staging_for(device.index);
+  std::lock_guard<std::mutex> lock(ring.mutex);
+  StagingRing::Slot& slot = ring.slots[ring.next];
+  ring.next = (ring.next + 1) % kStagingSlots;
+  // Host wait, needed before overwriting the pinned bytes: only on the upload
+  // issued kStagingSlots uploads ago, normally long finished.
+  if (slot.done) slot.done->synchronize();
+  if (slot.capacity < nbytes) {
+    if (slot.pinned != nullptr) cuda_rt::host_free_pinned(slot.pinned);
+    slot.pinned = nullptr;
+    size_t capacity = std::max<size_t>(nbytes, size_t{64} << 10);
+    slot.pinned = cuda_rt::host_alloc_pinned(capacity);
+    slot.capacity = capacity;
+  }
+  if (!slot.done) slot.done = std::make_unique<Event>(device);
+  std::memcpy(slot.pinned, src, nbytes);
+  cuda_rt::memcpy_async(dst, slot.pinned, nbytes, cuda_rt::CopyKind::host_to_device, device.index, s.handle());
+  slot.done->record(s);
 }
 
 void count_alloc(Device device, int64_t nbytes) {
@@ -94,8 +149,13 @@ void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device
   cuda_rt::CopyKind kind = dst_device.is_cpu()   ? cuda_rt::CopyKind::device_to_host
                            : src_device.is_cpu() ? cuda_rt::CopyKind::host_to_device
                                                  : cuda_rt::CopyKind::device_to_device;
+  if (kind == cuda_rt::CopyKind::host_to_device && nbytes <= kStagingBytes) {
+    staged_upload(dst, src, nbytes, gpu, s);
+    return;
+  }
   cuda_rt::memcpy_async(dst, src, nbytes, kind, gpu.index, s.handle());
-  // A copy to the host is consumed by host code right after: wait for it here.
+  // A copy to the host is consumed by host code right after, and a large
+  // pageable upload must finish before the caller may free its buffer: wait here.
   if (dst_device.is_cpu() || src_device.is_cpu()) s.synchronize();
 }
 

@@ -60,6 +60,7 @@ void Event::wait(Stream& stream) const {
 void Event::synchronize() const {
   if (device_.is_cuda()) cuda_rt::event_synchronize(device_.index, handle_);
 }
+bool Event::query() const { return device_.is_cpu() || cuda_rt::event_query(device_.index, handle_); }
 float Event::elapsed_ms(const Event& later) const {
   LOOM_CHECK(device_.is_cuda()) << "Event::elapsed_ms needs CUDA events, got " << device_;
   return cuda_rt::event_elapsed_ms(handle_, later.handle_);

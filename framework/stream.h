@@ -39,6 +39,8 @@ class Event {
   void record(Stream& stream);
   void wait(Stream& stream) const;  // `stream` waits for this event (no host sync)
   void synchronize() const;
+  // True once the work recorded before it has finished (never blocks; CPU: always true).
+  bool query() const;
   float elapsed_ms(const Event& later) const;  // CUDA only
 
  private:

@@ -1,7 +1,8 @@
 // Tensor layout logic, views, strided copies with dtype conversion, printing.
-// CUDA tensors are handled here only by whole-buffer copies; element-wise work
-// on CUDA data (non-contiguous copies, casts) goes through a host round trip
-// until the CUDA kernels take it over.
+// On CUDA, element-wise copies (non-contiguous views, casts) and fills run as
+// device kernels of the Tensor layer (framework/cuda_copy.cu) on the device's
+// default stream; transfers between host and device move contiguous bytes and
+// do any relayout or cast on whichever side holds the strided tensor.
 #include "framework/tensor.h"
 
 #include <fmt/format.h>
@@ -11,6 +12,7 @@
 #include <functional>
 #include <sstream>
 
+#include "framework/cuda_runtime.h"
 #include "framework/stream.h"
 
 namespace loom {
@@ -191,11 +193,25 @@ void for_each_index(const Shape& shape, const Shape& src_strides, int64_t src_of
   }
 }
 
-// A host tensor with the same layout as `t`, over a host copy of its whole storage.
-Tensor host_mirror(const Tensor& t) {
-  auto storage = std::make_shared<Storage>(t.storage()->nbytes(), Device::cpu());
-  copy_bytes(storage->data(), Device::cpu(), t.storage()->data(), t.device(), t.storage()->nbytes());
-  return make_tensor(storage, t.shape(), t.strides(), t.offset(), t.dtype());
+// The layout of t for the device copy kernels.
+cuda_rt::StridedLayout layout_of(const Tensor& t) {
+  LOOM_CHECK(t.dim() <= cuda_rt::kMaxDims) << "CUDA copy of a " << t.dim() << "-d tensor (at most "
+                                           << cuda_rt::kMaxDims << " dims)";
+  cuda_rt::StridedLayout l;
+  l.ndim = static_cast<int>(t.dim());
+  for (int d = 0; d < l.ndim; ++d) {
+    l.shape[d] = t.shape()[d];
+    l.strides[d] = t.strides()[d];
+  }
+  l.offset = t.offset();
+  return l;
+}
+
+// Element-wise copy between two tensors on the same CUDA device (any layouts and dtypes).
+void device_copy(const Tensor& dst, const Tensor& src) {
+  Stream& s = Stream::default_for(dst.device());
+  cuda_rt::strided_copy(dst.storage()->data(), static_cast<int>(dst.dtype()), layout_of(dst), src.storage()->data(),
+                        static_cast<int>(src.dtype()), layout_of(src), dst.device().index, s.handle());
 }
 
 // Strided host-to-host element copy with conversion.
@@ -383,16 +399,24 @@ void Tensor::copy_(const Tensor& src) {
     host_copy(*this, src);
     return;
   }
-  // Element-wise work involving a CUDA tensor: through a host mirror of the
-  // whole storage (correct for any view; the CUDA kernels replace this path).
-  Tensor src_host = src.device_.is_cpu() ? src : host_mirror(src);
-  if (device_.is_cpu()) {
-    host_copy(*this, src_host);
+  if (device_ == src.device_) {  // one CUDA device: one kernel
+    device_copy(*this, src);
     return;
   }
-  Tensor dst_host = host_mirror(*this);
-  host_copy(dst_host, src_host);
-  copy_bytes(storage_->data(), device_, dst_host.storage()->data(), Device::cpu(), storage_->nbytes());
+  if (device_.is_cpu()) {
+    // Device -> host: compact (and keep the dtype) on the device, move the bytes, convert on the host.
+    Tensor packed = src.contiguous();
+    Tensor staged = empty(shape_, src.dtype_, Device::cpu());
+    copy_bytes(staged.raw_data(), Device::cpu(), packed.raw_data(), packed.device_, packed.nbytes());
+    host_copy(*this, staged);
+    return;
+  }
+  // Host -> device, or between two devices: bring src over in its own dtype as
+  // contiguous bytes, then relayout/convert on the destination device.
+  Tensor packed = src.device_.is_cpu() ? src.contiguous() : src.contiguous().to(Device::cpu());
+  Tensor staged = empty(shape_, src.dtype_, device_);
+  copy_bytes(staged.raw_data(), device_, packed.raw_data(), Device::cpu(), packed.nbytes());
+  device_copy(*this, staged);
 }
 
 void Tensor::fill_(double value) {
@@ -405,7 +429,13 @@ void Tensor::fill_(double value) {
     });
     return;
   }
-  copy_(full(shape_, value, dtype_, Device::cpu()));
+  Stream& s = Stream::default_for(device_);
+  if (value == 0.0 && !std::signbit(value) && is_contiguous()) {
+    cuda_rt::memset_async(raw_data(), 0, nbytes(), device_.index, s.handle());  // all-zero bits are 0 in every dtype
+    return;
+  }
+  cuda_rt::strided_fill(storage_->data(), static_cast<int>(dtype_), layout_of(*this), value, device_.index,
+                        s.handle());
 }
 
 std::string Tensor::str(int64_t max_per_dim) const {

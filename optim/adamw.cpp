@@ -5,7 +5,7 @@
 #include <cmath>
 #include <sstream>
 
-#include "kernels/cpu/adamw.h"
+#include "kernels/dispatch.h"
 
 namespace loom {
 
@@ -22,13 +22,12 @@ bool is_16bit(DType dtype) { return dtype == DType::bf16 || dtype == DType::f16;
 // Flat view of a contiguous tensor (the kernel works on spans).
 Tensor flat(const Tensor& t) { return t.view({t.numel()}); }
 
-// Device dispatch of the fused update. `compute` is undefined when the
-// parameter is its own master.
+// The fused update on the parameter's device (kernels/dispatch.h). `compute`
+// is undefined when the parameter is its own master; otherwise the kernel
+// writes the rounded compute copy (bf16 on CUDA) in the same pass.
 void adamw_update(Tensor& master, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor& compute, const Tensor& grad,
-                  const cpu::AdamWScalars& scalars, Stream& stream) {
-  LOOM_CHECK(master.device().is_cpu())
-      << "AdamW: no CUDA kernel for the fused update yet (parameter on " << master.device() << ")";
-  cpu::adamw_step(master, exp_avg, exp_avg_sq, compute, grad, scalars, stream);
+                  const dispatch::AdamWScalars& scalars, Stream& stream) {
+  dispatch::adamw_step(master, exp_avg, exp_avg_sq, compute, grad, scalars, stream);
 }
 
 const char* kExpAvg = ".exp_avg";
@@ -79,7 +78,7 @@ void AdamW::step(double lr) {
 
 void AdamW::step(double lr, Stream& stream) {
   LOOM_CHECK(std::isfinite(lr) && lr >= 0.0) << "AdamW::step: lr " << lr << " must be finite and >= 0";
-  cpu::AdamWScalars scalars;
+  dispatch::AdamWScalars scalars;
   scalars.lr = lr;
   scalars.beta1 = config_.beta1;
   scalars.beta2 = config_.beta2;

@@ -1,12 +1,13 @@
 // Global gradient norm, clipping and the finiteness check (see clip.h). Each
-// gradient contributes one f64 sum of squares from the CPU kernel; the
-// per-parameter sums are added in parameter order, so the norm is
-// deterministic.
+// gradient contributes one f64 sum of squares (kernels/dispatch.h: CPU or
+// CUDA) into its own slot of one f64 vector on the gradients' device; the
+// vector is read back once and the slots are added in parameter order, so the
+// norm is deterministic and a CUDA run waits for the device once per call.
 #include "optim/clip.h"
 
 #include <cmath>
 
-#include "kernels/cpu/grad_norm.h"
+#include "kernels/dispatch.h"
 
 namespace loom {
 
@@ -19,9 +20,35 @@ Device params_device(const std::vector<Parameter>& params) {
   return params.empty() ? Device::cpu() : params.front().var.device();
 }
 
-void check_cpu(const Tensor& grad, const std::string& name, const char* op) {
-  LOOM_CHECK(grad.device().is_cpu()) << op << ": no CUDA kernel yet (gradient of '" << name << "' on "
-                                     << grad.device() << ")";
+// The parameters with a defined gradient, all on `device`.
+std::vector<const Parameter*> with_grads(const std::vector<Parameter>& params, Device device, const char* op) {
+  std::vector<const Parameter*> out;
+  for (const auto& p : params) {
+    const Tensor& grad = p.var.grad();
+    if (!grad.defined()) continue;
+    LOOM_CHECK(grad.device() == device) << op << ": gradient of '" << p.name << "' is on " << grad.device()
+                                        << ", the first parameter on " << device;
+    out.push_back(&p);
+  }
+  return out;
+}
+
+// One value per parameter with a gradient, from `kernel(slot, grad)` writing a
+// shape () slot of a (P) `dtype` vector on `device`. On CUDA, reading the
+// vector is the one host synchronization of the call: the caller needs the
+// numbers on the host (the norm decides clipping and is logged; a non-finite
+// gradient skips the step).
+template <typename Kernel>
+std::vector<double> per_parameter(const std::vector<const Parameter*>& params, Device device, DType dtype,
+                                  Kernel&& kernel) {
+  if (params.empty()) return {};
+  Stream& stream = Stream::default_for(device);
+  Tensor slots = Tensor::zeros({static_cast<int64_t>(params.size())}, dtype, device);  // (P)
+  for (size_t i = 0; i < params.size(); ++i) {
+    Tensor slot = slots.select(0, static_cast<int64_t>(i));  // ()
+    kernel(slot, params[i]->var.grad().contiguous(), stream);
+  }
+  return slots.to_vector<double>();
 }
 
 // Sums `value` over the group in f64.
@@ -38,17 +65,14 @@ bool is_sharded(const ParamAttrs& attrs) { return attrs.sharding == Sharding::ex
 
 double grad_norm(const std::vector<Parameter>& params, Communicator* comm_for_sharded) {
   double replicated = 0.0, sharded = 0.0;
-  Tensor partial = Tensor::zeros({}, DType::f64);
-  for (const auto& p : params) {
-    const Tensor& grad = p.var.grad();
-    if (!grad.defined()) continue;
-    check_cpu(grad, p.name, "grad_norm");
-    Stream& stream = Stream::default_for(grad.device());
-    cpu::sum_squares(partial, grad.contiguous(), stream);
-    (is_sharded(p.attrs) ? sharded : replicated) += *partial.data<double>();
-  }
+  Device device = params_device(params);
+  std::vector<const Parameter*> with = with_grads(params, device, "grad_norm");
+  std::vector<double> squares = per_parameter(with, device, DType::f64, [](Tensor& out, const Tensor& g, Stream& s) {
+    dispatch::sum_squares(out, g, s);
+  });
+  for (size_t i = 0; i < with.size(); ++i) (is_sharded(with[i]->attrs) ? sharded : replicated) += squares[i];
   // Called on every rank, whether or not it holds sharded gradients (collective).
-  if (comm_for_sharded != nullptr) sharded = all_reduce_sum(sharded, *comm_for_sharded, params_device(params));
+  if (comm_for_sharded != nullptr) sharded = all_reduce_sum(sharded, *comm_for_sharded, device);
   return std::sqrt(replicated + sharded);
 }
 
@@ -61,10 +85,10 @@ double clip_grad_norm(const std::vector<Parameter>& params, double max_norm, Com
     if (!grad.defined()) continue;
     Stream& stream = Stream::default_for(grad.device());
     if (grad.is_contiguous()) {
-      cpu::scale_inplace(grad, factor, stream);
+      dispatch::scale_inplace(grad, factor, stream);
     } else {
       Tensor dense = grad.contiguous();
-      cpu::scale_inplace(dense, factor, stream);
+      dispatch::scale_inplace(dense, factor, stream);
       grad.copy_(dense);
     }
   }
@@ -73,15 +97,13 @@ double clip_grad_norm(const std::vector<Parameter>& params, double max_norm, Com
 
 bool grads_finite(const std::vector<Parameter>& params, Communicator* comm) {
   double nonfinite = 0.0;
-  Tensor count = Tensor::zeros({}, DType::i64);
-  for (const auto& p : params) {
-    const Tensor& grad = p.var.grad();
-    if (!grad.defined()) continue;
-    check_cpu(grad, p.name, "grads_finite");
-    cpu::count_nonfinite(count, grad.contiguous(), Stream::default_for(grad.device()));
-    nonfinite += static_cast<double>(*count.data<int64_t>());
-  }
-  if (comm != nullptr) nonfinite = all_reduce_sum(nonfinite, *comm, params_device(params));
+  Device device = params_device(params);
+  std::vector<const Parameter*> with = with_grads(params, device, "grads_finite");
+  std::vector<double> counts = per_parameter(with, device, DType::i64, [](Tensor& out, const Tensor& g, Stream& s) {
+    dispatch::count_nonfinite(out, g, s);
+  });
+  for (double c : counts) nonfinite += c;
+  if (comm != nullptr) nonfinite = all_reduce_sum(nonfinite, *comm, device);
   return nonfinite == 0.0;
 }
 

@@ -17,6 +17,12 @@
 // All groups are created in the constructor (collective over the world);
 // group() only looks them up. Group communicators inherit the world
 // communicator's options (e.g. MpiCommunicatorOptions::check_consistency).
+//
+// Backends: a mesh built for a CUDA device hands out groups that route each
+// call by the tensors' device: CUDA tensors go through NCCL (one NCCL
+// communicator per group, bootstrapped through the group's MPI communicator
+// on the group's first CUDA collective), CPU tensors through MPI. A CPU mesh
+// hands out the MPI communicators themselves.
 #pragma once
 
 #include <map>
@@ -49,15 +55,28 @@ MeshSizes resolve_mesh_sizes(const MeshSizes& requested, int world_size);
 int mesh_rank(const MeshCoord& coord, const MeshSizes& sizes);
 MeshCoord mesh_coord(int world_rank, const MeshSizes& sizes);
 
+// This rank's index among the ranks of its node (MPI_Comm_split_type SHARED;
+// collective over `world`).
+int node_local_rank(const MpiCommunicator& world);
+
+// The device of this rank for a device setting: "cpu"; "cuda" = GPU (node-local
+// rank mod GPUs on the node), so ranks of one node spread over its GPUs;
+// "cuda:N" = GPU N. CUDA choices are checked against the GPUs present (the
+// error names the count and why none is usable) and made current for libraries
+// that use the current device. Collective over `world` for "cuda".
+Device select_device(const std::string& setting, const MpiCommunicator& world);
+
 class DeviceMesh {
  public:
-  // Collective over `world`; `sizes` may leave dp = 0.
-  DeviceMesh(const MeshSizes& sizes, const MpiCommunicator& world);
+  // Collective over `world`; `sizes` may leave dp = 0. `device`: where this
+  // rank computes (CUDA: groups route CUDA tensors to NCCL, see above).
+  DeviceMesh(const MeshSizes& sizes, const MpiCommunicator& world, Device device = Device::cpu());
   ~DeviceMesh();
   DeviceMesh(const DeviceMesh&) = delete;
   DeviceMesh& operator=(const DeviceMesh&) = delete;
 
   const MeshSizes& sizes() const { return sizes_; }   // resolved
+  Device device() const { return device_; }
   const MeshCoord& coord() const { return coord_; }   // this rank's coordinates
   int world_rank() const { return world_rank_; }
   int world_size() const { return sizes_.dp * sizes_.cp * sizes_.ep; }
@@ -71,7 +90,9 @@ class DeviceMesh {
   MeshSizes sizes_;
   MeshCoord coord_;
   int world_rank_ = 0;
+  Device device_;
   std::map<std::string, std::unique_ptr<MpiCommunicator>> groups_;
+  std::map<std::string, std::unique_ptr<Communicator>> routed_;  // CUDA meshes: device-routing groups
 };
 
 }  // namespace loom

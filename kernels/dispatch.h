@@ -1,0 +1,96 @@
+// Device dispatch of the kernel families: one entry point per kernel, with the
+// CPU twin's signature, that checks every tensor argument sits on one device
+// and runs the CPU kernel (kernels/cpu) or its CUDA twin (kernels/cuda). This
+// is the one place where device is decided (DESIGN.md §3 "dispatch once at the
+// entry point"); the differentiable ops in framework/ call only these. A CUDA
+// tensor whose family has no CUDA kernel in this build fails with
+// "<op>: no CUDA kernel for <op> yet (tensors on cuda:N)", never a crash;
+// dtype support is each kernel's own check (CPU: f32/f64; CUDA: f32/bf16/f16).
+#pragma once
+
+#include <vector>
+
+#include "framework/stream.h"
+#include "framework/tensor.h"
+#include "kernels/cpu/adamw.h"
+#include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/s2_pattern.h"
+
+namespace loom::dispatch {
+
+using cpu::AdamWScalars;
+using cpu::BinaryOp;
+
+// Whether kernel family `family` ("gemm", "elementwise", "reduce", "activation",
+// "swiglu", "rmsnorm", "rope", "embedding", "softmax", "cross_entropy",
+// "attention", "lightning", "moe", "adamw", "grad_norm") has a CUDA kernel in this build.
+bool has_cuda_kernel(const char* family);
+
+// ---- matrix products (kernels/cpu/matmul.h) ----
+void gemm(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, double alpha, double beta,
+          Stream& s);
+
+// ---- element-wise and reductions (kernels/cpu/elementwise.h, reduce.h) ----
+void binary(Tensor& out, const Tensor& a, const Tensor& b, BinaryOp op, Stream& s);
+void scale(Tensor& out, const Tensor& x, double alpha, double beta, Stream& s);
+void axpy(Tensor& y, const Tensor& x, double alpha, Stream& s);
+void sum_to(Tensor& out, const Tensor& x, Stream& s);
+void sum_all(Tensor& out, const Tensor& x, Stream& s);
+void sum_dim(Tensor& out, const Tensor& x, int64_t dim, Stream& s);
+
+// ---- activations, norms, positions, embedding ----
+void sigmoid_forward(Tensor& y, const Tensor& x, Stream& s);
+void sigmoid_backward(Tensor& dx, const Tensor& dy, const Tensor& y, Stream& s);
+void silu_forward(Tensor& y, const Tensor& x, Stream& s);
+void silu_backward(Tensor& dx, const Tensor& dy, const Tensor& x, Stream& s);
+void swiglu_forward(Tensor& out, const Tensor& gate, const Tensor& up, Stream& s);
+void swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dout, const Tensor& gate, const Tensor& up, Stream& s);
+void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, double eps, Stream& s);
+void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
+                      Stream& s);
+void rope_forward(Tensor& y, const Tensor& x, const Tensor& positions, double theta, Stream& s);
+void rope_backward(Tensor& dx, const Tensor& dy, const Tensor& positions, double theta, Stream& s);
+void embedding_forward(Tensor& out, const Tensor& weight, const Tensor& ids, Stream& s);
+void embedding_backward(Tensor& grad_weight, const Tensor& grad_out, const Tensor& ids, Stream& s);
+
+// ---- softmax, loss, attention ----
+void softmax_forward(Tensor& y, const Tensor& x, Stream& s);
+void softmax_backward(Tensor& dx, const Tensor& dy, const Tensor& y, Stream& s);
+void cross_entropy_forward(Tensor& loss, Tensor& lse, const Tensor& logits, const Tensor& targets,
+                           int64_t ignore_index, bool mean, Stream& s);
+void cross_entropy_backward(Tensor& dlogits, const Tensor& dloss, const Tensor& logits, const Tensor& targets,
+                            const Tensor& lse, int64_t ignore_index, bool mean, Stream& s);
+void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                       const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
+                       const S2Pattern& s2, Stream& s);
+void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& dlse, const Tensor& q,
+                        const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                        const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
+                        const S2Pattern& s2, Stream& s);
+void lightning_forward(Tensor& out, Tensor& final_state, const Tensor& q, const Tensor& k, const Tensor& v,
+                       const Tensor& initial_state, const Tensor& decay_lambdas, double out_scale,
+                       int64_t block_size, Stream& s);
+void lightning_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dinitial_state, const Tensor& dout,
+                        const Tensor& dfinal_state, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Tensor& initial_state, const Tensor& decay_lambdas, double out_scale,
+                        int64_t block_size, Stream& s);
+
+// ---- MoE dispatch (kernels/cpu/moe.h) ----
+void index_select_rows(Tensor& out, const Tensor& x, const Tensor& index, Stream& s);
+void index_add_rows(Tensor& out, const Tensor& rows, const Tensor& index, Stream& s);
+void logsumexp_forward(Tensor& lse, const Tensor& x, Stream& s);
+void logsumexp_backward(Tensor& grad_x, const Tensor& grad_lse, const Tensor& x, const Tensor& lse, Stream& s);
+void grouped_linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const std::vector<int64_t>& offsets,
+                            Stream& s);
+void grouped_linear_backward(Tensor& grad_x, Tensor& grad_w, const Tensor& grad_y, const Tensor& x, const Tensor& w,
+                             const std::vector<int64_t>& offsets, Stream& s);
+void topk_rows(Tensor& indices, const Tensor& scores, int64_t k, Stream& s);
+
+// ---- optimizer and clipping (kernels/cpu/adamw.h, grad_norm.h) ----
+void adamw_step(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor& compute, const Tensor& grad,
+                const AdamWScalars& scalars, Stream& s);
+void sum_squares(Tensor& out, const Tensor& x, Stream& s);
+void scale_inplace(Tensor& x, double alpha, Stream& s);
+void count_nonfinite(Tensor& out, const Tensor& x, Stream& s);
+
+}  // namespace loom::dispatch
