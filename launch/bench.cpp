@@ -1,0 +1,338 @@
+// loom-bench [--json out.json] [--reps N]
+// Times the CUDA kernels at the shapes of the recipes (launch/recipes: d 128,
+// 4 heads, F 384, byte vocab, 8 x 128 tokens) and of a 1.3B model (d 2048,
+// 16 heads of 128, SwiGLU F 5632, vocab 32000, 16K tokens per step), one
+// table per kernel family: median of --reps timings (CUDA events) after
+// warm-up, the bytes each kernel must move, GB/s and the fraction of the
+// device-to-device copy bandwidth measured in the same run; GEMMs in TFLOP/s
+// and as a fraction of the H100's 989 TFLOP/s dense bf16 peak. --json writes
+// the rows for tools/bench_torch.py, which times the same shapes with PyTorch
+// and prints the ratios. Without a GPU it says so and exits 0.
+#include <CLI/CLI.hpp>
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "framework/error.h"
+#include "framework/storage.h"
+#include "framework/stream.h"
+#include "framework/tensor.h"
+
+#ifdef LOOM_WITH_CUDA
+#include "kernels/cuda/activation.h"
+#include "kernels/cuda/adamw.h"
+#include "kernels/cuda/cross_entropy.h"
+#include "kernels/cuda/elementwise.h"
+#include "kernels/cuda/embedding.h"
+#include "kernels/cuda/gemm.h"
+#include "kernels/cuda/grad_norm.h"
+#include "kernels/cuda/reduce.h"
+#include "kernels/cuda/rmsnorm.h"
+#include "kernels/cuda/rope.h"
+#include "kernels/cuda/softmax.h"
+#endif
+
+namespace {
+
+using namespace loom;
+
+constexpr double kPeakTflops = 989.0;  // H100 SXM dense bf16 (PERF.md: the MFU denominator)
+
+struct ModelShape {
+  std::string name;
+  int64_t tokens, d, heads, kv_heads, head_dim, ffn, vocab;
+};
+const ModelShape kModels[] = {{"recipe", 8 * 128, 128, 4, 2, 32, 384, 256},
+                              {"1.3B", 16384, 2048, 16, 16, 128, 5632, 32000}};
+
+struct Row {
+  std::string family, name, shape;
+  double ms = 0, bytes = 0, flops = 0;
+};
+
+class Bench {
+ public:
+  Bench(Stream& s, int reps) : s_(s), reps_(reps) {}
+
+  // Median time in ms of fn() over reps_ runs after 3 warm-ups.
+  double time_ms(const std::function<void()>& fn) {
+    for (int i = 0; i < 3; ++i) fn();
+    Event start(s_.device()), stop(s_.device());
+    std::vector<float> ms;
+    for (int i = 0; i < reps_; ++i) {
+      start.record(s_);
+      fn();
+      stop.record(s_);
+      stop.synchronize();
+      ms.push_back(start.elapsed_ms(stop));
+    }
+    std::sort(ms.begin(), ms.end());
+    return ms[ms.size() / 2];
+  }
+
+  void memory(const std::string& family, const std::string& name, const std::string& shape, double bytes,
+              const std::function<void()>& fn) {
+    rows_.push_back({family, name, shape, time_ms(fn), bytes, 0});
+  }
+  void compute(const std::string& family, const std::string& name, const std::string& shape, double flops,
+               const std::function<void()>& fn) {
+    rows_.push_back({family, name, shape, time_ms(fn), 0, flops});
+  }
+
+  void print(double copy_gbps) const {
+    std::string family;
+    for (const Row& r : rows_) {
+      if (r.family != family) {
+        family = r.family;
+        std::printf("\n== %s ==\n", family.c_str());
+        if (r.flops > 0) std::printf("%-28s %-30s %10s %10s %8s\n", "kernel", "shape", "ms", "TFLOP/s", "of peak");
+        else std::printf("%-28s %-30s %10s %10s %8s\n", "kernel", "shape", "ms", "GB/s", "of copy");
+      }
+      if (r.flops > 0) {
+        double tflops = r.flops / (r.ms * 1e-3) / 1e12;
+        std::printf("%-28s %-30s %10.4f %10.1f %7.1f%%\n", r.name.c_str(), r.shape.c_str(), r.ms, tflops,
+                    100.0 * tflops / kPeakTflops);
+      } else {
+        double gbps = r.bytes / (r.ms * 1e-3) / 1e9;
+        std::printf("%-28s %-30s %10.4f %10.1f %7.1f%%\n", r.name.c_str(), r.shape.c_str(), r.ms, gbps,
+                    100.0 * gbps / copy_gbps);
+      }
+    }
+  }
+
+  nlohmann::json json(double copy_gbps) const {
+    nlohmann::json rows = nlohmann::json::array();
+    for (const Row& r : rows_)
+      rows.push_back({{"family", r.family}, {"name", r.name}, {"shape", r.shape}, {"ms", r.ms}, {"bytes", r.bytes},
+                      {"flops", r.flops}});
+    return {{"copy_gbps", copy_gbps}, {"rows", rows}};
+  }
+
+  Stream& stream() { return s_; }
+
+ private:
+  Stream& s_;
+  int reps_;
+  std::vector<Row> rows_;
+};
+
+std::string dims(std::initializer_list<int64_t> d) {
+  std::string out;
+  for (int64_t v : d) out += (out.empty() ? "" : "x") + std::to_string(v);
+  return out;
+}
+
+#ifdef LOOM_WITH_CUDA
+
+Device gpu() { return Device::cuda(0); }
+
+Tensor filled(const Shape& shape, DType dtype, double value, Stream& s) {
+  Tensor t = Tensor::empty(shape, dtype, gpu());
+  cuda::fill(t, value, s);
+  return t;
+}
+
+// Device-to-device copy bandwidth (bytes read + written), 1 GiB.
+double copy_bandwidth(Bench& b) {
+  const size_t bytes = size_t{1} << 30;
+  Storage src(bytes, gpu(), &b.stream()), dst(bytes, gpu(), &b.stream());
+  double ms = b.time_ms([&] { copy_bytes(dst.data(), gpu(), src.data(), gpu(), bytes, &b.stream()); });
+  return 2.0 * static_cast<double>(bytes) / (ms * 1e-3) / 1e9;
+}
+
+void bench_memory_bound(Bench& b, const ModelShape& m) {
+  Stream& s = b.stream();
+  const DType bf = DType::bf16;
+  const int64_t n = m.tokens, c = m.d, f = m.ffn;
+  const std::string tag = m.name + " ";
+  // Element-wise and casts.
+  {
+    Tensor x = filled({n, c}, bf, 0.5, s), y = filled({n, c}, bf, 0.25, s), out = filled({n, c}, bf, 0, s);
+    Tensor x32 = filled({n, c}, DType::f32, 0.5, s);
+    double e = static_cast<double>(n * c);
+    b.memory("elementwise", tag + "add bf16", dims({n, c}), 6 * e,
+             [&] { cuda::binary(out, x, y, cuda::BinaryOp::add, s); });
+    b.memory("elementwise", tag + "cast f32->bf16", dims({n, c}), 6 * e, [&] { cuda::copy_cast(out, x32, s); });
+    Tensor row = filled({1, c}, bf, 2.0, s);
+    b.memory("elementwise", tag + "mul by a row (broadcast)", dims({n, c}), 4 * e,
+             [&] { cuda::binary(out, x, row, cuda::BinaryOp::mul, s); });
+    Tensor g32 = filled({n, c}, DType::f32, 0, s);
+    b.memory("elementwise", tag + "axpy f32 += bf16", dims({n, c}), 10 * e, [&] { cuda::axpy(g32, x, 0.5, s); });
+    Tensor colsum = filled({c}, DType::f32, 0, s);
+    b.memory("reduce", tag + "sum_dim 0 -> f32", dims({n, c}), 2 * e, [&] { cuda::sum_dim(colsum, x, 0, s); });
+    Tensor total = filled({}, DType::f32, 0, s);
+    b.memory("reduce", tag + "sum_all -> f32", dims({n, c}), 2 * e, [&] { cuda::sum_all(total, x, s); });
+  }
+  // Norm, activation, RoPE, embedding.
+  {
+    Tensor x = filled({n, c}, bf, 0.5, s), w = filled({c}, bf, 1.0, s), y = filled({n, c}, bf, 0, s);
+    Tensor rstd = filled({n}, DType::f32, 0, s), dx = filled({n, c}, bf, 0, s), dw = filled({c}, DType::f32, 0, s);
+    double e = static_cast<double>(n * c);
+    b.memory("rmsnorm", tag + "forward", dims({n, c}), 4 * e, [&] { cuda::rmsnorm_forward(y, rstd, x, w, 1e-5, s); });
+    b.memory("rmsnorm", tag + "backward", dims({n, c}), 6 * e,
+             [&] { cuda::rmsnorm_backward(dx, dw, y, x, w, rstd, s); });
+    Tensor gate = filled({n, f}, bf, 0.5, s), up = filled({n, f}, bf, 0.5, s), o = filled({n, f}, bf, 0, s);
+    Tensor dg = filled({n, f}, bf, 0, s), du = filled({n, f}, bf, 0, s);
+    double ef = static_cast<double>(n * f);
+    b.memory("activation", tag + "swiglu forward", dims({n, f}), 6 * ef, [&] { cuda::swiglu_forward(o, gate, up, s); });
+    b.memory("activation", tag + "swiglu backward", dims({n, f}), 10 * ef,
+             [&] { cuda::swiglu_backward(dg, du, o, gate, up, s); });
+    b.memory("activation", tag + "silu forward", dims({n, f}), 4 * ef, [&] { cuda::silu_forward(o, gate, s); });
+    Tensor q = filled({1, n, m.heads, m.head_dim}, bf, 0.5, s), qr = filled({1, n, m.heads, m.head_dim}, bf, 0, s);
+    Tensor pos = Tensor::arange(n, DType::i64).to(gpu());
+    b.memory("rope", tag + "forward", dims({1, n, m.heads, m.head_dim}), 4.0 * n * m.heads * m.head_dim,
+             [&] { cuda::rope_forward(qr, q, pos, 10000.0, s); });
+    Tensor table = filled({m.vocab, c}, bf, 0.1, s);
+    Tensor wrapped = Tensor::from_vector<int64_t>([&] {
+                       std::vector<int64_t> v(n);
+                       for (int64_t i = 0; i < n; ++i) v[i] = (i * 7919) % m.vocab;
+                       return v;
+                     }(), {n}).to(gpu());
+    Tensor emb = filled({n, c}, bf, 0, s);
+    b.memory("embedding", tag + "forward", dims({n, c}), 4 * e, [&] { cuda::embedding_forward(emb, table, wrapped, s); });
+  }
+  // Softmax (attention-probability shaped rows) and the fused cross-entropy.
+  {
+    const int64_t rows = m.name == "recipe" ? 4096 : 16384, cols = m.name == "recipe" ? 128 : 4096;
+    Tensor x = filled({rows, cols}, bf, 0.5, s), y = filled({rows, cols}, bf, 0, s), dx = filled({rows, cols}, bf, 0, s);
+    double e = static_cast<double>(rows * cols);
+    b.memory("softmax", tag + "forward", dims({rows, cols}), 4 * e, [&] { cuda::softmax_forward(y, x, s); });
+    b.memory("softmax", tag + "backward", dims({rows, cols}), 6 * e, [&] { cuda::softmax_backward(dx, x, y, s); });
+    const int64_t ce_rows = std::min<int64_t>(n, 8192);
+    Tensor logits = filled({ce_rows, m.vocab}, bf, 0.5, s), dlogits = filled({ce_rows, m.vocab}, bf, 0, s);
+    Tensor targets = Tensor::from_vector<int64_t>([&] {
+                       std::vector<int64_t> v(ce_rows);
+                       for (int64_t i = 0; i < ce_rows; ++i) v[i] = (i * 31) % m.vocab;
+                       return v;
+                     }(), {ce_rows}).to(gpu());
+    Tensor loss = filled({}, DType::f32, 0, s), lse = filled({ce_rows}, DType::f32, 0, s);
+    Tensor dloss = filled({}, DType::f32, 1.0, s);
+    double ev = static_cast<double>(ce_rows * m.vocab);
+    b.memory("cross_entropy", tag + "forward (incl. 1 sync)", dims({ce_rows, m.vocab}), 2 * ev,
+             [&] { cuda::cross_entropy_forward(loss, lse, logits, targets, -100, true, s); });
+    b.memory("cross_entropy", tag + "backward (incl. 1 sync)", dims({ce_rows, m.vocab}), 4 * ev,
+             [&] { cuda::cross_entropy_backward(dlogits, dloss, logits, targets, lse, -100, true, s); });
+  }
+}
+
+// Parameter list of `layers` blocks of the model plus its embedding (the optimizer's view).
+std::vector<Shape> parameter_shapes(const ModelShape& m, int layers) {
+  std::vector<Shape> shapes{{m.vocab, m.d}};
+  const int64_t qkv = (m.heads + 2 * m.kv_heads) * m.head_dim;
+  for (int l = 0; l < layers; ++l) {
+    for (Shape sh : {Shape{qkv, m.d}, Shape{m.d, m.heads * m.head_dim}, Shape{m.ffn, m.d}, Shape{m.ffn, m.d},
+                     Shape{m.d, m.ffn}, Shape{m.d}, Shape{m.d}})
+      shapes.push_back(sh);
+  }
+  shapes.push_back({m.d});
+  return shapes;
+}
+
+void bench_optimizer(Bench& b, const ModelShape& m) {
+  Stream& s = b.stream();
+  const int layers = 4;  // recipe: all its blocks; 1.3B: 4 of its 24 blocks + embedding (~270M parameters)
+  std::vector<cuda::AdamWSpan> spans;
+  std::vector<Tensor> grads;
+  int64_t total = 0;
+  for (const Shape& sh : parameter_shapes(m, layers)) {
+    cuda::AdamWSpan sp{filled(sh, DType::f32, 0.01, s), filled(sh, DType::f32, 0, s), filled(sh, DType::f32, 0, s),
+                       filled(sh, DType::bf16, 0, s), filled(sh, DType::f32, 1e-3, s), sh.size() == 2 ? 0.1 : 0.0};
+    total += sp.param.numel();
+    grads.push_back(sp.grad);
+    spans.push_back(sp);
+  }
+  cuda::AdamWScalars sc;
+  sc.lr = 1e-4;
+  sc.step = 10;
+  const std::string shape = std::to_string(spans.size()) + " tensors, " + std::to_string(total) + " params";
+  b.memory("optimizer", m.name + " adamw (f32 master, bf16 copy)", shape, 30.0 * total,
+           [&] { cuda::adamw_step_many(spans, sc, s); });
+  Tensor norms = filled({static_cast<int64_t>(grads.size())}, DType::f64, 0, s);
+  b.memory("optimizer", m.name + " grad sum of squares", shape, 4.0 * total,
+           [&] { cuda::sum_squares_many(norms, grads, s); });
+}
+
+// y = x W^T (forward), dX = dY W, dW = dY^T X for each linear layer of the model.
+void bench_gemm(Bench& b, const ModelShape& m) {
+  Stream& s = b.stream();
+  const DType bf = DType::bf16;
+  struct Linear {
+    std::string name;
+    int64_t in, out;
+  };
+  const int64_t qkv = (m.heads + 2 * m.kv_heads) * m.head_dim;
+  const Linear linears[] = {{"qkv", m.d, qkv},        {"o_proj", m.heads * m.head_dim, m.d},
+                            {"gate+up", m.d, 2 * m.ffn}, {"down", m.ffn, m.d},
+                            {"lm_head", m.d, m.vocab}};
+  const int64_t n = m.tokens;
+  for (const Linear& l : linears) {
+    Tensor x = filled({n, l.in}, bf, 0.01, s), w = filled({l.out, l.in}, bf, 0.01, s);
+    Tensor y = filled({n, l.out}, bf, 0, s), dx = filled({n, l.in}, bf, 0, s), dw = filled({l.out, l.in}, bf, 0, s);
+    const double flops = 2.0 * n * l.in * l.out;
+    const std::string shape = dims({n, l.in, l.out});
+    b.compute("gemm", m.name + " " + l.name + " fwd", shape, flops, [&] { cuda::gemm(y, x, w, false, true, 1, 0, s); });
+    b.compute("gemm", m.name + " " + l.name + " dx", shape, flops, [&] { cuda::gemm(dx, y, w, false, false, 1, 0, s); });
+    b.compute("gemm", m.name + " " + l.name + " dw", shape, flops, [&] { cuda::gemm(dw, y, x, true, false, 1, 0, s); });
+  }
+}
+
+int run(const std::string& json_path, int reps) {
+  if (!cuda_is_available()) {
+    std::printf("loom-bench: no usable GPU (%s); nothing to time.\n", cuda_unavailable_reason().c_str());
+    return 0;
+  }
+  Stream& s = Stream::default_for(gpu());
+  Bench b(s, reps);
+  const double copy_gbps = copy_bandwidth(b);
+  std::printf("loom-bench: device-to-device copy %.1f GB/s (read + write), median of %d; GEMM peak %.0f TFLOP/s\n",
+              copy_gbps, reps, kPeakTflops);
+  {
+    const int64_t big = 8192;
+    Tensor a = filled({big, big}, DType::bf16, 0.01, s), c = filled({big, big}, DType::bf16, 0, s);
+    b.compute("gemm", "square bf16", dims({big, big, big}), 2.0 * big * big * big,
+              [&] { cuda::gemm(c, a, a, false, false, 1, 0, s); });
+  }
+  for (const ModelShape& m : kModels) bench_gemm(b, m);
+  for (const ModelShape& m : kModels) bench_memory_bound(b, m);
+  for (const ModelShape& m : kModels) bench_optimizer(b, m);
+  b.print(copy_gbps);
+  if (!json_path.empty()) {
+    std::ofstream out(json_path);
+    LOOM_CHECK(out.good()) << "cannot write " << json_path;
+    out << b.json(copy_gbps).dump(1) << "\n";
+    std::printf("\nrows written to %s\n", json_path.c_str());
+  }
+  return 0;
+}
+
+#else
+
+int run(const std::string&, int) {
+  std::printf("loom-bench: built without CUDA (no nvcc at configure time); nothing to time.\n");
+  return 0;
+}
+
+#endif
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"loom-bench: CUDA kernel timings (one table per kernel family)"};
+  std::string json_path;
+  int reps = 20;
+  app.add_option("--json", json_path, "also write the rows as JSON (input of tools/bench_torch.py)");
+  app.add_option("--reps", reps, "timed repetitions per kernel (median reported)")->check(CLI::Range(10, 1000));
+  CLI11_PARSE(app, argc, argv);
+  try {
+    return run(json_path, reps);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "loom-bench: %s\n", e.what());
+    return 1;
+  }
+}
