@@ -11,7 +11,9 @@
 //            written by one thread in a fixed order, so results are
 //            deterministic (p is recomputed in both passes, as in the CPU twin).
 // A key tile whose smallest position exceeds the query tile's largest is
-// skipped under the causal mask (positions may be any i64, e.g. zigzag).
+// skipped under the causal mask (positions may be any i64, e.g. zigzag), and
+// under S2 a tile pair with no possibly active block pair is skipped too (so
+// S2 costs about its active blocks, at 32-token tile granularity).
 // Rows are zero-padded on chip to 32, 64 or 128 columns, so any D <= 128 works.
 #include "kernels/cuda/attention_launch.h"
 #include "kernels/cuda/common.cuh"
@@ -60,6 +62,7 @@ struct TilePositions {
   int64_t pos[kTile];
   int64_t block[kTile];
   bool strided[kTile];
+  bool valid[kTile];  // row inside the sequence
 };
 
 // Thread t < 32 loads entry `start + t` (rows past `count` get `fill`).
@@ -70,6 +73,7 @@ __device__ __forceinline__ void load_positions(TilePositions& tp, const int64_t*
   const bool valid = idx < count;
   const int64_t p = valid ? src[idx] : fill;
   tp.pos[threadIdx.x] = p;
+  tp.valid[threadIdx.x] = valid;
   if (m.s2_block > 0) {  // rows past `count` are masked elsewhere; their block fields are never used
     const int64_t blk = valid ? p / m.s2_block : 0;
     tp.block[threadIdx.x] = blk;
@@ -87,6 +91,22 @@ __device__ __forceinline__ bool visible(const AttentionMask& m, const TilePositi
     if (I - J < m.s2_local) return true;
     return kp.strided[kj];
   }
+  return true;
+}
+
+// False when no (query, key) pair of the two tiles can be on an active S2
+// block pair (then the tile pair is skipped); conservative, so true may still
+// mean all hidden. Every lane of the warp must call it; all warps agree.
+__device__ __forceinline__ bool s2_tiles_may_meet(const AttentionMask& m, const TilePositions& qp,
+                                                  const TilePositions& kp, int lane) {
+  const bool qv = qp.valid[lane], kv = kp.valid[lane];
+  const int64_t i_min = warp_min_i64(qv ? qp.block[lane] : std::numeric_limits<int64_t>::max());
+  const int64_t i_max = warp_max_i64(qv ? qp.block[lane] : std::numeric_limits<int64_t>::min());
+  const int64_t j_min = warp_min_i64(kv ? kp.block[lane] : std::numeric_limits<int64_t>::max());
+  const int64_t j_max = warp_max_i64(kv ? kp.block[lane] : std::numeric_limits<int64_t>::min());
+  if (j_min > i_max) return false;  // every key block lies after every query block
+  // Every pair is outside the local window, and no key block is on the strided shard.
+  if (i_min - j_max >= m.s2_local && !__any_sync(kFull, kv && kp.strided[lane])) return false;
   return true;
 }
 
@@ -118,7 +138,7 @@ __device__ __forceinline__ float dot_row(const float* a, const float* b) {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 template <typename T, int kD>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     attention_forward_kernel(T* __restrict__ out, float* __restrict__ lse, const T* __restrict__ q,
                              const T* __restrict__ k, const T* __restrict__ v, AttentionDims n, AttentionMask mask,
                              float scale) {
@@ -152,6 +172,7 @@ __global__ void __launch_bounds__(kThreads)
     load_positions(kp, mask.k_pos, j0, n.S, std::numeric_limits<int64_t>::max(), mask, hk);
     __syncthreads();
     if (mask.causal && warp_min_i64(kp.pos[lane]) > q_max) continue;  // same answer in every warp
+    if (mask.s2_block > 0 && !s2_tiles_may_meet(mask, qp, kp, lane)) continue;
     load_tile<T, kD>(ks, kP, k + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, keys, n.D);
     load_tile<T, kD>(vs, kD, v + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, keys, n.D);
     __syncthreads();
@@ -224,7 +245,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // dq for one 32-query tile of one head: dq_i = scale * sum_j p_ij (dp_ij - delta_i) k_j.
 template <typename T, int kD>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     attention_backward_dq_kernel(T* __restrict__ dq, const T* __restrict__ dout, const float* __restrict__ lse,
                                  const float* __restrict__ delta, const T* __restrict__ q, const T* __restrict__ k,
                                  const T* __restrict__ v, AttentionDims n, AttentionMask mask, float scale) {
@@ -261,6 +282,7 @@ __global__ void __launch_bounds__(kThreads)
     load_positions(kp, mask.k_pos, j0, n.S, std::numeric_limits<int64_t>::max(), mask, hk);
     __syncthreads();
     if (mask.causal && warp_min_i64(kp.pos[lane]) > q_max) continue;
+    if (mask.s2_block > 0 && !s2_tiles_may_meet(mask, qp, kp, lane)) continue;
     load_tile<T, kD>(ks, kP, k + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, keys, n.D);
     load_tile<T, kD>(vs, kP, v + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, keys, n.D);
     __syncthreads();
@@ -349,6 +371,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       __syncthreads();
       if (mask.causal && warp_max_i64(qp.pos[lane]) < k_min) continue;
+      if (mask.s2_block > 0 && !s2_tiles_may_meet(mask, qp, kp, lane)) continue;
       load_tile<T, kD>(qs, kP, q + ((b * n.T + i0) * n.H + h) * n.D, q_stride, rows, n.D);
       load_tile<T, kD>(dos, kP, dout == nullptr ? nullptr : dout + ((b * n.T + i0) * n.H + h) * n.D, q_stride, rows,
                        n.D);
