@@ -15,6 +15,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kPack = 8;              // elements per thread per step on the flat path
 constexpr int64_t kMaxBlocks = 8192;  // grid-stride beyond this many blocks
+constexpr int64_t kMax32 = 0xffffffffll;  // strided paths index in 32 bits up to this many elements
 
 // ---- op functors (C = math type: float, or double for f64) ----
 struct AddOp { template <typename C> __device__ C operator()(C a, C b) const { return a + b; } };
@@ -73,13 +74,13 @@ __global__ void flat_kernel(O* out, const A* a, const B* b, int64_t n, int64_t p
 }
 
 // Same with offsets from a layout of three operands (out, a, b).
-template <typename O, typename A, typename B, typename Op>
+template <typename O, typename A, typename B, typename Op, typename I>
 __global__ void strided_kernel(O* out, const A* a, const B* b, int64_t n, StridedLayout<3> layout, Op op) {
   using C = acc_t<O>;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride) {
     int64_t off[3];
-    layout.offsets(i, off);
+    layout.offsets(static_cast<I>(i), off);
     out[off[0]] = convert<O>(op(convert<C>(a[off[1]]), b != nullptr ? convert<C>(b[off[2]]) : C(0)));
   }
 }
@@ -102,9 +103,13 @@ void launch_strided(const Tensor& out, const Tensor& a, const Tensor& b, Op op, 
   if (n == 0) return;
   const Shape& sb = b.defined() ? b.strides() : a.strides();
   StridedLayout<3> layout = make_layout<3>(out.shape(), {out.strides(), a.strides(), sb}, name);
-  strided_kernel<O, A, B, Op><<<grid_size(n, kThreads, kMaxBlocks), kThreads, 0, raw(s)>>>(
-      static_cast<O*>(out.raw_data()), static_cast<const A*>(a.raw_data()),
-      b.defined() ? static_cast<const B*>(b.raw_data()) : nullptr, n, layout, op);
+  auto go = [&](auto index_tag) {
+    strided_kernel<O, A, B, Op, decltype(index_tag)><<<grid_size(n, kThreads, kMaxBlocks), kThreads, 0, raw(s)>>>(
+        static_cast<O*>(out.raw_data()), static_cast<const A*>(a.raw_data()),
+        b.defined() ? static_cast<const B*>(b.raw_data()) : nullptr, n, layout, op);
+  };
+  if (n <= kMax32) go(uint32_t{});
+  else go(int64_t{});
   LOOM_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -164,12 +169,12 @@ __global__ void cast_flat_kernel(D* dst, const S* src, int64_t n, int64_t packs)
   for (int64_t i = packs * N + first; i < n; i += stride) dst[i] = convert<D>(src[i]);
 }
 
-template <typename D, typename S>
+template <typename D, typename S, typename I>
 __global__ void cast_strided_kernel(D* dst, const S* src, int64_t n, StridedLayout<2> layout) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride) {
     int64_t off[2];
-    layout.offsets(i, off);
+    layout.offsets(static_cast<I>(i), off);
     dst[off[0]] = convert<D>(src[off[1]]);
   }
 }
@@ -191,7 +196,7 @@ __global__ void fill_strided_kernel(T* out, T value, int64_t n, StridedLayout<1>
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride) {
     int64_t off[1];
-    layout.offsets(i, off);
+    layout.offsets(i, off);  // fills are rare on strided views: one 64-bit variant
     out[off[0]] = value;
   }
 }
@@ -269,7 +274,10 @@ void copy_cast(Tensor& dst, const Tensor& src, Stream& s) {
             d, p, n, packs);
       } else {
         StridedLayout<2> layout = make_layout<2>(dst.shape(), {dst.strides(), src.strides()}, "copy_cast");
-        cast_strided_kernel<D, S><<<grid_size(n, kThreads, kMaxBlocks), kThreads, 0, raw(s)>>>(d, p, n, layout);
+        if (n <= kMax32)
+          cast_strided_kernel<D, S, uint32_t><<<grid_size(n, kThreads, kMaxBlocks), kThreads, 0, raw(s)>>>(d, p, n, layout);
+        else
+          cast_strided_kernel<D, S, int64_t><<<grid_size(n, kThreads, kMaxBlocks), kThreads, 0, raw(s)>>>(d, p, n, layout);
       }
       LOOM_CUDA_CHECK(cudaGetLastError());
     });

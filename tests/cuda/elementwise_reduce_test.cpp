@@ -172,7 +172,9 @@ TEST(CudaElementwise, SigmoidAndSiluMatchTheCpuTwin) {
         EXPECT_TRUE(close(y, y_ref, dtype, 1e-7)) << "silu";
         cpu::silu_backward(dx_ref, dy, x, cpu_stream());
         cuda::silu_backward(dx, dyg, xg, gpu_stream());
-        EXPECT_TRUE(close(dx, dx_ref, dtype, 1e-7)) << "silu backward";
+        // 1 + x (1 - sigmoid(x)) cancels near x = -1.28: an ulp of difference in
+        // exp (libm vs CUDA) or a fused multiply-add leaves ~1e-7 absolute there.
+        EXPECT_TRUE(close(dx, dx_ref, dtype, 1e-6)) << "silu backward";
       }
     }
   }
