@@ -195,6 +195,10 @@ void sum_to(Tensor& out, const Tensor& x, Stream& s) {
              (out.dtype() == x.dtype() || out.dtype() == DType::f32 || out.dtype() == DType::f64))
       << "sum_to: output dtype " << out.dtype() << " for input " << x.dtype();
   if (out.numel() == 0) return;
+  if (x.numel() == 0) {  // every sum is empty
+    sum_middle(out, nullptr, x.dtype(), out.numel(), 0, 1, s);
+    return;
+  }
   // out's shape aligned to x's rank; dims of size 1 in x are dropped, runs of
   // kept (K) or reduced (R) dims merged.
   const int64_t lead = x.dim() - out.dim();
