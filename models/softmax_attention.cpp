@@ -1,8 +1,9 @@
 // The `S` mixer on the reference attention op: projections, RoPE, attention
 // (dense or S2 block-sparse), the per-(token, head) output scales (sigmoid
-// gate, MoH routing gate) and o_proj. Sequence-parallel variants (ring,
-// all-gather) and fused kernels replace the attention call and fuse the
-// scales into its epilogue, not this layer's parameters or math. The MoH
+// gate, MoH routing gate) and o_proj. Under sequence parallelism the attention
+// call becomes ring or all-gather attention (parallel.cp_softmax) over the cp
+// group, at the tokens' global positions; fused kernels replace the call and
+// fuse the scales into its epilogue, not this layer's parameters or math. The MoH
 // router lives in softmax_attention_moh.cpp.
 #include "models/softmax_attention.h"
 
@@ -10,6 +11,8 @@
 #include <cstdio>
 
 #include "framework/ops.h"
+#include "parallel/allgather_attention.h"
+#include "parallel/ring_attention.h"
 
 namespace loom {
 
@@ -104,10 +107,16 @@ Variable SoftmaxAttention::forward(const Variable& x, SequenceContext& ctx) cons
   options.s2 = s2_;
   Variable o;  // (B, T, H, D)
   if (ctx.cp.active()) {
-    LOOM_CHECK(false) << "S layers under parallel.cp = " << ctx.cp.size() << " (parallel.cp_softmax = "
-                      << ctx.cp.softmax
-                      << ") need ring or all-gather attention, which is not available yet; use a model of only L "
-                         "layers (and MoE/MLP) or cp = 1";
+    // Sequence parallel: this rank's queries against the whole sequence's keys,
+    // by ring (K,V travel) or all-gather (LASP-2H); positions are global.
+    Communicator& group = ctx.cp.group("S");
+    if (ctx.cp.softmax == "ring") {
+      o = ring_attention(q, k, v, options, *ctx.cp.layout, group).out;
+    } else {
+      LOOM_CHECK(ctx.cp.softmax == "allgather") << "parallel.cp_softmax = \"" << ctx.cp.softmax
+                                                << "\" is not one of ring, allgather";
+      o = allgather_attention(q, k, v, options, *ctx.cp.layout, group).out;
+    }
   } else {
     o = attention(q, k, v, options).out;
   }

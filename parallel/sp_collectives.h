@@ -10,9 +10,10 @@
 // copy feeds its own share, so the gradient of a rank's block is the sum over
 // ranks of the gradients of its copies (reduce-scatter).
 //
-// Every rank of `comm` must call the op with the same shapes, and backward
-// runs the adjoint collective on every rank (a missing output gradient counts
-// as zeros, so no rank skips it). `comm` must outlive the backward pass.
+// Every rank of `comm` must call the op with the same shapes, and every rank's
+// backward must reach the op (each rank's loss depends on its output), since
+// backward runs the adjoint collective on every rank; an undefined output
+// gradient counts as zeros. `comm` must outlive the backward pass.
 // Tensors live on the CPU for the MPI backend (CUDA with NCCL later).
 #pragma once
 

@@ -28,9 +28,11 @@
 #include "optim/adamw.h"
 #include "optim/clip.h"
 #include "optim/schedule.h"
+#include "parallel/comm_stats.h"
 #include "parallel/data_parallel.h"
 #include "parallel/mesh.h"
 #include "parallel/mpi_communicator.h"
+#include "parallel/token_layout.h"
 
 namespace loom {
 
@@ -122,18 +124,41 @@ LrSchedule schedule_from(const RunConfig& config) {
   return s;
 }
 
-// Mean validation loss over eval_batches batches (all ranks; dp shards averaged).
-double evaluate(const DecoderLM& model, DataLoader& loader, int64_t batches, Communicator& dp) {
+// Sequence parallelism of a run: the cp group, its token layout and byte
+// counters; inactive at cp = 1 (the single-device path, unchanged).
+struct CpSetup {
+  SequenceParallel sp;  // what every training/eval forward gets in its SequenceContext
+  std::unique_ptr<CommStats> stats;
+
+  // This rank's shard of a batch: targets were shifted before sharding, so
+  // every token keeps its own next-token target.
+  Batch shard(Batch batch) const {
+    if (!sp.active()) return batch;
+    const int rank = sp.comm->rank();
+    batch.inputs = sp.layout->shard(batch.inputs, rank, 1);    // (B, T/P)
+    batch.targets = sp.layout->shard(batch.targets, rank, 1);  // (B, T/P)
+    return batch;
+  }
+  SequenceContext context() const {
+    SequenceContext ctx;
+    ctx.cp = sp;
+    return ctx;
+  }
+};
+
+// Mean validation loss over eval_batches batches (all ranks; cp shares summed,
+// dp shards averaged: the mean over dp_cp of the shares times cp).
+double evaluate(const DecoderLM& model, DataLoader& loader, int64_t batches, const CpSetup& cp, Communicator& dp_cp) {
   NoGradGuard no_grad;
   loader.reset();
   double total = 0;
   int64_t n = std::min<int64_t>(batches, loader.steps_per_epoch());
   for (int64_t i = 0; i < n; ++i) {
-    Batch batch = loader.next();
-    SequenceContext ctx;
+    Batch batch = cp.shard(loader.next());
+    SequenceContext ctx = cp.context();
     total += model.loss(batch.inputs, batch.targets, ctx).item();
   }
-  return mean_over(total / static_cast<double>(std::max<int64_t>(n, 1)), dp);
+  return mean_over(total / static_cast<double>(std::max<int64_t>(n, 1)), dp_cp) * cp.sp.size();
 }
 
 // The training batches: windows of token files, or examples of a task stream.
@@ -187,7 +212,8 @@ struct StepExtras {
   }
 };
 
-// Stats averaged over micro-batches and dp ranks (every rank's model reports the same names).
+// Stats averaged over micro-batches and the ranks of `dp` (the dp_cp group under cp: every
+// rank's model reports the same names; per-token means of equal shards average to the global mean).
 nlohmann::json mean_stats(const StepExtras& extras, int64_t micro_batches, Communicator& dp) {
   nlohmann::json out = nlohmann::json::object();
   if (extras.stats.empty()) return out;
@@ -228,21 +254,36 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
   std::ostream& log = is_root ? out : null_stream;
 
   // ---- mesh and device ----
-  LOOM_CHECK(config.parallel.cp == 1) << "parallel.cp = " << config.parallel.cp
-                                      << ": sequence parallelism is not available yet (use cp = 1)";
   LOOM_CHECK(config.parallel.ep == 1) << "parallel.ep = " << config.parallel.ep
                                       << ": expert parallelism is not available yet (use ep = 1)";
   LOOM_CHECK(!config.optim.zero) << "optim.zero = true: ZeRO-1 optimizer-state sharding is not available yet "
                                     "(use optim.zero = false)";
-  LOOM_CHECK(config.train.device == "cpu") << "train.device = \"" << config.train.device
-                                           << "\": training on CUDA is not available yet (use cpu)";
+  // -- device placement (CUDA): this rank's device (node-local rank -> GPU); the mesh routes CUDA tensors to NCCL --
+  const Device device = select_device(config.train.device, world);
   MeshSizes sizes;
   sizes.dp = static_cast<int>(config.parallel.dp);
   sizes.cp = static_cast<int>(config.parallel.cp);
   sizes.ep = static_cast<int>(config.parallel.ep);
-  DeviceMesh mesh(sizes, world);
+  DeviceMesh mesh(sizes, world, device);
   Communicator& dp = mesh.group("dp");
   const int64_t dp_size = mesh.sizes().dp;
+  // Sequence parallelism (cp ranks are contiguous in the world: see parallel/mesh.h).
+  // Under cp, each rank's loss is its share of its dp group's loss, so the
+  // parameter gradients are SUMMED over cp and averaged over dp: one sum over
+  // dp_cp of gradients of share / dp (the scaling in the step below).
+  Communicator& dp_cp = mesh.group("dp_cp");
+  const int64_t cp_size = mesh.sizes().cp;
+  CpSetup cp;
+  if (cp_size > 1) {
+    LOOM_CHECK(config.parallel.cp_softmax == "ring" || config.parallel.cp_softmax == "allgather")
+        << "parallel.cp_softmax = \"" << config.parallel.cp_softmax << "\" is not one of ring, allgather";
+    cp.sp.layout = std::make_shared<TokenLayout>(parse_layout_kind(config.parallel.layout), config.data.seq_len,
+                                                 static_cast<int>(cp_size));  // rejects seq_len not divisible
+    cp.sp.comm = &mesh.group("cp");
+    cp.sp.softmax = config.parallel.cp_softmax;
+    cp.stats = std::make_unique<CommStats>(*cp.sp.comm);
+    cp.sp.stats = cp.stats.get();
+  }
 
   if (is_root) {
     log << config_table(config);
@@ -283,6 +324,12 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
   model.initialize(static_cast<uint64_t>(config.train.seed), config.model.init_std, config.model.n_layers);
   std::vector<Parameter> params = model.named_parameters();
   broadcast_parameters(params, world);  // replicas start identical even if init ever depended on the rank
+  // -- device placement (CUDA): initialized in f32 on the host (same values as a CPU run), then moved; with
+  // train.dtype = bf16 the parameters become bf16 compute weights and AdamW keeps their f32 masters --
+  if (device.is_cuda()) {
+    model.to(device);
+    if (config.train.dtype != "f32") model.to(dtype_from_name(config.train.dtype));
+  }
   AdamWConfig adamw;
   adamw.beta1 = config.optim.beta1;
   adamw.beta2 = config.optim.beta2;
@@ -291,7 +338,13 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
   AdamW optimizer(params, adamw);
   LrSchedule schedule = schedule_from(config);
   std::unique_ptr<GradReducer> reducer;
-  if (dp_size > 1) reducer = std::make_unique<GradReducer>(params, dp);
+  if (cp_size > 1) {
+    GradReducerOptions sum_options;
+    sum_options.reduce_op = ReduceOp::sum;  // cp shares add up; the 1/dp is in the loss scaling
+    reducer = std::make_unique<GradReducer>(params, dp_cp, sum_options);
+  } else if (dp_size > 1) {
+    reducer = std::make_unique<GradReducer>(params, dp);
+  }
 
   // ---- resume ----
   TrainingCounters counters;
@@ -308,9 +361,9 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
   const int64_t tokens_per_step = micro * seq_len * dp_size * config.train.grad_accum;
   const double flops_per_token = model.training_flops_per_token(seq_len);
   log << fmt::format(
-      "model: {} parameters ({} in matrix products), layers \"{}\", {} ranks (dp {}), {} tokens per step\n"
+      "model: {} parameters ({} in matrix products), layers \"{}\", {} ranks (dp {}, cp {}), {} tokens per step\n"
       "MFU = tokens/s x {:.4g} FLOP/token / peak (6 x {} active params + attention, ALGORITHMS.md §11)\n",
-      model.num_parameters(), model.active_parameters(), config.model.layer_types(), world.size(), dp_size,
+      model.num_parameters(), model.active_parameters(), config.model.layer_types(), world.size(), dp_size, cp_size,
       tokens_per_step, flops_per_token, model.active_parameters());
 
   std::unique_ptr<MetricsLog> metrics;
@@ -340,7 +393,7 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
   auto run_eval = [&](int64_t step) {
     if (is_task) return run_task_eval(step);
     if (!val_loader) return;
-    double val = evaluate(model, *val_loader, config.train.eval_batches, dp);
+    double val = evaluate(model, *val_loader, config.train.eval_batches, cp, dp_cp);
     if (summary.first_val_loss < 0) summary.first_val_loss = val;
     summary.last_val_loss = val;
     nlohmann::json record = {{"step", step}, {"val_loss", val}};
@@ -363,22 +416,35 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
     const int64_t step = counters.step;
     const double lr = schedule.lr_at(step);
     double loss_sum = 0;
+    std::vector<Tensor> micro_losses;  // one scalar per micro-batch, on the device
     StepExtras extras;
+    if (cp.stats) cp.stats->reset();  // bytes of this step
+    // Under cp the gradients are summed over dp_cp, so each share is scaled by 1/dp here.
+    const double grad_scale = 1.0 / static_cast<double>(config.train.grad_accum * (cp_size > 1 ? dp_size : 1));
     for (int64_t k = 0; k < config.train.grad_accum; ++k) {
       bool last = k + 1 == config.train.grad_accum;
       if (reducer) reducer->set_sync(last);
-      Batch batch = train_stream->next();
-      SequenceContext ctx;
+      Batch batch = cp.shard(train_stream->next());
+      if (device.is_cuda()) {  // -- device placement (CUDA): queued uploads, no host wait --
+        batch.inputs = batch.inputs.to(device);
+        batch.targets = batch.targets.to(device);
+      }
+      SequenceContext ctx = cp.context();
       Variable loss = model.loss(batch.inputs, batch.targets, ctx);  // cross-entropy + sum(ctx.aux_losses)
-      loss_sum += loss.item();
+      micro_losses.push_back(loss.data());  // read after backward: no host wait between forward and backward
       extras.add(ctx);
-      scale(loss, 1.0 / static_cast<double>(config.train.grad_accum)).backward();
+      scale(loss, grad_scale).backward();
     }
     if (reducer) reducer->finish();
+    // Host sync (CUDA): the step's loss is needed on the host to log it and to skip non-finite steps.
+    for (const Tensor& l : micro_losses) loss_sum += l.item();
     const double micro_batches = static_cast<double>(config.train.grad_accum);
     // One all-reduce for the total and the aux part; "loss" below is the LM loss alone.
-    Tensor sums = Tensor::from_vector(std::vector<double>{loss_sum / micro_batches, extras.aux / micro_batches}, {2});
-    dp.all_reduce(sums, ReduceOp::avg, host_stream());
+    // Under cp: the shares' mean over dp_cp times cp = the dp mean of whole-sequence losses.
+    Tensor sums = Tensor::from_vector(std::vector<double>{loss_sum / micro_batches * static_cast<double>(cp_size),
+                                                          extras.aux / micro_batches * static_cast<double>(cp_size)},
+                                      {2});
+    dp_cp.all_reduce(sums, ReduceOp::avg, host_stream());
     const std::vector<double> means = sums.to_vector<double>();
     const double aux_loss = means[1];
     double loss = means[0] - aux_loss;
@@ -390,7 +456,7 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
       grad_norm = clip_grad_norm(params, config.optim.grad_clip);
       optimizer.step(lr);
       // Loss-free MoE balancing: every rank applies the same bias update from the dp-summed loads.
-      update_moe_balance_biases(model, [&](Tensor& load) { dp.all_reduce(load, ReduceOp::sum, host_stream()); });
+      update_moe_balance_biases(model, [&](Tensor& load) { dp_cp.all_reduce(load, ReduceOp::sum, host_stream()); });
       counters.bad_steps_in_a_row = 0;
     } else {
       counters.skipped_steps += 1;
@@ -412,12 +478,13 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
     bool log_now = config.train.log_every > 0 &&
                    (counters.step % config.train.log_every == 0 || counters.step == config.train.steps);
     nlohmann::json stats;
-    if (log_now) stats = mean_stats(extras, config.train.grad_accum, dp);  // collective: every rank
+    if (log_now) stats = mean_stats(extras, config.train.grad_accum, dp_cp);  // collective: every rank
     if (log_now && is_root) {
       double tok_s = meter.tokens_per_second();
       double flops = tok_s * flops_per_token;
-      MemoryStats mem = memory_stats(Device::cpu());
-      std::string mfu = "n/a on cpu";  // MFU is against the GPU's dense bf16 peak (989 TFLOP/s on H100)
+      MemoryStats mem = memory_stats(device);  // -- device placement (CUDA): the device's allocator stats --
+      // MFU is against the GPU's dense bf16 peak (989 TFLOP/s on H100).
+      std::string mfu = device.is_cuda() ? fmt::format("{:.1f}%", 100.0 * flops / 989e12) : "n/a on cpu";
       if (progress_bar) log << "\r\033[K";
       log << fmt::format(
           "step {}/{} | loss {:.4f} | lr {:.3e} | grad-norm {:.3f} | {} tok/s | {:.3g} GFLOP/s, MFU {} | mem {} "
@@ -426,14 +493,21 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
           format_bytes(static_cast<double>(mem.current_bytes)), format_bytes(static_cast<double>(mem.peak_bytes)),
           format_duration(meter.seconds_remaining()));
       if (metrics) {
+        // Bytes rank 0 sent in this step's sequence-parallel traffic, per layer type
+        // ("L": LASP-2, "S": ring/all-gather attention and MoH statistics, "moe", "loss").
+        nlohmann::json comm_bytes = nlohmann::json::object();
+        if (cp.stats)
+          for (const auto& [key, bytes] : cp.stats->bytes()) comm_bytes[key] = bytes;
         double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
         metrics->write({{"step", counters.step}, {"loss", loss}, {"lr", lr},
                         {"grad_norm", std::isfinite(grad_norm) ? nlohmann::json(grad_norm) : nlohmann::json()},
                         {"tokens", counters.tokens}, {"tokens_per_s", tok_s}, {"flops_per_token", flops_per_token},
-                        {"flops_per_s", flops}, {"mfu", nullptr}, {"mem_bytes", mem.current_bytes},
+                        {"flops_per_s", flops},
+                        {"mfu", device.is_cuda() ? nlohmann::json(flops / 989e12) : nlohmann::json()},
+                        {"mem_bytes", mem.current_bytes},
                         {"mem_peak_bytes", mem.peak_bytes}, {"elapsed_s", elapsed},
                         {"eta_s", meter.seconds_remaining()}, {"skipped_steps", counters.skipped_steps},
-                        {"aux_loss", aux_loss}, {"stats", stats}});
+                        {"aux_loss", aux_loss}, {"stats", stats}, {"comm_bytes", comm_bytes}});
       }
       meter.window_reset();
     } else if (progress_bar) {
