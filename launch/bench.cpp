@@ -122,13 +122,13 @@ class Bench {
   std::vector<Row> rows_;
 };
 
+#ifdef LOOM_WITH_CUDA
+
 std::string dims(std::initializer_list<int64_t> d) {
   std::string out;
   for (int64_t v : d) out += (out.empty() ? "" : "x") + std::to_string(v);
   return out;
 }
-
-#ifdef LOOM_WITH_CUDA
 
 Device gpu() { return Device::cuda(0); }
 
