@@ -54,8 +54,9 @@ LightningResult lightning_attention(const Variable& q, const Variable& k, const 
   Tensor kc = k.data().contiguous();  // (B, T, H, D)
   Tensor vc = v.data().contiguous();  // (B, T, H, D)
   Tensor s0 = initial_state.defined() ? initial_state.data().contiguous() : Tensor();  // (B, H, D, D) or none
-  // (H) f64, owned (the caller may reuse its buffer), on q's device.
-  Tensor lambdas = index_on(decay_lambdas.to(DType::f64).clone(), q.device());
+  // (H) f64 on the host, owned (the caller may reuse its buffer); the kernels
+  // of every device read the decays on the host (they form the decay powers there).
+  Tensor lambdas = decay_lambdas.to(Device::cpu()).to(DType::f64).clone();
   Tensor out = Tensor::empty(q.shape(), q.dtype(), q.device());            // (B, T, H, D)
   Tensor final_state = Tensor::empty(state_shape, q.dtype(), q.device());  // (B, H, D, D)
   Stream& stream = Stream::default_for(qc.device());

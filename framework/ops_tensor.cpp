@@ -42,9 +42,17 @@ Shape broadcast_for(const char* op, const Tensor& a, const Tensor& b) {
 }
 
 Variable binary_op(const char* op, const Variable& a, const Variable& b, dispatch::BinaryOp kind) {
-  const Tensor& ta = float_input(op, a, "a");
-  const Tensor& tb = float_input(op, b, "b");
+  Tensor ta = float_input(op, a, "a");
+  Tensor tb = float_input(op, b, "b");
   check_device(op, tb, "b", ta.device());
+  // Mixed precision: a 16-bit operand meets an fp32 one (an fp32 loss plus a
+  // bf16 auxiliary loss): compute in fp32. The engine hands the 16-bit
+  // operand's gradient back in its own dtype. Any other mix is an error.
+  if (ta.dtype() != tb.dtype() && (is_16bit_float(ta.dtype()) || is_16bit_float(tb.dtype())) &&
+      (ta.dtype() == DType::f32 || tb.dtype() == DType::f32)) {
+    ta = ta.to(DType::f32);
+    tb = tb.to(DType::f32);
+  }
   LOOM_CHECK(ta.dtype() == tb.dtype()) << op << ": dtypes differ, a " << shape_str(ta.shape()) << " " << ta.dtype()
                                        << " vs b " << shape_str(tb.shape()) << " " << tb.dtype();
   broadcast_for(op, ta, tb);

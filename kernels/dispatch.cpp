@@ -25,20 +25,20 @@
 // ---- which families have CUDA kernels (1 = kernels/cuda/<family> is built and linked) ----
 #ifdef LOOM_WITH_CUDA
 #define LOOM_HAS_CUDA_GEMM 1
-#define LOOM_HAS_CUDA_ELEMENTWISE 0
-#define LOOM_HAS_CUDA_REDUCE 0
-#define LOOM_HAS_CUDA_ACTIVATION 0
+#define LOOM_HAS_CUDA_ELEMENTWISE 1
+#define LOOM_HAS_CUDA_REDUCE 1
+#define LOOM_HAS_CUDA_ACTIVATION 1
 #define LOOM_HAS_CUDA_SWIGLU 1
 #define LOOM_HAS_CUDA_RMSNORM 1
 #define LOOM_HAS_CUDA_ROPE 1
 #define LOOM_HAS_CUDA_EMBEDDING 1
-#define LOOM_HAS_CUDA_SOFTMAX 0
-#define LOOM_HAS_CUDA_CROSS_ENTROPY 0
+#define LOOM_HAS_CUDA_SOFTMAX 1
+#define LOOM_HAS_CUDA_CROSS_ENTROPY 1
 #define LOOM_HAS_CUDA_ATTENTION 1
-#define LOOM_HAS_CUDA_LIGHTNING 0
+#define LOOM_HAS_CUDA_LIGHTNING 1
 #define LOOM_HAS_CUDA_MOE 0
-#define LOOM_HAS_CUDA_ADAMW 0
-#define LOOM_HAS_CUDA_GRAD_NORM 0
+#define LOOM_HAS_CUDA_ADAMW 1
+#define LOOM_HAS_CUDA_GRAD_NORM 1
 #else
 #define LOOM_HAS_CUDA_GEMM 0
 #define LOOM_HAS_CUDA_ELEMENTWISE 0
@@ -368,7 +368,8 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
 void lightning_forward(Tensor& out, Tensor& final_state, const Tensor& q, const Tensor& k, const Tensor& v,
                        const Tensor& initial_state, const Tensor& decay_lambdas, double out_scale,
                        int64_t block_size, Stream& s) {
-  if (on_cpu("lightning_attention", {&out, &final_state, &q, &k, &v, &initial_state, &decay_lambdas}, s))
+  // decay_lambdas stay on the host on every device (the kernels form the decay powers there).
+  if (on_cpu("lightning_attention", {&out, &final_state, &q, &k, &v, &initial_state}, s))
     return cpu::lightning_forward(out, final_state, q, k, v, initial_state, decay_lambdas, out_scale, block_size, s);
   WITH_CUDA_LIGHTNING("lightning_attention", s,
                       cuda::lightning_forward(out, final_state, q, k, v, initial_state, decay_lambdas, out_scale,
@@ -379,7 +380,7 @@ void lightning_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dinitial_sta
                         const Tensor& initial_state, const Tensor& decay_lambdas, double out_scale,
                         int64_t block_size, Stream& s) {
   if (on_cpu("lightning_attention_backward",
-             {&dq, &dk, &dv, &dinitial_state, &dout, &dfinal_state, &q, &k, &v, &initial_state, &decay_lambdas}, s))
+             {&dq, &dk, &dv, &dinitial_state, &dout, &dfinal_state, &q, &k, &v, &initial_state}, s))
     return cpu::lightning_backward(dq, dk, dv, dinitial_state, dout, dfinal_state, q, k, v, initial_state,
                                    decay_lambdas, out_scale, block_size, s);
   WITH_CUDA_LIGHTNING("lightning_attention_backward", s,
@@ -398,12 +399,12 @@ void index_add_rows(Tensor& out, const Tensor& rows, const Tensor& index, Stream
 }
 void logsumexp_forward(Tensor& lse, const Tensor& x, Stream& s) {
   if (on_cpu("logsumexp", {&lse, &x}, s)) return cpu::logsumexp_forward(lse, x, s);
-  WITH_CUDA_SOFTMAX("logsumexp", s, cuda::logsumexp_forward(lse, x, s));
+  WITH_CUDA_MOE("logsumexp", s, cuda::logsumexp_forward(lse, x, s));
 }
 void logsumexp_backward(Tensor& grad_x, const Tensor& grad_lse, const Tensor& x, const Tensor& lse, Stream& s) {
   if (on_cpu("logsumexp_backward", {&grad_x, &grad_lse, &x, &lse}, s))
     return cpu::logsumexp_backward(grad_x, grad_lse, x, lse, s);
-  WITH_CUDA_SOFTMAX("logsumexp_backward", s, cuda::logsumexp_backward(grad_x, grad_lse, x, lse, s));
+  WITH_CUDA_MOE("logsumexp_backward", s, cuda::logsumexp_backward(grad_x, grad_lse, x, lse, s));
 }
 void grouped_linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const std::vector<int64_t>& offsets,
                             Stream& s) {
@@ -439,6 +440,71 @@ void scale_inplace(Tensor& x, double alpha, Stream& s) {
 void count_nonfinite(Tensor& out, const Tensor& x, Stream& s) {
   if (on_cpu("grads_finite", {&out, &x}, s)) return cpu::count_nonfinite(out, x, s);
   WITH_CUDA_GRAD_NORM("grads_finite", s, cuda::count_nonfinite(out, x, s));
+}
+
+
+// ---- many tensors per call ----
+namespace {
+bool on_cpu_many(const char* op, const std::vector<Tensor>& xs, const Tensor* out, const Stream& s) {
+  for (const Tensor& x : xs) on_cpu(op, {&x}, s);
+  return on_cpu(op, {out}, s);
+}
+}  // namespace
+
+void adamw_step_many(std::vector<AdamWSpan>& spans, const AdamWScalars& scalars, Stream& s) {
+  for (AdamWSpan& span : spans)
+    on_cpu("adamw", {&span.param, &span.exp_avg, &span.exp_avg_sq, &span.compute, &span.grad}, s);
+  if (s.device().is_cpu()) {
+    for (AdamWSpan& span : spans) {
+      AdamWScalars one = scalars;
+      one.weight_decay = span.weight_decay;
+      cpu::adamw_step(span.param, span.exp_avg, span.exp_avg_sq, span.compute, span.grad, one, s);
+    }
+    return;
+  }
+  if (spans.empty()) return;
+#if LOOM_HAS_CUDA_ADAMW
+  std::vector<cuda::AdamWSpan> device_spans;
+  device_spans.reserve(spans.size());
+  for (AdamWSpan& span : spans)
+    device_spans.push_back({span.param, span.exp_avg, span.exp_avg_sq, span.compute, span.grad, span.weight_decay});
+  cuda::adamw_step_many(device_spans, scalars, s);
+#else
+  no_cuda_kernel("adamw", s.device());
+#endif
+}
+
+void sum_squares_many(Tensor& out, const std::vector<Tensor>& xs, Stream& s) {
+  if (on_cpu_many("grad_norm", xs, &out, s)) {
+    for (size_t i = 0; i < xs.size(); ++i) {
+      Tensor slot = out.select(0, static_cast<int64_t>(i));
+      cpu::sum_squares(slot, xs[i], s);
+    }
+    return;
+  }
+  WITH_CUDA_GRAD_NORM("grad_norm", s, cuda::sum_squares_many(out, xs, s));
+}
+
+void count_nonfinite_many(Tensor& out, const std::vector<Tensor>& xs, Stream& s) {
+  if (on_cpu_many("grads_finite", xs, &out, s)) {
+    for (size_t i = 0; i < xs.size(); ++i) {
+      Tensor slot = out.select(0, static_cast<int64_t>(i));
+      cpu::count_nonfinite(slot, xs[i], s);
+    }
+    return;
+  }
+  WITH_CUDA_GRAD_NORM("grads_finite", s, cuda::count_nonfinite_many(out, xs, s));
+}
+
+void scale_inplace_many(const std::vector<Tensor>& xs, double alpha, Stream& s) {
+  if (on_cpu_many("clip_grad_norm", xs, nullptr, s)) {
+    for (const Tensor& x : xs) {
+      Tensor t = x;
+      cpu::scale_inplace(t, alpha, s);
+    }
+    return;
+  }
+  WITH_CUDA_GRAD_NORM("clip_grad_norm", s, cuda::scale_inplace_many(xs, alpha, s));
 }
 
 }  // namespace loom::dispatch

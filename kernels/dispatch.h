@@ -93,4 +93,17 @@ void sum_squares(Tensor& out, const Tensor& x, Stream& s);
 void scale_inplace(Tensor& x, double alpha, Stream& s);
 void count_nonfinite(Tensor& out, const Tensor& x, Stream& s);
 
+// Many tensors per call (the optimizer's and clipping's per-step loops): one
+// launch per dtype combination on CUDA (kernels/cuda multi-tensor kernels),
+// the single-tensor CPU kernel per entry on the CPU; same results either way.
+struct AdamWSpan {
+  Tensor param, exp_avg, exp_avg_sq, compute, grad;  // compute undefined: param is its own master
+  double weight_decay = 0.0;                          // this span's decoupled decay
+};
+void adamw_step_many(std::vector<AdamWSpan>& spans, const AdamWScalars& scalars, Stream& s);
+// out (len(xs), f64)[i] = sum of squares of xs[i]; out (len(xs), i64)[i] = NaN/Inf count of xs[i].
+void sum_squares_many(Tensor& out, const std::vector<Tensor>& xs, Stream& s);
+void count_nonfinite_many(Tensor& out, const std::vector<Tensor>& xs, Stream& s);
+void scale_inplace_many(const std::vector<Tensor>& xs, double alpha, Stream& s);
+
 }  // namespace loom::dispatch

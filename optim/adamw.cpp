@@ -22,13 +22,6 @@ bool is_16bit(DType dtype) { return dtype == DType::bf16 || dtype == DType::f16;
 // Flat view of a contiguous tensor (the kernel works on spans).
 Tensor flat(const Tensor& t) { return t.view({t.numel()}); }
 
-// The fused update on the parameter's device (kernels/dispatch.h). `compute`
-// is undefined when the parameter is its own master; otherwise the kernel
-// writes the rounded compute copy (bf16 on CUDA) in the same pass.
-void adamw_update(Tensor& master, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor& compute, const Tensor& grad,
-                  const dispatch::AdamWScalars& scalars, Stream& stream) {
-  dispatch::adamw_step(master, exp_avg, exp_avg_sq, compute, grad, scalars, stream);
-}
 
 const char* kExpAvg = ".exp_avg";
 const char* kExpAvgSq = ".exp_avg_sq";
@@ -84,6 +77,7 @@ void AdamW::step(double lr, Stream& stream) {
   scalars.beta2 = config_.beta2;
   scalars.eps = config_.eps;
   scalars.step = step_ + 1;
+  std::vector<dispatch::AdamWSpan> spans;
   for (size_t i = 0; i < params_.size(); ++i) {
     const Parameter& p = params_[i];
     Slot& s = slots_[i];
@@ -102,19 +96,21 @@ void AdamW::step(double lr, Stream& stream) {
                                              << shape_str(data.shape());
     LOOM_CHECK(grad.device() == data.device()) << "AdamW::step: gradient of '" << p.name << "' is on "
                                                << grad.device() << ", the parameter on " << data.device();
-    scalars.weight_decay = p.attrs.weight_decay ? config_.weight_decay : 0.0;
-    Tensor g = flat(grad.contiguous());
-    Tensor m = flat(s.exp_avg);
-    Tensor v = flat(s.exp_avg_sq);
-    Tensor weights = flat(data);
-    if (s.master.defined()) {
-      Tensor master = flat(s.master);
-      adamw_update(master, m, v, weights, g, scalars, stream);
-    } else {
-      Tensor none;
-      adamw_update(weights, m, v, none, g, scalars, stream);
-    }
+    // One span per parameter; `compute` is undefined when the parameter is its
+    // own master, else the kernel writes the rounded compute copy (bf16 on
+    // CUDA) in the same pass as the update of the fp32 master.
+    dispatch::AdamWSpan span;
+    span.weight_decay = p.attrs.weight_decay ? config_.weight_decay : 0.0;
+    span.grad = flat(grad.contiguous());
+    span.exp_avg = flat(s.exp_avg);
+    span.exp_avg_sq = flat(s.exp_avg_sq);
+    span.param = s.master.defined() ? flat(s.master) : flat(data);
+    if (s.master.defined()) span.compute = flat(data);
+    spans.push_back(std::move(span));
   }
+  // The fused update of every parameter on their device (kernels/dispatch.h):
+  // one launch per dtype combination on CUDA, one kernel call per span on CPU.
+  dispatch::adamw_step_many(spans, scalars, stream);
   ++step_;
 }
 

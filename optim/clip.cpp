@@ -6,6 +6,7 @@
 #include "optim/clip.h"
 
 #include <cmath>
+#include <utility>
 
 #include "kernels/dispatch.h"
 
@@ -33,22 +34,20 @@ std::vector<const Parameter*> with_grads(const std::vector<Parameter>& params, D
   return out;
 }
 
-// One value per parameter with a gradient, from `kernel(slot, grad)` writing a
-// shape () slot of a (P) `dtype` vector on `device`. On CUDA, reading the
-// vector is the one host synchronization of the call: the caller needs the
-// numbers on the host (the norm decides clipping and is logged; a non-finite
-// gradient skips the step).
+// One value per parameter with a gradient, from `kernel(values, grads, stream)`
+// filling a (P) `dtype` vector on `device` (one launch per dtype on CUDA). On
+// CUDA, reading the vector is the one host synchronization of the call: the
+// caller needs the numbers on the host (the norm decides clipping and is
+// logged; a non-finite gradient skips the step).
 template <typename Kernel>
 std::vector<double> per_parameter(const std::vector<const Parameter*>& params, Device device, DType dtype,
                                   Kernel&& kernel) {
   if (params.empty()) return {};
-  Stream& stream = Stream::default_for(device);
-  Tensor slots = Tensor::zeros({static_cast<int64_t>(params.size())}, dtype, device);  // (P)
-  for (size_t i = 0; i < params.size(); ++i) {
-    Tensor slot = slots.select(0, static_cast<int64_t>(i));  // ()
-    kernel(slot, params[i]->var.grad().contiguous(), stream);
-  }
-  return slots.to_vector<double>();
+  std::vector<Tensor> grads;
+  for (const Parameter* p : params) grads.push_back(p->var.grad().contiguous());
+  Tensor values = Tensor::zeros({static_cast<int64_t>(params.size())}, dtype, device);  // (P)
+  kernel(values, grads, Stream::default_for(device));
+  return values.to_vector<double>();
 }
 
 // Sums `value` over the group in f64.
@@ -67,9 +66,9 @@ double grad_norm(const std::vector<Parameter>& params, Communicator* comm_for_sh
   double replicated = 0.0, sharded = 0.0;
   Device device = params_device(params);
   std::vector<const Parameter*> with = with_grads(params, device, "grad_norm");
-  std::vector<double> squares = per_parameter(with, device, DType::f64, [](Tensor& out, const Tensor& g, Stream& s) {
-    dispatch::sum_squares(out, g, s);
-  });
+  std::vector<double> squares = per_parameter(
+      with, device, DType::f64,
+      [](Tensor& out, const std::vector<Tensor>& grads, Stream& s) { dispatch::sum_squares_many(out, grads, s); });
   for (size_t i = 0; i < with.size(); ++i) (is_sharded(with[i]->attrs) ? sharded : replicated) += squares[i];
   // Called on every rank, whether or not it holds sharded gradients (collective).
   if (comm_for_sharded != nullptr) sharded = all_reduce_sum(sharded, *comm_for_sharded, device);
@@ -80,18 +79,20 @@ double clip_grad_norm(const std::vector<Parameter>& params, double max_norm, Com
   double norm = grad_norm(params, comm_for_sharded);
   if (!std::isfinite(norm) || max_norm <= 0.0 || norm <= max_norm) return norm;
   double factor = max_norm / (norm + kClipEps);
+  std::vector<Tensor> contiguous_grads;  // scaled in place together (one launch per dtype on CUDA)
+  std::vector<std::pair<Tensor, Tensor>> strided;  // (grad, dense copy): copied back after scaling
   for (const auto& p : params) {
     Tensor grad = p.var.grad();  // shares storage: scaled in place
     if (!grad.defined()) continue;
-    Stream& stream = Stream::default_for(grad.device());
     if (grad.is_contiguous()) {
-      dispatch::scale_inplace(grad, factor, stream);
+      contiguous_grads.push_back(grad);
     } else {
-      Tensor dense = grad.contiguous();
-      dispatch::scale_inplace(dense, factor, stream);
-      grad.copy_(dense);
+      strided.emplace_back(grad, grad.contiguous());
+      contiguous_grads.push_back(strided.back().second);
     }
   }
+  dispatch::scale_inplace_many(contiguous_grads, factor, Stream::default_for(params_device(params)));
+  for (auto& [grad, dense] : strided) grad.copy_(dense);
   return norm;
 }
 
@@ -99,9 +100,9 @@ bool grads_finite(const std::vector<Parameter>& params, Communicator* comm) {
   double nonfinite = 0.0;
   Device device = params_device(params);
   std::vector<const Parameter*> with = with_grads(params, device, "grads_finite");
-  std::vector<double> counts = per_parameter(with, device, DType::i64, [](Tensor& out, const Tensor& g, Stream& s) {
-    dispatch::count_nonfinite(out, g, s);
-  });
+  std::vector<double> counts = per_parameter(
+      with, device, DType::i64,
+      [](Tensor& out, const std::vector<Tensor>& grads, Stream& s) { dispatch::count_nonfinite_many(out, grads, s); });
   for (double c : counts) nonfinite += c;
   if (comm != nullptr) nonfinite = all_reduce_sum(nonfinite, *comm, device);
   return nonfinite == 0.0;
