@@ -314,8 +314,8 @@ TEST(CudaReduce, SumToHandlesEveryBroadcastPattern) {
     for (const Case& c : cases) {
       SCOPED_TRACE(::testing::Message() << dtype << " " << shape_str(c.x) << " -> " << shape_str(c.out));
       Tensor x = random_in(c.x, seed++, dtype);
-      Tensor expected = Tensor::empty(c.out);
-      cpu::sum_to(expected, x, cpu_stream());
+      Tensor expected = Tensor::empty(c.out, DType::f64);  // summed in double, like the CUDA kernel
+      cpu::sum_to(expected, x.to(DType::f64), cpu_stream());
       Tensor out = poisoned(c.out, DType::f32);
       cuda::sum_to(out, upload(x, dtype), gpu_stream());
       EXPECT_TRUE(sum_close(out, expected, DType::f32)) << "contiguous x";

@@ -61,7 +61,7 @@ SpanState make_state(const SpanCase& sc, uint64_t seed) {
   double* pv = st.v.data<double>();
   for (int64_t i = 0; i < sc.n; ++i) pv[i] = pv[i] * pv[i];  // second moments are >= 0
   st.v = st.v.to(sc.master);
-  if (sc.compute != DType::u8) st.c = st.p.to(sc.compute);
+  if (sc.compute != DType::u8) st.c = st.p.to(sc.compute).clone();  // to() returns p itself for the same dtype
   st.dp = upload(st.p, sc.misalign);
   st.dm = upload(st.m, sc.misalign);
   st.dv = upload(st.v);
@@ -191,7 +191,7 @@ TEST(CudaGradNorm, SumSquaresCountAndScaleMatchTheCpuTwin) {
         cuda::sum_squares(out, xg, gpu_stream());
         EXPECT_TENSOR_CLOSE(download(out), ref, 1e-12, 0.0) << "sum_squares";
         // Non-finite entries at both ends and in the middle.
-        Tensor bad = x.to(DType::f64);
+        Tensor bad = x.to(DType::f64).clone();  // to() returns x itself for f64: keep x finite
         double* pb = bad.data<double>();
         pb[0] = NAN;
         pb[n / 2] = INFINITY;
