@@ -11,12 +11,10 @@
 
 namespace loom {
 
-// The data of an op input, checked: defined and floating. On CPU f32 or f64
-// (the CPU kernels' types); on CUDA f32, bf16 or f16 storage (the CUDA
-// kernels compute in fp32), or f64 where a kernel supports it.
-inline const Tensor& float_input(const char* op, const Variable& v, const char* name) {
-  LOOM_CHECK(v.defined()) << op << ": input " << name << " is undefined";
-  const Tensor& t = v.data();
+// Checks a floating op operand: on CPU f32 or f64 (the CPU kernels' types); on
+// CUDA f32, bf16 or f16 storage (the CUDA kernels compute in fp32), or f64
+// where a kernel supports it.
+inline void check_float(const char* op, const Tensor& t, const char* name) {
   if (t.device().is_cpu()) {
     LOOM_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::f64)
         << op << ": input " << name << " " << shape_str(t.shape()) << " has dtype " << t.dtype()
@@ -26,7 +24,32 @@ inline const Tensor& float_input(const char* op, const Variable& v, const char* 
                                        << t.dtype() << "; a floating dtype (bf16, f16, f32) needed on "
                                        << t.device();
   }
-  return t;
+}
+
+// The data of an op input, checked: defined and floating (see check_float).
+inline const Tensor& float_input(const char* op, const Variable& v, const char* name) {
+  LOOM_CHECK(v.defined()) << op << ": input " << name << " is undefined";
+  check_float(op, v.data(), name);
+  return v.data();
+}
+
+// Where an op with operands a and b runs: the CUDA device when either is on one.
+inline Device op_device(const Variable& a, const Variable& b) {
+  return a.data().device().is_cuda() ? a.data().device() : b.data().device();
+}
+
+// The data of operand `v` on `device`: itself when it is there. A constant
+// (no gradient) host operand is uploaded: models build small constants such as
+// masks, load fractions and unit weights on the host. A host operand that
+// needs a gradient, or one on another GPU, is an error naming both devices.
+inline Tensor operand_on(const char* op, const Variable& v, const char* name, Device device) {
+  LOOM_CHECK(v.defined()) << op << ": input " << name << " is undefined";
+  const Tensor& t = v.data();
+  if (t.device() == device) return t;
+  LOOM_CHECK(t.device().is_cpu() && !v.requires_grad())
+      << op << ": " << name << " " << shape_str(t.shape()) << " is on " << t.device()
+      << (v.requires_grad() ? " and needs a gradient," : ",") << " but the op's other inputs are on " << device;
+  return t.to(device);
 }
 
 // Checks that `t` is on `device` (all data operands of one op share a device).

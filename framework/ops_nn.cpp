@@ -59,14 +59,16 @@ Stream& stream_of(const Tensor& t) { return Stream::default_for(t.device()); }
 Variable rms_norm(const Variable& x, const Variable& weight, double eps) {
   const char* op = "rms_norm";
   check_input(x, op, "x");
-  check_input(weight, op, "weight");
-  check_same_dtype(x, weight, op, "x", "weight");
+  LOOM_CHECK(weight.defined()) << op << ": input weight is undefined";
+  LOOM_CHECK(x.dtype() == weight.dtype()) << op << ": x is " << x.dtype() << " but weight is " << weight.dtype();
+  Tensor w_on = operand_on(op, weight, "weight", x.device());  // a host constant weight (unit norm) is uploaded
+  check_float(op, w_on, "weight");
   LOOM_CHECK(x.dim() >= 1 && weight.dim() == 1 && weight.size(0) == x.size(-1))
       << op << ": weight shape " << shape_str(weight.shape()) << " must be (C) with C the last dim of x "
       << shape_str(x.shape());
   LOOM_CHECK(eps >= 0.0) << op << ": eps = " << eps << " must be >= 0";
   Tensor xc = x.data().contiguous();       // (..., C)
-  Tensor wc = weight.data().contiguous();  // (C)
+  Tensor wc = w_on.contiguous();           // (C)
   int64_t cols = x.size(-1), rows = cols == 0 ? 0 : x.numel() / cols;
   Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());  // (..., C)
   DType rstd_dtype = x.device().is_cpu() ? cpu::rmsnorm_rstd_dtype(x.dtype()) : DType::f32;

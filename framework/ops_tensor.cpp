@@ -42,9 +42,12 @@ Shape broadcast_for(const char* op, const Tensor& a, const Tensor& b) {
 }
 
 Variable binary_op(const char* op, const Variable& a, const Variable& b, dispatch::BinaryOp kind) {
-  Tensor ta = float_input(op, a, "a");
-  Tensor tb = float_input(op, b, "b");
-  check_device(op, tb, "b", ta.device());
+  LOOM_CHECK(a.defined() && b.defined()) << op << ": input " << (a.defined() ? "b" : "a") << " is undefined";
+  const Device device = op_device(a, b);
+  Tensor ta = operand_on(op, a, "a", device);  // a host constant meeting a CUDA operand is uploaded
+  Tensor tb = operand_on(op, b, "b", device);
+  check_float(op, ta, "a");
+  check_float(op, tb, "b");
   // Mixed precision: a 16-bit operand meets an fp32 one (an fp32 loss plus a
   // bf16 auxiliary loss): compute in fp32. The engine hands the 16-bit
   // operand's gradient back in its own dtype. Any other mix is an error.
