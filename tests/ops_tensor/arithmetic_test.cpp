@@ -105,10 +105,14 @@ TEST(Arithmetic, ErrorsNameShapesAndDtypes) {
   EXPECT_ERROR_MENTIONS(add(Variable(), a), "add", "undefined");
 }
 
-TEST(Arithmetic, CudaTensorsAreRefusedClearly) {
+TEST(Arithmetic, CudaTensorsRunOnTheGpuAndMixedDevicesAreNamed) {
   LOOM_SKIP_WITHOUT_GPU();
-  Variable a(Tensor::zeros({3}, DType::f32, Device::cuda(0)));
-  EXPECT_ERROR_MENTIONS(add(a, a), "add", "no CUDA kernel yet", "cuda:0");
+  Variable a(Tensor::ones({3}, DType::f32, Device::cuda(0)));
+  Variable sum = add(a, a);
+  EXPECT_EQ(sum.device(), Device::cuda(0));
+  EXPECT_EQ(sum.data().to_vector<float>(), std::vector<float>({2.f, 2.f, 2.f}));
+  Variable host(Tensor::ones({3}), true);  // needs a gradient: not uploaded silently
+  EXPECT_ERROR_MENTIONS(add(a, host), "add", "cpu", "cuda:0");
 }
 
 }  // namespace
