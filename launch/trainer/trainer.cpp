@@ -259,6 +259,8 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
   LOOM_CHECK(!config.optim.zero) << "optim.zero = true: ZeRO-1 optimizer-state sharding is not available yet "
                                     "(use optim.zero = false)";
   // -- device placement (CUDA): this rank's device (node-local rank -> GPU); the mesh routes CUDA tensors to NCCL --
+  LOOM_CHECK(config.train.device == "cpu" || cuda_is_available())
+      << "train.device = \"" << config.train.device << "\" but CUDA is not usable here: " << cuda_unavailable_reason();
   const Device device = select_device(config.train.device, world);
   MeshSizes sizes;
   sizes.dp = static_cast<int>(config.parallel.dp);
