@@ -2,7 +2,8 @@
 // (kernels/cpu/lightning.h, block_size 0) in f32 on the same inputs (bf16 cases
 // round the inputs first): T = 1, 63, 64, 65, 300 (around and across the
 // 64-token chunk), D = 16, 64, 128 and an odd 40, no decay and strong decay
-// (per head), non-zero initial state and dS_final, outputs poisoned with NaN.
+// (per head), non-zero initial state and dS_final, outputs poisoned with NaN;
+// long T (1100, 4097 with a 1-token tail, 20000 with strong decay).
 // Also: two calls chained through the state equal one call (outputs, final
 // state, and all gradients with dS flowing back between the calls), T = 0, and
 // named argument errors. Tolerance: the GPU sums in fp32 in another order
@@ -110,6 +111,21 @@ TEST(CudaLightning, MatchesTheCpuTwinOnBatchesMixedDecaysAndOddHeadDims) {
     check_case(3, 17, 4, 32, {0.01, 0.1, 0.5, 2.0}, dtype, seed + 10);
     check_case(1, 200, 1, 100, {0.02}, dtype, seed + 20);
   }
+}
+
+// Long sequences (a sequence-parallel kernel splits them into segments): T =
+// 1100, 4097 (a 1-token tail chunk) and 20000 with strong decay; per-head
+// decays from none to one that empties the state within a chunk.
+TEST(CudaLightning, SegmentedLongSequencesMatchTheCpuTwin) {
+  LOOM_SKIP_WITHOUT_GPU();
+  uint64_t seed = 5000;
+  for (DType dtype : {DType::bf16, DType::f32}) {
+    check_case(1, 1100, 3, 128, {0.0, 0.02, 2.0}, dtype, seed);
+    check_case(2, 4097, 2, 40, {0.0, 0.3}, dtype, seed + 10);
+    check_case(1, 4097, 2, 64, {0.001, 5.0}, dtype, seed + 20);
+    seed += 100;
+  }
+  check_case(1, 20000, 2, 128, {0.5, 4.0}, DType::bf16, seed);
 }
 
 TEST(CudaLightning, TwoChainedCallsEqualOneCall) {
