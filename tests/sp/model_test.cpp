@@ -28,6 +28,7 @@ struct ModelCase {
   std::string softmax = "ring";
   bool checkpointing = false;
   bool moh = false;
+  bool gated_s2 = false;  // S layers with an elementwise gate and S2 block sparsity
 };
 
 DecoderConfig case_config(const ModelCase& c) {
@@ -55,6 +56,14 @@ DecoderConfig case_config(const ModelCase& c) {
     d.softmax.moh.shared = 0;
     d.softmax.moh.topk = 1;
     d.softmax.moh.aux_coef = 0.1;
+  }
+  if (c.gated_s2) {
+    d.softmax.gate = "elementwise";
+    d.softmax.sparsity = "s2";
+    d.softmax.s2.block = 4;  // 6 blocks of 24 tokens: some skipped beyond the local window
+    d.softmax.s2.local_blocks = 1;
+    d.softmax.s2.vert_stride = 2;  // each of the 2 kv heads its own strided shard
+    d.n_kv_heads = 2;
   }
   return d;
 }
@@ -144,7 +153,9 @@ TEST_P(CpModel, HybridStepEqualsOneRank) {
   run_cases(cp_size, kind,
             {{"LLLS ring", "LLLS", "dense", "ring"},
              {"LLLS all-gather moe", "LLLS", "moe", "allgather"},
-             {"LS ring moh checkpointed", "LS", "dense", "ring", true, true}});
+             {"LS ring moh checkpointed", "LS", "dense", "ring", true, true},
+             {"SL all-gather gated s2", "SL", "dense", "allgather", false, false, true},
+             {"SL ring gated s2", "SL", "dense", "ring", false, false, true}});
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, CpModel,
