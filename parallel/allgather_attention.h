@@ -11,6 +11,9 @@
 // attention skips key ranges that are wholly in the future (or that no local
 // head needs under S2). Against the ring: fewer, larger messages and no
 // per-step latency, but the whole sequence's K,V is resident on every rank.
+// On CUDA both collectives go through NCCL, ordered on the compute stream by
+// events (no host sync); they are not overlapped with compute (the forward's
+// gather could overlap the Q projection, which runs before this call).
 #pragma once
 
 #include "framework/ops_nn.h"
@@ -30,7 +33,8 @@ AttentionResult allgather_attention(const Variable& q, const Variable& k, const 
                                     SpAttentionStats* stats = nullptr);
 
 // Bytes one rank sends per call (a ring all-gather / reduce-scatter sends
-// P - 1 of the P blocks), for shards (B, T, Hkv, D) of `dtype` over P ranks.
+// P - 1 of the P blocks), for shards (B, T, Hkv, D) of `dtype` over P ranks
+// (the backward's reduce-scatter runs in fp32 for 16-bit dtypes).
 int64_t allgather_attention_forward_bytes(int64_t B, int64_t T, int64_t Hkv, int64_t D, DType dtype, int P);
 int64_t allgather_attention_backward_bytes(int64_t B, int64_t T, int64_t Hkv, int64_t D, DType dtype, int P);
 

@@ -29,10 +29,21 @@
 // plus one that brings the last block's accumulator home); the bytes equal
 // those of sending each shard's K,V with its accumulator.
 //
-// Structure for overlap: every hop is "post (send to r + 1, receive from
-// r - 1), compute on the held block, wait". The Communicator's send_recv is
-// blocking on MPI, so there post() completes the transfer at once; a CUDA
-// version posts on the comm stream and waits on an event.
+// Overlap: every hop is "post (send to r + 1, receive from r - 1), compute on
+// the held block, wait" (sp::RingHop). On MPI send_recv blocks, so post()
+// completes the transfer at once. On CUDA (NCCL) post() queues the transfer on
+// the communicator's stream after an event recorded on the compute stream,
+// the step's attention then runs on the compute stream while the bytes move,
+// and wait() makes the compute stream wait for the transfer's event; two
+// message buffers alternate in the forward (the one attended is the one being
+// sent on, the other receives). No host sync inside the ring; with
+// SpAttentionStats::time_ring_hops the hops are timed with events, read once
+// after the ring (a host sync, only then).
+//
+// Precision: the running (out, lse) and the dQ, dK, dV accumulators (also as
+// they travel) are fp32 for bf16 data; out is rounded to bf16 once, after the
+// last step, and the gradients once, at the end. lse is returned in fp32 for
+// bf16 data, as the attention op returns it.
 #pragma once
 
 #include "framework/ops_nn.h"
@@ -57,7 +68,8 @@ AttentionResult ring_attention(const Variable& q, const Variable& k, const Varia
                                SpAttentionStats* stats = nullptr);
 
 // Bytes one rank sends in one ring_attention call, forward and backward, for
-// shards (B, T, Hkv, D) of a `dtype` over P ranks (what the stats will count).
+// shards (B, T, Hkv, D) of a `dtype` over P ranks (what the stats will count;
+// the backward's accumulators travel in fp32 for 16-bit dtypes).
 int64_t ring_attention_forward_bytes(int64_t B, int64_t T, int64_t Hkv, int64_t D, DType dtype, int P);
 int64_t ring_attention_backward_bytes(int64_t B, int64_t T, int64_t Hkv, int64_t D, DType dtype, int P);
 

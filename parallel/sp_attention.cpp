@@ -1,9 +1,11 @@
 // Shared local pieces of the sequence-parallel attentions (see sp_attention.h).
-// The CPU attention kernels do the block math; this file decides which blocks
-// to run, merges their partial (out, lse) exactly and routes their gradients.
-// The merge keeps the running (out, lse) in the input dtype, which is fp32 or
-// better on CPU (f32 or f64), and treats lse = -inf as "no key yet" so an
-// empty row never meets inf - inf.
+// The attention kernels (through kernels/dispatch.h) do the block math; this
+// file decides which blocks to run, merges their partial (out, lse) exactly
+// (kernels/cpu|cuda/attention_merge: lse = -inf is "no key yet", so an empty
+// row never meets inf - inf) and routes their gradients. The running (out,
+// lse) and the gradient accumulators are fp32 for 16-bit data (CUDA) and the
+// data's own dtype otherwise (f32 or f64 on CPU), and the partials of each
+// block are folded into them as they come.
 #include "parallel/sp_attention.h"
 
 #include <algorithm>
@@ -11,7 +13,14 @@
 #include <limits>
 
 #include "framework/op_checks.h"
-#include "kernels/cpu/attention.h"
+#include "kernels/cpu/attention_merge.h"
+#include "kernels/dispatch.h"
+#ifdef LOOM_WITH_CUDA
+#include "kernels/cuda/attention_merge.h"
+#endif
+#ifdef LOOM_WITH_NCCL
+#include "parallel/cuda/nccl_communicator.h"
+#endif
 
 namespace loom {
 
@@ -57,28 +66,17 @@ bool pair_needed(const PositionRun& query, const PositionRun& key, bool causal, 
   return false;
 }
 
-template <typename T>
-void merge_partial_kernel(T* out, T* lse, const T* part_out, const T* part_lse, int64_t B, int64_t T_all, int64_t n,
-                          int64_t H, int64_t D, int64_t start) {
-  const T neg_inf = -std::numeric_limits<T>::infinity();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t i = 0; i < n; ++i) {
-        const T lp = part_lse[(b * H + h) * n + i];
-        if (lp == neg_inf) continue;  // the block had no visible key for this row
-        T& la = lse[(b * H + h) * T_all + start + i];
-        T* oa = out + ((b * T_all + start + i) * H + h) * D;
-        const T* op = part_out + ((b * n + i) * H + h) * D;
-        if (la == neg_inf) {  // first visible block of this row
-          for (int64_t d = 0; d < D; ++d) oa[d] = op[d];
-          la = lp;
-          continue;
-        }
-        const T merged = std::max(la, lp) + std::log1p(std::exp(-std::abs(la - lp)));
-        const T wa = std::exp(la - merged), wp = std::exp(lp - merged);
-        for (int64_t d = 0; d < D; ++d) oa[d] = wa * oa[d] + wp * op[d];
-        la = merged;
-      }
+// The merge kernel of the data's device. (Called here rather than through
+// kernels/dispatch.h, which had no entry for it when this was written; the
+// two branches take the same signature, so moving it there is mechanical.)
+void merge_partial(Tensor& out_acc, Tensor& lse_acc, const Tensor& part_out, const Tensor& part_lse, int64_t start,
+                   Stream& stream) {
+  if (out_acc.device().is_cpu()) return cpu::attention_merge(out_acc, lse_acc, part_out, part_lse, start, stream);
+#ifdef LOOM_WITH_CUDA
+  cuda::attention_merge(out_acc, lse_acc, part_out, part_lse, start, stream);
+#else
+  LOOM_FAIL() << "attention_merge: no CUDA kernel in this build (tensors on " << out_acc.device() << ")";
+#endif
 }
 
 // Rows [start, start + len) of dim 1, contiguous (a view when B == 1).
@@ -103,7 +101,8 @@ BlockKeys gather_keys(const Tensor& k, const Tensor& v, const Tensor& positions,
   for (const KeyRange& r : keys) total += r.len;
   Shape shape = k.shape();
   shape[1] = total;
-  BlockKeys out{Tensor::empty(shape, k.dtype()), Tensor::empty(shape, v.dtype()), Tensor::empty({total}, DType::i64)};
+  BlockKeys out{Tensor::empty(shape, k.dtype(), k.device()), Tensor::empty(shape, v.dtype(), v.device()),
+                Tensor::empty({total}, DType::i64, positions.device())};
   int64_t at = 0;
   for (const KeyRange& r : keys) {
     out.k.narrow(1, at, r.len).copy_(k.narrow(1, r.start, r.len));
@@ -124,6 +123,33 @@ Tensor owned_positions(const Tensor& given, int64_t n, const char* op, const cha
   Tensor owned = Tensor::empty({n}, DType::i64);
   owned.copy_(given);
   return owned;
+}
+
+// Every cp rank's key positions on the host, in rank order, from each rank's
+// own (T) host tensor. A communicator that carries CPU tensors (MPI, or a CUDA
+// mesh's group, which routes them to MPI) gathers them on the host and nothing
+// waits for the device. A bare NCCL communicator takes device tensors only:
+// there the gather runs on the device and reading it back is a host sync,
+// once, before the ring or the all-gather starts (never inside the ring).
+std::vector<Tensor> gather_rank_positions(const Tensor& mine, Device device, Communicator& cp) {
+  const int P = cp.size();
+  const int64_t n = mine.numel();
+  bool device_only = false;
+#ifdef LOOM_WITH_NCCL
+  device_only = dynamic_cast<NcclCommunicator*>(&cp) != nullptr;
+#endif
+  Tensor everyone;  // (P * n) i64 on the host
+  if (device_only) {
+    Tensor gathered = Tensor::empty({P * n}, DType::i64, device);  // (P * n)
+    cp.all_gather(gathered, mine.to(device), Stream::default_for(device));
+    everyone = gathered.to(Device::cpu());  // host sync (see above)
+  } else {
+    everyone = Tensor::empty({P * n}, DType::i64);
+    cp.all_gather(everyone, mine, Stream::default_for(Device::cpu()));
+  }
+  std::vector<Tensor> positions;
+  for (int r = 0; r < P; ++r) positions.push_back(everyone.narrow(0, r * n, n).contiguous());
+  return positions;
 }
 
 }  // namespace
@@ -168,7 +194,7 @@ std::vector<AttentionBlock> plan_attention_blocks(const Tensor& q_positions, con
 namespace sp {
 
 AttentionCall resolve_call(const char* op, const Variable& q, const Variable& k, const Variable& v,
-                           const AttentionOptions& options, const TokenLayout& layout, const Communicator& cp) {
+                           const AttentionOptions& options, const TokenLayout& layout, Communicator& cp) {
   check_input(q, op, "q");
   check_input(k, op, "k");
   check_input(v, op, "v");
@@ -179,10 +205,17 @@ AttentionCall resolve_call(const char* op, const Variable& q, const Variable& k,
                                      << shape_str(v.shape());
   LOOM_CHECK(q.dtype() == k.dtype() && q.dtype() == v.dtype())
       << op << ": dtypes differ: q " << q.dtype() << ", k " << k.dtype() << ", v " << v.dtype();
-  for (const Variable* t : {&q, &k, &v})
-    LOOM_CHECK(t->device().is_cpu()) << op << ": CPU tensors only so far, got one on " << t->device()
-                                     << " (the CUDA version needs device merge kernels and the NCCL group)";
+  LOOM_CHECK(k.device() == q.device() && v.device() == q.device())
+      << op << ": q, k, v must share a device, got " << q.device() << ", " << k.device() << ", " << v.device();
+  if (q.device().is_cuda()) {
+    LOOM_CHECK(q.dtype() == DType::bf16 || q.dtype() == DType::f32)
+        << op << ": dtype " << q.dtype() << " on " << q.device() << " is not supported (bf16, f32: the CUDA "
+        << "attention kernels' types)";
+  }
   AttentionCall call;
+  call.device = q.device();
+  call.dtype = q.dtype();
+  call.acc_dtype = stats_dtype(q.dtype());
   call.B = q.size(0);
   call.T = q.size(1);
   call.H = q.size(2);
@@ -222,6 +255,14 @@ AttentionCall resolve_call(const char* op, const Variable& q, const Variable& k,
         LOOM_CHECK(p[i] >= 0) << op << ": S2 needs non-negative positions, got " << p[i] << " at index " << i;
     }
   }
+  call.q_positions_device = index_on(call.q_positions, call.device);
+  if (call.device.is_cuda()) {
+    if (!options.q_positions.defined() && !options.k_positions.defined()) {
+      for (int r = 0; r < cp.size(); ++r) call.rank_k_positions.push_back(layout.positions(r));
+    } else {
+      call.rank_k_positions = gather_rank_positions(call.k_positions, call.device, cp);
+    }
+  }
   return call;
 }
 
@@ -231,14 +272,11 @@ void attend_forward(Tensor& out_acc, Tensor& lse_acc, const Tensor& q, const Ten
   for (const AttentionBlock& blk : plan) {
     const BlockKeys keys = gather_keys(k, v, k_positions, blk.keys);  // (B, k_len, Hkv, D)
     Tensor q_blk = rows_of(q, blk.q_start, blk.q_len);  // (B, q_len, H, D)
-    Tensor out = Tensor::empty({call.B, blk.q_len, call.H, call.D}, q.dtype());  // (B, q_len, H, D)
-    Tensor lse = Tensor::empty({call.B, call.H, blk.q_len}, q.dtype());          // (B, H, q_len)
-    cpu::attention_forward(out, lse, q_blk, keys.k, keys.v, q_positions.narrow(0, blk.q_start, blk.q_len),
-                           keys.positions, call.scale, call.causal, call.s2, stream);
-    LOOM_DISPATCH_FLOAT(q.dtype(), T, [&] {
-      merge_partial_kernel<T>(out_acc.data<T>(), lse_acc.data<T>(), out.data<T>(), lse.data<T>(), call.B,
-                              out_acc.size(1), blk.q_len, call.H, call.D, blk.q_start);
-    });
+    Tensor out = Tensor::empty({call.B, blk.q_len, call.H, call.D}, q.dtype(), q.device());  // (B, q_len, H, D)
+    Tensor lse = Tensor::empty({call.B, call.H, blk.q_len}, call.acc_dtype, q.device());      // (B, H, q_len)
+    dispatch::attention_forward(out, lse, q_blk, keys.k, keys.v, q_positions.narrow(0, blk.q_start, blk.q_len),
+                                keys.positions, call.scale, call.causal, call.s2, stream);
+    merge_partial(out_acc, lse_acc, out, lse, blk.q_start, stream);
     if (stats != nullptr) {
       stats->forward_blocks += 1;
       stats->forward_score_pairs += blk.q_len * keys.k.size(1);
@@ -253,14 +291,16 @@ void attend_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, con
   for (const AttentionBlock& blk : plan) {
     const BlockKeys keys = gather_keys(k, v, k_positions, blk.keys);  // (B, k_len, Hkv, D)
     Tensor q_blk = rows_of(q, blk.q_start, blk.q_len);  // (B, q_len, H, D)
-    Tensor dq_blk = Tensor::empty(q_blk.shape(), q.dtype());  // (B, q_len, H, D)
-    Tensor dk_blk = Tensor::empty(keys.k.shape(), q.dtype());  // (B, k_len, Hkv, D)
-    Tensor dv_blk = Tensor::empty(keys.k.shape(), q.dtype());
-    cpu::attention_backward(dq_blk, dk_blk, dv_blk, dout.defined() ? rows_of(dout, blk.q_start, blk.q_len) : Tensor(),
-                            cols_of(dlse, blk.q_start, blk.q_len), q_blk, keys.k, keys.v,
-                            rows_of(out, blk.q_start, blk.q_len), cols_of(lse, blk.q_start, blk.q_len),
-                            q_positions.narrow(0, blk.q_start, blk.q_len), keys.positions, call.scale, call.causal,
-                            call.s2, stream);
+    // The block's gradients in the data's dtype (the kernels' contract), added into the accumulators.
+    Tensor dq_blk = Tensor::empty(q_blk.shape(), q.dtype(), q.device());   // (B, q_len, H, D)
+    Tensor dk_blk = Tensor::empty(keys.k.shape(), q.dtype(), q.device());  // (B, k_len, Hkv, D)
+    Tensor dv_blk = Tensor::empty(keys.k.shape(), q.dtype(), q.device());
+    dispatch::attention_backward(dq_blk, dk_blk, dv_blk,
+                                 dout.defined() ? rows_of(dout, blk.q_start, blk.q_len) : Tensor(),
+                                 cols_of(dlse, blk.q_start, blk.q_len), q_blk, keys.k, keys.v,
+                                 rows_of(out, blk.q_start, blk.q_len), cols_of(lse, blk.q_start, blk.q_len),
+                                 q_positions.narrow(0, blk.q_start, blk.q_len), keys.positions, call.scale,
+                                 call.causal, call.s2, stream);
     add_rows(dq, dq_blk, blk.q_start);
     int64_t at = 0;
     for (const KeyRange& r : blk.keys) {  // scatter the gathered keys' gradients back to their rows
@@ -282,7 +322,7 @@ int PackedMessage::add(const Shape& shape, DType dtype) {
   return static_cast<int>(parts_.size()) - 1;
 }
 
-Tensor PackedMessage::allocate() const { return Tensor::empty({nbytes_}, DType::u8); }
+Tensor PackedMessage::allocate(Device device) const { return Tensor::empty({nbytes_}, DType::u8, device); }
 
 Tensor PackedMessage::view(const Tensor& buffer, int part, int64_t base) const {
   LOOM_CHECK(part >= 0 && part < static_cast<int>(parts_.size())) << "PackedMessage: part " << part << " of "
@@ -298,23 +338,93 @@ Tensor PackedMessage::view(const Tensor& buffer, int part, int64_t base) const {
 }
 
 void add_rows(Tensor& dst, const Tensor& src, int64_t start) {
-  LOOM_CHECK(dst.is_contiguous() && src.is_contiguous() && dst.dtype() == src.dtype() && dst.dim() >= 2 &&
-             src.dim() == dst.dim() && src.size(0) == dst.size(0) && start >= 0 &&
-             start + src.size(1) <= dst.size(1) &&
+  LOOM_CHECK(dst.is_contiguous() && dst.dim() >= 2 && src.dim() == dst.dim() && src.size(0) == dst.size(0) &&
+             start >= 0 && start + src.size(1) <= dst.size(1) &&
              src.numel() * dst.size(1) == dst.numel() * src.size(1))
       << "add_rows: src " << shape_str(src.shape()) << " at row " << start << " does not fit dst "
       << shape_str(dst.shape());
-  const int64_t B = dst.size(0), N = dst.size(1), n = src.size(1);
-  const int64_t row = B == 0 || N == 0 ? 0 : dst.numel() / (B * N);  // elements per row
-  LOOM_DISPATCH_FLOAT(dst.dtype(), T, [&] {
-    T* d = dst.data<T>();
-    const T* s = src.data<T>();
-    for (int64_t b = 0; b < B; ++b) {
-      T* drow = d + (b * N + start) * row;
-      const T* srow = s + b * n * row;
-      for (int64_t e = 0; e < n * row; ++e) drow[e] += srow[e];
-    }
-  });
+  const int64_t B = dst.size(0), n = src.size(1);
+  if (n == 0) return;
+  Stream& stream = stream_for(dst);
+  for (int64_t b = 0; b < B; ++b) {  // one contiguous run of rows per batch entry
+    Tensor rows = dst.select(0, b).narrow(0, start, n);
+    dispatch::axpy(rows, src.select(0, b), 1.0, stream);
+  }
+}
+
+struct RingHop::HopEvents {
+  Event transfer_start, transfer_end, compute_start, compute_end;
+  explicit HopEvents(Device d) : transfer_start(d), transfer_end(d), compute_start(d), compute_end(d) {}
+};
+
+RingHop::RingHop(Communicator& cp, Stream& compute, bool timed)
+    : cp_(cp), compute_(compute), timed_(timed && compute.device().is_cuda()) {
+  if (compute.device().is_cuda()) {
+    hop_stream_ = std::make_unique<Stream>(compute.device());
+    ready_ = std::make_unique<Event>(compute.device());
+    done_ = std::make_unique<Event>(compute.device());
+  }
+}
+
+RingHop::~RingHop() {
+  try {
+    wait();
+  } catch (...) {
+  }
+}
+
+void RingHop::post(const Tensor& send, Tensor& recv) {
+  LOOM_CHECK(!pending_) << "RingHop: a hop is already in flight on group '" << cp_.name() << "'; wait() first";
+  const int P = cp_.size(), r = cp_.rank();
+  const int to = (r + 1) % P, from = (r + P - 1) % P;
+  send_ = send;
+  recv_ = recv;
+  pending_ = true;
+  if (!hop_stream_) {  // CPU: MPI's send_recv completes here
+    cp_.send_recv(send, to, recv, from, compute_);
+    return;
+  }
+  // The transfer starts after everything queued on the compute stream so far
+  // (the message was packed there, and the receive buffer was last read there).
+  ready_->record(compute_);
+  ready_->wait(*hop_stream_);
+  HopEvents* events = nullptr;
+  if (timed_) events = hop_events_.emplace_back(std::make_unique<HopEvents>(compute_.device())).get();
+  if (events) events->transfer_start.record(*hop_stream_);
+  // The communicator orders its own stream after the hop stream and the hop
+  // stream after the transfer; the compute stream is not involved.
+  cp_.send_recv(send, to, recv, from, *hop_stream_);
+  if (events) events->transfer_end.record(*hop_stream_);
+  done_->record(*hop_stream_);
+  if (events) events->compute_start.record(compute_);
+}
+
+void RingHop::wait() {
+  if (!pending_) return;
+  if (hop_stream_) {
+    if (timed_) hop_events_.back()->compute_end.record(compute_);
+    done_->wait(compute_);  // stream order, no host sync
+  }
+  // The compute stream now runs after the transfer, so dropping the buffers
+  // here (stream-ordered frees on the compute stream) is safe.
+  send_ = Tensor();
+  recv_ = Tensor();
+  pending_ = false;
+}
+
+void RingHop::add_times(RingHopTimes& times) {
+  if (!timed_) return;
+  wait();
+  for (const std::unique_ptr<HopEvents>& e : hop_events_) {
+    // Host sync on purpose: timing was asked for, and event times exist only once the events completed.
+    e->transfer_end.synchronize();
+    e->compute_end.synchronize();
+    times.hops += 1;
+    times.compute_ms += e->compute_start.elapsed_ms(e->compute_end);
+    times.transfer_ms += e->transfer_start.elapsed_ms(e->transfer_end);
+    times.exposed_ms += std::max(0.0f, e->compute_end.elapsed_ms(e->transfer_end));
+  }
+  hop_events_.clear();
 }
 
 }  // namespace sp
