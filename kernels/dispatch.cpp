@@ -11,6 +11,7 @@
 
 #include "kernels/cpu/activation.h"
 #include "kernels/cpu/attention.h"
+#include "kernels/cpu/attention_merge.h"
 #include "kernels/cpu/cross_entropy.h"
 #include "kernels/cpu/embedding.h"
 #include "kernels/cpu/grad_norm.h"
@@ -86,6 +87,7 @@
 #endif
 #if LOOM_HAS_CUDA_ATTENTION
 #include "kernels/cuda/attention.h"
+#include "kernels/cuda/attention_merge.h"
 #endif
 #if LOOM_HAS_CUDA_LIGHTNING
 #include "kernels/cuda/lightning.h"
@@ -364,6 +366,12 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
   WITH_CUDA_ATTENTION("attention_backward", s,
                       cuda::attention_backward(dq, dk, dv, dout, dlse, q, k, v, out, lse, q_positions, k_positions,
                                                scale, causal, s2, s));
+}
+void attention_merge(Tensor& out_acc, Tensor& lse_acc, const Tensor& part_out, const Tensor& part_lse,
+                     int64_t row_start, Stream& s) {
+  if (on_cpu("attention_merge", {&out_acc, &lse_acc, &part_out, &part_lse}, s))
+    return cpu::attention_merge(out_acc, lse_acc, part_out, part_lse, row_start, s);
+  WITH_CUDA_ATTENTION("attention_merge", s, cuda::attention_merge(out_acc, lse_acc, part_out, part_lse, row_start, s));
 }
 void lightning_forward(Tensor& out, Tensor& final_state, const Tensor& q, const Tensor& k, const Tensor& v,
                        const Tensor& initial_state, const Tensor& decay_lambdas, double out_scale,

@@ -67,6 +67,11 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
                         const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                         const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
                         const S2Pattern& s2, Stream& s);
+// Folds a partial attention result into a running one (ALGORITHMS.md §1,
+// kernels/cpu/attention_merge.h); on CUDA out_acc, lse_acc and part_lse are
+// f32 and part_out may be bf16 (part of the "attention" family).
+void attention_merge(Tensor& out_acc, Tensor& lse_acc, const Tensor& part_out, const Tensor& part_lse,
+                     int64_t row_start, Stream& s);
 void lightning_forward(Tensor& out, Tensor& final_state, const Tensor& q, const Tensor& k, const Tensor& v,
                        const Tensor& initial_state, const Tensor& decay_lambdas, double out_scale,
                        int64_t block_size, Stream& s);

@@ -1,8 +1,8 @@
 // Shared local pieces of the sequence-parallel attentions (see sp_attention.h).
-// The attention kernels (through kernels/dispatch.h) do the block math; this
-// file decides which blocks to run, merges their partial (out, lse) exactly
-// (kernels/cpu|cuda/attention_merge: lse = -inf is "no key yet", so an empty
-// row never meets inf - inf) and routes their gradients. The running (out,
+// The attention and merge kernels (through kernels/dispatch.h) do the block
+// math; this file decides which blocks to run, merges their partial (out, lse)
+// exactly (kernels/cpu|cuda/attention_merge: lse = -inf is "no key yet", so an
+// empty row never meets inf - inf) and routes their gradients. The running (out,
 // lse) and the gradient accumulators are fp32 for 16-bit data (CUDA) and the
 // data's own dtype otherwise (f32 or f64 on CPU), and the partials of each
 // block are folded into them as they come.
@@ -13,11 +13,7 @@
 #include <limits>
 
 #include "framework/op_checks.h"
-#include "kernels/cpu/attention_merge.h"
 #include "kernels/dispatch.h"
-#ifdef LOOM_WITH_CUDA
-#include "kernels/cuda/attention_merge.h"
-#endif
 #ifdef LOOM_WITH_NCCL
 #include "parallel/cuda/nccl_communicator.h"
 #endif
@@ -64,19 +60,6 @@ bool pair_needed(const PositionRun& query, const PositionRun& key, bool causal, 
   for (int64_t pattern = 0; pattern < num_patterns; ++pattern)
     if (s2_block_active(qb, kb, pattern, num_patterns, s2)) return true;
   return false;
-}
-
-// The merge kernel of the data's device. (Called here rather than through
-// kernels/dispatch.h, which had no entry for it when this was written; the
-// two branches take the same signature, so moving it there is mechanical.)
-void merge_partial(Tensor& out_acc, Tensor& lse_acc, const Tensor& part_out, const Tensor& part_lse, int64_t start,
-                   Stream& stream) {
-  if (out_acc.device().is_cpu()) return cpu::attention_merge(out_acc, lse_acc, part_out, part_lse, start, stream);
-#ifdef LOOM_WITH_CUDA
-  cuda::attention_merge(out_acc, lse_acc, part_out, part_lse, start, stream);
-#else
-  LOOM_FAIL() << "attention_merge: no CUDA kernel in this build (tensors on " << out_acc.device() << ")";
-#endif
 }
 
 // Rows [start, start + len) of dim 1, contiguous (a view when B == 1).
@@ -276,7 +259,7 @@ void attend_forward(Tensor& out_acc, Tensor& lse_acc, const Tensor& q, const Ten
     Tensor lse = Tensor::empty({call.B, call.H, blk.q_len}, call.acc_dtype, q.device());      // (B, H, q_len)
     dispatch::attention_forward(out, lse, q_blk, keys.k, keys.v, q_positions.narrow(0, blk.q_start, blk.q_len),
                                 keys.positions, call.scale, call.causal, call.s2, stream);
-    merge_partial(out_acc, lse_acc, out, lse, blk.q_start, stream);
+    dispatch::attention_merge(out_acc, lse_acc, out, lse, blk.q_start, stream);
     if (stats != nullptr) {
       stats->forward_blocks += 1;
       stats->forward_score_pairs += blk.q_len * keys.k.size(1);

@@ -15,8 +15,7 @@
 //  - RingHop: one ring transfer, posted before the step's compute and waited
 //    for after it (on CUDA: on the communicator's stream, event-ordered).
 // Both run on CPU tensors (MPI) and CUDA tensors (NCCL); the kernels are
-// reached through kernels/dispatch.h (the merge through a local switch, see
-// sp_attention.cpp).
+// reached through kernels/dispatch.h.
 #pragma once
 
 #include <cstdint>
