@@ -341,13 +341,7 @@ struct RingHop::HopEvents {
 };
 
 RingHop::RingHop(Communicator& cp, Stream& compute, bool timed)
-    : cp_(cp), compute_(compute), timed_(timed && compute.device().is_cuda()) {
-  if (compute.device().is_cuda()) {
-    hop_stream_ = std::make_unique<Stream>(compute.device());
-    ready_ = std::make_unique<Event>(compute.device());
-    done_ = std::make_unique<Event>(compute.device());
-  }
-}
+    : cp_(cp), compute_(compute), timed_(timed && compute.device().is_cuda()) {}
 
 RingHop::~RingHop() {
   try {
@@ -363,9 +357,14 @@ void RingHop::post(const Tensor& send, Tensor& recv) {
   send_ = send;
   recv_ = recv;
   pending_ = true;
-  if (!hop_stream_) {  // CPU: MPI's send_recv completes here
+  if (compute_.device().is_cpu()) {  // MPI's send_recv completes here
     cp_.send_recv(send, to, recv, from, compute_);
     return;
+  }
+  if (!hop_stream_) {  // made at the first hop (a one-rank ring has none)
+    hop_stream_ = std::make_unique<Stream>(compute_.device());
+    ready_ = std::make_unique<Event>(compute_.device());
+    done_ = std::make_unique<Event>(compute_.device());
   }
   // The transfer starts after everything queued on the compute stream so far
   // (the message was packed there, and the receive buffer was last read there).
