@@ -405,6 +405,8 @@ void RingHop::add_times(RingHopTimes& times) {
     times.compute_ms += e->compute_start.elapsed_ms(e->compute_end);
     times.transfer_ms += e->transfer_start.elapsed_ms(e->transfer_end);
     times.exposed_ms += std::max(0.0f, e->compute_end.elapsed_ms(e->transfer_end));
+    times.step_ms +=
+        std::max(e->transfer_start.elapsed_ms(e->compute_end), e->transfer_start.elapsed_ms(e->transfer_end));
   }
   hop_events_.clear();
 }

@@ -36,11 +36,14 @@ namespace loom {
 // from the moment the compute stream released it until it landed, and
 // exposed_ms the part of the transfer the compute stream had to wait for
 // after its own work (max(0, transfer end - compute end)); exposed_ms ≈ 0
-// means the transfers were hidden behind compute. Steps without a transfer
-// (a ring's last forward step) are not counted.
+// means the transfers were hidden behind compute. step_ms is the wall time
+// from the hop's start until both it and the step's compute were done: about
+// max(compute, transfer) when they overlap, their sum when they serialize
+// (in either order). Steps without a transfer (a ring's last forward step)
+// are not counted.
 struct RingHopTimes {
   int64_t hops = 0;
-  double compute_ms = 0.0, transfer_ms = 0.0, exposed_ms = 0.0;
+  double compute_ms = 0.0, transfer_ms = 0.0, exposed_ms = 0.0, step_ms = 0.0;
 };
 
 // Counters a call adds to: the forward's when the op runs, the backward's when
