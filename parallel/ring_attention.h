@@ -55,8 +55,12 @@ namespace loom {
 
 // q (B, T, H, D), k and v (B, T, Hkv, D): this rank's shards in layout order
 // (T = layout.local_len(), H % Hkv == 0). options as for attention():
-// q_positions / k_positions are the local tokens' global positions (default:
-// layout.positions(rank), and k_positions = q_positions); causal, scale, s2.
+// q_positions / k_positions are the local tokens' global positions, host
+// tensors (default: layout.positions(rank), and k_positions = q_positions);
+// causal, scale, s2. q, k, v on one device: CPU (f32, f64; `cp` an MPI group)
+// or CUDA (bf16, f32, D <= 128; `cp` a CUDA mesh group or an NcclCommunicator;
+// given positions are all-gathered once on the host first, through MPI for a
+// mesh group, or on the device plus one host read for a bare NCCL group).
 // Returns out (B, T, H, D) and lse (B, H, T) equal to the rows of this rank in
 // attention() over the whole sequence; both are differentiable. Collective
 // over `cp` (forward and backward): every rank calls it with the same shapes;
