@@ -7,12 +7,13 @@
 //    bf16, plain / GQA / S2, non-causal and rows with no visible key; both
 //    through a CUDA mesh's cp group (NCCL for the data, MPI for the host
 //    positions) and through a bare NcclCommunicator; traffic as predicted;
-//  - a ring of P shards simulated on one GPU (no communication) merges and
-//    accumulates exactly, so the merge across blocks is checked even at np 1;
+//  - a ring of P shards simulated on one device (no communication) merges and
+//    accumulates exactly, so the merge across blocks is checked even at np 1
+//    (on the CPU in f64 everywhere, on the GPU in f32 and bf16);
 //  - overlap: a ring hop (sp::RingHop, a self-hop at np 1) posted before an
 //    attention kernel is hidden behind it, and the real ring reports its hop
 //    timings. Both print "ring step compute X ms, transfer Y ms, exposed Z ms".
-// Skips (on every rank alike) without a GPU per rank.
+// The GPU tests skip (on every rank alike) without a GPU per rank.
 //
 // Tolerances: f32 runs the same fp32 arithmetic in another order (2e-5 at the
 // tensor's scale). bf16: the 1-rank op rounds out and each gradient once; the
@@ -225,75 +226,83 @@ TEST(SpAttentionCuda, MixedDevicesAndF64OnCudaAreErrors) {
 }
 
 // P shards of a zigzag layout attended one after another by each simulated
-// rank on this GPU, with the planner, the device merge and the fp32
-// accumulators the ring uses; summing the simulated ranks' dK, dV terms per
-// shard gives the whole gradient. No communication: runs at any np.
+// rank on one device, with the planner, the merge and the accumulators the
+// ring uses (fp32 for bf16 data); summing the simulated ranks' dK, dV terms
+// per shard gives the whole gradient. No communication: runs at any np, on
+// the CPU in f64 (always: it checks this test's own bookkeeping) and on the
+// GPU in f32 and bf16.
+void expect_simulated_ring_exact(Device device, DType dtype, int P) {
+  SCOPED_TRACE(::testing::Message() << dtype_name(dtype) << " on " << device << ", simulated cp " << P);
+  Stream& stream = Stream::default_for(device);
+  const int64_t B = 1, H = 4, Hkv = 2, D = 40, T = 2 * P * 17;  // 17-token chunks, D not a power of two
+  const Shape q_shape{B, T, H, D}, kv_shape{B, T, Hkv, D};
+  Tensor q = global_tensor(q_shape, 21, dtype, device), k = global_tensor(kv_shape, 22, dtype, device);
+  Tensor v = global_tensor(kv_shape, 23, dtype, device), dout = global_tensor(q_shape, 24, dtype, device);
+  AttentionOptions whole;
+  whole.s2 = S2Pattern{8, 2, 3};
+  Variable gq(q, true), gk(k, true), gv(v, true);
+  AttentionResult ref = attention(gq, gk, gv, whole);
+  ref.out.backward(dout);
+
+  const double tol = dtype == DType::f64 ? 1e-12 : tolerance(dtype);
+  TokenLayout layout(LayoutKind::zigzag, T, P);
+  const int64_t Tl = layout.local_len();
+  const DType acc = dtype == DType::bf16 ? DType::f32 : dtype;
+  std::vector<Tensor> dk(P), dv(P);
+  for (int s = 0; s < P; ++s) {
+    dk[s] = Tensor::zeros({B, Tl, Hkv, D}, acc, device);
+    dv[s] = Tensor::zeros({B, Tl, Hkv, D}, acc, device);
+  }
+  for (int r = 0; r < P; ++r) {
+    sp::AttentionCall call;
+    call.B = B;
+    call.T = Tl;
+    call.H = H;
+    call.Hkv = Hkv;
+    call.D = D;
+    call.scale = 1.0 / std::sqrt(static_cast<double>(D));
+    call.s2 = whole.s2;
+    call.chunk = layout.chunks(r).front().length;
+    call.device = device;
+    call.dtype = dtype;
+    call.acc_dtype = acc;
+    call.q_positions = layout.positions(r);
+    call.k_positions = call.q_positions;
+    call.q_positions_device = call.q_positions.to(device);
+    Tensor ql = layout.shard(q, r, 1);
+    Tensor out = Tensor::zeros({B, Tl, H, D}, acc, device);
+    Tensor lse = Tensor::full({B, H, Tl}, -std::numeric_limits<double>::infinity(), acc, device);
+    std::vector<std::vector<AttentionBlock>> plans(P);
+    for (int i = 0; i < P; ++i) {  // the ring's order: own shard, then r - 1, r - 2, ...
+      const int s = (r + P - i) % P;
+      plans[s] = plan_attention_blocks(call.q_positions, layout.positions(s), true, call.s2, Hkv, call.chunk);
+      sp::attend_forward(out, lse, ql, layout.shard(k, s, 1), layout.shard(v, s, 1), call.q_positions_device,
+                         layout.positions(s).to(device), plans[s], call, nullptr, stream);
+    }
+    EXPECT_TRUE(close(out, layout.shard(ref.out.data(), r, 1), tol)) << "out of rank " << r;
+    EXPECT_TRUE(close(lse, layout.shard(ref.lse.data(), r, 2), tol)) << "lse of rank " << r;
+    Tensor out_final = out.to(dtype);
+    Tensor dq = Tensor::zeros({B, Tl, H, D}, acc, device);
+    for (int s = 0; s < P; ++s)
+      sp::attend_backward(dq, dk[s], dv[s], layout.shard(dout, r, 1), Tensor(), ql, layout.shard(k, s, 1),
+                          layout.shard(v, s, 1), out_final, lse, call.q_positions_device,
+                          layout.positions(s).to(device), plans[s], call, nullptr, stream);
+    EXPECT_TRUE(close(dq, layout.shard(gq.grad(), r, 1), tol)) << "dq of rank " << r;
+  }
+  for (int s = 0; s < P; ++s) {
+    EXPECT_TRUE(close(dk[s], layout.shard(gk.grad(), s, 1), tol)) << "dk of shard " << s;
+    EXPECT_TRUE(close(dv[s], layout.shard(gv.grad(), s, 1), tol)) << "dv of shard " << s;
+  }
+}
+
+TEST(SpAttentionCuda, SimulatedRingOnTheCpuMergesAndAccumulatesExactly) {
+  for (int P : {2, 3}) expect_simulated_ring_exact(Device::cpu(), DType::f64, P);
+}
+
 TEST(SpAttentionCuda, SimulatedRingOnOneGpuMergesAndAccumulatesExactly) {
   SKIP_WITHOUT_GPU_PER_RANK();
-  const Device gpu = my_gpu();
-  Stream& stream = Stream::default_for(gpu);
   for (DType dtype : {DType::f32, DType::bf16})
-    for (int P : {2, 3}) {
-      SCOPED_TRACE(::testing::Message() << dtype_name(dtype) << ", simulated cp " << P);
-      const int64_t B = 1, H = 4, Hkv = 2, D = 40, T = 2 * P * 17;  // 17-token chunks, D not a power of two
-      const Shape q_shape{B, T, H, D}, kv_shape{B, T, Hkv, D};
-      Tensor q = global_tensor(q_shape, 21, dtype, gpu), k = global_tensor(kv_shape, 22, dtype, gpu);
-      Tensor v = global_tensor(kv_shape, 23, dtype, gpu), dout = global_tensor(q_shape, 24, dtype, gpu);
-      AttentionOptions whole;
-      whole.s2 = S2Pattern{8, 2, 3};
-      Variable gq(q, true), gk(k, true), gv(v, true);
-      AttentionResult ref = attention(gq, gk, gv, whole);
-      ref.out.backward(dout);
-
-      TokenLayout layout(LayoutKind::zigzag, T, P);
-      const int64_t Tl = layout.local_len();
-      const DType acc = dtype == DType::bf16 ? DType::f32 : dtype;
-      std::vector<Tensor> dk(P), dv(P);
-      for (int s = 0; s < P; ++s) {
-        dk[s] = Tensor::zeros({B, Tl, Hkv, D}, acc, gpu);
-        dv[s] = Tensor::zeros({B, Tl, Hkv, D}, acc, gpu);
-      }
-      for (int r = 0; r < P; ++r) {
-        sp::AttentionCall call;
-        call.B = B;
-        call.T = Tl;
-        call.H = H;
-        call.Hkv = Hkv;
-        call.D = D;
-        call.scale = 1.0 / std::sqrt(static_cast<double>(D));
-        call.s2 = whole.s2;
-        call.chunk = layout.chunks(r).front().length;
-        call.device = gpu;
-        call.dtype = dtype;
-        call.acc_dtype = acc;
-        call.q_positions = layout.positions(r);
-        call.k_positions = call.q_positions;
-        call.q_positions_device = call.q_positions.to(gpu);
-        Tensor ql = layout.shard(q, r, 1);
-        Tensor out = Tensor::zeros({B, Tl, H, D}, acc, gpu);
-        Tensor lse = Tensor::full({B, H, Tl}, -std::numeric_limits<double>::infinity(), acc, gpu);
-        std::vector<std::vector<AttentionBlock>> plans(P);
-        for (int i = 0; i < P; ++i) {  // the ring's order: own shard, then r - 1, r - 2, ...
-          const int s = (r + P - i) % P;
-          plans[s] = plan_attention_blocks(call.q_positions, layout.positions(s), true, call.s2, Hkv, call.chunk);
-          sp::attend_forward(out, lse, ql, layout.shard(k, s, 1), layout.shard(v, s, 1), call.q_positions_device,
-                             layout.positions(s).to(gpu), plans[s], call, nullptr, stream);
-        }
-        EXPECT_TRUE(close(out, layout.shard(ref.out.data(), r, 1), tolerance(dtype))) << "out of rank " << r;
-        EXPECT_TRUE(close(lse, layout.shard(ref.lse.data(), r, 2), tolerance(dtype))) << "lse of rank " << r;
-        Tensor out_final = out.to(dtype);
-        Tensor dq = Tensor::zeros({B, Tl, H, D}, acc, gpu);
-        for (int s = 0; s < P; ++s)
-          sp::attend_backward(dq, dk[s], dv[s], layout.shard(dout, r, 1), Tensor(), ql, layout.shard(k, s, 1),
-                              layout.shard(v, s, 1), out_final, lse, call.q_positions_device,
-                              layout.positions(s).to(gpu), plans[s], call, nullptr, stream);
-        EXPECT_TRUE(close(dq, layout.shard(gq.grad(), r, 1), tolerance(dtype))) << "dq of rank " << r;
-      }
-      for (int s = 0; s < P; ++s) {
-        EXPECT_TRUE(close(dk[s], layout.shard(gk.grad(), s, 1), tolerance(dtype))) << "dk of shard " << s;
-        EXPECT_TRUE(close(dv[s], layout.shard(gv.grad(), s, 1), tolerance(dtype))) << "dv of shard " << s;
-      }
-    }
+    for (int P : {2, 3}) expect_simulated_ring_exact(my_gpu(), dtype, P);
 }
 
 // Mean per hop, milliseconds.
