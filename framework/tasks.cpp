@@ -311,4 +311,43 @@ AnswerCounts answer_accuracy(const Tensor& logits, const Tensor& targets) {
   return counts;
 }
 
+void add_recall_breakdown(RecallBreakdown& into, const Tensor& logits, const Tensor& inputs, const Tensor& targets,
+                          const RecallLayout& layout) {
+  LOOM_CHECK(logits.dim() == 3 && inputs.dim() == 2 && inputs.shape() == targets.shape() &&
+             logits.size(0) == inputs.size(0) && logits.size(1) == inputs.size(1))
+      << "add_recall_breakdown: logits " << shape_str(logits.shape()) << ", inputs " << shape_str(inputs.shape())
+      << " and targets " << shape_str(targets.shape()) << " must be (B, T, V), (B, T), (B, T)";
+  const int64_t b = inputs.size(0), t = inputs.size(1), v = logits.size(2), item = layout.item_tokens();
+  LOOM_CHECK(layout.pairs > 0 && layout.tokens() <= t + 1)
+      << "add_recall_breakdown: " << layout.pairs << " pairs + " << layout.queries << " queries take "
+      << layout.tokens() << " tokens, the batch has " << t << " (+1)";
+  into.by_query.resize(static_cast<size_t>(std::max<int64_t>(layout.queries, into.by_query.size())));
+  into.by_pair.resize(static_cast<size_t>(std::max<int64_t>(layout.pairs, into.by_pair.size())));
+  Tensor l = logits.to(Device::cpu()).to(DType::f32).contiguous();
+  std::vector<int64_t> in = inputs.to(Device::cpu()).to_vector<int64_t>();
+  std::vector<int64_t> tg = targets.to(Device::cpu()).to_vector<int64_t>();
+  const float* data = l.data<float>();
+  for (int64_t r = 0; r < b; ++r) {
+    const int64_t* row = in.data() + r * t;
+    for (int64_t q = 0; q < layout.queries; ++q) {
+      const int64_t start = (layout.pairs + q) * item + 1;  // the query's first key token
+      int64_t pair = -1;
+      for (int64_t p = 0; p < layout.pairs && pair < 0; ++p)
+        if (std::equal(row + start, row + start + layout.key_len, row + p * item)) pair = p;
+      LOOM_CHECK(pair >= 0) << "add_recall_breakdown: row " << r << ", query " << q << ": its key is not a pair's key";
+      for (int64_t j = 0; j < layout.value_len; ++j) {
+        const int64_t at = r * t + start + layout.key_len + j;  // the ':' (j = 0) or the previous value token
+        LOOM_CHECK(tg[static_cast<size_t>(at)] != kIgnoreTarget)
+            << "add_recall_breakdown: row " << r << ", query " << q << ": no target at position " << at - r * t;
+        const float* logit_row = data + at * v;
+        const bool correct = std::max_element(logit_row, logit_row + v) - logit_row == tg[static_cast<size_t>(at)];
+        for (AnswerCounts* c : {&into.by_query[static_cast<size_t>(q)], &into.by_pair[static_cast<size_t>(pair)]}) {
+          c->total += 1;
+          c->correct += correct ? 1 : 0;
+        }
+      }
+    }
+  }
+}
+
 }  // namespace loom

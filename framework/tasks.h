@@ -110,4 +110,17 @@ struct AnswerCounts {
 // argmax of the logits there equals the target. logits (B, T, V) f32, targets (B, T) i64.
 AnswerCounts answer_accuracy(const Tensor& logits, const Tensor& targets);
 
+// Recall answers split by where they are: by_query[q] counts the answers of the
+// q-th query after the '|', by_pair[p] those whose key is the p-th pair of the
+// context. Shows which answers a model gets (first or late pairs, first or last
+// queries) when the total sits between chance and 1.
+struct RecallBreakdown {
+  std::vector<AnswerCounts> by_query, by_pair;
+};
+// Adds the greedy answers of one batch laid out as `layout` (the layout of the
+// batch's seq_len); inputs, targets (B, T) i64, logits (B, T, V). Throws when a
+// target is not where the layout puts the answers.
+void add_recall_breakdown(RecallBreakdown& into, const Tensor& logits, const Tensor& inputs, const Tensor& targets,
+                          const RecallLayout& layout);
+
 }  // namespace loom

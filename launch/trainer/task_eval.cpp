@@ -35,8 +35,12 @@ TaskEvalResult evaluate_task(const DecoderLM& model, const TaskDataset& dataset,
   TaskEvalResult result;
   result.task = task_kind_name(dataset.spec().kind);
   // Local counts, in (length, depth) order: [correct, total] pairs, summed over dp in one all-reduce.
+  // Recall then adds its per-query and per-pair counts of each length.
   std::vector<double> counts;
+  std::map<int64_t, RecallBreakdown> breakdowns;
   for (int64_t length : lengths) {
+    RecallLayout layout;
+    if (!needle) layout = recall_layout(dataset.spec().recall, length, nullptr);
     for (size_t d = 0; d < depth_values.size(); ++d) {
       AnswerCounts cell;
       uint64_t stream = task_eval_stream(length, static_cast<int64_t>(d));
@@ -45,11 +49,18 @@ TaskEvalResult evaluate_task(const DecoderLM& model, const TaskDataset& dataset,
         SequenceContext ctx;
         Variable logits = model.forward(batch.inputs, ctx);  // (B, T, V)
         add(cell, answer_accuracy(logits.data(), batch.targets));
+        if (!needle) add_recall_breakdown(breakdowns[length], logits.data(), batch.inputs, batch.targets, layout);
       }
       counts.push_back(static_cast<double>(cell.correct));
       counts.push_back(static_cast<double>(cell.total));
     }
   }
+  for (const auto& [length, breakdown] : breakdowns)
+    for (const auto* list : {&breakdown.by_query, &breakdown.by_pair})
+      for (const AnswerCounts& c : *list) {
+        counts.push_back(static_cast<double>(c.correct));
+        counts.push_back(static_cast<double>(c.total));
+      }
   Tensor summed = Tensor::from_vector(counts, {static_cast<int64_t>(counts.size())});
   dp.all_reduce(summed, ReduceOp::sum, Stream::default_for(Device::cpu()));
   std::vector<double> global = summed.to_vector<double>();
@@ -63,6 +74,14 @@ TaskEvalResult evaluate_task(const DecoderLM& model, const TaskDataset& dataset,
         add(result.by_cell[length][depths[d]], cell);
       }
     }
+  }
+  for (auto& [length, breakdown] : breakdowns) {
+    for (auto* list : {&breakdown.by_query, &breakdown.by_pair})
+      for (AnswerCounts& c : *list) {
+        c = AnswerCounts{static_cast<int64_t>(global[i]), static_cast<int64_t>(global[i + 1])};
+        i += 2;
+      }
+    result.recall_by_length[length] = breakdown;
   }
   return result;
 }
@@ -80,6 +99,15 @@ nlohmann::json TaskEvalResult::to_json() const {
     j["depth_accuracy"] = depth;
     j["length_depth_accuracy"] = cells;
   }
+  if (!recall_by_length.empty()) {
+    nlohmann::json by_query = nlohmann::json::object(), by_pair = nlohmann::json::object();
+    for (const auto& [length, r] : recall_by_length) {
+      for (const AnswerCounts& c : r.by_query) by_query[std::to_string(length)].push_back(c.accuracy());
+      for (const AnswerCounts& c : r.by_pair) by_pair[std::to_string(length)].push_back(c.accuracy());
+    }
+    j["query_accuracy"] = by_query;
+    j["pair_accuracy"] = by_pair;
+  }
   return j;
 }
 
@@ -95,6 +123,13 @@ std::string TaskEvalResult::table() const {
     out += fmt::format("  {:>8} | {:>8} | {:>8}\n", "length", "accuracy", "answers");
     for (const auto& [length, c] : by_length)
       out += fmt::format("  {:>8} | {:>8.3f} | {:>8}\n", length, c.accuracy(), c.total);
+    for (const auto& [length, r] : recall_by_length) {
+      out += fmt::format("  {:>8} | by query:", length);
+      for (const AnswerCounts& c : r.by_query) out += fmt::format(" {:.2f}", c.accuracy());
+      out += fmt::format("\n  {:>8} | by pair: ", "");
+      for (const AnswerCounts& c : r.by_pair) out += fmt::format(" {:.2f}", c.accuracy());
+      out += "\n";
+    }
     return out;
   }
   out += fmt::format("  {:>8} |", "len\\depth");

@@ -23,9 +23,11 @@ struct TaskEvalResult {
   std::map<int64_t, AnswerCounts> by_length;                       // all depths together
   std::map<std::string, AnswerCounts> by_depth;                    // needle: all lengths together
   std::map<int64_t, std::map<std::string, AnswerCounts>> by_cell;  // needle: length x depth
+  std::map<int64_t, RecallBreakdown> recall_by_length;              // recall: by query and by pair, per length
 
   // {"task", "accuracy": {"<len>": acc}, "depth_accuracy": {"<depth>": acc},
-  //  "length_depth_accuracy": {"<len>": {"<depth>": acc}}} (depth keys only for needle).
+  //  "length_depth_accuracy": {"<len>": {"<depth>": acc}}} (depth keys only for needle),
+  //  recall: "query_accuracy", "pair_accuracy": {"<len>": [acc of query / pair 0, 1, ...]}.
   nlohmann::json to_json() const;
   std::string table() const;  // a small aligned table for the log
   double mean_accuracy() const;  // over every answer token evaluated

@@ -232,6 +232,66 @@ TEST(Tasks, AnswerAccuracyCountsGreedyMatchesAtTargetsOnly) {
             std::string::npos);
 }
 
+TEST(Tasks, RecallBreakdownCountsEachAnswerUnderItsQueryAndItsPair) {
+  // An oracle that reads each query's value from the pairs is right at every
+  // answer; then the answers of query 2 and of the pair in context slot 5 are
+  // made wrong, and only their rows of the breakdown drop.
+  for (int64_t value_len : {int64_t{1}, int64_t{2}}) {
+    TaskSpec spec = recall_spec(0, 0, 1, value_len);
+    const int64_t t = 64, b = 3, v = 257;
+    std::string problem;
+    RecallLayout layout = recall_layout(spec.recall, t, &problem);
+    ASSERT_EQ(problem, "");
+    TaskDataset data(spec, 5, b, 0, 1);
+    Batch batch = data.batch(0, t, task_eval_stream(t, 0));
+    std::vector<int64_t> in = batch.inputs.to_vector<int64_t>(), tg = batch.targets.to_vector<int64_t>();
+    Tensor logits = Tensor::zeros({b, t, v});  // (B, T, V)
+    float* l = logits.data<float>();
+    const int64_t item = layout.item_tokens();
+    int64_t wrong_pair = 0, wrong_query = 0;
+    for (int64_t r = 0; r < b; ++r)
+      for (int64_t q = 0; q < layout.queries; ++q) {
+        const int64_t start = (layout.pairs + q) * item + 1;
+        int64_t pair = 0;
+        while (in[static_cast<size_t>(r * t + pair * item)] != in[static_cast<size_t>(r * t + start)]) ++pair;
+        for (int64_t j = 0; j < value_len; ++j) {
+          const int64_t at = r * t + start + 1 + j;  // the ':' or the value token before
+          int64_t value = in[static_cast<size_t>(r * t + pair * item + 2 + j)];
+          ASSERT_EQ(tg[static_cast<size_t>(at)], value) << "row " << r << " query " << q;
+          const bool wrong = q == 2 || pair == 5;
+          wrong_pair += pair == 5 ? 1 : 0;
+          wrong_query += q == 2 ? 1 : 0;
+          l[at * v + (wrong ? (value == '0' ? '1' : '0') : value)] = 1.0f;
+        }
+      }
+    RecallBreakdown r;
+    add_recall_breakdown(r, logits, batch.inputs, batch.targets, layout);
+    ASSERT_EQ(static_cast<int64_t>(r.by_query.size()), layout.queries);
+    ASSERT_EQ(static_cast<int64_t>(r.by_pair.size()), layout.pairs);
+    EXPECT_EQ(wrong_query, b * value_len);
+    EXPECT_EQ(wrong_pair, b * value_len);  // every pair is queried once
+    int64_t total = 0, correct = 0;
+    for (int64_t q = 0; q < layout.queries; ++q) {
+      const AnswerCounts& c = r.by_query[static_cast<size_t>(q)];
+      EXPECT_EQ(c.total, b * value_len) << "query " << q;
+      total += c.total;
+      correct += c.correct;
+      if (q == 2) EXPECT_EQ(c.correct, 0);
+    }
+    EXPECT_EQ(r.by_pair[5].correct, 0);
+    EXPECT_EQ(r.by_pair[5].total, b * value_len);
+    for (int64_t p = 0; p < layout.pairs; ++p) EXPECT_EQ(r.by_pair[static_cast<size_t>(p)].total, b * value_len);
+    // The totals agree with answer_accuracy over the same logits.
+    AnswerCounts all = answer_accuracy(logits, batch.targets);
+    EXPECT_EQ(all.total, total);
+    EXPECT_EQ(all.correct, correct);
+    // A batch laid out differently (targets moved) is refused.
+    Tensor shifted = Tensor::full({b, t}, kIgnoreTarget, DType::i64);
+    EXPECT_NE(error_of([&] { add_recall_breakdown(r, logits, batch.inputs, shifted, layout); }).find("no target"),
+              std::string::npos);
+  }
+}
+
 TEST(Tasks, EvalResultJsonAndTable) {
   TaskEvalResult r;
   r.task = "needle";
@@ -254,6 +314,11 @@ TEST(Tasks, EvalResultJsonAndTable) {
   recall.task = "recall";
   recall.by_length[32] = {1, 2};
   EXPECT_FALSE(recall.to_json().contains("depth_accuracy"));
+  recall.recall_by_length[32].by_query = {{1, 1}, {0, 1}};
+  recall.recall_by_length[32].by_pair = {{0, 1}, {1, 1}};
+  EXPECT_DOUBLE_EQ(recall.to_json()["query_accuracy"]["32"][1].get<double>(), 0.0);
+  EXPECT_DOUBLE_EQ(recall.to_json()["pair_accuracy"]["32"][1].get<double>(), 1.0);
+  EXPECT_NE(recall.table().find("by query: 1.00 0.00"), std::string::npos) << recall.table();
 }
 
 TEST(Tasks, ConfigKeysAndErrorsNameTheValues) {
