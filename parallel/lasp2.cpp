@@ -1,73 +1,30 @@
-// LASP-2 as one autograd node over the CPU lightning kernels (see lasp2.h).
-// The two decay-weighted outer-product sums (the unit's memory state M_u and
-// the state gradient dP_u) are plain loops here: each is O(T·D²) per head,
-// the same order as one state update of the blocked kernel.
+// LASP-2 as one autograd node over the lightning kernels of the data's device
+// (kernels/dispatch.h; see lasp2.h). Everything runs on that device, in stream
+// order, with no host wait: the unit's memory state M_u is the final state of
+// a lightning pass from a zero state; the state gradient dP_u is the initial-
+// state gradient of a lightning backward with no final-state gradient; the
+// prefix/suffix scans are per-head decay multiplies and adds of (B, H, D, D)
+// states in the state dtype (fp32 for 16-bit data, as the CUDA kernels keep
+// their states). The decay factors of all units go to the device in one
+// queued upload per call; the decays themselves stay a host tensor (the
+// kernels form their powers on the host).
+//
+// Cost: two kernel passes per unit each way (one to make the state or state
+// gradient that is gathered, one from the scanned state). The gather waits for
+// the first pass, and the second needs the gathered states, so nothing
+// overlaps the collective here (see lasp2.h for the split that would).
 #include "parallel/lasp2.h"
 
 #include <algorithm>
 #include <cmath>
 
 #include "framework/error.h"
+#include "framework/op_checks.h"
 #include "framework/stream.h"
-#include "kernels/cpu/lightning.h"
+#include "kernels/dispatch.h"
 
 namespace loom {
 namespace {
-
-// out (B, H, D, D) = scale · Σ_t γ_h^e(t) a_tᵀ c_t over a (B, L, H, D), c (B, L, H, D);
-// e(t) = L-1-t (memory state) or t+1 (state gradient). Sums in double.
-template <typename T>
-void weighted_outer_sum(Tensor& out, const Tensor& a, const Tensor& c, const std::vector<double>& lambdas,
-                        double scale, bool from_end) {
-  const int64_t B = a.size(0), L = a.size(1), H = a.size(2), D = a.size(3);
-  const T* pa = a.data<T>();
-  const T* pc = c.data<T>();
-  T* po = out.data<T>();
-  std::vector<double> acc(static_cast<size_t>(D * D));
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < H; ++h) {
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (int64_t t = 0; t < L; ++t) {
-        const double e = from_end ? static_cast<double>(L - 1 - t) : static_cast<double>(t + 1);
-        const double w = scale * std::exp(-lambdas[h] * e);
-        const T* at = pa + ((b * L + t) * H + h) * D;
-        const T* ct = pc + ((b * L + t) * H + h) * D;
-        for (int64_t i = 0; i < D; ++i) {
-          const double ai = w * static_cast<double>(at[i]);
-          double* row = acc.data() + i * D;
-          for (int64_t j = 0; j < D; ++j) row[j] += ai * static_cast<double>(ct[j]);
-        }
-      }
-      T* o = po + (b * H + h) * D * D;
-      for (int64_t i = 0; i < D * D; ++i) o[i] = static_cast<T>(acc[i]);
-    }
-  }
-}
-
-void outer_sum(Tensor& out, const Tensor& a, const Tensor& c, const std::vector<double>& lambdas, double scale,
-               bool from_end) {
-  if (a.dtype() == DType::f64) weighted_outer_sum<double>(out, a, c, lambdas, scale, from_end);
-  else weighted_outer_sum<float>(out, a, c, lambdas, scale, from_end);
-}
-
-// state (B, H, D, D) <- γ_h^length · state + add (add may be undefined).
-void decay_and_add(Tensor& state, const Tensor& add, const std::vector<double>& lambdas, int64_t length) {
-  const int64_t B = state.size(0), H = state.size(1), DD = state.size(2) * state.size(3);
-  auto run = [&](auto* s, const auto* x) {
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t h = 0; h < H; ++h) {
-        const double a = std::exp(-lambdas[h] * static_cast<double>(length));
-        const int64_t base = (b * H + h) * DD;
-        for (int64_t i = 0; i < DD; ++i) {
-          double v = a * static_cast<double>(s[base + i]) + (x ? static_cast<double>(x[base + i]) : 0.0);
-          s[base + i] = static_cast<std::remove_pointer_t<decltype(s)>>(v);
-        }
-      }
-    }
-  };
-  if (state.dtype() == DType::f64) run(state.data<double>(), add.defined() ? add.data<double>() : nullptr);
-  else run(state.data<float>(), add.defined() ? add.data<float>() : nullptr);
-}
 
 // The unit's tokens of a (B, T_local, H, D) tensor, contiguous.
 Tensor unit_slice(const Tensor& t, int64_t local_start, int64_t length) {
@@ -85,24 +42,42 @@ std::vector<int64_t> local_starts(const std::vector<TokenChunk>& chunks) {
   return starts;
 }
 
-// Prefix (forward) or suffix (backward) scan over the gathered per-unit tensors
-// (U_total, B, H, D, D), in sequence order; returns the scan value of each of
-// `rank`'s units (local chunk order). Prefix: P_first = 0, P_{u+1} = a_u P_u + X_u.
-// Suffix: G_last = 0, G_u = a_{u+1} G_{u+1} + X_{u+1}.
-std::vector<Tensor> scan_units(const Tensor& gathered, const std::vector<LaspUnit>& units, int chunks_per_rank,
-                               int rank, const std::vector<double>& lambdas, bool suffix) {
-  Shape state_shape(gathered.shape().begin() + 1, gathered.shape().end());
+// Per-unit, per-head state decay a_u,h = γ_h^(L_u) (units in sequence order):
+// (n_units, 1, H, 1, 1) in `dtype` on `device`, formed in double on the host
+// and uploaded once (a queued upload, no host wait; see framework/storage.cpp).
+Tensor unit_decays(const std::vector<LaspUnit>& units, const std::vector<double>& lambdas, DType dtype,
+                   Device device) {
+  const int64_t n = static_cast<int64_t>(units.size()), H = static_cast<int64_t>(lambdas.size());
+  std::vector<double> values(static_cast<size_t>(n * H));
+  for (int64_t u = 0; u < n; ++u)
+    for (int64_t h = 0; h < H; ++h)
+      values[static_cast<size_t>(u * H + h)] =
+          std::exp(-lambdas[static_cast<size_t>(h)] * static_cast<double>(units[static_cast<size_t>(u)].tokens.length));
+  return Tensor::from_vector(values, {n, 1, H, 1, 1}).to(dtype).to(device);
+}
+
+// Prefix (forward) or suffix (backward) scan over the gathered per-unit states
+// (P*U, B, H, D, D; entry rank*U + chunk) in sequence order; returns the scan
+// value of each of `rank`'s units (local chunk order). Prefix: P_first = 0,
+// P_{u+1} = a_u P_u + X_u. Suffix: G_last = 0, G_{u-1} = a_u G_u + X_u.
+// `decays` (n_units, 1, H, 1, 1) from unit_decays. Runs on the gathered
+// tensor's device; every step writes a new state, so the returned ones are
+// never overwritten.
+std::vector<Tensor> scan_units(const Tensor& gathered, const Tensor& decays, const std::vector<LaspUnit>& units,
+                               int chunks_per_rank, int rank, bool suffix, Stream& s) {
+  Shape state_shape(gathered.shape().begin() + 1, gathered.shape().end());  // (B, H, D, D)
   std::vector<Tensor> mine(static_cast<size_t>(chunks_per_rank));
-  Tensor running = Tensor::zeros(state_shape, gathered.dtype());  // (B, H, D, D)
+  Tensor running = Tensor::zeros(state_shape, gathered.dtype(), gathered.device());
   const int64_t n = static_cast<int64_t>(units.size());
   for (int64_t step = 0; step < n; ++step) {
     const int64_t u = suffix ? n - 1 - step : step;
     const LaspUnit& unit = units[static_cast<size_t>(u)];
-    if (unit.rank == rank) mine[static_cast<size_t>(unit.chunk)] = running.clone();
+    if (unit.rank == rank) mine[static_cast<size_t>(unit.chunk)] = running;
     if (step + 1 == n) break;
-    // Fold this unit in: prefix P_{u+1} = a_u P_u + M_u; suffix G_{u-1} = a_u G_u + dP_u.
-    Tensor contribution = gathered.select(0, int64_t{unit.rank} * chunks_per_rank + unit.chunk);
-    decay_and_add(running, contribution.contiguous(), lambdas, unit.tokens.length);
+    Tensor next = Tensor::empty(state_shape, gathered.dtype(), gathered.device());  // (B, H, D, D)
+    dispatch::binary(next, running, decays.select(0, u), dispatch::BinaryOp::mul, s);
+    dispatch::axpy(next, gathered.select(0, int64_t{unit.rank} * chunks_per_rank + unit.chunk), 1.0, s);
+    running = next;
   }
   return mine;
 }
@@ -127,9 +102,15 @@ Variable lasp2_attention(const Variable& q, const Variable& k, const Variable& v
   LOOM_CHECK(q.dim() == 4 && k.shape() == q.shape() && v.shape() == q.shape())
       << op << ": q " << shape_str(q.shape()) << ", k " << shape_str(k.shape()) << ", v " << shape_str(v.shape())
       << " must all be (B, T_local, H, D)";
-  LOOM_CHECK((q.dtype() == DType::f32 || q.dtype() == DType::f64) && k.dtype() == q.dtype() && v.dtype() == q.dtype())
-      << op << ": q, k, v must share dtype f32 or f64, got " << q.dtype() << ", " << k.dtype() << ", " << v.dtype();
-  LOOM_CHECK(q.device().is_cpu()) << op << ": no CUDA path yet, q on " << q.device();
+  LOOM_CHECK(k.device() == q.device() && v.device() == q.device())
+      << op << ": q, k, v must share a device, got " << q.device() << ", " << k.device() << ", " << v.device();
+  const bool on_cuda = q.device().is_cuda();
+  const DType dtype = q.dtype();
+  const bool dtype_ok = on_cuda ? (dtype == DType::f32 || dtype == DType::bf16)
+                                : (dtype == DType::f32 || dtype == DType::f64);
+  LOOM_CHECK(dtype_ok && k.dtype() == dtype && v.dtype() == dtype)
+      << op << ": q, k, v must share dtype " << (on_cuda ? "f32 or bf16 (on CUDA)" : "f32 or f64 (on the CPU)")
+      << ", got " << q.dtype() << ", " << k.dtype() << ", " << v.dtype() << " on " << q.device();
   LOOM_CHECK(cp.size() == layout.cp_size()) << op << ": layout for cp " << layout.cp_size() << " but group "
                                             << cp.name() << " has " << cp.size() << " ranks";
   LOOM_CHECK(q.size(1) == layout.local_len()) << op << ": q has " << q.size(1) << " tokens, the layout gives rank "
@@ -138,71 +119,91 @@ Variable lasp2_attention(const Variable& q, const Variable& k, const Variable& v
   const int64_t B = q.size(0), H = q.size(2), D = q.size(3);
   LOOM_CHECK(decay_lambdas.defined() && decay_lambdas.dim() == 1 && decay_lambdas.size(0) == H)
       << op << ": decay_lambdas must be (H) = (" << H << ")";
+  LOOM_CHECK(is_floating(decay_lambdas.dtype())) << op << ": decay_lambdas must be floating, got "
+                                                 << decay_lambdas.dtype();
   const int rank = cp.rank();
+  const Device device = q.device();
+  const DType state_dtype = stats_dtype(dtype);  // fp32 states for 16-bit data
   const std::vector<TokenChunk> chunks = layout.chunks(rank);
   const int U = static_cast<int>(chunks.size());
   const std::vector<int64_t> starts = local_starts(chunks);
   const std::vector<LaspUnit> units = lasp2_units(layout);
-  const std::vector<double> lambdas = decay_lambdas.to_vector<double>();
-  Tensor lambdas_f64 = decay_lambdas.to(DType::f64).clone();  // (H), owned
-  Stream& stream = Stream::default_for(q.device());
+  // (H) f64 on the host, owned: the kernels of every device read the decays there.
+  Tensor lambdas_f64 = decay_lambdas.to(Device::cpu()).to(DType::f64).clone();
+  const std::vector<double> lambdas = lambdas_f64.to_vector<double>();
+  Tensor decays = unit_decays(units, lambdas, state_dtype, device);  // (n_units, 1, H, 1, 1)
+  Stream& stream = Stream::default_for(device);
 
   Tensor qc = q.data().contiguous(), kc = k.data().contiguous(), vc = v.data().contiguous();  // (B, T_local, H, D)
   const Shape state_shape{B, H, D, D};
-  // Local memory states, one per unit: (U, B, H, D, D).
-  Tensor local = Tensor::empty({U, B, H, D, D}, q.dtype());
-  for (int u = 0; u < U; ++u) {
-    Tensor ku = unit_slice(kc, starts[u], chunks[u].length), vu = unit_slice(vc, starts[u], chunks[u].length);
-    Tensor m = local.select(0, u);
-    outer_sum(m, ku, vu, lambdas, 1.0, /*from_end=*/true);
-  }
-  Tensor gathered = Tensor::empty({int64_t{cp.size()} * U, B, H, D, D}, q.dtype());  // (P*U, B, H, D, D)
-  cp.all_gather(gathered, local, stream);
-  std::vector<Tensor> initial = scan_units(gathered, units, U, rank, lambdas, /*suffix=*/false);  // P_u
-  gathered = Tensor();
-
-  Tensor out = Tensor::empty(q.shape(), q.dtype());  // (B, T_local, H, D)
+  // Local memory states M_u, one per unit: (U, B, H, D, D), the final state of
+  // a pass from a zero state (its output is not needed).
+  Tensor local = Tensor::empty({U, B, H, D, D}, state_dtype, device);
   for (int u = 0; u < U; ++u) {
     Tensor qu = unit_slice(qc, starts[u], chunks[u].length), ku = unit_slice(kc, starts[u], chunks[u].length),
            vu = unit_slice(vc, starts[u], chunks[u].length);
-    Tensor ou = Tensor::empty(qu.shape(), q.dtype());
-    Tensor final_state = Tensor::empty(state_shape, q.dtype());
-    cpu::lightning_forward(ou, final_state, qu, ku, vu, initial[u], lambdas_f64, out_scale, block_size, stream);
+    Tensor scratch = Tensor::empty(qu.shape(), dtype, device);  // (B, L_u, H, D)
+    Tensor m = local.select(0, u);
+    dispatch::lightning_forward(scratch, m, qu, ku, vu, Tensor(), lambdas_f64, out_scale, block_size, stream);
+  }
+  Tensor gathered = Tensor::empty({int64_t{cp.size()} * U, B, H, D, D}, state_dtype, device);  // (P*U, B, H, D, D)
+  cp.all_gather(gathered, local, stream);  // the one forward collective (NCCL for CUDA tensors)
+  std::vector<Tensor> initial = scan_units(gathered, decays, units, U, rank, /*suffix=*/false, stream);  // P_u
+  gathered = Tensor();
+  local = Tensor();
+
+  Tensor out = Tensor::empty(q.shape(), dtype, device);  // (B, T_local, H, D)
+  for (int u = 0; u < U; ++u) {
+    Tensor qu = unit_slice(qc, starts[u], chunks[u].length), ku = unit_slice(kc, starts[u], chunks[u].length),
+           vu = unit_slice(vc, starts[u], chunks[u].length);
+    Tensor ou = Tensor::empty(qu.shape(), dtype, device);              // (B, L_u, H, D)
+    Tensor final_state = Tensor::empty(state_shape, state_dtype, device);  // (B, H, D, D), unused
+    dispatch::lightning_forward(ou, final_state, qu, ku, vu, initial[u], lambdas_f64, out_scale, block_size, stream);
     out.narrow(1, starts[u], chunks[u].length).copy_(ou);
   }
 
   Communicator* group = &cp;
-  auto backward = [qc, kc, vc, initial, lambdas, lambdas_f64, chunks, starts, units, rank, U, out_scale, block_size,
-                   group, state_shape](const std::vector<Tensor>& grads) {
-    Stream& s = Stream::default_for(qc.device());
+  auto backward = [qc, kc, vc, initial, lambdas_f64, decays, chunks, starts, units, rank, U, out_scale, block_size,
+                   group, state_shape, state_dtype](const std::vector<Tensor>& grads) {
+    const Device dev = qc.device();
+    const DType dt = qc.dtype();
+    Stream& s = Stream::default_for(dev);
     // A rank whose output got no gradient still joins the all-gather (with zeros).
-    Tensor dout = grads[0].defined() ? grads[0].contiguous() : Tensor::zeros(qc.shape(), qc.dtype());
+    Tensor dout = grads[0].defined() ? grads[0].to(dt).contiguous() : Tensor::zeros(qc.shape(), dt, dev);
     Shape local_shape = state_shape;
     local_shape.insert(local_shape.begin(), U);
-    Tensor local_dp = Tensor::empty(local_shape, qc.dtype());  // (U, B, H, D, D)
-    for (int u = 0; u < U; ++u) {
-      Tensor qu = unit_slice(qc, starts[u], chunks[u].length), du = unit_slice(dout, starts[u], chunks[u].length);
-      Tensor dp = local_dp.select(0, u);
-      outer_sum(dp, qu, du, lambdas, out_scale, /*from_end=*/false);
-    }
-    Shape all_shape = local_shape;
-    all_shape[0] *= group->size();
-    Tensor gathered_dp = Tensor::empty(all_shape, qc.dtype());  // (P*U, B, H, D, D)
-    group->all_gather(gathered_dp, local_dp, s);
-    std::vector<Tensor> dfinal = scan_units(gathered_dp, units, U, rank, lambdas, /*suffix=*/true);  // G_u
-    gathered_dp = Tensor();
-
-    Tensor dq = Tensor::empty(qc.shape(), qc.dtype()), dk = Tensor::empty(qc.shape(), qc.dtype()),
-           dv = Tensor::empty(qc.shape(), qc.dtype());  // (B, T_local, H, D)
+    // dP_u = s_o Σ_i γ^(i+1) q_iᵀ do_i: the initial-state gradient of a
+    // backward pass with no final-state gradient (its dq, dk, dv are not needed).
+    Tensor local_dp = Tensor::empty(local_shape, state_dtype, dev);  // (U, B, H, D, D)
     for (int u = 0; u < U; ++u) {
       const int64_t at = starts[u], len = chunks[u].length;
       Tensor qu = unit_slice(qc, at, len), ku = unit_slice(kc, at, len), vu = unit_slice(vc, at, len);
       Tensor du = unit_slice(dout, at, len);
-      Tensor dqu = Tensor::empty(qu.shape(), qc.dtype()), dku = Tensor::empty(qu.shape(), qc.dtype()),
-             dvu = Tensor::empty(qu.shape(), qc.dtype());
+      Tensor sq = Tensor::empty(qu.shape(), dt, dev), sk = Tensor::empty(qu.shape(), dt, dev),
+             sv = Tensor::empty(qu.shape(), dt, dev);  // (B, L_u, H, D) scratch
+      Tensor dp = local_dp.select(0, u);
+      dispatch::lightning_backward(sq, sk, sv, dp, du, Tensor(), qu, ku, vu, initial[u], lambdas_f64, out_scale,
+                                   block_size, s);
+    }
+    Shape all_shape = local_shape;
+    all_shape[0] *= group->size();
+    Tensor gathered_dp = Tensor::empty(all_shape, state_dtype, dev);  // (P*U, B, H, D, D)
+    group->all_gather(gathered_dp, local_dp, s);  // the one backward collective
+    std::vector<Tensor> dfinal = scan_units(gathered_dp, decays, units, U, rank, /*suffix=*/true, s);  // G_u
+    gathered_dp = Tensor();
+    local_dp = Tensor();
+
+    Tensor dq = Tensor::empty(qc.shape(), dt, dev), dk = Tensor::empty(qc.shape(), dt, dev),
+           dv = Tensor::empty(qc.shape(), dt, dev);  // (B, T_local, H, D)
+    for (int u = 0; u < U; ++u) {
+      const int64_t at = starts[u], len = chunks[u].length;
+      Tensor qu = unit_slice(qc, at, len), ku = unit_slice(kc, at, len), vu = unit_slice(vc, at, len);
+      Tensor du = unit_slice(dout, at, len);
+      Tensor dqu = Tensor::empty(qu.shape(), dt, dev), dku = Tensor::empty(qu.shape(), dt, dev),
+             dvu = Tensor::empty(qu.shape(), dt, dev);  // (B, L_u, H, D)
       Tensor no_ds0;
-      cpu::lightning_backward(dqu, dku, dvu, no_ds0, du, dfinal[u], qu, ku, vu, initial[u], lambdas_f64, out_scale,
-                              block_size, s);
+      dispatch::lightning_backward(dqu, dku, dvu, no_ds0, du, dfinal[u], qu, ku, vu, initial[u], lambdas_f64,
+                                   out_scale, block_size, s);
       dq.narrow(1, at, len).copy_(dqu);
       dk.narrow(1, at, len).copy_(dku);
       dv.narrow(1, at, len).copy_(dvu);

@@ -11,8 +11,17 @@
 // of the local units are kept, never the gathered arrays.
 //
 // The result equals lightning_attention on the whole sequence (outputs and
-// gradients of q, k, v) up to rounding. States travel in the activation dtype:
-// f32 in training (fp32 states as §5 asks), f64 in gradient tests.
+// gradients of q, k, v) up to rounding. Runs on the data's device through
+// kernels/dispatch.h: CPU f32|f64, CUDA f32|bf16 (a mesh's cp group sends CUDA
+// tensors through NCCL). States travel in the state dtype (stats_dtype: fp32
+// for 16-bit data, as §5 asks; f64 in gradient tests).
+//
+// Overlap: none yet. Each collective waits for a full kernel pass (the one that
+// makes M_u or dP_u) and the second pass needs the scanned state. Hiding the
+// gather needs M_u and dP_u from small batched GEMMs first (decay-weighted
+// kᵀv and qᵀdo), then a zero-state pass beside the gather, then the
+// inter-chunk term s_o γ^(i+1) q_i P_u (forward) and γ^(L-1-j) terms of G_u
+// (dk, dv) added after it.
 #pragma once
 
 #include "framework/autograd.h"
@@ -21,8 +30,8 @@
 
 namespace loom {
 
-// q, k, v (B, T_local, H, D) f32|f64: this rank's tokens in layout order
-// (T_local = layout.local_len()); decay_lambdas (H) >= 0 (not differentiated).
+// q, k, v (B, T_local, H, D) on one device, f32|f64 (CPU) or f32|bf16 (CUDA):
+// this rank's tokens in layout order (T_local = layout.local_len()); decay_lambdas (H) >= 0 (not differentiated).
 // `cp` is the layout's group (size layout.cp_size(), this rank = cp.rank());
 // it must outlive the backward pass. Returns out (B, T_local, H, D) as one
 // autograd node with gradients to q, k, v.
