@@ -1,0 +1,178 @@
+// LASP-2 (parallel/lasp2.h) on GPUs under mpirun, one GPU per rank (local
+// rank), cp = the world size, through a CUDA mesh's cp group (NCCL for the
+// fp32 states): the local outputs and the gradients of q, k, v equal the
+// 1-rank lightning_attention over the whole sequence on the same GPU, for
+// both layouts, f32 and bf16, chunks shorter and longer than the kernel's
+// 64-token block and not multiples of 8, D = 64 and 40. At np 1 the zigzag
+// layout already chains two units through the gathered states and the scan
+// (a one-rank "ring" of two units); at np 2 the states cross GPUs. The same
+// check runs on the CPU in f64 over MPI at any np (it checks this test's
+// bookkeeping where no GPU is present). The GPU tests skip (on every rank
+// alike) without a GPU per rank.
+//
+// Tolerances: f32 runs the same fp32 arithmetic in another order (the states
+// of earlier units arrive summed in another order): 2e-5 at the tensor's
+// scale. bf16: both sides read the same bf16 inputs, keep fp32 states and
+// round out and each gradient once, so they differ by the fp32 order plus one
+// bf16 rounding each: 2^-6 at the tensor's scale (as the softmax SP tests).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "framework/ops.h"
+#include "framework/ops_lightning.h"
+#include "parallel/lasp2.h"
+#include "parallel/mesh.h"
+#include "parallel/mpi_communicator.h"
+#include "parallel/token_layout.h"
+#include "tests/parallel/parallel_testing.h"
+#include "tests/testing.h"
+
+namespace loom {
+namespace {
+
+MpiCommunicator& world() { return testing::mpi_context().world(); }
+
+// The reason every rank skips ("" when each rank has its own GPU), from values
+// equal on all ranks of a node, so all ranks take the same path.
+std::string skip_reason() {
+  std::string reason = testing::gpu_skip_reason();
+  if (!reason.empty()) return reason;
+  const int local_size = testing::mpi_context().local_size();
+  if (cuda_device_count() < local_size)
+    return std::to_string(local_size) + " ranks on this node but only " + std::to_string(cuda_device_count()) +
+           " GPU(s); NCCL needs one GPU per rank";
+  return "";
+}
+#define SKIP_WITHOUT_GPU_PER_RANK()                                                \
+  do {                                                                             \
+    std::string reason_ = skip_reason();                                           \
+    if (!reason_.empty()) GTEST_SKIP() << "LASP-2 CUDA test skipped: " << reason_; \
+  } while (0)
+
+Device my_gpu() { return select_device("cuda", world()); }
+
+struct LaspCase {
+  LayoutKind layout = LayoutKind::zigzag;
+  DType dtype = DType::f32;
+  int64_t B = 2, H = 3, D = 64;
+  int64_t chunk = 40;  // tokens per layout chunk
+  int64_t block = 64;  // the CPU twin's block size (the CUDA kernel always uses 64)
+  double out_scale = 0.125;
+};
+
+std::string describe(const LaspCase& c) {
+  return std::string(layout_kind_name(c.layout)) + " " + dtype_name(c.dtype) + " chunk " + std::to_string(c.chunk) +
+         " D " + std::to_string(c.D);
+}
+
+double tolerance(DType dtype) {
+  if (dtype == DType::bf16) return std::ldexp(1.0, -6);
+  return dtype == DType::f64 ? 1e-11 : 2e-5;
+}
+
+double max_abs(const Tensor& t) {
+  double m = 0;
+  for (double x : t.to_vector<double>()) m = std::max(m, std::fabs(x));
+  return m;
+}
+
+// A tensor (any device, any dtype) against a reference, on the host in f64,
+// relative tolerance `tol` and absolute tol at the reference's scale.
+::testing::AssertionResult close(const Tensor& got, const Tensor& want, double tol) {
+  Tensor g = got.to(Device::cpu()).to(DType::f64), w = want.to(Device::cpu()).to(DType::f64);
+  return testing::tensors_close(g, w, tol, tol * std::max(1.0, max_abs(w)));
+}
+
+// Same seeds on every rank: every rank holds the same global tensors, on its device.
+Tensor global_tensor(const Shape& shape, uint64_t seed, DType dtype, Device device) {
+  return testing::random_tensor(shape, seed, DType::f32).to(dtype).to(device);
+}
+
+// LASP-2 over `cp` on this rank's shard against lightning_attention over the
+// whole sequence on the same device.
+void expect_lasp2_matches_one_rank(const LaspCase& c, Communicator& cp, Device device) {
+  const int P = cp.size(), rank = cp.rank();
+  const int64_t chunks = c.layout == LayoutKind::zigzag ? 2 * P : P;
+  const int64_t T = chunks * c.chunk;
+  const Shape shape{c.B, T, c.H, c.D};
+  // Head 0 has no decay (plain LASP-2), the others decay at different rates.
+  Tensor lambdas = Tensor::from_vector(std::vector<double>{0.0, 0.02, 0.3}, {3}).narrow(0, 0, c.H).contiguous();
+  Tensor q = global_tensor(shape, 31, c.dtype, device), k = global_tensor(shape, 32, c.dtype, device);
+  Tensor v = global_tensor(shape, 33, c.dtype, device), dout = global_tensor(shape, 34, c.dtype, device);
+
+  Variable gq(q, true), gk(k, true), gv(v, true);
+  Variable ref = lightning_attention(gq, gk, gv, lambdas, Variable(), c.out_scale, c.block).out;
+  ref.backward(dout);
+
+  TokenLayout layout(c.layout, T, P);
+  Variable lq(layout.shard(q, rank, 1), true), lk(layout.shard(k, rank, 1), true), lv(layout.shard(v, rank, 1), true);
+  Variable out = lasp2_attention(lq, lk, lv, lambdas, c.out_scale, c.block, layout, cp);
+  EXPECT_EQ(out.dtype(), c.dtype);
+  EXPECT_EQ(out.device(), device);
+  out.backward(layout.shard(dout, rank, 1));
+
+  const double tol = tolerance(c.dtype);
+  SCOPED_TRACE(describe(c) + ", rank " + std::to_string(rank) + " of " + std::to_string(P));
+  EXPECT_TRUE(close(out.data(), layout.shard(ref.data(), rank, 1), tol)) << "out";
+  EXPECT_TRUE(close(lq.grad(), layout.shard(gq.grad(), rank, 1), tol)) << "dq";
+  EXPECT_TRUE(close(lk.grad(), layout.shard(gk.grad(), rank, 1), tol)) << "dk";
+  EXPECT_TRUE(close(lv.grad(), layout.shard(gv.grad(), rank, 1), tol)) << "dv";
+}
+
+std::vector<LaspCase> cases(DType dtype) {
+  std::vector<LaspCase> all;
+  for (LayoutKind layout : {LayoutKind::zigzag, LayoutKind::contiguous})
+    for (int variant = 0; variant < 3; ++variant) {
+      LaspCase c;
+      c.layout = layout;
+      c.dtype = dtype;
+      if (variant == 1) c.chunk = 97;  // crosses the kernel's 64-token blocks, not a multiple of 8
+      if (variant == 2) {
+        c.chunk = 17;
+        c.D = 40;
+        c.B = 1;
+        c.H = 1;
+      }
+      all.push_back(c);
+    }
+  return all;
+}
+
+TEST(Lasp2Cuda, ThroughTheMeshEqualsOneRank) {
+  SKIP_WITHOUT_GPU_PER_RANK();
+  const Device gpu = my_gpu();
+  DeviceMesh mesh(MeshSizes{0, world().size(), 1}, world(), gpu);
+  Communicator& cp = mesh.group("cp");
+  for (DType dtype : {DType::f32, DType::bf16})
+    for (const LaspCase& c : cases(dtype)) expect_lasp2_matches_one_rank(c, cp, gpu);
+}
+
+// The same check on the CPU over MPI, in f64 (any np; runs without a GPU).
+TEST(Lasp2Cuda, SameCheckOnTheCpuInF64) {
+  for (LaspCase c : cases(DType::f64)) {
+    c.block = 16;  // the CPU twin's blocks, with a tail in every case
+    c.D = std::min<int64_t>(c.D, 8);  // keeps the f64 CPU kernels quick
+    expect_lasp2_matches_one_rank(c, world(), Device::cpu());
+  }
+}
+
+TEST(Lasp2Cuda, F64OnCudaAndMixedDevicesAreErrors) {
+  SKIP_WITHOUT_GPU_PER_RANK();
+  const Device gpu = my_gpu();
+  const int P = world().size();
+  TokenLayout layout(LayoutKind::zigzag, 2 * P * 4, P);
+  Tensor lambdas = Tensor::from_vector(std::vector<double>{0.1, 0.2}, {2});
+  Tensor q = testing::random_tensor({1, layout.local_len(), 2, 8}, 1, DType::f32);
+  Variable qg(q.to(gpu), true), qc(q, true);
+  std::string msg = testing::error_message([&] { lasp2_attention(qg, qc, qc, lambdas, 1.0, 64, layout, world()); });
+  EXPECT_NE(msg.find("must share a device"), std::string::npos) << msg;
+  Variable q64(q.to(DType::f64).to(gpu), true);
+  msg = testing::error_message([&] { lasp2_attention(q64, q64, q64, lambdas, 1.0, 64, layout, world()); });
+  EXPECT_NE(msg.find("f32 or bf16"), std::string::npos) << msg;
+}
+
+}  // namespace
+}  // namespace loom
