@@ -1,25 +1,31 @@
-// Lightning attention on CUDA cores, fp32 math (see lightning.h). One kernel
-// runs every pass: it walks the chunks of 64 tokens of one (batch, head) in
-// order (or in reverse), keeping a (D, 32) column tile of a D x D state in
-// shared memory, so a head's state is split over D/32 thread blocks and
-// B = 1, H = 16, D = 128 gives 64 blocks forward and 192 backward. Per chunk
-// (x, y, z are three of q, k, v, dout; n <= 64 tokens; p[m] = gamma^m):
-//   A[i][j] = intra * p[|i-j|] (x_i . y_j) on the causal side (j <= i forward, j >= i reverse)
-//   out_i   = sum_j A[i][j] z_j + w_inter[i] * x_i St           (St: the state tile)
-//   St      = p[n] St + sum_j w_update[j] y_j^T z_j
-// with, forward, w_inter[i] = inter * p[i+1], w_update[j] = update * p[n-1-j],
-// and reverse w_inter[i] = inter * p[n-1-i], w_update[j] = update * p[j+1].
-// The passes (kernels/cpu/lightning.cpp has the algebra):
+// Lightning attention (see lightning.h). Every pass runs one chunk kernel
+// (lightning_pass.cuh has the per-chunk algebra): bf16 storage on tensor cores
+// (lightning_mma.cuh), f32 storage on CUDA cores in fp32 (below). A block
+// walks the 64-token chunks of one segment of one (batch, head), keeping a
+// (D, 32) column tile of a D x D state in shared memory, so a head's state is
+// split over D/32 blocks. The sequence is cut into segments so that B = 1,
+// H = 16 still fills the GPU at any T (LASP-2's algebra, ALGORITHMS.md §5,
+// inside one device):
+//   1. state-only pass: each segment's local state from zero (M_r; decay a_r = gamma^len_r)
+//   2. scan per state element: P_0 = S0, P_r = a_{r-1} P_{r-1} + M_{r-1} (G: the suffix from dS_final)
+//   3. output pass per segment from P_r.
+// (n <= 64 tokens; p[m] = gamma^m; forward w_inter[i] = inter * p[i+1],
+// w_update[j] = update * p[n-1-j]; reverse w_inter[i] = inter * p[n-1-i],
+// w_update[j] = update * p[j+1].) The passes (kernels/cpu/lightning.cpp has the algebra):
 //   forward  out = o:  x q, y k, z v,  St = S     (from S0),    writes S_final
 //   dq     forward:    x do, y v, z k, St = S^T   (from S0^T)
 //   dv     reverse:    x k, y q, z do, St = G     (from dS_final), writes dS_initial
 //   dk     reverse:    x v, y do, z q, St = G^T   (from dS_final^T)
-// (dq, dk, dv are one launch). A is recomputed by every column tile of a head:
+// (dq, dk, dv are one launch; the backward's state-only pass computes the S
+// and G locals in one launch). A is recomputed by every column tile of a head:
 // the price of spreading one head over several blocks. Each output element is
 // written by one thread in a fixed order (deterministic, no atomics).
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/lightning.h"
+#include "kernels/cuda/lightning_mma.cuh"
+#include "kernels/cuda/lightning_pass.cuh"
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <vector>
@@ -28,29 +34,7 @@ namespace loom::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kChunk = 64;  // tokens per chunk
-constexpr int kCols = 32;   // state columns per block
-constexpr int kMaxHeadDim = 128;
-
-struct Pass {
-  void* out;                 // (B, T, H, D)
-  const void* x;             // (B, T, H, D); x, y, z null = zeros
-  const void* y;
-  const void* z;
-  const float* state_in;     // (B, H, D, D) or null (zeros)
-  bool transpose_in;         // tile column c, row r <- state_in[c][r]
-  float* state_out;          // (B, H, D, D) or null
-  bool reverse;
-  float intra, inter, update;
-};
-
-struct PassSet {
-  Pass pass[3];
-  int tiles;               // column tiles per pass (blockIdx.x = pass * tiles + tile)
-  const float* powers;     // (H, kChunk + 1): gamma_h^m
-  int64_t B, T, H, D;
-};
+using namespace lightning_detail;
 
 // dst (kChunk, `cols` of stride) <- rows [t0, t0 + n) of one head, columns [c0, c0 + cols) (zero padded).
 template <typename T>
@@ -83,7 +67,8 @@ __global__ void __launch_bounds__(kThreads) lightning_chunk_kernel(PassSet ps) {
   const int which = blockIdx.x / ps.tiles;  // selected by value: no dynamic indexing into the parameters
   const Pass pass = which == 0 ? ps.pass[0] : which == 1 ? ps.pass[1] : ps.pass[2];
   const int64_t c0 = static_cast<int64_t>(blockIdx.x % ps.tiles) * kCols;
-  const int64_t h = blockIdx.y, b = blockIdx.z;
+  const int64_t h = blockIdx.y, b = blockIdx.z / ps.segments;
+  const int segment = static_cast<int>(blockIdx.z % ps.segments);
   const int ti = threadIdx.x / 16, tj = threadIdx.x % 16;  // this thread's rows ti + 16 r, columns tj + 16 c
   const T* x = static_cast<const T*>(pass.x);
   const T* y = static_cast<const T*>(pass.y);
@@ -91,22 +76,24 @@ __global__ void __launch_bounds__(kThreads) lightning_chunk_kernel(PassSet ps) {
   const int64_t state_base = (b * ps.H + h) * ps.D * ps.D;
 
   for (int m = threadIdx.x; m <= kChunk; m += kThreads) pw[m] = ps.powers[h * (kChunk + 1) + m];
+  const float* in = pass.state_in == nullptr ? nullptr : pass.state_in + segment * pass.state_in_stride + state_base;
   for (int e = threadIdx.x; e < kD * kCols; e += kThreads) {
     const int r = e / kCols, c = e % kCols;
     const int64_t col = c0 + c;
     float value = 0.f;
-    if (pass.state_in != nullptr && r < ps.D && col < ps.D)
-      value = pass.state_in[state_base + (pass.transpose_in ? col * ps.D + r : r * ps.D + col)];
+    if (in != nullptr && r < ps.D && col < ps.D) value = in[pass.transpose_in ? col * ps.D + r : r * ps.D + col];
     st[r * kCols + c] = value;
   }
 
-  const int64_t chunks = (ps.T + kChunk - 1) / kChunk;
+  const int64_t seg_t0 = segment * ps.seg_len;
+  const int64_t seg_t1 = seg_t0 + ps.seg_len < ps.T ? seg_t0 + ps.seg_len : ps.T;
+  const int64_t chunks = seg_t1 > seg_t0 ? (seg_t1 - seg_t0 + kChunk - 1) / kChunk : 0;
   for (int64_t step = 0; step < chunks; ++step) {
     const int64_t chunk = pass.reverse ? chunks - 1 - step : step;
-    const int64_t t0 = chunk * kChunk;
-    const int n = static_cast<int>(ps.T - t0 < kChunk ? ps.T - t0 : kChunk);
+    const int64_t t0 = seg_t0 + chunk * kChunk;
+    const int n = static_cast<int>(seg_t1 - t0 < kChunk ? seg_t1 - t0 : kChunk);
     __syncthreads();  // previous chunk's tiles are consumed
-    load_chunk<T>(xs, kXs, kD, x, ps, b, h, t0, n, 0);
+    if (!pass.state_only) load_chunk<T>(xs, kXs, kD, x, ps, b, h, t0, n, 0);
     load_chunk<T>(ys, kXs, kD, y, ps, b, h, t0, n, 0);
     load_chunk<T>(zs, kCols, kCols, z, ps, b, h, t0, n, c0);
     if (threadIdx.x < kChunk) {
@@ -118,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) lightning_chunk_kernel(PassSet ps) {
     __syncthreads();
 
     // A (kChunk, kChunk): 4 x 4 entries per thread.
-    {
+    if (!pass.state_only) {
       float acc[4][4] = {};
 #pragma unroll 4
       for (int d = 0; d < kD; ++d) {
@@ -144,7 +131,7 @@ __global__ void __launch_bounds__(kThreads) lightning_chunk_kernel(PassSet ps) {
     __syncthreads();
 
     // out (kChunk, kCols): rows ti + 16 r, columns tj + 16 c.
-    {
+    if (!pass.state_only) {
       float intra[4][2] = {}, inter[4][2] = {};
 #pragma unroll 4
       for (int j = 0; j < kChunk; ++j) {
@@ -207,10 +194,11 @@ __global__ void __launch_bounds__(kThreads) lightning_chunk_kernel(PassSet ps) {
   }
   if (pass.state_out != nullptr) {
     __syncthreads();
+    float* out = pass.state_out + segment * static_cast<int64_t>(ps.B * ps.H * ps.D * ps.D) + state_base;
     for (int e = threadIdx.x; e < kD * kCols; e += kThreads) {
       const int r = e / kCols, c = e % kCols;
       const int64_t col = c0 + c;
-      if (r < ps.D && col < ps.D) pass.state_out[state_base + r * ps.D + col] = st[r * kCols + c];
+      if (r < ps.D && col < ps.D) out[r * ps.D + col] = st[r * kCols + c];
     }
   }
 }
@@ -221,28 +209,57 @@ constexpr size_t chunk_smem() {
                           (kChunk + 1) + 2 * kChunk);
 }
 
+// Step 2: per state element of one (batch, head), the scan over segments.
+// entering[r] = state before segment r (in processing order: forward, or
+// reverse from the last segment); final_out (optional) = state after all.
+__global__ void lightning_scan_kernel(float* entering, float* final_out, const float* local, const float* init,
+                                      const float* seg_decay, int segments, bool reverse, int64_t B, int64_t H,
+                                      int64_t DD) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= DD) return;
+  const int64_t h = blockIdx.y, b = blockIdx.z;
+  const int64_t base = (b * H + h) * DD + e, stride = B * H * DD;
+  const float full = seg_decay[2 * h], last = seg_decay[2 * h + 1];
+  float state = init != nullptr ? init[base] : 0.f;
+  for (int step = 0; step < segments; ++step) {
+    const int r = reverse ? segments - 1 - step : step;
+    entering[r * stride + base] = state;
+    state = (r == segments - 1 ? last : full) * state + local[r * stride + base];
+  }
+  if (final_out != nullptr) final_out[base] = state;
+}
+
+// Launches `passes` passes of ps over ps.segments segments.
 void launch_passes(DType dtype, PassSet& ps, int passes, Stream& s) {
   if (ps.B == 0 || ps.H == 0) return;
   ps.tiles = static_cast<int>((ps.D + kCols - 1) / kCols);
   if (ps.tiles == 0) return;
-  dim3 grid(static_cast<unsigned>(ps.tiles * passes), static_cast<unsigned>(ps.H), static_cast<unsigned>(ps.B));
-  auto launch = [&](auto tag, auto kd) {
-    using T = decltype(tag);
-    constexpr int kD = decltype(kd)::value;
-    auto kernel = lightning_chunk_kernel<T, kD>;
-    LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(chunk_smem<kD>())));
-    kernel<<<grid, kThreads, chunk_smem<kD>(), raw(s)>>>(ps);
+  dim3 grid(static_cast<unsigned>(ps.tiles * passes), static_cast<unsigned>(ps.H),
+            static_cast<unsigned>(ps.B * ps.segments));
+  auto launch = [&](auto kernel, size_t smem) {
+    LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    kernel<<<grid, kThreads, smem, raw(s)>>>(ps);
     LOOM_CUDA_CHECK(cudaGetLastError());
   };
-  auto with_dim = [&](auto tag) {
-    if (ps.D <= 16) launch(tag, std::integral_constant<int, 16>{});
-    else if (ps.D <= 32) launch(tag, std::integral_constant<int, 32>{});
-    else if (ps.D <= 64) launch(tag, std::integral_constant<int, 64>{});
-    else launch(tag, std::integral_constant<int, 128>{});
+  auto with_dim = [&](auto kd) {
+    constexpr int kD = decltype(kd)::value;
+    if (dtype == DType::f32) launch(lightning_chunk_kernel<float, kD>, chunk_smem<kD>());
+    else launch(lightning_mma_kernel<kD>, MmaSmem<kD>::kBytes);
   };
-  if (dtype == DType::f32) with_dim(float{});
-  else with_dim(__nv_bfloat16{});
+  if (ps.D <= 16) with_dim(std::integral_constant<int, 16>{});
+  else if (ps.D <= 32) with_dim(std::integral_constant<int, 32>{});
+  else if (ps.D <= 64) with_dim(std::integral_constant<int, 64>{});
+  else with_dim(std::integral_constant<int, 128>{});
+}
+
+void launch_scan(float* entering, float* final_out, const float* local, const float* init, const float* seg_decay,
+                 const PassSet& ps, bool reverse, Stream& s) {
+  const int64_t DD = ps.D * ps.D;
+  if (ps.B == 0 || ps.H == 0 || DD == 0) return;
+  dim3 grid(static_cast<unsigned>((DD + 255) / 256), static_cast<unsigned>(ps.H), static_cast<unsigned>(ps.B));
+  lightning_scan_kernel<<<grid, 256, 0, raw(s)>>>(entering, final_out, local, init, seg_decay, ps.segments, reverse,
+                                                  ps.B, ps.H, DD);
+  LOOM_CUDA_CHECK(cudaGetLastError());
 }
 
 void check_tensor(const Tensor& t, const Shape& shape, DType dtype, const Stream& s, const char* op,
@@ -253,14 +270,37 @@ void check_tensor(const Tensor& t, const Shape& shape, DType dtype, const Stream
   LOOM_CHECK(t.dtype() == dtype) << op << ": " << name << " dtype " << t.dtype() << ", expected " << dtype;
 }
 
-// Checks q, k, v, the decays and the scalars; returns the decay powers (H, kChunk + 1) on the device.
-std::unique_ptr<Storage> check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& initial_state,
-                     const Tensor& decay_lambdas, double out_scale, int64_t block_size, Stream& s, const char* op) {
+// Segments for `passes` passes of (B, H, D) over T tokens: enough blocks for
+// about 8 per multiprocessor, segments of at least 16 chunks (the state load,
+// store and scan are amortized over them). One segment skips steps 1 and 2.
+void plan_segments(PassSet& ps, int passes, const Stream& s) {
+  int sms = 0;
+  LOOM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, s.device().index));
+  const int64_t tiles = std::max<int64_t>(1, (ps.D + kCols - 1) / kCols);
+  const int64_t per_segment = std::max<int64_t>(1, tiles * ps.H * ps.B * passes);
+  const int64_t wanted = std::max<int64_t>(1, (8 * static_cast<int64_t>(sms) + per_segment - 1) / per_segment);
+  constexpr int64_t kMinSegment = 16 * kChunk;
+  const int64_t most = std::max<int64_t>(1, (ps.T + kMinSegment - 1) / kMinSegment);
+  const int64_t segments = std::min(wanted, most);
+  const int64_t chunks = (ps.T + kChunk - 1) / kChunk;
+  ps.seg_len = std::max<int64_t>(1, (chunks + segments - 1) / segments) * kChunk;
+  ps.segments = static_cast<int>(std::max<int64_t>(1, (ps.T + ps.seg_len - 1) / ps.seg_len));
+  LOOM_CHECK(ps.H <= 65535 && ps.B * ps.segments <= 65535)
+      << "lightning: H = " << ps.H << " and B * segments = " << ps.B << " * " << ps.segments
+      << " must each be <= 65535 (grid limits)";
+}
+
+// Checks q, k, v, the decays and the scalars; plans the segments and returns
+// on the device the decay powers (H, kChunk + 1): gamma_h^m, then (H, 2):
+// gamma_h^seg_len and gamma_h^(length of the last segment).
+std::unique_ptr<Storage> check_inputs(PassSet& ps, int passes, const Tensor& q, const Tensor& k, const Tensor& v,
+                                      const Tensor& initial_state, const Tensor& decay_lambdas, double out_scale,
+                                      int64_t block_size, Stream& s, const char* op) {
   check_device_tensor(q, s, op, "q");
   LOOM_CHECK(q.dim() == 4) << op << ": q shape " << shape_str(q.shape()) << " must be (B, T, H, D)";
   LOOM_CHECK(q.dtype() == DType::bf16 || q.dtype() == DType::f32) << op << ": dtype " << q.dtype()
                                                                   << " is not supported (bf16, f32)";
-  const int64_t B = q.size(0), H = q.size(2), D = q.size(3);
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
   LOOM_CHECK(D <= kMaxHeadDim) << op << ": head dim D = " << D << " is above " << kMaxHeadDim
                                << " (CUDA kernel limit)";
   check_tensor(k, q.shape(), q.dtype(), s, op, "k");
@@ -279,16 +319,31 @@ std::unique_ptr<Storage> check_inputs(const Tensor& q, const Tensor& k, const Te
         << op << ": decay_lambdas[" << i << "] = " << lambdas[i] << " must be finite and >= 0";
   LOOM_CHECK(std::isfinite(out_scale)) << op << ": out_scale = " << out_scale << " is not finite";
   LOOM_CHECK(block_size >= 0) << op << ": block_size = " << block_size << " must be >= 0";
+  ps.B = B, ps.T = T, ps.H = H, ps.D = D;
+  plan_segments(ps, passes, s);
+  const int64_t last_len = T - (ps.segments - 1) * ps.seg_len;
   // gamma^m = exp(-lambda m) in double, as the CPU twin forms it.
-  std::vector<float> powers(static_cast<size_t>(std::max<int64_t>(H, 1)) * (kChunk + 1));
-  for (int64_t hh = 0; hh < H; ++hh)
+  const size_t table = static_cast<size_t>(std::max<int64_t>(H, 1)) * (kChunk + 1);
+  std::vector<float> powers(table + 2 * static_cast<size_t>(std::max<int64_t>(H, 1)));
+  for (int64_t hh = 0; hh < H; ++hh) {
     for (int m = 0; m <= kChunk; ++m)
       powers[hh * (kChunk + 1) + m] = static_cast<float>(std::exp(-lambdas[hh] * static_cast<double>(m)));
+    powers[table + 2 * hh] = static_cast<float>(std::exp(-lambdas[hh] * static_cast<double>(ps.seg_len)));
+    powers[table + 2 * hh + 1] = static_cast<float>(std::exp(-lambdas[hh] * static_cast<double>(last_len)));
+  }
   auto device_powers = std::make_unique<Storage>(powers.size() * sizeof(float), q.device(), &s);
   // Pageable source: the copy is staged before the call returns, so `powers` may go.
   LOOM_CUDA_CHECK(cudaMemcpyAsync(device_powers->data(), powers.data(), powers.size() * sizeof(float),
                                   cudaMemcpyHostToDevice, raw(s)));
+  ps.powers = static_cast<const float*>(device_powers->data());
   return device_powers;
+}
+
+const float* segment_decays(const PassSet& ps) { return ps.powers + std::max<int64_t>(ps.H, 1) * (kChunk + 1); }
+
+// A state-only pass: from zero, writes each segment's local state into `local`.
+Pass local_state_pass(const void* y, const void* z, float* local, bool reverse, float update) {
+  return Pass{nullptr, nullptr, y, z, nullptr, 0, false, local, reverse, true, 0.f, 0.f, update};
 }
 
 }  // namespace
@@ -297,17 +352,30 @@ void lightning_forward(Tensor& out, Tensor& final_state, const Tensor& q, const 
                        const Tensor& initial_state, const Tensor& decay_lambdas, double out_scale,
                        int64_t block_size, Stream& s) {
   const char* op = "lightning_forward";
-  std::unique_ptr<Storage> powers = check_inputs(q, k, v, initial_state, decay_lambdas, out_scale, block_size, s, op);
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  PassSet ps{};
+  std::unique_ptr<Storage> powers =
+      check_inputs(ps, 1, q, k, v, initial_state, decay_lambdas, out_scale, block_size, s, op);
+  const int64_t B = q.size(0), H = q.size(2), D = q.size(3);
   check_tensor(out, q.shape(), q.dtype(), s, op, "out");
   check_tensor(final_state, {B, H, D, D}, DType::f32, s, op, "final_state");
   const float so = static_cast<float>(out_scale);
-  PassSet ps{};
-  ps.powers = static_cast<const float*>(powers->data());
-  ps.B = B, ps.T = T, ps.H = H, ps.D = D;
-  ps.pass[0] = Pass{out.raw_data(), q.raw_data(), k.raw_data(), v.raw_data(),
-                    initial_state.defined() ? initial_state.data<float>() : nullptr, false,
-                    final_state.data<float>(), false, so, so, 1.f};
+  const float* s0 = initial_state.defined() ? initial_state.data<float>() : nullptr;
+  if (ps.segments == 1) {
+    ps.pass[0] = Pass{out.raw_data(), q.raw_data(), k.raw_data(), v.raw_data(), s0, 0, false,
+                      final_state.data<float>(), false, false, so, so, 1.f};
+    launch_passes(q.dtype(), ps, 1, s);
+    return;
+  }
+  const int64_t state_elems = B * H * D * D;
+  const size_t bytes = sizeof(float) * static_cast<size_t>(ps.segments * state_elems);
+  Storage local(bytes, q.device(), &s), entering(bytes, q.device(), &s);  // (segments, B, H, D, D)
+  auto* local_s = static_cast<float*>(local.data());
+  auto* entering_s = static_cast<float*>(entering.data());
+  ps.pass[0] = local_state_pass(k.raw_data(), v.raw_data(), local_s, false, 1.f);
+  launch_passes(q.dtype(), ps, 1, s);
+  launch_scan(entering_s, final_state.data<float>(), local_s, s0, segment_decays(ps), ps, false, s);
+  ps.pass[0] = Pass{out.raw_data(), q.raw_data(), k.raw_data(), v.raw_data(), entering_s, state_elems, false,
+                    nullptr, false, false, so, so, 1.f};
   launch_passes(q.dtype(), ps, 1, s);
 }
 
@@ -316,8 +384,10 @@ void lightning_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dinitial_sta
                         const Tensor& initial_state, const Tensor& decay_lambdas, double out_scale,
                         int64_t block_size, Stream& s) {
   const char* op = "lightning_backward";
-  std::unique_ptr<Storage> powers = check_inputs(q, k, v, initial_state, decay_lambdas, out_scale, block_size, s, op);
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  PassSet ps{};
+  std::unique_ptr<Storage> powers =
+      check_inputs(ps, 3, q, k, v, initial_state, decay_lambdas, out_scale, block_size, s, op);
+  const int64_t B = q.size(0), H = q.size(2), D = q.size(3);
   const Shape state_shape{B, H, D, D};
   check_tensor(dq, q.shape(), q.dtype(), s, op, "dq");
   check_tensor(dk, q.shape(), q.dtype(), s, op, "dk");
@@ -329,13 +399,34 @@ void lightning_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dinitial_sta
   const void* g = dout.defined() ? dout.raw_data() : nullptr;  // null reads as zeros
   const float* s0 = initial_state.defined() ? initial_state.data<float>() : nullptr;
   const float* gf = dfinal_state.defined() ? dfinal_state.data<float>() : nullptr;
-  PassSet ps{};
-  ps.powers = static_cast<const float*>(powers->data());
-  ps.B = B, ps.T = T, ps.H = H, ps.D = D;
-  ps.pass[0] = Pass{dq.raw_data(), g, v.raw_data(), k.raw_data(), s0, true, nullptr, false, so, so, 1.f};
-  ps.pass[1] = Pass{dv.raw_data(), k.raw_data(), q.raw_data(), g, gf, false,
-                    dinitial_state.defined() ? dinitial_state.data<float>() : nullptr, true, so, 1.f, so};
-  ps.pass[2] = Pass{dk.raw_data(), v.raw_data(), g, q.raw_data(), gf, true, nullptr, true, so, 1.f, so};
+  float* ds0 = dinitial_state.defined() ? dinitial_state.data<float>() : nullptr;
+  if (ps.segments == 1) {
+    ps.pass[0] = Pass{dq.raw_data(), g, v.raw_data(), k.raw_data(), s0, 0, true, nullptr, false, false, so, so, 1.f};
+    ps.pass[1] = Pass{dv.raw_data(), k.raw_data(), q.raw_data(), g, gf, 0, false, ds0, true, false, so, 1.f, so};
+    ps.pass[2] = Pass{dk.raw_data(), v.raw_data(), g, q.raw_data(), gf, 0, true, nullptr, true, false, so, 1.f, so};
+    launch_passes(q.dtype(), ps, 3, s);
+    return;
+  }
+  const int64_t state_elems = B * H * D * D;
+  const size_t bytes = sizeof(float) * static_cast<size_t>(ps.segments * state_elems);
+  // (segments, B, H, D, D) each: local and entering S (forward order), G (reverse order).
+  Storage local_s(bytes, q.device(), &s), entering_s(bytes, q.device(), &s);
+  Storage local_g(bytes, q.device(), &s), entering_g(bytes, q.device(), &s);
+  auto* ls = static_cast<float*>(local_s.data());
+  auto* es = static_cast<float*>(entering_s.data());
+  auto* lg = static_cast<float*>(local_g.data());
+  auto* eg = static_cast<float*>(entering_g.data());
+  ps.pass[0] = local_state_pass(k.raw_data(), v.raw_data(), ls, false, 1.f);
+  ps.pass[1] = local_state_pass(q.raw_data(), g, lg, true, so);
+  launch_passes(q.dtype(), ps, 2, s);
+  launch_scan(es, nullptr, ls, s0, segment_decays(ps), ps, false, s);
+  launch_scan(eg, ds0, lg, gf, segment_decays(ps), ps, true, s);
+  ps.pass[0] = Pass{dq.raw_data(), g, v.raw_data(), k.raw_data(), es, state_elems, true, nullptr, false, false, so, so,
+                    1.f};
+  ps.pass[1] = Pass{dv.raw_data(), k.raw_data(), q.raw_data(), g, eg, state_elems, false, nullptr, true, false, so,
+                    1.f, so};
+  ps.pass[2] = Pass{dk.raw_data(), v.raw_data(), g, q.raw_data(), eg, state_elems, true, nullptr, true, false, so, 1.f,
+                    so};
   launch_passes(q.dtype(), ps, 3, s);
 }
 

@@ -3,12 +3,14 @@
 // round the inputs first): T = 1, 63, 64, 65, 300 (around and across the
 // 64-token chunk), D = 16, 64, 128 and an odd 40, no decay and strong decay
 // (per head), non-zero initial state and dS_final, outputs poisoned with NaN;
-// long T (1100, 4097 with a 1-token tail, 20000 with strong decay).
+// long T (1100, 4097, 20000) that the kernels split into segments.
 // Also: two calls chained through the state equal one call (outputs, final
 // state, and all gradients with dS flowing back between the calls), T = 0, and
 // named argument errors. Tolerance: the GPU sums in fp32 in another order
 // (chunked vs token by token), so an absolute slack of 2e-5 of the largest
-// reference magnitude, plus one bf16 rounding (relative) for bf16 outputs.
+// reference magnitude, plus one bf16 rounding (relative) for bf16 outputs
+// (the bf16 tensor-core kernel multiplies fp32 operands as bf16 high + low
+// parts, so it meets the same bound as the fp32 CUDA-core kernel).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -113,9 +115,10 @@ TEST(CudaLightning, MatchesTheCpuTwinOnBatchesMixedDecaysAndOddHeadDims) {
   }
 }
 
-// Long sequences (a sequence-parallel kernel splits them into segments): T =
-// 1100, 4097 (a 1-token tail chunk) and 20000 with strong decay; per-head
-// decays from none to one that empties the state within a chunk.
+// Long sequences are cut into segments (a state-only pass, a scan over the
+// segments, the output pass from each segment's entering state): T = 1100 and
+// 4097 (a 1-token tail chunk) take several segments, 20000 with strong decay
+// many; per-head decays from none to one that empties the state within a chunk.
 TEST(CudaLightning, SegmentedLongSequencesMatchTheCpuTwin) {
   LOOM_SKIP_WITHOUT_GPU();
   uint64_t seed = 5000;
