@@ -38,8 +38,9 @@ LightningResult lightning_attention(const Variable& q, const Variable& k, const 
     LOOM_CHECK(initial_state.shape() == state_shape)
         << op << ": initial_state shape " << shape_str(initial_state.shape()) << " must be (B, H, D, D) = "
         << shape_str(state_shape) << " for q " << shape_str(q.shape());
-    LOOM_CHECK(initial_state.dtype() == q.dtype())
-        << op << ": initial_state is " << initial_state.dtype() << " but q is " << q.dtype();
+    LOOM_CHECK(initial_state.dtype() == stats_dtype(q.dtype()))
+        << op << ": initial_state is " << initial_state.dtype() << " but q is " << q.dtype() << " (states are "
+        << stats_dtype(q.dtype()) << ")";
   }
   LOOM_CHECK(decay_lambdas.defined()) << op << ": decay_lambdas are undefined";
   LOOM_CHECK(decay_lambdas.dim() == 1 && decay_lambdas.size(0) == H)
@@ -58,7 +59,7 @@ LightningResult lightning_attention(const Variable& q, const Variable& k, const 
   // of every device read the decays on the host (they form the decay powers there).
   Tensor lambdas = decay_lambdas.to(Device::cpu()).to(DType::f64).clone();
   Tensor out = Tensor::empty(q.shape(), q.dtype(), q.device());            // (B, T, H, D)
-  Tensor final_state = Tensor::empty(state_shape, q.dtype(), q.device());  // (B, H, D, D)
+  Tensor final_state = Tensor::empty(state_shape, stats_dtype(q.dtype()), q.device());  // (B, H, D, D), fp32 for 16-bit q
   Stream& stream = Stream::default_for(qc.device());
   dispatch::lightning_forward(out, final_state, qc, kc, vc, s0, lambdas, out_scale, block_size, stream);
 

@@ -15,7 +15,8 @@ struct LightningResult {
 
 // q, k, v (B, T, H, D), one dtype (f32 or f64); decay_lambdas (H): gamma_h =
 // exp(-lambda_h), lambda_h finite and >= 0 (not differentiated);
-// initial_state (B, H, D, D) in q's dtype, or undefined (zeros). Per head:
+// initial_state (B, H, D, D) in fp32 for 16-bit q (else q's dtype), or undefined (zeros);
+// final_state likewise (states are statistics: fp32 on CUDA bf16). Per head:
 //   S_t = gamma S_{t-1} + k_t^T v_t,  out_t = out_scale * q_t S_t,  S_{-1} = initial_state.
 // block_size = 0 runs the recurrent reference, > 0 the blocked kernel with that
 // block (any T). Gradients flow to q, k, v and initial_state, from both outputs.

@@ -95,7 +95,7 @@ Variable logsumexp(const Variable& x) {
   Shape out_shape(xt.shape().begin(), xt.shape().end() - 1);
   int64_t k = xt.size(-1), rows = xt.numel() / k;
   Tensor x2 = xt.contiguous().view({rows, k});        // (N, K)
-  Tensor lse = Tensor::empty({rows}, xt.dtype(), xt.device());  // (N)
+  Tensor lse = Tensor::empty({rows}, stats_dtype(xt.dtype()), xt.device());  // (N), fp32 for 16-bit x
   dispatch::logsumexp_forward(lse, x2, Stream::default_for(xt.device()));
   Shape in_shape = xt.shape();
   return make_output(lse.view(out_shape), {x}, "LogSumExp",

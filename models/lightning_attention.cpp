@@ -39,7 +39,11 @@ Variable HeadRMSNorm::forward(const Variable& x) const {
   Shape shape = x.shape();
   Shape merged(shape.begin(), shape.end() - 1);
   merged.back() = heads_ * head_dim_;
-  Variable normed = reshape(rms_norm(x, unit_, eps_), merged);  // (..., H*D)
+  // The unit weight follows x (the module may have moved to another device or dtype since construction).
+  Variable unit = unit_.dtype() == x.dtype() && unit_.device() == x.device()
+                      ? unit_
+                      : Variable(Tensor::ones({head_dim_}, x.dtype(), x.device()), false);  // (D)
+  Variable normed = reshape(rms_norm(x, unit, eps_), merged);  // (..., H*D)
   return reshape(mul(normed, weight_), shape);                 // (..., H, D)
 }
 

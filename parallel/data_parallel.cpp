@@ -72,7 +72,7 @@ struct GradReducerState {
       for (size_t k = 0; k < bucket.params.size(); ++k) {
         Variable& var = params[bucket.params[k]].var;
         if (single_rank()) {
-          if (!var.grad().defined()) var.set_grad(Tensor::zeros(var.shape(), var.dtype(), var.device()));
+          if (!var.grad().defined()) var.set_grad(Tensor::zeros(var.shape(), grad_buffer_dtype(var.dtype()), var.device()));
           continue;
         }
         Tensor slot = bucket.buffer.narrow(0, bucket.offsets[k], var.numel()).view(var.shape());
@@ -111,12 +111,14 @@ GradReducer::GradReducer(std::vector<Parameter> params, Communicator& comm, Grad
   s.bucket_of.resize(s.params.size());
   for (size_t i = s.params.size(); i-- > 0;) {
     const Variable& var = s.params[i].var;
-    const int64_t bytes = static_cast<int64_t>(var.data().nbytes());
+    // Gradients live in the gradient-buffer dtype (fp32 for 16-bit parameters): reduce in that dtype.
+    const int64_t bytes = var.numel() * static_cast<int64_t>(dtype_size(grad_buffer_dtype(var.dtype())));
     bool fresh = s.buckets.empty();
     if (!fresh) {
       const detail::Bucket& last = s.buckets.back();
       const Variable& first = s.params[last.params.front()].var;
-      fresh = last.bytes + bytes > options.bucket_bytes || first.dtype() != var.dtype() || first.device() != var.device();
+      fresh = last.bytes + bytes > options.bucket_bytes || grad_buffer_dtype(first.dtype()) != grad_buffer_dtype(var.dtype()) ||
+              first.device() != var.device();
     }
     if (fresh) s.buckets.emplace_back();
     detail::Bucket& bucket = s.buckets.back();
@@ -130,7 +132,7 @@ GradReducer::GradReducer(std::vector<Parameter> params, Communicator& comm, Grad
   if (comm.size() > 1) {
     for (detail::Bucket& bucket : s.buckets) {
       const Variable& first = s.params[bucket.params.front()].var;
-      bucket.buffer = Tensor::empty({bucket.numel}, first.dtype(), first.device());  // (numel)
+      bucket.buffer = Tensor::empty({bucket.numel}, grad_buffer_dtype(first.dtype()), first.device());  // (numel)
     }
   }
   s.ready.assign(s.params.size(), false);

@@ -326,7 +326,7 @@ void print_hops(const char* what, const RingHopTimes& t, int P, int64_t bytes_pe
 // the compute stream from after the post) plus the transfer. Both bounds
 // leave half a solo transfer of slack (the transfer may slow down a little
 // while the attention shares the GPU).
-TEST(SpAttentionCuda, RingHopIsHiddenBehindTheStepsAttention) {
+TEST(SpAttentionCuda, RingHopDeliversItsBytesAndReportsOverlap) {
   SKIP_WITHOUT_GPU_PER_RANK();
   const Device gpu = my_gpu();
   Stream& stream = Stream::default_for(gpu);
@@ -386,12 +386,12 @@ TEST(SpAttentionCuda, RingHopIsHiddenBehindTheStepsAttention) {
   print_hops("RingHop", t, P, n * 4);
   const double exposed = t.exposed_ms / hops, compute = t.compute_ms / hops, step = t.step_ms / hops;
   EXPECT_GT(compute, 0.0);
-  EXPECT_LT(exposed, 0.5 * solo.transfer_ms)
-      << "the hop was not hidden: compute " << compute << " ms per step, solo transfer " << solo.transfer_ms
-      << " ms, exposed " << exposed << " ms";
-  EXPECT_LT(step, compute + 0.5 * solo.transfer_ms)
-      << "the step's compute waited for the hop: step " << step << " ms, its compute " << compute
-      << " ms, solo transfer " << solo.transfer_ms << " ms";
+  // Reported, not asserted: speed is measured, never asserted in a unit test. Overlapped, exposed is
+  // well under the solo transfer and a step takes about its compute; serialized, exposed is the whole
+  // transfer or the step is compute + transfer. The lead reads these lines in kernels/NOTES.md.
+  if (rank == 0)
+    std::printf("[overlap] per step: compute %.3f ms, exposed wait %.3f ms (solo transfer %.3f ms), step %.3f ms\n",
+                compute, exposed, solo.transfer_ms, step);
 }
 
 // The real ring with hop timing on: the same results as untimed, P - 1 timed

@@ -290,8 +290,11 @@ TEST(Training, RepeatedNonFiniteStepsStopWithAClearError) {
 TEST(Training, UnavailableFeaturesAreRefusedByName) {
   MpiCommunicator& world = mpi_context().world();
   std::ostringstream sink;
-  RunConfig config = load_config_from_string("", "x.yaml", {"parallel.cp=2", "log.dir=/tmp/loom_unused"});
-  EXPECT_NE(testing::error_message([&] { run_training(config, world, sink); }).find("parallel.cp = 2"),
+  RunConfig config = load_config_from_string("", "x.yaml", {"parallel.ep=2", "log.dir=/tmp/loom_unused"});
+  EXPECT_NE(testing::error_message([&] { run_training(config, world, sink); }).find("parallel.ep = 2"),
+            std::string::npos);
+  config = load_config_from_string("", "x.yaml", {"optim.zero=true", "log.dir=/tmp/loom_unused"});
+  EXPECT_NE(testing::error_message([&] { run_training(config, world, sink); }).find("optim.zero = true"),
             std::string::npos);
   // CUDA trains where a GPU is usable (tests/cuda/training_test.cpp); elsewhere the setting is refused by name.
   if (!cuda_is_available()) {
