@@ -16,12 +16,10 @@
 // tensors through NCCL). States travel in the state dtype (stats_dtype: fp32
 // for 16-bit data, as §5 asks; f64 in gradient tests).
 //
-// Overlap: none yet. Each collective waits for a full kernel pass (the one that
-// makes M_u or dP_u) and the second pass needs the scanned state. Hiding the
-// gather needs M_u and dP_u from small batched GEMMs first (decay-weighted
-// kᵀv and qᵀdo), then a zero-state pass beside the gather, then the
-// inter-chunk term s_o γ^(i+1) q_i P_u (forward) and γ^(L-1-j) terms of G_u
-// (dk, dv) added after it.
+// Overlap (CUDA): the gathered states come from small GEMMs, so each
+// all-gather is posted on a side stream right away and the lightning kernel's
+// zero-state (forward) or G-free (backward) pass over the local units runs
+// beside it; the inter-unit terms are GEMMs added after the scan.
 #pragma once
 
 #include "framework/autograd.h"
