@@ -4,11 +4,12 @@
 // 1-rank lightning_attention over the whole sequence on the same GPU, for
 // both layouts, f32 and bf16, chunks shorter and longer than the kernel's
 // 64-token block and not multiples of 8, D = 64 and 40. At np 1 the zigzag
-// layout already chains two units through the gathered states and the scan
-// (a one-rank "ring" of two units); at np 2 the states cross GPUs. The same
-// check runs on the CPU in f64 over MPI at any np (it checks this test's
-// bookkeeping where no GPU is present). The GPU tests skip (on every rank
-// alike) without a GPU per rank.
+// layout already chains two units through the gathered states and the scan;
+// at np 2 the states cross GPUs. Also at any np: cp = 3 and 4 simulated on one
+// GPU (a test communicator replays the states the simulated ranks recorded),
+// and both checks on the CPU in f64 (they check this test's bookkeeping where
+// no GPU is present). The GPU tests skip (on every rank alike) without a GPU
+// per rank.
 //
 // Tolerances: f32 runs the same fp32 arithmetic in another order (the states
 // of earlier units arrive summed in another order): 2e-5 at the tensor's
@@ -20,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "framework/ops.h"
 #include "framework/ops_lightning.h"
@@ -156,6 +158,101 @@ TEST(Lasp2Cuda, SameCheckOnTheCpuInF64) {
     c.block = 16;  // the CPU twin's blocks, with a tail in every case
     c.D = std::min<int64_t>(c.D, 8);  // keeps the f64 CPU kernels quick
     expect_lasp2_matches_one_rank(c, world(), Device::cpu());
+  }
+}
+
+// One rank of a cp group of `size` simulated on one device: all_gather records
+// this rank's input (call 0: the forward states, call 1: the backward state
+// gradients) and fills `out` from `gathered` (the inputs every simulated rank
+// recorded in an earlier round; zeros in the first round). Every other
+// collective is an error (LASP-2 needs none).
+class SimulatedRank : public Communicator {
+ public:
+  SimulatedRank(int rank, int size, std::vector<std::vector<Tensor>>& recorded, bool replay)
+      : rank_(rank), size_(size), recorded_(recorded), replay_(replay) {}
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  const std::string& name() const override { return name_; }
+  void all_gather(Tensor& out, const Tensor& in, Stream&) override {
+    const size_t call = calls_++;
+    if (recorded_.size() <= call) recorded_.resize(call + 1, std::vector<Tensor>(static_cast<size_t>(size_)));
+    std::vector<Tensor>& slot = recorded_[call];
+    const int64_t n = in.size(0);
+    if (!replay_) {
+      slot[static_cast<size_t>(rank_)] = in.clone();
+      out.copy_(Tensor::zeros(out.shape(), out.dtype(), out.device()));
+      return;
+    }
+    for (int r = 0; r < size_; ++r) out.narrow(0, r * n, n).copy_(slot[static_cast<size_t>(r)]);
+  }
+  void all_reduce(Tensor&, ReduceOp, Stream&) override { fail("all_reduce"); }
+  void reduce_scatter(Tensor&, const Tensor&, ReduceOp, Stream&) override { fail("reduce_scatter"); }
+  void broadcast(Tensor&, int, Stream&) override { fail("broadcast"); }
+  void send(const Tensor&, int, Stream&) override { fail("send"); }
+  void recv(Tensor&, int, Stream&) override { fail("recv"); }
+  void send_recv(const Tensor&, int, Tensor&, int, Stream&) override { fail("send_recv"); }
+  void all_to_all(Tensor&, const Tensor&, Stream&) override { fail("all_to_all"); }
+  void barrier() override { fail("barrier"); }
+
+ private:
+  static void fail(const char* what) { LOOM_CHECK(false) << "SimulatedRank: " << what << " is not simulated"; }
+  int rank_, size_;
+  std::vector<std::vector<Tensor>>& recorded_;
+  bool replay_;
+  size_t calls_ = 0;
+  std::string name_ = "simulated cp";
+};
+
+// LASP-2 for each of P simulated ranks on one device equals one-rank
+// lightning attention on the whole sequence. Round 1 records every rank's
+// gathered inputs (the forward states depend only on the rank's k, v; the
+// state gradients only on its q and dout), round 2 replays them as the
+// all-gathers' results and is checked. A rank whose states were mixed up, or
+// a scan in the wrong order, fails round 2.
+void expect_simulated_ranks_match_one_rank(const LaspCase& c, int P, Device device) {
+  const int64_t chunks = c.layout == LayoutKind::zigzag ? 2 * P : P;
+  const int64_t T = chunks * c.chunk;
+  const Shape shape{c.B, T, c.H, c.D};
+  Tensor lambdas = Tensor::from_vector(std::vector<double>{0.0, 0.02, 0.3}, {3}).narrow(0, 0, c.H).contiguous();
+  Tensor q = global_tensor(shape, 41, c.dtype, device), k = global_tensor(shape, 42, c.dtype, device);
+  Tensor v = global_tensor(shape, 43, c.dtype, device), dout = global_tensor(shape, 44, c.dtype, device);
+  Variable gq(q, true), gk(k, true), gv(v, true);
+  Variable ref = lightning_attention(gq, gk, gv, lambdas, Variable(), c.out_scale, c.block).out;
+  ref.backward(dout);
+
+  TokenLayout layout(c.layout, T, P);
+  std::vector<std::vector<Tensor>> recorded;
+  for (bool replay : {false, true})
+    for (int r = 0; r < P; ++r) {
+      SimulatedRank cp(r, P, recorded, replay);
+      Variable lq(layout.shard(q, r, 1), true), lk(layout.shard(k, r, 1), true), lv(layout.shard(v, r, 1), true);
+      Variable out = lasp2_attention(lq, lk, lv, lambdas, c.out_scale, c.block, layout, cp);
+      out.backward(layout.shard(dout, r, 1));
+      if (!replay) continue;
+      const double tol = tolerance(c.dtype);
+      SCOPED_TRACE(describe(c) + ", simulated rank " + std::to_string(r) + " of " + std::to_string(P));
+      EXPECT_TRUE(close(out.data(), layout.shard(ref.data(), r, 1), tol)) << "out";
+      EXPECT_TRUE(close(lq.grad(), layout.shard(gq.grad(), r, 1), tol)) << "dq";
+      EXPECT_TRUE(close(lk.grad(), layout.shard(gk.grad(), r, 1), tol)) << "dk";
+      EXPECT_TRUE(close(lv.grad(), layout.shard(gv.grad(), r, 1), tol)) << "dv";
+    }
+  ASSERT_EQ(recorded.size(), 2u) << "LASP-2 makes one all-gather forward and one backward";
+}
+
+TEST(Lasp2Cuda, SimulatedRanksOnOneGpuEqualOneRank) {
+  SKIP_WITHOUT_GPU_PER_RANK();
+  const Device gpu = my_gpu();
+  for (DType dtype : {DType::f32, DType::bf16})
+    for (const LaspCase& c : cases(dtype))
+      for (int P : {3, 4}) expect_simulated_ranks_match_one_rank(c, P, gpu);
+}
+
+// The same simulation on the CPU in f64 (runs without a GPU).
+TEST(Lasp2Cuda, SimulatedRanksOnTheCpuEqualOneRankInF64) {
+  for (LaspCase c : cases(DType::f64)) {
+    c.block = 16;
+    c.D = std::min<int64_t>(c.D, 8);
+    for (int P : {3, 4}) expect_simulated_ranks_match_one_rank(c, P, Device::cpu());
   }
 }
 
