@@ -59,6 +59,19 @@ if [ "$NGPU" -ge 2 ]; then
     train.micro_batch_size=16 log.name=demo-cp2 "${COMMON[@]}" > "$OUT/demo-cp2.log" 2>&1; echo "demo cp2 rc $?"
   grep -E "^step (250|500)/|val loss|done|rror" "$OUT/demo-cp2.log" | tail -8
 fi
+if [ "$NGPU" -ge 2 ]; then
+  # cp scaling at equal tokens per GPU: an LLLS hybrid (d 1024, 8 layers) at 8K tokens on one GPU,
+  # 16K over cp = 2 (zigzag, ring for S, LASP-2 for L). Steps 3..12 are averaged by the log line.
+  SCALE=(model.d_model=1024 model.n_heads=8 model.n_kv_heads=8 model.n_layers=8 model.max_seq_len=16384
+         train.micro_batch_size=1 train.steps=12 train.eval_every=0 train.sample_every=0 train.log_every=4
+         optim.warmup_steps=2 train.device=cuda train.dtype=bf16)
+  timeout 150 $B/loom-train launch/recipes/hybrid-cp.yaml parallel.cp=1 data.seq_len=8192 "${SCALE[@]}" \
+    log.name=scale-cp1 "${COMMON[@]}" > "$OUT/scale-cp1.log" 2>&1; echo "scale cp1 rc $?"
+  grep -E "^step 12/|rror" "$OUT/scale-cp1.log" | cut -c1-220
+  timeout 150 mpirun -np 2 $B/loom-train launch/recipes/hybrid-cp.yaml parallel.cp=2 data.seq_len=16384 "${SCALE[@]}" \
+    log.name=scale-cp2 "${COMMON[@]}" > "$OUT/scale-cp2.log" 2>&1; echo "scale cp2 rc $?"
+  grep -E "^step 12/|rror" "$OUT/scale-cp2.log" | cut -c1-220
+fi
 for r in gated moh s2 moe lightning hybrid-cp; do
   timeout 60 $B/loom-train launch/recipes/$r.yaml train.device=cuda train.dtype=bf16 train.steps=50 parallel.cp=1 \
     train.eval_every=25 log.name=$r-cuda "${COMMON[@]}" > "$OUT/$r-cuda.log" 2>&1; echo "$r rc $?"
