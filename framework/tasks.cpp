@@ -329,6 +329,17 @@ void add_recall_breakdown(RecallBreakdown& into, const Tensor& logits, const Ten
   const float* data = l.data<float>();
   for (int64_t r = 0; r < b; ++r) {
     const int64_t* row = in.data() + r * t;
+    if (layout.value_len == 1) {  // the lookup-free guess: most frequent value among pairs not yet queried
+      std::vector<int64_t> left(ByteTokenizer::kVocabSize, 0);  // value token -> pairs not yet queried holding it
+      for (int64_t p = 0; p < layout.pairs; ++p) left[static_cast<size_t>(row[p * item + layout.key_len + 1])] += 1;
+      for (int64_t q = 0; q < layout.queries; ++q) {
+        const int64_t value = row[(layout.pairs + q) * item + 1 + layout.key_len + 1];
+        const int64_t most = *std::max_element(left.begin(), left.end());
+        if (left[static_cast<size_t>(value)] == most)
+          into.no_lookup += 1.0 / static_cast<double>(std::count(left.begin(), left.end(), most));
+        left[static_cast<size_t>(value)] -= 1;
+      }
+    }
     for (int64_t q = 0; q < layout.queries; ++q) {
       const int64_t start = (layout.pairs + q) * item + 1;  // the query's first key token
       int64_t pair = -1;

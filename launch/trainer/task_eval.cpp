@@ -55,12 +55,14 @@ TaskEvalResult evaluate_task(const DecoderLM& model, const TaskDataset& dataset,
       counts.push_back(static_cast<double>(cell.total));
     }
   }
-  for (const auto& [length, breakdown] : breakdowns)
+  for (const auto& [length, breakdown] : breakdowns) {
+    counts.push_back(breakdown.no_lookup);
     for (const auto* list : {&breakdown.by_query, &breakdown.by_pair})
       for (const AnswerCounts& c : *list) {
         counts.push_back(static_cast<double>(c.correct));
         counts.push_back(static_cast<double>(c.total));
       }
+  }
   Tensor summed = Tensor::from_vector(counts, {static_cast<int64_t>(counts.size())});
   dp.all_reduce(summed, ReduceOp::sum, Stream::default_for(Device::cpu()));
   std::vector<double> global = summed.to_vector<double>();
@@ -76,6 +78,7 @@ TaskEvalResult evaluate_task(const DecoderLM& model, const TaskDataset& dataset,
     }
   }
   for (auto& [length, breakdown] : breakdowns) {
+    breakdown.no_lookup = global[i++];
     for (auto* list : {&breakdown.by_query, &breakdown.by_pair})
       for (AnswerCounts& c : *list) {
         c = AnswerCounts{static_cast<int64_t>(global[i]), static_cast<int64_t>(global[i + 1])};
@@ -105,8 +108,15 @@ nlohmann::json TaskEvalResult::to_json() const {
       for (const AnswerCounts& c : r.by_query) by_query[std::to_string(length)].push_back(c.accuracy());
       for (const AnswerCounts& c : r.by_pair) by_pair[std::to_string(length)].push_back(c.accuracy());
     }
+    nlohmann::json no_lookup = nlohmann::json::object();
+    for (const auto& [length, r] : recall_by_length) {
+      int64_t answers = 0;
+      for (const AnswerCounts& c : r.by_query) answers += c.total;
+      if (answers > 0) no_lookup[std::to_string(length)] = r.no_lookup / static_cast<double>(answers);
+    }
     j["query_accuracy"] = by_query;
     j["pair_accuracy"] = by_pair;
+    j["no_lookup_accuracy"] = no_lookup;
   }
   return j;
 }
@@ -128,6 +138,11 @@ std::string TaskEvalResult::table() const {
       for (const AnswerCounts& c : r.by_query) out += fmt::format(" {:.2f}", c.accuracy());
       out += fmt::format("\n  {:>8} | by pair: ", "");
       for (const AnswerCounts& c : r.by_pair) out += fmt::format(" {:.2f}", c.accuracy());
+      int64_t answers = 0;
+      for (const AnswerCounts& c : r.by_query) answers += c.total;
+      if (answers > 0)
+        out += fmt::format("\n  {:>8} | lookup-free guess (most frequent value not yet queried): {:.3f}", "",
+                           r.no_lookup / static_cast<double>(answers));
       out += "\n";
     }
     return out;

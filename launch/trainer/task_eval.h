@@ -27,7 +27,8 @@ struct TaskEvalResult {
 
   // {"task", "accuracy": {"<len>": acc}, "depth_accuracy": {"<depth>": acc},
   //  "length_depth_accuracy": {"<len>": {"<depth>": acc}}} (depth keys only for needle),
-  //  recall: "query_accuracy", "pair_accuracy": {"<len>": [acc of query / pair 0, 1, ...]}.
+  //  recall: "query_accuracy", "pair_accuracy": {"<len>": [acc of query / pair 0, 1, ...]},
+  //  "no_lookup_accuracy": {"<len>": acc of the lookup-free guess (RecallBreakdown)}.
   nlohmann::json to_json() const;
   std::string table() const;  // a small aligned table for the log
   double mean_accuracy() const;  // over every answer token evaluated

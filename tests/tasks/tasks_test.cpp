@@ -292,6 +292,27 @@ TEST(Tasks, RecallBreakdownCountsEachAnswerUnderItsQueryAndItsPair) {
   }
 }
 
+TEST(Tasks, RecallLookupFreeGuessIsTheMostFrequentValueNotYetQueried) {
+  // "a:1 b:1 c:2 d:3 |c:2 a:1 d:3 b:1": values left {1, 1, 2, 3}. Query c (2):
+  // the guess is 1, wrong; then {1, 1, 3}, a (1): right; {1, 3}, d (3): a tie,
+  // right half the time; {1}, b (1): right. 2.5 expected correct answers of 4.
+  const std::string text = "a:1 b:1 c:2 d:3 |c:2 a:1 d:3 b:1 ";
+  std::string problem;
+  RecallLayout layout = recall_layout(RecallOptions{4, 4, 1, 1}, 32, &problem);
+  ASSERT_EQ(problem, "");
+  ASSERT_EQ(layout.tokens(), static_cast<int64_t>(text.size()));
+  std::vector<int64_t> in, tg(32, kIgnoreTarget);
+  for (size_t i = 0; i < 32; ++i) in.push_back(text[i]);
+  for (int64_t q = 0; q < 4; ++q) tg[static_cast<size_t>((4 + q) * 4 + 2)] = text[static_cast<size_t>((4 + q) * 4 + 3)];
+  Tensor inputs = Tensor::from_vector(in, {1, 32}), targets = Tensor::from_vector(tg, {1, 32});
+  RecallBreakdown r;
+  add_recall_breakdown(r, Tensor::zeros({1, 32, 257}), inputs, targets, layout);
+  EXPECT_DOUBLE_EQ(r.no_lookup, 2.5);
+  EXPECT_EQ(r.by_query[1].total, 1);
+  EXPECT_EQ(r.by_pair[0].total, 1);  // a is pair 0, queried second
+  EXPECT_EQ(r.by_query[1].correct, 0);  // argmax of zero logits is token 0
+}
+
 TEST(Tasks, EvalResultJsonAndTable) {
   TaskEvalResult r;
   r.task = "needle";
