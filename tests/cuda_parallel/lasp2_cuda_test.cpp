@@ -31,32 +31,15 @@
 #include "parallel/mesh.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/token_layout.h"
+#include "tests/cuda_parallel/cuda_parallel_testing.h"
 #include "tests/parallel/parallel_testing.h"
 #include "tests/testing.h"
 
 namespace loom {
 namespace {
 
-MpiCommunicator& world() { return testing::mpi_context().world(); }
-
-// The reason every rank skips ("" when each rank has its own GPU), from values
-// equal on all ranks of a node, so all ranks take the same path.
-std::string skip_reason() {
-  std::string reason = testing::gpu_skip_reason();
-  if (!reason.empty()) return reason;
-  const int local_size = testing::mpi_context().local_size();
-  if (cuda_device_count() < local_size)
-    return std::to_string(local_size) + " ranks on this node but only " + std::to_string(cuda_device_count()) +
-           " GPU(s); NCCL needs one GPU per rank";
-  return "";
-}
-#define SKIP_WITHOUT_GPU_PER_RANK()                                                \
-  do {                                                                             \
-    std::string reason_ = skip_reason();                                           \
-    if (!reason_.empty()) GTEST_SKIP() << "LASP-2 CUDA test skipped: " << reason_; \
-  } while (0)
-
-Device my_gpu() { return select_device("cuda", world()); }
+using testing::my_gpu;
+using testing::world;
 
 struct LaspCase {
   LayoutKind layout = LayoutKind::zigzag;
@@ -146,7 +129,7 @@ std::vector<LaspCase> cases(DType dtype) {
 }
 
 TEST(Lasp2Cuda, ThroughTheMeshEqualsOneRank) {
-  SKIP_WITHOUT_GPU_PER_RANK();
+  LOOM_SKIP_WITHOUT_GPU_PER_RANK("LASP-2 CUDA test");
   const Device gpu = my_gpu();
   DeviceMesh mesh(MeshSizes{0, world().size(), 1}, world(), gpu);
   Communicator& cp = mesh.group("cp");
@@ -242,7 +225,7 @@ void expect_simulated_ranks_match_one_rank(const LaspCase& c, int P, Device devi
 }
 
 TEST(Lasp2Cuda, SimulatedRanksOnOneGpuEqualOneRank) {
-  SKIP_WITHOUT_GPU_PER_RANK();
+  LOOM_SKIP_WITHOUT_GPU_PER_RANK("LASP-2 CUDA test");
   const Device gpu = my_gpu();
   for (DType dtype : {DType::f32, DType::bf16})
     for (const LaspCase& c : cases(dtype))
@@ -259,7 +242,7 @@ TEST(Lasp2Cuda, SimulatedRanksOnTheCpuEqualOneRankInF64) {
 }
 
 TEST(Lasp2Cuda, F64OnCudaAndMixedDevicesAreErrors) {
-  SKIP_WITHOUT_GPU_PER_RANK();
+  LOOM_SKIP_WITHOUT_GPU_PER_RANK("LASP-2 CUDA test");
   const Device gpu = my_gpu();
   const int P = world().size();
   TokenLayout layout(LayoutKind::zigzag, 2 * P * 4, P);

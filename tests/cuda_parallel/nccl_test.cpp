@@ -16,6 +16,7 @@
 #include "parallel/data_parallel.h"
 #include "parallel/mesh.h"
 #include "parallel/mpi_communicator.h"
+#include "tests/cuda_parallel/cuda_parallel_testing.h"
 #include "tests/parallel/parallel_testing.h"
 #include "tests/testing.h"
 
@@ -23,27 +24,8 @@ namespace loom {
 namespace {
 
 using testing::cpu_stream;
-
-MpiCommunicator& world() { return testing::mpi_context().world(); }
-
-// The reason every rank skips ("" when each rank has its own GPU). Decided
-// from values equal on all ranks of a node, so all ranks take the same path.
-std::string skip_reason() {
-  std::string reason = testing::gpu_skip_reason();
-  if (!reason.empty()) return reason;
-  const int local_size = testing::mpi_context().local_size();
-  if (cuda_device_count() < local_size)
-    return std::to_string(local_size) + " ranks on this node but only " + std::to_string(cuda_device_count()) +
-           " GPU(s); NCCL needs one GPU per rank";
-  return "";
-}
-#define SKIP_WITHOUT_GPU_PER_RANK()                                           \
-  do {                                                                        \
-    std::string reason_ = skip_reason();                                      \
-    if (!reason_.empty()) GTEST_SKIP() << "NCCL test skipped: " << reason_;   \
-  } while (0)
-
-Device my_gpu() { return select_device("cuda", world()); }
+using testing::my_gpu;
+using testing::world;
 
 // Rank r's values (exact in bf16: small halves).
 Tensor rank_values(const Shape& shape, int r, DType dtype) {
@@ -63,7 +45,7 @@ struct Fixture {
 };
 
 TEST(Nccl, AllReduceEqualsMpiForEveryOpAndDtype) {
-  SKIP_WITHOUT_GPU_PER_RANK();
+  LOOM_SKIP_WITHOUT_GPU_PER_RANK("NCCL test");
   Fixture f;
   EXPECT_EQ(f.nccl.rank(), world().rank());
   EXPECT_EQ(f.nccl.size(), world().size());
@@ -83,7 +65,7 @@ TEST(Nccl, AllReduceEqualsMpiForEveryOpAndDtype) {
 }
 
 TEST(Nccl, GatherScatterBroadcastEqualMpi) {
-  SKIP_WITHOUT_GPU_PER_RANK();
+  LOOM_SKIP_WITHOUT_GPU_PER_RANK("NCCL test");
   Fixture f;
   const int p = world().size(), r = world().rank();
   Tensor in = rank_values({5, 3}, r, DType::f32);
@@ -106,7 +88,7 @@ TEST(Nccl, GatherScatterBroadcastEqualMpi) {
 }
 
 TEST(Nccl, PointToPointAndAllToAllEqualMpi) {
-  SKIP_WITHOUT_GPU_PER_RANK();
+  LOOM_SKIP_WITHOUT_GPU_PER_RANK("NCCL test");
   Fixture f;
   const int p = world().size(), r = world().rank();
   // Ring step: send to r + 1, receive from r - 1.
@@ -135,7 +117,7 @@ TEST(Nccl, PointToPointAndAllToAllEqualMpi) {
 }
 
 TEST(Nccl, AsyncAllReduceIsOrderedOnTheCallersStream) {
-  SKIP_WITHOUT_GPU_PER_RANK();
+  LOOM_SKIP_WITHOUT_GPU_PER_RANK("NCCL test");
   Fixture f;
   Tensor host = rank_values({1 << 16}, world().rank(), DType::f32);
   Tensor dev = host.to(f.gpu);
@@ -148,7 +130,7 @@ TEST(Nccl, AsyncAllReduceIsOrderedOnTheCallersStream) {
 }
 
 TEST(Nccl, CudaMeshRoutesCudaTensorsToNcclAndCpuTensorsToMpi) {
-  SKIP_WITHOUT_GPU_PER_RANK();
+  LOOM_SKIP_WITHOUT_GPU_PER_RANK("NCCL test");
   Device gpu = my_gpu();
   DeviceMesh mesh(MeshSizes{}, world(), gpu);
   EXPECT_EQ(mesh.device(), gpu);
@@ -161,7 +143,7 @@ TEST(Nccl, CudaMeshRoutesCudaTensorsToNcclAndCpuTensorsToMpi) {
 }
 
 TEST(Nccl, DataParallelGradientsOnGpusEqualOneRankOnTheWholeBatch) {
-  SKIP_WITHOUT_GPU_PER_RANK();
+  LOOM_SKIP_WITHOUT_GPU_PER_RANK("NCCL test");
   Device gpu = my_gpu();
   DeviceMesh mesh(MeshSizes{}, world(), gpu);
   const int p = world().size(), r = world().rank();

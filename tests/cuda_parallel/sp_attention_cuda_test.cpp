@@ -38,32 +38,15 @@
 #include "parallel/ring_attention.h"
 #include "parallel/sp_attention.h"
 #include "parallel/token_layout.h"
+#include "tests/cuda_parallel/cuda_parallel_testing.h"
 #include "tests/parallel/parallel_testing.h"
 #include "tests/testing.h"
 
 namespace loom {
 namespace {
 
-MpiCommunicator& world() { return testing::mpi_context().world(); }
-
-// The reason every rank skips ("" when each rank has its own GPU), from values
-// equal on all ranks of a node, so all ranks take the same path.
-std::string skip_reason() {
-  std::string reason = testing::gpu_skip_reason();
-  if (!reason.empty()) return reason;
-  const int local_size = testing::mpi_context().local_size();
-  if (cuda_device_count() < local_size)
-    return std::to_string(local_size) + " ranks on this node but only " + std::to_string(cuda_device_count()) +
-           " GPU(s); NCCL needs one GPU per rank";
-  return "";
-}
-#define SKIP_WITHOUT_GPU_PER_RANK()                                                          \
-  do {                                                                                       \
-    std::string reason_ = skip_reason();                                                     \
-    if (!reason_.empty()) GTEST_SKIP() << "sequence-parallel CUDA test skipped: " << reason_; \
-  } while (0)
-
-Device my_gpu() { return select_device("cuda", world()); }
+using testing::my_gpu;
+using testing::world;
 
 using SpFn = std::function<AttentionResult(const Variable&, const Variable&, const Variable&, const AttentionOptions&,
                                            const TokenLayout&, Communicator&, SpAttentionStats*)>;
@@ -187,7 +170,7 @@ void check_traffic(const SpAttentionStats& stats, const Case& c, int P, bool rin
 }
 
 TEST(SpAttentionCuda, RingAndAllGatherThroughTheMeshEqualOneRank) {
-  SKIP_WITHOUT_GPU_PER_RANK();
+  LOOM_SKIP_WITHOUT_GPU_PER_RANK("sequence-parallel CUDA test");
   const Device gpu = my_gpu();
   const int P = world().size();
   DeviceMesh mesh(MeshSizes{0, P, 1}, world(), gpu);
@@ -201,7 +184,7 @@ TEST(SpAttentionCuda, RingAndAllGatherThroughTheMeshEqualOneRank) {
 // A bare NCCL communicator takes no CPU tensors: explicit positions are
 // gathered on the device (k_shift cases) and the rest is the same.
 TEST(SpAttentionCuda, RingAndAllGatherOverABareNcclCommunicatorEqualOneRank) {
-  SKIP_WITHOUT_GPU_PER_RANK();
+  LOOM_SKIP_WITHOUT_GPU_PER_RANK("sequence-parallel CUDA test");
   const Device gpu = my_gpu();
   NcclCommunicator nccl(world(), gpu);
   for (const Case& c : cases()) {
@@ -212,7 +195,7 @@ TEST(SpAttentionCuda, RingAndAllGatherOverABareNcclCommunicatorEqualOneRank) {
 }
 
 TEST(SpAttentionCuda, MixedDevicesAndF64OnCudaAreErrors) {
-  SKIP_WITHOUT_GPU_PER_RANK();
+  LOOM_SKIP_WITHOUT_GPU_PER_RANK("sequence-parallel CUDA test");
   const Device gpu = my_gpu();
   const int P = world().size();
   TokenLayout layout(LayoutKind::zigzag, 2 * P * 4, P);
@@ -300,7 +283,7 @@ TEST(SpAttentionCuda, SimulatedRingOnTheCpuMergesAndAccumulatesExactly) {
 }
 
 TEST(SpAttentionCuda, SimulatedRingOnOneGpuMergesAndAccumulatesExactly) {
-  SKIP_WITHOUT_GPU_PER_RANK();
+  LOOM_SKIP_WITHOUT_GPU_PER_RANK("sequence-parallel CUDA test");
   for (DType dtype : {DType::f32, DType::bf16})
     for (int P : {2, 3}) expect_simulated_ring_exact(my_gpu(), dtype, P);
 }
@@ -327,7 +310,7 @@ void print_hops(const char* what, const RingHopTimes& t, int P, int64_t bytes_pe
 // leave half a solo transfer of slack (the transfer may slow down a little
 // while the attention shares the GPU).
 TEST(SpAttentionCuda, RingHopDeliversItsBytesAndReportsOverlap) {
-  SKIP_WITHOUT_GPU_PER_RANK();
+  LOOM_SKIP_WITHOUT_GPU_PER_RANK("sequence-parallel CUDA test");
   const Device gpu = my_gpu();
   Stream& stream = Stream::default_for(gpu);
   DeviceMesh mesh(MeshSizes{0, world().size(), 1}, world(), gpu);
@@ -397,7 +380,7 @@ TEST(SpAttentionCuda, RingHopDeliversItsBytesAndReportsOverlap) {
 // The real ring with hop timing on: the same results as untimed, P - 1 timed
 // forward hops and P + 1 backward hops (P >= 2), and the printed line.
 TEST(SpAttentionCuda, RingAttentionReportsItsHopTimes) {
-  SKIP_WITHOUT_GPU_PER_RANK();
+  LOOM_SKIP_WITHOUT_GPU_PER_RANK("sequence-parallel CUDA test");
   const Device gpu = my_gpu();
   const int P = world().size();
   DeviceMesh mesh(MeshSizes{0, P, 1}, world(), gpu);
