@@ -15,14 +15,15 @@
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/attention_merge.h"
 #include "kernels/cuda/attention_merge.h"
+#include "tests/cuda/cuda_testing.h"
 #include "tests/testing.h"
 
 namespace loom {
 namespace {
 
-Stream& cpu_stream() { return Stream::default_for(Device::cpu()); }
-Stream& gpu_stream() { return Stream::default_for(Device::cuda(0)); }
-Device gpu() { return Device::cuda(0); }
+using cuda_testing::cpu_stream;
+using cuda_testing::gpu;
+using cuda_testing::gpu_stream;
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 

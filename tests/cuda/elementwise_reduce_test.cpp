@@ -16,36 +16,22 @@
 #include "kernels/cpu/reduce.h"
 #include "kernels/cuda/elementwise.h"
 #include "kernels/cuda/reduce.h"
+#include "tests/cuda/cuda_testing.h"
 #include "tests/testing.h"
 
 namespace loom {
 namespace {
 
-Stream& cpu_stream() { return Stream::default_for(Device::cpu()); }
-Stream& gpu_stream() { return Stream::default_for(Device::cuda(0)); }
-Device gpu() { return Device::cuda(0); }
-
-// A contiguous CUDA tensor holding `values` converted (on the host) to
-// `dtype`; `misalign` shifts its start by one element inside a larger buffer.
-Tensor upload(const Tensor& values, DType dtype, bool misalign = false) {
-  Tensor host = values.to(dtype).contiguous();
-  Tensor buffer = Tensor::empty({host.numel() + 1}, dtype, gpu());
-  Tensor t = buffer.narrow(0, misalign ? 1 : 0, host.numel()).view(host.shape());
-  t.copy_(host);  // same dtype, both contiguous: a raw copy
-  return t;
-}
+using cuda_testing::cpu_stream;
+using cuda_testing::download;
+using cuda_testing::gpu;
+using cuda_testing::gpu_stream;
+using cuda_testing::random_rounded;
+using cuda_testing::upload;
 
 // A CUDA tensor of `shape` and `dtype` filled with NaN (or 123 for integers).
 Tensor poisoned(const Shape& shape, DType dtype, bool misalign = false) {
   return upload(Tensor::full(shape, is_floating(dtype) ? NAN : 123.0, DType::f64), dtype, misalign);
-}
-
-// Host copy of a contiguous CUDA tensor (raw bytes), as f64 for comparison.
-Tensor download(const Tensor& t) { return t.to(Device::cpu()).to(DType::f64); }
-
-// Fresh inputs rounded to `dtype` and kept as f32 on the host.
-Tensor random_in(const Shape& shape, uint64_t seed, DType dtype, double scale = 1.0) {
-  return testing::random_tensor(shape, seed, DType::f32, scale).to(dtype).to(DType::f32);
 }
 
 // One rounding of a `dtype` output, relative (GPU math in fp32, rounded once).
@@ -74,8 +60,8 @@ TEST(CudaElementwise, BinaryOpsMatchTheCpuTwin) {
         for (auto op : {cpu::BinaryOp::add, cpu::BinaryOp::sub, cpu::BinaryOp::mul, cpu::BinaryOp::div}) {
           SCOPED_TRACE(::testing::Message() << dtype << " a " << shape_str(c.a) << " b " << shape_str(c.b) << " op "
                                             << static_cast<int>(op) << " misalign " << misalign);
-          Tensor a = random_in(c.a, seed++, dtype);
-          Tensor b = random_in(c.b, seed++, dtype);
+          Tensor a = random_rounded(c.a, seed++, dtype);
+          Tensor b = random_rounded(c.b, seed++, dtype);
           if (op == cpu::BinaryOp::div) {  // keep divisors away from zero
             float* p = b.data<float>();
             for (int64_t i = 0; i < b.numel(); ++i) p[i] = (p[i] < 0 ? -1.f : 1.f) * (0.5f + std::fabs(p[i]));
@@ -99,7 +85,7 @@ TEST(CudaElementwise, ScaleAndAxpyTakeStridedInputs) {
   for (DType dtype : kDtypes) {
     for (Shape shape : {Shape{1}, Shape{3, 17}, Shape{65, 33}, Shape{4099}}) {
       SCOPED_TRACE(::testing::Message() << dtype << " " << shape_str(shape));
-      Tensor x = random_in(shape, seed++, dtype);
+      Tensor x = random_rounded(shape, seed++, dtype);
       Tensor expected = Tensor::empty(shape);
       cpu::scale(expected, x, -1.75, 0.5, cpu_stream());
       Tensor out = poisoned(shape, dtype, true);
@@ -111,20 +97,20 @@ TEST(CudaElementwise, ScaleAndAxpyTakeStridedInputs) {
       EXPECT_TRUE(close(inplace, expected, dtype)) << "scale in place";
       // Transposed input (2-D shapes) and a broadcast (stride 0) input.
       if (shape.size() == 2) {
-        Tensor xt = random_in({shape[1], shape[0]}, seed++, dtype);
+        Tensor xt = random_rounded({shape[1], shape[0]}, seed++, dtype);
         Tensor exp_t = Tensor::empty(shape);
         cpu::scale(exp_t, xt.transpose(0, 1), 3.0, 0.0, cpu_stream());
         Tensor out_t = poisoned(shape, dtype);
         cuda::scale(out_t, upload(xt, dtype).transpose(0, 1), 3.0, 0.0, gpu_stream());
         EXPECT_TRUE(close(out_t, exp_t, dtype)) << "scale of a transpose";
-        Tensor row = random_in({1, shape[1]}, seed++, dtype);
+        Tensor row = random_rounded({1, shape[1]}, seed++, dtype);
         Tensor exp_b = Tensor::empty(shape);
         cpu::scale(exp_b, row.expand(shape), 0.25, -1.0, cpu_stream());
         Tensor out_b = poisoned(shape, dtype);
         cuda::scale(out_b, upload(row, dtype).expand(shape), 0.25, -1.0, gpu_stream());
         EXPECT_TRUE(close(out_b, exp_b, dtype)) << "scale of an expanded row";
         // axpy with a transposed x.
-        Tensor y = random_in(shape, seed++, dtype);
+        Tensor y = random_rounded(shape, seed++, dtype);
         Tensor exp_y = y.clone();
         cpu::axpy(exp_y, xt.transpose(0, 1), -0.5, cpu_stream());
         Tensor yg = upload(y, dtype);
@@ -133,8 +119,8 @@ TEST(CudaElementwise, ScaleAndAxpyTakeStridedInputs) {
       }
       // axpy: same dtype, and a bf16 x added into an f32 y (fp32 gradient buffer).
       for (DType xdtype : {dtype, DType::bf16}) {
-        Tensor y = random_in(shape, seed++, DType::f32);
-        Tensor xb = random_in(shape, seed++, xdtype);
+        Tensor y = random_rounded(shape, seed++, DType::f32);
+        Tensor xb = random_rounded(shape, seed++, xdtype);
         DType ydtype = xdtype == dtype ? dtype : DType::f32;
         y = y.to(ydtype).to(DType::f32);
         Tensor exp_y = y.clone();
@@ -154,7 +140,7 @@ TEST(CudaElementwise, SigmoidAndSiluMatchTheCpuTwin) {
     for (Shape shape : {Shape{1}, Shape{3}, Shape{17, 65}, Shape{4099}, Shape{8, 1024}}) {
       for (bool misalign : {false, true}) {
         SCOPED_TRACE(::testing::Message() << dtype << " " << shape_str(shape) << " misalign " << misalign);
-        Tensor x = random_in(shape, seed++, dtype, 4.0), dy = random_in(shape, seed++, dtype);
+        Tensor x = random_rounded(shape, seed++, dtype, 4.0), dy = random_rounded(shape, seed++, dtype);
         Tensor y_ref = Tensor::empty(shape), dx_ref = Tensor::empty(shape);
         Tensor xg = upload(x, dtype, misalign), dyg = upload(dy, dtype, misalign);
         // sigmoid: the backward takes the forward's output; give both sides the same rounded y.
@@ -256,7 +242,7 @@ TEST(CudaReduce, SumAllMatchesTheCpuTwin) {
     for (int64_t n : {int64_t{1}, int64_t{3}, int64_t{17}, int64_t{65}, int64_t{4099}, (int64_t{1} << 20) + 3}) {
       for (bool misalign : {false, true}) {
         SCOPED_TRACE(::testing::Message() << dtype << " n " << n << " misalign " << misalign);
-        Tensor x = random_in({n}, seed++, dtype);
+        Tensor x = random_rounded({n}, seed++, dtype);
         Tensor expected = Tensor::empty({});
         cpu::sum_all(expected, x, cpu_stream());
         for (DType out_dtype : {dtype, DType::f32}) {
@@ -282,7 +268,7 @@ TEST(CudaReduce, SumDimMatchesTheCpuTwinAndIsReproducible) {
   for (DType dtype : kDtypes) {
     for (const Case& c : cases) {
       SCOPED_TRACE(::testing::Message() << dtype << " " << shape_str(c.shape) << " dim " << c.dim);
-      Tensor x = random_in(c.shape, seed++, dtype);
+      Tensor x = random_rounded(c.shape, seed++, dtype);
       Shape out_shape = c.shape;
       out_shape.erase(out_shape.begin() + c.dim);
       Tensor expected = Tensor::empty(out_shape);
@@ -313,7 +299,7 @@ TEST(CudaReduce, SumToHandlesEveryBroadcastPattern) {
   for (DType dtype : kDtypes) {
     for (const Case& c : cases) {
       SCOPED_TRACE(::testing::Message() << dtype << " " << shape_str(c.x) << " -> " << shape_str(c.out));
-      Tensor x = random_in(c.x, seed++, dtype);
+      Tensor x = random_rounded(c.x, seed++, dtype);
       Tensor expected = Tensor::empty(c.out, DType::f64);  // summed in double, like the CUDA kernel
       cpu::sum_to(expected, x.to(DType::f64), cpu_stream());
       Tensor out = poisoned(c.out, DType::f32);
@@ -329,7 +315,7 @@ TEST(CudaReduce, SumToHandlesEveryBroadcastPattern) {
     }
   }
   // An expanded (stride 0) input: each element counted once per broadcast copy.
-  Tensor row = random_in({1, 7}, 1199, DType::f32);
+  Tensor row = random_rounded({1, 7}, 1199, DType::f32);
   Tensor expected = Tensor::empty({7});
   cpu::sum_to(expected, row.expand({5, 7}), cpu_stream());
   Tensor out = poisoned({7}, DType::f32);

@@ -17,14 +17,17 @@
 
 #include "kernels/cpu/lightning.h"
 #include "kernels/cuda/lightning.h"
+#include "tests/cuda/cuda_testing.h"
 #include "tests/testing.h"
 
 namespace loom {
 namespace {
 
-Stream& cpu_stream() { return Stream::default_for(Device::cpu()); }
-Stream& gpu_stream() { return Stream::default_for(Device::cuda(0)); }
-Device gpu() { return Device::cuda(0); }
+using cuda_testing::cpu_stream;
+using cuda_testing::gpu;
+using cuda_testing::gpu_stream;
+using cuda_testing::poisoned;
+using cuda_testing::random_rounded;
 
 double max_abs(const Tensor& t) {
   double m = 0;
@@ -38,11 +41,6 @@ double max_abs(const Tensor& t) {
                                 2e-5 * std::max(1.0, max_abs(expected)));
 }
 
-Tensor random_rounded(const Shape& shape, uint64_t seed, DType dtype, double scale = 1.0) {
-  return testing::random_tensor(shape, seed, DType::f32, scale).to(dtype).to(DType::f32);
-}
-
-Tensor poisoned(const Shape& shape, DType dtype) { return Tensor::full(shape, NAN, dtype, gpu()); }
 
 struct Inputs {
   Tensor q, k, v, dout, s0, dsf, lambdas;

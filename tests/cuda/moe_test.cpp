@@ -10,21 +10,18 @@
 
 #include "kernels/cpu/moe.h"
 #include "kernels/cuda/moe.h"
+#include "tests/cuda/cuda_testing.h"
 #include "tests/testing.h"
 
 namespace loom {
 namespace {
 
-Stream& cpu_stream() { return Stream::default_for(Device::cpu()); }
-Stream& gpu_stream() { return Stream::default_for(Device::cuda(0)); }
-Device gpu() { return Device::cuda(0); }
-
-double max_abs(const Tensor& t) {
-  double m = 0;
-  for (double v : t.to_vector<double>())
-    if (std::isfinite(v)) m = std::max(m, std::fabs(v));
-  return m;
-}
+using cuda_testing::cpu_stream;
+using cuda_testing::gpu;
+using cuda_testing::gpu_stream;
+using cuda_testing::max_abs;
+using cuda_testing::poisoned;
+using cuda_testing::random_rounded;
 
 ::testing::AssertionResult close(const Tensor& gpu_tensor, const Tensor& expected, DType dtype) {
   const double rtol = dtype == DType::bf16 ? std::ldexp(1.0, -8) : 1e-5;
@@ -40,11 +37,6 @@ double max_abs(const Tensor& t) {
                                 2e-6 * std::max(1.0, max_abs(expected)));
 }
 
-Tensor random_rounded(const Shape& shape, uint64_t seed, DType dtype, double scale = 1.0) {
-  return testing::random_tensor(shape, seed, DType::f32, scale).to(dtype).to(DType::f32);
-}
-
-Tensor poisoned(const Shape& shape, DType dtype) { return Tensor::full(shape, NAN, dtype, gpu()); }
 
 TEST(CudaMoe, GatherAndDeterministicScatterAddMatchTheCpuTwin) {
   LOOM_SKIP_WITHOUT_GPU();

@@ -15,14 +15,15 @@
 #include "kernels/cpu/grad_norm.h"
 #include "kernels/cuda/adamw.h"
 #include "kernels/cuda/grad_norm.h"
+#include "tests/cuda/cuda_testing.h"
 #include "tests/testing.h"
 
 namespace loom {
 namespace {
 
-Stream& cpu_stream() { return Stream::default_for(Device::cpu()); }
-Stream& gpu_stream() { return Stream::default_for(Device::cuda(0)); }
-Device gpu() { return Device::cuda(0); }
+using cuda_testing::cpu_stream;
+using cuda_testing::gpu;
+using cuda_testing::gpu_stream;
 
 // Contiguous CUDA copy (raw bytes) of a host tensor; `misalign` shifts the start by one element.
 Tensor upload(const Tensor& host, bool misalign = false) {

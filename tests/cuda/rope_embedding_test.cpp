@@ -10,14 +10,15 @@
 #include "kernels/cpu/rope.h"
 #include "kernels/cuda/embedding.h"
 #include "kernels/cuda/rope.h"
+#include "tests/cuda/cuda_testing.h"
 #include "tests/testing.h"
 
 namespace loom {
 namespace {
 
-Stream& cpu_stream() { return Stream::default_for(Device::cpu()); }
-Stream& gpu_stream() { return Stream::default_for(Device::cuda(0)); }
-Device gpu() { return Device::cuda(0); }
+using cuda_testing::cpu_stream;
+using cuda_testing::gpu;
+using cuda_testing::gpu_stream;
 
 double ulp_of(DType d) { return d == DType::bf16 ? std::ldexp(1.0, -7) : 2e-6; }
 

@@ -16,30 +16,21 @@
 #include "kernels/cpu/softmax.h"
 #include "kernels/cuda/cross_entropy.h"
 #include "kernels/cuda/softmax.h"
+#include "tests/cuda/cuda_testing.h"
 #include "tests/testing.h"
 
 namespace loom {
 namespace {
 
-Stream& cpu_stream() { return Stream::default_for(Device::cpu()); }
-Stream& gpu_stream() { return Stream::default_for(Device::cuda(0)); }
-Device gpu() { return Device::cuda(0); }
+using cuda_testing::cpu_stream;
+using cuda_testing::download;
+using cuda_testing::gpu;
+using cuda_testing::gpu_stream;
+using cuda_testing::random_rounded;
+using cuda_testing::upload;
 
-// Contiguous CUDA copy of `values` converted on the host to `dtype` (raw byte
-// upload); `misalign` shifts the start by one element.
-Tensor upload(const Tensor& values, DType dtype, bool misalign = false) {
-  Tensor host = values.to(dtype).contiguous();
-  Tensor buffer = Tensor::empty({host.numel() + 1}, dtype, gpu());
-  Tensor t = buffer.narrow(0, misalign ? 1 : 0, host.numel()).view(host.shape());
-  t.copy_(host);
-  return t;
-}
 Tensor poisoned(const Shape& shape, DType dtype, bool misalign = false) {
   return upload(Tensor::full(shape, NAN, DType::f32), dtype, misalign);
-}
-Tensor download(const Tensor& t) { return t.to(Device::cpu()).to(DType::f64); }
-Tensor random_in(const Shape& shape, uint64_t seed, DType dtype, double scale = 1.0) {
-  return testing::random_tensor(shape, seed, DType::f32, scale).to(dtype).to(DType::f32);
 }
 
 constexpr double kF32Rtol = 1e-5;
@@ -64,7 +55,7 @@ TEST(CudaSoftmax, ForwardAndBackwardMatchTheCpuTwin) {
         SCOPED_TRACE(::testing::Message() << dtype << " rows " << rs.rows << " cols " << rs.cols << " misalign "
                                           << misalign);
         Shape shape{rs.rows, rs.cols};
-        Tensor x = random_in(shape, seed++, dtype, 3.0), dy = random_in(shape, seed++, dtype);
+        Tensor x = random_rounded(shape, seed++, dtype, 3.0), dy = random_rounded(shape, seed++, dtype);
         Tensor y_ref = Tensor::empty(shape);
         cpu::softmax_forward(y_ref, x, cpu_stream());
         Tensor y = poisoned(shape, dtype, misalign);
@@ -116,7 +107,7 @@ TEST(CudaCrossEntropy, ForwardAndBackwardMatchTheCpuTwin) {
           SCOPED_TRACE(::testing::Message() << dtype << " N " << rs.rows << " V " << rs.cols << " mean " << mean
                                             << " targets " << target_dtype << " all ignored " << all_ignored);
           Shape shape{rs.rows, rs.cols};
-          Tensor logits = random_in(shape, seed++, dtype, 3.0);
+          Tensor logits = random_rounded(shape, seed++, dtype, 3.0);
           Tensor targets = make_targets(rs.rows, rs.cols, seed++, ignore, all_ignored);
           Tensor loss_ref = Tensor::empty({}), lse_ref = Tensor::empty({rs.rows});
           cpu::cross_entropy_forward(loss_ref, lse_ref, logits, targets, ignore, mean, cpu_stream());
@@ -143,7 +134,7 @@ TEST(CudaCrossEntropy, ForwardAndBackwardMatchTheCpuTwin) {
 
 TEST(CudaCrossEntropy, LossInTheLogitsDtype) {
   LOOM_SKIP_WITHOUT_GPU();
-  Tensor logits = random_in({6, 300}, 1600, DType::bf16, 2.0);
+  Tensor logits = random_rounded({6, 300}, 1600, DType::bf16, 2.0);
   Tensor targets = make_targets(6, 300, 1601, -1, false);
   Tensor loss_ref = Tensor::empty({}), lse_ref = Tensor::empty({6});
   cpu::cross_entropy_forward(loss_ref, lse_ref, logits, targets, -1, true, cpu_stream());
@@ -154,7 +145,7 @@ TEST(CudaCrossEntropy, LossInTheLogitsDtype) {
 
 TEST(CudaCrossEntropy, BadTargetsAndOperandsAreNamed) {
   LOOM_SKIP_WITHOUT_GPU();
-  Tensor logits = upload(random_in({4, 7}, 1700, DType::f32), DType::bf16);
+  Tensor logits = upload(random_rounded({4, 7}, 1700, DType::f32), DType::bf16);
   Tensor loss = Tensor::zeros({}, DType::f32, gpu()), lse = Tensor::zeros({4}, DType::f32, gpu());
   for (int64_t bad : {int64_t{7}, int64_t{-3}}) {
     Tensor targets = Tensor::from_vector<int64_t>({1, -100, bad, 2}, {4}).to(gpu());
