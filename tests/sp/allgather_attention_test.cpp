@@ -22,7 +22,7 @@ class AllGatherAttentionEquivalence : public ::testing::TestWithParam<SpCase> {}
 
 TEST_P(AllGatherAttentionEquivalence, EqualsSingleRankAttention) {
   const SpCase c = GetParam();
-  std::unique_ptr<MpiCommunicator> group = first_ranks_group(c.cp);
+  std::unique_ptr<MpiCommunicator> group = first_ranks(c.cp);
   LOOM_SKIP_UNLESS_RANKS(c.cp);
   if (!group) GTEST_SKIP() << "rank outside the first " << c.cp;
   SpAttentionStats stats = expect_matches_single_rank(kAllGather, c, *group);
@@ -36,33 +36,13 @@ TEST_P(AllGatherAttentionEquivalence, EqualsSingleRankAttention) {
 INSTANTIATE_TEST_SUITE_P(Cases, AllGatherAttentionEquivalence, ::testing::ValuesIn(equivalence_cases()),
                          [](const ::testing::TestParamInfo<SpCase>& info) { return case_name(info.param); });
 
-TEST(AllGatherAttention, NonCausalAndEmptyRows) {
-  for (int cp : {1, 2, 3}) {
-    std::unique_ptr<MpiCommunicator> group = first_ranks_group(cp);
-    if (mpi_context().world_size() < cp || !group) continue;
-    for (LayoutKind layout : {LayoutKind::zigzag, LayoutKind::contiguous}) {
-      SpCase noncausal;
-      noncausal.cp = cp;
-      noncausal.layout = layout;
-      noncausal.causal = false;
-      expect_matches_single_rank(kAllGather, noncausal, *group);
-      SpCase empty = noncausal;
-      empty.causal = true;
-      empty.H = 4;
-      empty.k_shift = 5;  // the first 5 queries see no key: lse -inf, out 0, no NaN
-      for (DType dtype : {DType::f64, DType::f32}) {
-        empty.dtype = dtype;
-        expect_matches_single_rank(kAllGather, empty, *group);
-      }
-    }
-  }
-}
+TEST(AllGatherAttention, NonCausalAndEmptyRows) { expect_noncausal_and_empty_rows_match(kAllGather); }
 
 // The ring and the all-gather give the same values (both equal the 1-rank op;
 // this pins them to each other at a size where zigzag chunks span several S2 blocks).
 TEST(AllGatherAttention, AgreesWithRingAttention) {
   const int cp = std::min(4, mpi_context().world_size());
-  std::unique_ptr<MpiCommunicator> group = first_ranks_group(cp);
+  std::unique_ptr<MpiCommunicator> group = first_ranks(cp);
   if (!group) GTEST_SKIP() << "rank outside the first " << cp;
   TokenLayout layout(LayoutKind::zigzag, 16 * cp, cp);
   const int64_t Tl = layout.local_len();
@@ -87,7 +67,7 @@ TEST(AllGatherAttention, AgreesWithRingAttention) {
 // reduce-scatter of dK, dV backward; linear in T, independent of H.
 TEST(AllGatherAttention, BytesSentAreKvHeadsOnlyAndLinearInT) {
   const int cp = std::min(4, mpi_context().world_size());
-  std::unique_ptr<MpiCommunicator> group = first_ranks_group(cp);
+  std::unique_ptr<MpiCommunicator> group = first_ranks(cp);
   if (!group) GTEST_SKIP() << "rank outside the first " << cp;
   auto bytes = [&](int64_t T, int64_t H) {
     TokenLayout layout(LayoutKind::contiguous, T, cp);
@@ -114,25 +94,10 @@ TEST(AllGatherAttention, BytesSentAreKvHeadsOnlyAndLinearInT) {
   }
 }
 
-TEST(AllGatherAttention, GradcheckOneRank) {
-  std::unique_ptr<MpiCommunicator> self = mpi_context().world().split(mpi_context().world().rank(), 0, "cp");
-  for (LayoutKind kind : {LayoutKind::zigzag, LayoutKind::contiguous}) {
-    TokenLayout layout(kind, 6, 1);
-    for (bool s2 : {false, true}) {
-      AttentionOptions o;
-      if (s2) o.s2 = S2Pattern{2, 1, 2};
-      auto fn = [&](const std::vector<Variable>& in) {
-        AttentionResult r = allgather_attention(in[0], in[1], in[2], o, layout, *self);
-        return std::vector<Variable>{r.out, r.lse};
-      };
-      EXPECT_GRADCHECK(fn, {non_contiguous(random_tensor({2, 6, 4, 3}, 1)), random_tensor({2, 6, 2, 3}, 2),
-                            non_contiguous(random_tensor({2, 6, 2, 3}, 3))});
-    }
-  }
-}
+TEST(AllGatherAttention, GradcheckOneRank) { expect_gradcheck_one_rank(kAllGather); }
 
 TEST(AllGatherAttention, BadInputsAreErrorsNamingTheValues) {
-  std::unique_ptr<MpiCommunicator> self = mpi_context().world().split(mpi_context().world().rank(), 0, "cp");
+  std::unique_ptr<MpiCommunicator> self = self_group();
   Variable q(random_tensor({1, 8, 2, 4}, 1)), k(random_tensor({1, 8, 2, 4}, 2)), v(random_tensor({1, 8, 2, 4}, 3));
   EXPECT_NE(error_message([&] { allgather_attention(q, k, v, {}, TokenLayout(LayoutKind::zigzag, 8, 2), *self); })
                 .find("cp = 2"),

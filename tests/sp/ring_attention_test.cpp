@@ -28,7 +28,7 @@ class RingAttentionEquivalence : public ::testing::TestWithParam<SpCase> {};
 
 TEST_P(RingAttentionEquivalence, EqualsSingleRankAttention) {
   const SpCase c = GetParam();
-  std::unique_ptr<MpiCommunicator> group = first_ranks_group(c.cp);
+  std::unique_ptr<MpiCommunicator> group = first_ranks(c.cp);
   LOOM_SKIP_UNLESS_RANKS(c.cp);
   if (!group) GTEST_SKIP() << "rank outside the first " << c.cp;
   SpAttentionStats stats = expect_matches_single_rank(kRing, c, *group);
@@ -43,32 +43,12 @@ INSTANTIATE_TEST_SUITE_P(Cases, RingAttentionEquivalence, ::testing::ValuesIn(eq
 // all (keys shifted 5 positions later: the first 5 queries see nothing, and
 // with the zigzag split most blocks leave some rows empty): lse stays -inf,
 // out 0, nothing NaN, gradients equal the 1-rank op's.
-TEST(RingAttention, NonCausalAndEmptyRows) {
-  for (int cp : {1, 2, 3}) {
-    std::unique_ptr<MpiCommunicator> group = first_ranks_group(cp);
-    if (mpi_context().world_size() < cp || !group) continue;
-    for (LayoutKind layout : {LayoutKind::zigzag, LayoutKind::contiguous}) {
-      SpCase noncausal;
-      noncausal.cp = cp;
-      noncausal.layout = layout;
-      noncausal.causal = false;
-      expect_matches_single_rank(kRing, noncausal, *group);
-      SpCase empty = noncausal;
-      empty.causal = true;
-      empty.H = 4;
-      empty.k_shift = 5;
-      for (DType dtype : {DType::f64, DType::f32}) {
-        empty.dtype = dtype;
-        expect_matches_single_rank(kRing, empty, *group);
-      }
-    }
-  }
-}
+TEST(RingAttention, NonCausalAndEmptyRows) { expect_noncausal_and_empty_rows_match(kRing); }
 
 // The test above compares -inf with -inf; this one looks at the rows directly.
 TEST(RingAttention, EmptyRowsAreZeroWithMinusInfinityLse) {
   const int cp = std::min(3, mpi_context().world_size());
-  std::unique_ptr<MpiCommunicator> group = first_ranks_group(cp);
+  std::unique_ptr<MpiCommunicator> group = first_ranks(cp);
   if (!group) GTEST_SKIP() << "rank outside the first " << cp;
   TokenLayout layout(LayoutKind::zigzag, 12, cp);
   const int rank = group->rank();
@@ -102,7 +82,7 @@ TEST(RingAttention, EmptyRowsAreZeroWithMinusInfinityLse) {
 // and the bytes per call grow linearly with the sequence length.
 TEST(RingAttention, BytesSentAreKvHeadsOnlyAndLinearInT) {
   const int cp = std::min(4, mpi_context().world_size());
-  std::unique_ptr<MpiCommunicator> group = first_ranks_group(cp);
+  std::unique_ptr<MpiCommunicator> group = first_ranks(cp);
   if (!group) GTEST_SKIP() << "rank outside the first " << cp;
   auto bytes = [&](int64_t T, int64_t H) {
     TokenLayout layout(LayoutKind::zigzag, T, cp);
@@ -141,7 +121,7 @@ TEST(RingAttention, BytesSentAreKvHeadsOnlyAndLinearInT) {
 // its future. Backward computes what forward did.
 TEST(RingAttention, ZigzagBalancesWorkAndContiguousSkipsFutureShards) {
   for (int cp : {2, 3, 4}) {
-    std::unique_ptr<MpiCommunicator> group = first_ranks_group(cp);
+    std::unique_ptr<MpiCommunicator> group = first_ranks(cp);
     if (mpi_context().world_size() < cp || !group) continue;
     for (LayoutKind kind : {LayoutKind::zigzag, LayoutKind::contiguous}) {
       TokenLayout layout(kind, 8 * cp, cp);
@@ -240,7 +220,7 @@ TEST(RingAttention, BlockPlanCoversVisiblePairsExactlyOnce) {
 // the diagonal, most of a long context is skipped).
 TEST(RingAttention, S2SkipsKeyBlocksNoHeadNeeds) {
   const int cp = std::min(2, mpi_context().world_size());
-  std::unique_ptr<MpiCommunicator> group = first_ranks_group(cp);
+  std::unique_ptr<MpiCommunicator> group = first_ranks(cp);
   if (!group) GTEST_SKIP() << "rank outside the first " << cp;
   TokenLayout layout(LayoutKind::zigzag, 64, cp);
   const int64_t Tl = layout.local_len();
@@ -256,25 +236,10 @@ TEST(RingAttention, S2SkipsKeyBlocksNoHeadNeeds) {
       << " dense causal pairs";
 }
 
-TEST(RingAttention, GradcheckOneRank) {
-  std::unique_ptr<MpiCommunicator> self = mpi_context().world().split(mpi_context().world().rank(), 0, "cp");
-  for (LayoutKind kind : {LayoutKind::zigzag, LayoutKind::contiguous}) {
-    TokenLayout layout(kind, 6, 1);
-    for (bool s2 : {false, true}) {
-      AttentionOptions o;
-      if (s2) o.s2 = S2Pattern{2, 1, 2};
-      auto fn = [&](const std::vector<Variable>& in) {
-        AttentionResult r = ring_attention(in[0], in[1], in[2], o, layout, *self);
-        return std::vector<Variable>{r.out, r.lse};
-      };
-      EXPECT_GRADCHECK(fn, {non_contiguous(random_tensor({2, 6, 4, 3}, 1)), random_tensor({2, 6, 2, 3}, 2),
-                            non_contiguous(random_tensor({2, 6, 2, 3}, 3))});
-    }
-  }
-}
+TEST(RingAttention, GradcheckOneRank) { expect_gradcheck_one_rank(kRing); }
 
 TEST(RingAttention, BadInputsAreErrorsNamingTheValues) {
-  std::unique_ptr<MpiCommunicator> self = mpi_context().world().split(mpi_context().world().rank(), 0, "cp");
+  std::unique_ptr<MpiCommunicator> self = self_group();
   TokenLayout layout(LayoutKind::zigzag, 8, 1);
   Variable q(random_tensor({1, 8, 2, 4}, 1)), k(random_tensor({1, 8, 2, 4}, 2)), v(random_tensor({1, 8, 2, 4}, 3));
   EXPECT_NE(error_message([&] { ring_attention(q, k, v, {}, TokenLayout(LayoutKind::zigzag, 8, 2), *self); })

@@ -1,7 +1,8 @@
 // Helpers for the sequence-parallel softmax attention tests (ring and
-// all-gather): a cp group of the first P world ranks, and the check that P
-// ranks equal the 1-rank attention op over the whole sequence (outputs and
-// gradients of q, k, v, from a loss that uses both out and lse).
+// all-gather): the check that P ranks equal the 1-rank attention op over the
+// whole sequence (outputs and gradients of q, k, v, from a loss that uses both
+// out and lse), and the test bodies both algorithms share (groups of the first
+// P ranks come from tests/sp/sp_testing.h).
 #pragma once
 
 #include <gtest/gtest.h>
@@ -15,6 +16,7 @@
 #include "parallel/sp_attention.h"
 #include "parallel/token_layout.h"
 #include "tests/parallel/parallel_testing.h"
+#include "tests/sp/sp_testing.h"
 #include "tests/testing.h"
 
 namespace loom::testing {
@@ -23,13 +25,9 @@ using SpAttentionFn = std::function<AttentionResult(const Variable&, const Varia
                                                     const AttentionOptions&, const TokenLayout&, Communicator&,
                                                     SpAttentionStats*)>;
 
-// The first `cp` world ranks as one group (collective over the world: every
-// rank calls it, in the same order). Null on the ranks outside the group.
-inline std::unique_ptr<MpiCommunicator> first_ranks_group(int cp) {
-  MpiCommunicator& world = mpi_context().world();
-  const bool member = world.rank() < cp;
-  std::unique_ptr<MpiCommunicator> group = world.split(member ? 0 : 1, world.rank(), "cp");
-  return member ? std::move(group) : nullptr;
+// This rank alone as a cp group of one (collective over the world).
+inline std::unique_ptr<MpiCommunicator> self_group() {
+  return mpi_context().world().split(mpi_context().world().rank(), 0, "cp");
 }
 
 #define LOOM_SKIP_UNLESS_RANKS(cp)                                                                       \
@@ -119,6 +117,50 @@ inline std::vector<SpCase> equivalence_cases() {
           cases.push_back(c);
         }
   return cases;
+}
+
+// Non-causal attention (one block per step) and rows with no visible key at
+// all (keys shifted 5 positions later: the first 5 queries see nothing): lse
+// stays -inf, out 0, nothing NaN, gradients equal the 1-rank op's; cp 1, 2, 3.
+inline void expect_noncausal_and_empty_rows_match(const SpAttentionFn& fn) {
+  for (int cp : {1, 2, 3}) {
+    std::unique_ptr<MpiCommunicator> group = first_ranks(cp);
+    if (mpi_context().world_size() < cp || !group) continue;
+    for (LayoutKind layout : {LayoutKind::zigzag, LayoutKind::contiguous}) {
+      SpCase noncausal;
+      noncausal.cp = cp;
+      noncausal.layout = layout;
+      noncausal.causal = false;
+      expect_matches_single_rank(fn, noncausal, *group);
+      SpCase empty = noncausal;
+      empty.causal = true;
+      empty.H = 4;
+      empty.k_shift = 5;  // the first 5 queries see no key: lse -inf, out 0, no NaN
+      for (DType dtype : {DType::f64, DType::f32}) {
+        empty.dtype = dtype;
+        expect_matches_single_rank(fn, empty, *group);
+      }
+    }
+  }
+}
+
+// f64 finite-difference gradient check of `fn` on one rank (out and lse), both
+// layouts, dense and S2, GQA, non-contiguous q and v.
+inline void expect_gradcheck_one_rank(const SpAttentionFn& sp_fn) {
+  std::unique_ptr<MpiCommunicator> self = self_group();
+  for (LayoutKind kind : {LayoutKind::zigzag, LayoutKind::contiguous}) {
+    TokenLayout layout(kind, 6, 1);
+    for (bool s2 : {false, true}) {
+      AttentionOptions o;
+      if (s2) o.s2 = S2Pattern{2, 1, 2};
+      auto fn = [&](const std::vector<Variable>& in) {
+        AttentionResult r = sp_fn(in[0], in[1], in[2], o, layout, *self, nullptr);
+        return std::vector<Variable>{r.out, r.lse};
+      };
+      EXPECT_GRADCHECK(fn, {non_contiguous(random_tensor({2, 6, 4, 3}, 1)), random_tensor({2, 6, 2, 3}, 2),
+                            non_contiguous(random_tensor({2, 6, 2, 3}, 3))});
+    }
+  }
 }
 
 }  // namespace loom::testing
