@@ -11,13 +11,14 @@
 #include "kernels/cpu/rmsnorm.h"
 #include "kernels/cuda/activation.h"
 #include "kernels/cuda/rmsnorm.h"
+#include "tests/cuda/cuda_testing.h"
 #include "tests/testing.h"
 
 namespace loom {
 namespace {
 
-Stream& cpu_stream() { return Stream::default_for(Device::cpu()); }
-Stream& gpu_stream() { return Stream::default_for(Device::cuda(0)); }
+using cuda_testing::cpu_stream;
+using cuda_testing::gpu_stream;
 
 // A contiguous CUDA tensor of `dtype` holding `values`; `misalign` shifts its
 // start by one element so that 16-byte vector access is impossible.
