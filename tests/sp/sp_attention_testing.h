@@ -30,13 +30,6 @@ inline std::unique_ptr<MpiCommunicator> self_group() {
   return mpi_context().world().split(mpi_context().world().rank(), 0, "cp");
 }
 
-#define LOOM_SKIP_UNLESS_RANKS(cp)                                                                       \
-  do {                                                                                                   \
-    if (::loom::testing::mpi_context().world_size() < (cp))                                             \
-      GTEST_SKIP() << "needs " << (cp) << " MPI ranks, this run has "                                   \
-                   << ::loom::testing::mpi_context().world_size() << " (run under mpirun -np " << (cp) << ")"; \
-  } while (0)
-
 struct SpCase {
   int cp = 2;
   LayoutKind layout = LayoutKind::zigzag;

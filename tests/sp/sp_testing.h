@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <memory>
+#include <string>
 
 #include "parallel/mpi_communicator.h"
 #include "tests/parallel/parallel_testing.h"
@@ -25,11 +26,18 @@ inline std::unique_ptr<MpiCommunicator> first_ranks(int n, const std::string& na
 
 }  // namespace loom::testing
 
+// Skips the test (on every rank alike, with the reason) when the world has
+// fewer than n ranks.
+#define LOOM_SKIP_UNLESS_RANKS(n)                                                                               \
+  do {                                                                                                          \
+    if (::loom::testing::mpi_context().world().size() < (n))                                                    \
+      GTEST_SKIP() << "needs " << (n) << " ranks, the world has " << ::loom::testing::mpi_context().world().size() \
+                   << " (run under mpirun -np " << (n) << ")";                                                  \
+  } while (0)
+
 // Declares `var`, the group of the first n ranks; skips the test when the world
 // is smaller (with the reason) and on ranks outside the group.
-#define LOOM_SP_GROUP(var, n)                                                                                 \
-  if (::loom::testing::mpi_context().world().size() < (n))                                                    \
-    GTEST_SKIP() << "needs " << (n) << " ranks, the world has " << ::loom::testing::mpi_context().world().size() \
-                 << " (run under mpirun -np " << (n) << ")";                                                  \
-  std::unique_ptr<::loom::MpiCommunicator> var = ::loom::testing::first_ranks(n);                             \
+#define LOOM_SP_GROUP(var, n)                                                   \
+  LOOM_SKIP_UNLESS_RANKS(n);                                                    \
+  std::unique_ptr<::loom::MpiCommunicator> var = ::loom::testing::first_ranks(n); \
   if (!var) return
