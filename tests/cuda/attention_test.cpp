@@ -24,17 +24,15 @@ namespace loom {
 namespace {
 
 using cuda_testing::cpu_stream;
+using cuda_testing::expect_error;
 using cuda_testing::gpu;
 using cuda_testing::gpu_stream;
-using cuda_testing::max_abs;
 using cuda_testing::poisoned;
 using cuda_testing::random_rounded;
 
 // GPU tensor (any dtype) against an f32 CPU reference.
 ::testing::AssertionResult close(const Tensor& gpu_tensor, const Tensor& expected, DType dtype) {
-  const double rtol = dtype == DType::bf16 ? std::ldexp(1.0, -8) : 1e-4;
-  return testing::tensors_close(gpu_tensor.to(Device::cpu()).to(DType::f32), expected, rtol,
-                                2e-5 * std::max(1.0, max_abs(expected)));
+  return cuda_testing::close_to_reference(gpu_tensor, expected, dtype, 1e-4, 2e-5);
 }
 
 
@@ -168,14 +166,6 @@ TEST(CudaAttention, BackwardIsDeterministicAndTakesUndefinedGradients) {
 
 TEST(CudaAttention, BadArgumentsAreNamed) {
   LOOM_SKIP_WITHOUT_GPU();
-  auto expect_error = [](const std::function<void()>& fn, const std::string& needle) {
-    try {
-      fn();
-      ADD_FAILURE() << "expected an error mentioning " << needle;
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-    }
-  };
   Tensor q = Tensor::zeros({1, 4, 2, 256}, DType::bf16, gpu()), out = Tensor::zeros({1, 4, 2, 256}, DType::bf16, gpu());
   Tensor lse = Tensor::zeros({1, 2, 4}, DType::f32, gpu());
   expect_error([&] { cuda::attention_forward(out, lse, q, q, q, Tensor(), Tensor(), 1.0, false, S2Pattern{}, gpu_stream()); },

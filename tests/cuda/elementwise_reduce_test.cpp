@@ -26,13 +26,9 @@ using cuda_testing::cpu_stream;
 using cuda_testing::download;
 using cuda_testing::gpu;
 using cuda_testing::gpu_stream;
+using cuda_testing::poisoned_upload;
 using cuda_testing::random_rounded;
 using cuda_testing::upload;
-
-// A CUDA tensor of `shape` and `dtype` filled with NaN (or 123 for integers).
-Tensor poisoned(const Shape& shape, DType dtype, bool misalign = false) {
-  return upload(Tensor::full(shape, is_floating(dtype) ? NAN : 123.0, DType::f64), dtype, misalign);
-}
 
 // One rounding of a `dtype` output, relative (GPU math in fp32, rounded once).
 double rounding(DType dtype) {
@@ -70,7 +66,7 @@ TEST(CudaElementwise, BinaryOpsMatchTheCpuTwin) {
           Shape shape = broadcast_shapes(c.a, c.b);
           Tensor expected = Tensor::empty(shape);
           cpu::binary(expected, a, b, op, cpu_stream());
-          Tensor out = poisoned(shape, dtype, misalign);
+          Tensor out = poisoned_upload(shape, dtype, misalign);
           cuda::binary(out, upload(a, dtype, misalign), upload(b, dtype), op, gpu_stream());
           EXPECT_TRUE(close(out, expected, dtype));
         }
@@ -88,7 +84,7 @@ TEST(CudaElementwise, ScaleAndAxpyTakeStridedInputs) {
       Tensor x = random_rounded(shape, seed++, dtype);
       Tensor expected = Tensor::empty(shape);
       cpu::scale(expected, x, -1.75, 0.5, cpu_stream());
-      Tensor out = poisoned(shape, dtype, true);
+      Tensor out = poisoned_upload(shape, dtype, true);
       cuda::scale(out, upload(x, dtype), -1.75, 0.5, gpu_stream());
       EXPECT_TRUE(close(out, expected, dtype)) << "scale";
       // In place.
@@ -100,13 +96,13 @@ TEST(CudaElementwise, ScaleAndAxpyTakeStridedInputs) {
         Tensor xt = random_rounded({shape[1], shape[0]}, seed++, dtype);
         Tensor exp_t = Tensor::empty(shape);
         cpu::scale(exp_t, xt.transpose(0, 1), 3.0, 0.0, cpu_stream());
-        Tensor out_t = poisoned(shape, dtype);
+        Tensor out_t = poisoned_upload(shape, dtype);
         cuda::scale(out_t, upload(xt, dtype).transpose(0, 1), 3.0, 0.0, gpu_stream());
         EXPECT_TRUE(close(out_t, exp_t, dtype)) << "scale of a transpose";
         Tensor row = random_rounded({1, shape[1]}, seed++, dtype);
         Tensor exp_b = Tensor::empty(shape);
         cpu::scale(exp_b, row.expand(shape), 0.25, -1.0, cpu_stream());
-        Tensor out_b = poisoned(shape, dtype);
+        Tensor out_b = poisoned_upload(shape, dtype);
         cuda::scale(out_b, upload(row, dtype).expand(shape), 0.25, -1.0, gpu_stream());
         EXPECT_TRUE(close(out_b, exp_b, dtype)) << "scale of an expanded row";
         // axpy with a transposed x.
@@ -145,12 +141,12 @@ TEST(CudaElementwise, SigmoidAndSiluMatchTheCpuTwin) {
         Tensor xg = upload(x, dtype, misalign), dyg = upload(dy, dtype, misalign);
         // sigmoid: the backward takes the forward's output; give both sides the same rounded y.
         cpu::sigmoid_forward(y_ref, x, cpu_stream());
-        Tensor y = poisoned(shape, dtype, misalign);
+        Tensor y = poisoned_upload(shape, dtype, misalign);
         cuda::sigmoid_forward(y, xg, gpu_stream());
         EXPECT_TRUE(close(y, y_ref, dtype)) << "sigmoid";
         Tensor y_rounded = y_ref.to(dtype).to(DType::f32);
         cpu::sigmoid_backward(dx_ref, dy, y_rounded, cpu_stream());
-        Tensor dx = poisoned(shape, dtype, misalign);
+        Tensor dx = poisoned_upload(shape, dtype, misalign);
         cuda::sigmoid_backward(dx, dyg, upload(y_rounded, dtype, misalign), gpu_stream());
         EXPECT_TRUE(close(dx, dx_ref, dtype, 1e-7)) << "sigmoid backward";
         cpu::silu_forward(y_ref, x, cpu_stream());
@@ -181,14 +177,14 @@ TEST(CudaElementwise, CopyCastEqualsTheHostConversion) {
         Tensor src_host = v.to(from);
         Tensor expected = src_host.to(to).to(DType::f64);  // host conversion
         for (bool misalign : {false, true}) {
-          Tensor dst = poisoned(shape, to, misalign);
+          Tensor dst = poisoned_upload(shape, to, misalign);
           cuda::copy_cast(dst, upload(src_host, from, !misalign), gpu_stream());
           EXPECT_TENSOR_CLOSE(download(dst), expected, 0.0, 0.0) << "contiguous, misalign " << misalign;
         }
         if (shape.size() == 2) {
           // Strided source (a transpose) into a strided destination (every other column of a wider buffer).
           Tensor src_t = upload(src_host.transpose(0, 1).contiguous(), from).transpose(0, 1);
-          Tensor wide = poisoned({shape[0], 2 * shape[1]}, to);
+          Tensor wide = poisoned_upload({shape[0], 2 * shape[1]}, to);
           Tensor dst = wide.slice(1, 0, 2 * shape[1], 2);
           cuda::copy_cast(dst, src_t, gpu_stream());
           Tensor host_wide = wide.to(Device::cpu());
@@ -212,7 +208,7 @@ TEST(CudaElementwise, FillWritesEveryElementOfTheView) {
       double value = is_floating(dtype) ? -2.7 : 7.0;
       Tensor expected = Tensor::full({n}, value, DType::f64).to(dtype).to(DType::f64);
       for (bool misalign : {false, true}) {
-        Tensor t = poisoned({n}, dtype, misalign);
+        Tensor t = poisoned_upload({n}, dtype, misalign);
         cuda::fill(t, value, gpu_stream());
         EXPECT_TENSOR_CLOSE(download(t), expected, 0.0, 0.0);
       }
@@ -246,7 +242,7 @@ TEST(CudaReduce, SumAllMatchesTheCpuTwin) {
         Tensor expected = Tensor::empty({});
         cpu::sum_all(expected, x, cpu_stream());
         for (DType out_dtype : {dtype, DType::f32}) {
-          Tensor out = poisoned({}, out_dtype);
+          Tensor out = poisoned_upload({}, out_dtype);
           cuda::sum_all(out, upload(x, dtype, misalign), gpu_stream());
           EXPECT_TRUE(sum_close(out, expected, out_dtype)) << "out " << out_dtype;
         }
@@ -274,13 +270,13 @@ TEST(CudaReduce, SumDimMatchesTheCpuTwinAndIsReproducible) {
       Tensor expected = Tensor::empty(out_shape);
       cpu::sum_dim(expected, x, c.dim, cpu_stream());
       Tensor xg = upload(x, dtype);
-      Tensor out = poisoned(out_shape, DType::f32);
+      Tensor out = poisoned_upload(out_shape, DType::f32);
       cuda::sum_dim(out, xg, c.dim, gpu_stream());
       EXPECT_TRUE(sum_close(out, expected, DType::f32));
-      Tensor again = poisoned(out_shape, DType::f32);
+      Tensor again = poisoned_upload(out_shape, DType::f32);
       cuda::sum_dim(again, xg, c.dim, gpu_stream());
       EXPECT_TENSOR_CLOSE(download(again), download(out), 0.0, 0.0) << "second run differs";
-      Tensor same_dtype = poisoned(out_shape, dtype, true);
+      Tensor same_dtype = poisoned_upload(out_shape, dtype, true);
       cuda::sum_dim(same_dtype, xg, c.dim, gpu_stream());
       EXPECT_TRUE(sum_close(same_dtype, expected, dtype)) << "out " << dtype;
     }
@@ -302,13 +298,13 @@ TEST(CudaReduce, SumToHandlesEveryBroadcastPattern) {
       Tensor x = random_rounded(c.x, seed++, dtype);
       Tensor expected = Tensor::empty(c.out, DType::f64);  // summed in double, like the CUDA kernel
       cpu::sum_to(expected, x.to(DType::f64), cpu_stream());
-      Tensor out = poisoned(c.out, DType::f32);
+      Tensor out = poisoned_upload(c.out, DType::f32);
       cuda::sum_to(out, upload(x, dtype), gpu_stream());
       EXPECT_TRUE(sum_close(out, expected, DType::f32)) << "contiguous x";
       if (c.x.size() >= 2) {  // the same values through a transposed (non-contiguous) view
         int64_t last = static_cast<int64_t>(c.x.size()) - 1;
         Tensor xt = upload(x.transpose(0, last).contiguous(), dtype).transpose(0, last);
-        Tensor out_t = poisoned(c.out, dtype);
+        Tensor out_t = poisoned_upload(c.out, dtype);
         cuda::sum_to(out_t, xt, gpu_stream());
         EXPECT_TRUE(sum_close(out_t, expected, dtype)) << "transposed x";
       }
@@ -318,7 +314,7 @@ TEST(CudaReduce, SumToHandlesEveryBroadcastPattern) {
   Tensor row = random_rounded({1, 7}, 1199, DType::f32);
   Tensor expected = Tensor::empty({7});
   cpu::sum_to(expected, row.expand({5, 7}), cpu_stream());
-  Tensor out = poisoned({7}, DType::f32);
+  Tensor out = poisoned_upload({7}, DType::f32);
   cuda::sum_to(out, upload(row, DType::f32).expand({5, 7}), gpu_stream());
   EXPECT_TRUE(sum_close(out, expected, DType::f32)) << "expanded x";
 }

@@ -24,6 +24,7 @@ namespace loom {
 namespace {
 
 using cuda_testing::cpu_stream;
+using cuda_testing::expect_error;
 using cuda_testing::gpu;
 using cuda_testing::gpu_stream;
 using cuda_testing::poisoned;
@@ -211,14 +212,6 @@ TEST(CudaLightning, EmptySequenceAndUndefinedStatesAndGradients) {
 
 TEST(CudaLightning, BadArgumentsAreNamed) {
   LOOM_SKIP_WITHOUT_GPU();
-  auto expect_error = [](const std::function<void()>& fn, const std::string& needle) {
-    try {
-      fn();
-      ADD_FAILURE() << "expected an error mentioning " << needle;
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-    }
-  };
   const Shape shape{1, 4, 2, 64}, state{1, 2, 64, 64};
   Tensor q = Tensor::zeros(shape, DType::bf16, gpu()), out = Tensor::zeros(shape, DType::bf16, gpu());
   Tensor sf = Tensor::zeros(state, DType::f32, gpu());

@@ -24,9 +24,7 @@ using cuda_testing::poisoned;
 using cuda_testing::random_rounded;
 
 ::testing::AssertionResult close(const Tensor& gpu_tensor, const Tensor& expected, DType dtype) {
-  const double rtol = dtype == DType::bf16 ? std::ldexp(1.0, -8) : 1e-5;
-  return testing::tensors_close(gpu_tensor.to(Device::cpu()).to(DType::f32), expected, rtol,
-                                2e-6 * std::max(1.0, max_abs(expected)));
+  return cuda_testing::close_to_reference(gpu_tensor, expected, dtype, 1e-5, 2e-6);
 }
 
 // cuBLASLt output (grouped linear): the GEMM parity test's bf16 tolerance (tests/cuda/gemm_test.cpp),

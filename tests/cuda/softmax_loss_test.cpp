@@ -26,12 +26,9 @@ using cuda_testing::cpu_stream;
 using cuda_testing::download;
 using cuda_testing::gpu;
 using cuda_testing::gpu_stream;
+using cuda_testing::poisoned_upload;
 using cuda_testing::random_rounded;
 using cuda_testing::upload;
-
-Tensor poisoned(const Shape& shape, DType dtype, bool misalign = false) {
-  return upload(Tensor::full(shape, NAN, DType::f32), dtype, misalign);
-}
 
 constexpr double kF32Rtol = 1e-5;
 double rtol_of(DType dtype) { return kF32Rtol + (dtype == DType::bf16 ? std::ldexp(1.0, -8) : 0.0); }
@@ -58,14 +55,14 @@ TEST(CudaSoftmax, ForwardAndBackwardMatchTheCpuTwin) {
         Tensor x = random_rounded(shape, seed++, dtype, 3.0), dy = random_rounded(shape, seed++, dtype);
         Tensor y_ref = Tensor::empty(shape);
         cpu::softmax_forward(y_ref, x, cpu_stream());
-        Tensor y = poisoned(shape, dtype, misalign);
+        Tensor y = poisoned_upload(shape, dtype, misalign);
         cuda::softmax_forward(y, upload(x, dtype, misalign), gpu_stream());
         EXPECT_TRUE(close(y, y_ref, dtype, 1e-12)) << "y";
         // The backward on both sides from the same (rounded) y.
         Tensor y_in = y_ref.to(dtype).to(DType::f32);
         Tensor dx_ref = Tensor::empty(shape);
         cpu::softmax_backward(dx_ref, dy, y_in, cpu_stream());
-        Tensor dx = poisoned(shape, dtype, misalign);
+        Tensor dx = poisoned_upload(shape, dtype, misalign);
         cuda::softmax_backward(dx, upload(dy, dtype, misalign), upload(y_in, dtype, misalign), gpu_stream());
         EXPECT_TRUE(close(dx, dx_ref, dtype, 1e-6)) << "dx";
       }
@@ -78,7 +75,7 @@ TEST(CudaSoftmax, RowOfMinusInfinityGivesNanLikeTheCpu) {
   Tensor x = Tensor::from_vector<float>({-INFINITY, -INFINITY, -INFINITY, 1.f, 2.f, -INFINITY}, {2, 3});
   Tensor y_ref = Tensor::empty({2, 3});
   cpu::softmax_forward(y_ref, x, cpu_stream());
-  Tensor y = poisoned({2, 3}, DType::f32);
+  Tensor y = poisoned_upload({2, 3}, DType::f32);
   cuda::softmax_forward(y, upload(x, DType::f32), gpu_stream());
   Tensor got = download(y);
   for (int64_t j = 0; j < 3; ++j) EXPECT_TRUE(std::isnan(got.to_vector<double>()[j])) << j;
@@ -112,18 +109,18 @@ TEST(CudaCrossEntropy, ForwardAndBackwardMatchTheCpuTwin) {
           Tensor loss_ref = Tensor::empty({}), lse_ref = Tensor::empty({rs.rows});
           cpu::cross_entropy_forward(loss_ref, lse_ref, logits, targets, ignore, mean, cpu_stream());
           Tensor lg = upload(logits, dtype), tg = targets.to(target_dtype).to(gpu());
-          Tensor loss = poisoned({}, DType::f32), lse = poisoned({rs.rows}, DType::f32);
+          Tensor loss = poisoned_upload({}, DType::f32), lse = poisoned_upload({rs.rows}, DType::f32);
           cuda::cross_entropy_forward(loss, lse, lg, tg, ignore, mean, gpu_stream());
           EXPECT_TENSOR_CLOSE(download(lse), lse_ref.to(DType::f64), kF32Rtol, 8e-6) << "lse";
           EXPECT_TENSOR_CLOSE(download(loss), loss_ref.to(DType::f64), kF32Rtol, 8e-6) << "loss";
-          Tensor loss_again = poisoned({}, DType::f32);
+          Tensor loss_again = poisoned_upload({}, DType::f32);
           cuda::cross_entropy_forward(loss_again, lse, lg, tg, ignore, mean, gpu_stream());
           EXPECT_TENSOR_CLOSE(download(loss_again), download(loss), 0.0, 0.0) << "loss is not reproducible";
 
           Tensor dloss = Tensor::scalar(0.75);
           Tensor dl_ref = Tensor::empty(shape);
           cpu::cross_entropy_backward(dl_ref, dloss, logits, targets, lse_ref, ignore, mean, cpu_stream());
-          Tensor dl = poisoned(shape, dtype);
+          Tensor dl = poisoned_upload(shape, dtype);
           cuda::cross_entropy_backward(dl, upload(dloss, DType::f32), lg, tg, lse, ignore, mean, gpu_stream());
           EXPECT_TRUE(close(dl, dl_ref, dtype, 4e-6)) << "dlogits";
         }
@@ -138,7 +135,7 @@ TEST(CudaCrossEntropy, LossInTheLogitsDtype) {
   Tensor targets = make_targets(6, 300, 1601, -1, false);
   Tensor loss_ref = Tensor::empty({}), lse_ref = Tensor::empty({6});
   cpu::cross_entropy_forward(loss_ref, lse_ref, logits, targets, -1, true, cpu_stream());
-  Tensor loss = poisoned({}, DType::bf16), lse = poisoned({6}, DType::f32);
+  Tensor loss = poisoned_upload({}, DType::bf16), lse = poisoned_upload({6}, DType::f32);
   cuda::cross_entropy_forward(loss, lse, upload(logits, DType::bf16), targets.to(gpu()), -1, true, gpu_stream());
   EXPECT_TENSOR_CLOSE(download(loss), loss_ref.to(DType::f64), rtol_of(DType::bf16), 8e-6);
 }
