@@ -33,6 +33,12 @@ inline std::string gpu_per_rank_skip_reason() {
 // This rank's GPU (the local rank's device).
 inline Device my_gpu() { return select_device("cuda", world()); }
 
+// Same seeds on every rank: every rank holds the same global tensors, on its
+// device (values drawn in f32, then rounded to `dtype`).
+inline Tensor global_tensor(const Shape& shape, uint64_t seed, DType dtype, Device device) {
+  return random_tensor(shape, seed, DType::f32).to(dtype).to(device);
+}
+
 }  // namespace loom::testing
 
 // Skips the test (on every rank alike) without a GPU per rank; `what` names

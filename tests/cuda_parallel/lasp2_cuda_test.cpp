@@ -38,6 +38,7 @@
 namespace loom {
 namespace {
 
+using testing::global_tensor;
 using testing::my_gpu;
 using testing::world;
 
@@ -71,11 +72,6 @@ double max_abs(const Tensor& t) {
 ::testing::AssertionResult close(const Tensor& got, const Tensor& want, double tol) {
   Tensor g = got.to(Device::cpu()).to(DType::f64), w = want.to(Device::cpu()).to(DType::f64);
   return testing::tensors_close(g, w, tol, tol * std::max(1.0, max_abs(w)));
-}
-
-// Same seeds on every rank: every rank holds the same global tensors, on its device.
-Tensor global_tensor(const Shape& shape, uint64_t seed, DType dtype, Device device) {
-  return testing::random_tensor(shape, seed, DType::f32).to(dtype).to(device);
 }
 
 // LASP-2 over `cp` on this rank's shard against lightning_attention over the

@@ -45,6 +45,7 @@
 namespace loom {
 namespace {
 
+using testing::global_tensor;
 using testing::my_gpu;
 using testing::world;
 
@@ -91,11 +92,6 @@ double max_abs(const Tensor& t) {
 ::testing::AssertionResult close(const Tensor& got, const Tensor& want, double tol) {
   Tensor g = got.to(Device::cpu()).to(DType::f64), w = want.to(Device::cpu()).to(DType::f64);
   return testing::tensors_close(g, w, tol, tol * std::max(1.0, max_abs(w)));
-}
-
-// Same seeds on every rank: every rank holds the same global tensors, on its GPU.
-Tensor global_tensor(const Shape& shape, uint64_t seed, DType dtype, Device gpu) {
-  return testing::random_tensor(shape, seed, DType::f32).to(dtype).to(gpu);
 }
 
 // Runs `fn` on this rank's shards on its GPU and compares with attention()
