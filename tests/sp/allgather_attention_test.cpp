@@ -69,19 +69,7 @@ TEST(AllGatherAttention, BytesSentAreKvHeadsOnlyAndLinearInT) {
   const int cp = std::min(4, mpi_context().world_size());
   std::unique_ptr<MpiCommunicator> group = first_ranks(cp);
   if (!group) GTEST_SKIP() << "rank outside the first " << cp;
-  auto bytes = [&](int64_t T, int64_t H) {
-    TokenLayout layout(LayoutKind::contiguous, T, cp);
-    const int64_t Tl = layout.local_len();
-    Variable q(random_tensor({1, Tl, H, 4}, 1, DType::f32), true), k(random_tensor({1, Tl, 2, 4}, 2, DType::f32), true);
-    Variable v(random_tensor({1, Tl, 2, 4}, 3, DType::f32), true);
-    SpAttentionStats stats;
-    double counted = 0.0;  // the trainer's per-layer-type counter sees the same bytes
-    CountingCommunicator counting(*group, counted);
-    AttentionResult r = allgather_attention(q, k, v, {}, layout, counting, &stats);
-    run_backward({r.out}, {Tensor::ones(r.out.shape(), DType::f32)});
-    EXPECT_EQ(counted, static_cast<double>(stats.bytes_sent()));
-    return std::pair<int64_t, int64_t>{stats.forward_bytes_sent, stats.backward_bytes_sent};
-  };
+  auto bytes = [&](int64_t T, int64_t H) { return bytes_sent(kAllGather, *group, LayoutKind::contiguous, T, H); };
   const int64_t T0 = 4 * cp;
   const auto base = bytes(T0, 2);
   EXPECT_EQ(bytes(T0, 4), base) << "query heads must not travel";

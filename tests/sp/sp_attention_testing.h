@@ -10,8 +10,11 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "framework/ops_nn.h"
+#include "parallel/comm_stats.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/sp_attention.h"
 #include "parallel/token_layout.h"
@@ -110,6 +113,25 @@ inline std::vector<SpCase> equivalence_cases() {
           cases.push_back(c);
         }
   return cases;
+}
+
+// The forward and backward bytes one call of `fn` sends over `group` (f32, q
+// with H heads, k and v with 2 heads of width 4, T tokens in the `kind`
+// layout), checking that a CountingCommunicator around the group (the
+// trainer's per-layer-type counter) sees the same bytes.
+inline std::pair<int64_t, int64_t> bytes_sent(const SpAttentionFn& fn, Communicator& group, LayoutKind kind,
+                                              int64_t T, int64_t H) {
+  TokenLayout layout(kind, T, group.size());
+  const int64_t Tl = layout.local_len();
+  Variable q(random_tensor({1, Tl, H, 4}, 1, DType::f32), true), k(random_tensor({1, Tl, 2, 4}, 2, DType::f32), true);
+  Variable v(random_tensor({1, Tl, 2, 4}, 3, DType::f32), true);
+  SpAttentionStats stats;
+  double counted = 0.0;
+  CountingCommunicator counting(group, counted);
+  AttentionResult r = fn(q, k, v, AttentionOptions{}, layout, counting, &stats);
+  run_backward({r.out}, {Tensor::ones(r.out.shape(), DType::f32)});
+  EXPECT_EQ(counted, static_cast<double>(stats.bytes_sent()));
+  return {stats.forward_bytes_sent, stats.backward_bytes_sent};
 }
 
 // Non-causal attention (one block per step) and rows with no visible key at
