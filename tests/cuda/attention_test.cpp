@@ -23,12 +23,7 @@
 namespace loom {
 namespace {
 
-using cuda_testing::cpu_stream;
-using cuda_testing::expect_error;
-using cuda_testing::gpu;
-using cuda_testing::gpu_stream;
-using cuda_testing::poisoned;
-using cuda_testing::random_rounded;
+using namespace cuda_testing;  // tests/cuda/cuda_testing.h
 
 // GPU tensor (any dtype) against an f32 CPU reference.
 ::testing::AssertionResult close(const Tensor& gpu_tensor, const Tensor& expected, DType dtype) {

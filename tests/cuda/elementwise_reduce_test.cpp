@@ -22,13 +22,7 @@
 namespace loom {
 namespace {
 
-using cuda_testing::cpu_stream;
-using cuda_testing::download;
-using cuda_testing::gpu;
-using cuda_testing::gpu_stream;
-using cuda_testing::poisoned_upload;
-using cuda_testing::random_rounded;
-using cuda_testing::upload;
+using namespace cuda_testing;  // tests/cuda/cuda_testing.h
 
 // One rounding of a `dtype` output, relative (GPU math in fp32, rounded once).
 double rounding(DType dtype) {

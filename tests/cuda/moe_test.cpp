@@ -16,12 +16,7 @@
 namespace loom {
 namespace {
 
-using cuda_testing::cpu_stream;
-using cuda_testing::gpu;
-using cuda_testing::gpu_stream;
-using cuda_testing::max_abs;
-using cuda_testing::poisoned;
-using cuda_testing::random_rounded;
+using namespace cuda_testing;  // tests/cuda/cuda_testing.h
 
 ::testing::AssertionResult close(const Tensor& gpu_tensor, const Tensor& expected, DType dtype) {
   return cuda_testing::close_to_reference(gpu_tensor, expected, dtype, 1e-5, 2e-6);

@@ -22,13 +22,7 @@
 namespace loom {
 namespace {
 
-using cuda_testing::cpu_stream;
-using cuda_testing::download;
-using cuda_testing::gpu;
-using cuda_testing::gpu_stream;
-using cuda_testing::poisoned_upload;
-using cuda_testing::random_rounded;
-using cuda_testing::upload;
+using namespace cuda_testing;  // tests/cuda/cuda_testing.h
 
 constexpr double kF32Rtol = 1e-5;
 double rtol_of(DType dtype) { return kF32Rtol + (dtype == DType::bf16 ? std::ldexp(1.0, -8) : 0.0); }
