@@ -74,35 +74,55 @@ double max_abs(const Tensor& t) {
   return testing::tensors_close(g, w, tol, tol * std::max(1.0, max_abs(w)));
 }
 
-// LASP-2 over `cp` on this rank's shard against lightning_attention over the
-// whole sequence on the same device.
-void expect_lasp2_matches_one_rank(const LaspCase& c, Communicator& cp, Device device) {
-  const int P = cp.size(), rank = cp.rank();
+// The whole sequence of a case split over P ranks (same seeds on every rank,
+// seed .. seed + 3 for q, k, v, dout) and lightning_attention's output and
+// gradients over it on `device`: what every rank's shard is checked against.
+struct OneRankReference {
+  TokenLayout layout;
+  Tensor lambdas, q, k, v, dout;
+  Variable gq, gk, gv, out;
+};
+
+OneRankReference one_rank_reference(const LaspCase& c, int P, uint64_t seed, Device device) {
   const int64_t chunks = c.layout == LayoutKind::zigzag ? 2 * P : P;
   const int64_t T = chunks * c.chunk;
   const Shape shape{c.B, T, c.H, c.D};
   // Head 0 has no decay (plain LASP-2), the others decay at different rates.
   Tensor lambdas = Tensor::from_vector(std::vector<double>{0.0, 0.02, 0.3}, {3}).narrow(0, 0, c.H).contiguous();
-  Tensor q = global_tensor(shape, 31, c.dtype, device), k = global_tensor(shape, 32, c.dtype, device);
-  Tensor v = global_tensor(shape, 33, c.dtype, device), dout = global_tensor(shape, 34, c.dtype, device);
-
+  Tensor q = global_tensor(shape, seed, c.dtype, device), k = global_tensor(shape, seed + 1, c.dtype, device);
+  Tensor v = global_tensor(shape, seed + 2, c.dtype, device), dout = global_tensor(shape, seed + 3, c.dtype, device);
   Variable gq(q, true), gk(k, true), gv(v, true);
-  Variable ref = lightning_attention(gq, gk, gv, lambdas, Variable(), c.out_scale, c.block).out;
-  ref.backward(dout);
+  Variable out = lightning_attention(gq, gk, gv, lambdas, Variable(), c.out_scale, c.block).out;
+  out.backward(dout);
+  return OneRankReference{TokenLayout(c.layout, T, P), lambdas, q, k, v, dout, gq, gk, gv, out};
+}
 
-  TokenLayout layout(c.layout, T, P);
-  Variable lq(layout.shard(q, rank, 1), true), lk(layout.shard(k, rank, 1), true), lv(layout.shard(v, rank, 1), true);
-  Variable out = lasp2_attention(lq, lk, lv, lambdas, c.out_scale, c.block, layout, cp);
+// Rank `rank`'s LASP-2 output and gradients of its shards lq, lk, lv equal
+// the reference's shards.
+void expect_shard_matches(const OneRankReference& ref, int rank, const Variable& out, const Variable& lq,
+                          const Variable& lk, const Variable& lv, double tol) {
+  const TokenLayout& layout = ref.layout;
+  EXPECT_TRUE(close(out.data(), layout.shard(ref.out.data(), rank, 1), tol)) << "out";
+  EXPECT_TRUE(close(lq.grad(), layout.shard(ref.gq.grad(), rank, 1), tol)) << "dq";
+  EXPECT_TRUE(close(lk.grad(), layout.shard(ref.gk.grad(), rank, 1), tol)) << "dk";
+  EXPECT_TRUE(close(lv.grad(), layout.shard(ref.gv.grad(), rank, 1), tol)) << "dv";
+}
+
+// LASP-2 over `cp` on this rank's shard against lightning_attention over the
+// whole sequence on the same device.
+void expect_lasp2_matches_one_rank(const LaspCase& c, Communicator& cp, Device device) {
+  const int P = cp.size(), rank = cp.rank();
+  const OneRankReference ref = one_rank_reference(c, P, 31, device);
+  const TokenLayout& layout = ref.layout;
+  Variable lq(layout.shard(ref.q, rank, 1), true), lk(layout.shard(ref.k, rank, 1), true);
+  Variable lv(layout.shard(ref.v, rank, 1), true);
+  Variable out = lasp2_attention(lq, lk, lv, ref.lambdas, c.out_scale, c.block, layout, cp);
   EXPECT_EQ(out.dtype(), c.dtype);
   EXPECT_EQ(out.device(), device);
-  out.backward(layout.shard(dout, rank, 1));
+  out.backward(layout.shard(ref.dout, rank, 1));
 
-  const double tol = tolerance(c.dtype);
   SCOPED_TRACE(describe(c) + ", rank " + std::to_string(rank) + " of " + std::to_string(P));
-  EXPECT_TRUE(close(out.data(), layout.shard(ref.data(), rank, 1), tol)) << "out";
-  EXPECT_TRUE(close(lq.grad(), layout.shard(gq.grad(), rank, 1), tol)) << "dq";
-  EXPECT_TRUE(close(lk.grad(), layout.shard(gk.grad(), rank, 1), tol)) << "dk";
-  EXPECT_TRUE(close(lv.grad(), layout.shard(gv.grad(), rank, 1), tol)) << "dv";
+  expect_shard_matches(ref, rank, out, lq, lk, lv, tolerance(c.dtype));
 }
 
 std::vector<LaspCase> cases(DType dtype) {
@@ -191,31 +211,19 @@ class SimulatedRank : public Communicator {
 // all-gathers' results and is checked. A rank whose states were mixed up, or
 // a scan in the wrong order, fails round 2.
 void expect_simulated_ranks_match_one_rank(const LaspCase& c, int P, Device device) {
-  const int64_t chunks = c.layout == LayoutKind::zigzag ? 2 * P : P;
-  const int64_t T = chunks * c.chunk;
-  const Shape shape{c.B, T, c.H, c.D};
-  Tensor lambdas = Tensor::from_vector(std::vector<double>{0.0, 0.02, 0.3}, {3}).narrow(0, 0, c.H).contiguous();
-  Tensor q = global_tensor(shape, 41, c.dtype, device), k = global_tensor(shape, 42, c.dtype, device);
-  Tensor v = global_tensor(shape, 43, c.dtype, device), dout = global_tensor(shape, 44, c.dtype, device);
-  Variable gq(q, true), gk(k, true), gv(v, true);
-  Variable ref = lightning_attention(gq, gk, gv, lambdas, Variable(), c.out_scale, c.block).out;
-  ref.backward(dout);
-
-  TokenLayout layout(c.layout, T, P);
+  const OneRankReference ref = one_rank_reference(c, P, 41, device);
+  const TokenLayout& layout = ref.layout;
   std::vector<std::vector<Tensor>> recorded;
   for (bool replay : {false, true})
     for (int r = 0; r < P; ++r) {
       SimulatedRank cp(r, P, recorded, replay);
-      Variable lq(layout.shard(q, r, 1), true), lk(layout.shard(k, r, 1), true), lv(layout.shard(v, r, 1), true);
-      Variable out = lasp2_attention(lq, lk, lv, lambdas, c.out_scale, c.block, layout, cp);
-      out.backward(layout.shard(dout, r, 1));
+      Variable lq(layout.shard(ref.q, r, 1), true), lk(layout.shard(ref.k, r, 1), true);
+      Variable lv(layout.shard(ref.v, r, 1), true);
+      Variable out = lasp2_attention(lq, lk, lv, ref.lambdas, c.out_scale, c.block, layout, cp);
+      out.backward(layout.shard(ref.dout, r, 1));
       if (!replay) continue;
-      const double tol = tolerance(c.dtype);
       SCOPED_TRACE(describe(c) + ", simulated rank " + std::to_string(r) + " of " + std::to_string(P));
-      EXPECT_TRUE(close(out.data(), layout.shard(ref.data(), r, 1), tol)) << "out";
-      EXPECT_TRUE(close(lq.grad(), layout.shard(gq.grad(), r, 1), tol)) << "dq";
-      EXPECT_TRUE(close(lk.grad(), layout.shard(gk.grad(), r, 1), tol)) << "dk";
-      EXPECT_TRUE(close(lv.grad(), layout.shard(gv.grad(), r, 1), tol)) << "dv";
+      expect_shard_matches(ref, r, out, lq, lk, lv, tolerance(c.dtype));
     }
   ASSERT_EQ(recorded.size(), 2u) << "LASP-2 makes one all-gather forward and one backward";
 }
