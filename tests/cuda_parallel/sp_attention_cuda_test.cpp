@@ -40,6 +40,7 @@
 #include "parallel/token_layout.h"
 #include "tests/cuda_parallel/cuda_parallel_testing.h"
 #include "tests/parallel/parallel_testing.h"
+#include "tests/sp/sp_attention_testing.h"
 #include "tests/testing.h"
 
 namespace loom {
@@ -49,16 +50,11 @@ using testing::global_tensor;
 using testing::my_gpu;
 using testing::world;
 
-using SpFn = std::function<AttentionResult(const Variable&, const Variable&, const Variable&, const AttentionOptions&,
-                                           const TokenLayout&, Communicator&, SpAttentionStats*)>;
-const SpFn kRing = [](const Variable& q, const Variable& k, const Variable& v, const AttentionOptions& o,
-                      const TokenLayout& layout, Communicator& cp, SpAttentionStats* stats) {
-  return ring_attention(q, k, v, o, layout, cp, stats);
-};
-const SpFn kAllGather = [](const Variable& q, const Variable& k, const Variable& v, const AttentionOptions& o,
-                           const TokenLayout& layout, Communicator& cp, SpAttentionStats* stats) {
-  return allgather_attention(q, k, v, o, layout, cp, stats);
-};
+using testing::kAllGather;
+using testing::kRing;
+using testing::SpAttentionFn;
+using testing::WholeSequenceAttention;
+using testing::whole_sequence_attention;
 
 struct Case {
   LayoutKind layout = LayoutKind::zigzag;
@@ -96,7 +92,7 @@ double max_abs(const Tensor& t) {
 
 // Runs `fn` on this rank's shards on its GPU and compares with attention()
 // over the whole sequence on the same GPU. Returns this rank's stats.
-SpAttentionStats expect_matches_one_rank(const SpFn& fn, const Case& c, Communicator& cp, Device gpu) {
+SpAttentionStats expect_matches_one_rank(const SpAttentionFn& fn, const Case& c, Communicator& cp, Device gpu) {
   const int P = cp.size(), rank = cp.rank();
   const int64_t T = c.T > 0 ? c.T : 2 * P * 24;
   const Shape q_shape{c.B, T, c.H, c.D}, kv_shape{c.B, T, c.Hkv, c.D};
@@ -110,9 +106,7 @@ SpAttentionStats expect_matches_one_rank(const SpFn& fn, const Case& c, Communic
   whole.causal = c.causal;
   whole.s2 = c.s2;
   whole.k_positions = k_positions;
-  Variable gq(q, true), gk(k, true), gv(v, true);
-  AttentionResult ref = attention(gq, gk, gv, whole);
-  run_backward({ref.out, ref.lse}, {dout, dlse});
+  const WholeSequenceAttention ref = whole_sequence_attention(q, k, v, whole, dout, dlse);
 
   TokenLayout layout(c.layout, T, P);
   AttentionOptions local = whole;
@@ -129,11 +123,11 @@ SpAttentionStats expect_matches_one_rank(const SpFn& fn, const Case& c, Communic
 
   const double tol = tolerance(c.dtype);
   SCOPED_TRACE(describe(c) + ", rank " + std::to_string(rank) + " of " + std::to_string(P));
-  EXPECT_TRUE(close(got.out.data(), layout.shard(ref.out.data(), rank, 1), tol)) << "out";
-  EXPECT_TRUE(close(got.lse.data(), layout.shard(ref.lse.data(), rank, 2), tol)) << "lse";
-  EXPECT_TRUE(close(lq.grad(), layout.shard(gq.grad(), rank, 1), tol)) << "dq";
-  EXPECT_TRUE(close(lk.grad(), layout.shard(gk.grad(), rank, 1), tol)) << "dk";
-  EXPECT_TRUE(close(lv.grad(), layout.shard(gv.grad(), rank, 1), tol)) << "dv";
+  EXPECT_TRUE(close(got.out.data(), layout.shard(ref.result.out.data(), rank, 1), tol)) << "out";
+  EXPECT_TRUE(close(got.lse.data(), layout.shard(ref.result.lse.data(), rank, 2), tol)) << "lse";
+  EXPECT_TRUE(close(lq.grad(), layout.shard(ref.q.grad(), rank, 1), tol)) << "dq";
+  EXPECT_TRUE(close(lk.grad(), layout.shard(ref.k.grad(), rank, 1), tol)) << "dk";
+  EXPECT_TRUE(close(lv.grad(), layout.shard(ref.v.grad(), rank, 1), tol)) << "dv";
   return stats;
 }
 

@@ -14,10 +14,6 @@
 namespace loom::testing {
 namespace {
 
-const SpAttentionFn kAllGather = [](const Variable& q, const Variable& k, const Variable& v,
-                                    const AttentionOptions& o, const TokenLayout& layout, Communicator& cp,
-                                    SpAttentionStats* stats) { return allgather_attention(q, k, v, o, layout, cp, stats); };
-
 class AllGatherAttentionEquivalence : public ::testing::TestWithParam<SpCase> {};
 
 TEST_P(AllGatherAttentionEquivalence, EqualsSingleRankAttention) {

@@ -19,11 +19,6 @@
 namespace loom::testing {
 namespace {
 
-const SpAttentionFn kRing = [](const Variable& q, const Variable& k, const Variable& v, const AttentionOptions& o,
-                               const TokenLayout& layout, Communicator& cp, SpAttentionStats* stats) {
-  return ring_attention(q, k, v, o, layout, cp, stats);
-};
-
 class RingAttentionEquivalence : public ::testing::TestWithParam<SpCase> {};
 
 TEST_P(RingAttentionEquivalence, EqualsSingleRankAttention) {

@@ -14,7 +14,9 @@
 #include <vector>
 
 #include "framework/ops_nn.h"
+#include "parallel/allgather_attention.h"
 #include "parallel/comm_stats.h"
+#include "parallel/ring_attention.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/sp_attention.h"
 #include "parallel/token_layout.h"
@@ -27,6 +29,32 @@ namespace loom::testing {
 using SpAttentionFn = std::function<AttentionResult(const Variable&, const Variable&, const Variable&,
                                                     const AttentionOptions&, const TokenLayout&, Communicator&,
                                                     SpAttentionStats*)>;
+
+// The two algorithms as SpAttentionFn (shared by the CPU and the GPU tests).
+inline const SpAttentionFn kRing = [](const Variable& q, const Variable& k, const Variable& v,
+                                      const AttentionOptions& o, const TokenLayout& layout, Communicator& cp,
+                                      SpAttentionStats* stats) { return ring_attention(q, k, v, o, layout, cp, stats); };
+inline const SpAttentionFn kAllGather = [](const Variable& q, const Variable& k, const Variable& v,
+                                           const AttentionOptions& o, const TokenLayout& layout, Communicator& cp,
+                                           SpAttentionStats* stats) {
+  return allgather_attention(q, k, v, o, layout, cp, stats);
+};
+
+// The 1-rank attention op over the whole sequence (on the inputs' device) and
+// its gradients of q, k, v, from a loss that uses both out and lse.
+struct WholeSequenceAttention {
+  Variable q, k, v;
+  AttentionResult result;
+};
+
+inline WholeSequenceAttention whole_sequence_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                       const AttentionOptions& whole, const Tensor& dout,
+                                                       const Tensor& dlse) {
+  Variable gq(q, true), gk(k, true), gv(v, true);
+  AttentionResult ref = attention(gq, gk, gv, whole);
+  run_backward({ref.out, ref.lse}, {dout, dlse});
+  return {gq, gk, gv, ref};
+}
 
 // This rank alone as a cp group of one (collective over the world).
 inline std::unique_ptr<MpiCommunicator> self_group() {
@@ -72,9 +100,7 @@ inline SpAttentionStats expect_matches_single_rank(const SpAttentionFn& fn, cons
   whole.causal = c.causal;
   whole.s2 = c.s2;
   whole.k_positions = k_positions;
-  Variable gq(q, true), gk(k, true), gv(v, true);
-  AttentionResult ref = attention(gq, gk, gv, whole);
-  run_backward({ref.out, ref.lse}, {dout, dlse});
+  const WholeSequenceAttention ref = whole_sequence_attention(q, k, v, whole, dout, dlse);
 
   TokenLayout layout(c.layout, c.T, c.cp);
   AttentionOptions local = whole;
@@ -88,11 +114,11 @@ inline SpAttentionStats expect_matches_single_rank(const SpAttentionFn& fn, cons
 
   const double tol = tolerance(c.dtype);
   SCOPED_TRACE(case_name(c) + " rank " + std::to_string(rank));
-  EXPECT_TENSOR_CLOSE(got.out.data(), layout.shard(ref.out.data(), rank, 1), tol, tol);
-  EXPECT_TENSOR_CLOSE(got.lse.data(), layout.shard(ref.lse.data(), rank, 2), tol, tol);
-  EXPECT_TENSOR_CLOSE(lq.grad(), layout.shard(gq.grad(), rank, 1), tol, tol);
-  EXPECT_TENSOR_CLOSE(lk.grad(), layout.shard(gk.grad(), rank, 1), tol, tol);
-  EXPECT_TENSOR_CLOSE(lv.grad(), layout.shard(gv.grad(), rank, 1), tol, tol);
+  EXPECT_TENSOR_CLOSE(got.out.data(), layout.shard(ref.result.out.data(), rank, 1), tol, tol);
+  EXPECT_TENSOR_CLOSE(got.lse.data(), layout.shard(ref.result.lse.data(), rank, 2), tol, tol);
+  EXPECT_TENSOR_CLOSE(lq.grad(), layout.shard(ref.q.grad(), rank, 1), tol, tol);
+  EXPECT_TENSOR_CLOSE(lk.grad(), layout.shard(ref.k.grad(), rank, 1), tol, tol);
+  EXPECT_TENSOR_CLOSE(lv.grad(), layout.shard(ref.v.grad(), rank, 1), tol, tol);
   return stats;
 }
 
