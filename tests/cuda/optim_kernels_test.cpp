@@ -75,8 +75,9 @@ void expect_state_equal(const SpanState& st, const SpanCase& sc) {
   EXPECT_TENSOR_CLOSE(download(st.dp), st.p, tol, 0.0) << "param";
   EXPECT_TENSOR_CLOSE(download(st.dm), st.m, tol, 0.0) << "exp_avg";
   EXPECT_TENSOR_CLOSE(download(st.dv), st.v, tol, 0.0) << "exp_avg_sq";
-  if (sc.compute != DType::u8)
+  if (sc.compute != DType::u8) {
     EXPECT_TENSOR_CLOSE(download(st.dc).to(DType::f64), st.c.to(DType::f64), ulps(sc.compute, 1), 0.0) << "compute";
+  }
 }
 
 std::vector<SpanCase> span_cases() {
