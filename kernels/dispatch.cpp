@@ -1,12 +1,10 @@
 // Device dispatch of the kernel families (see dispatch.h). Each entry point
 // checks that its tensors and stream share one device, then calls cpu::<op>
-// or cuda::<op>. Which families have CUDA kernels is decided at compile time
-// below (LOOM_HAS_CUDA_<FAMILY>): a family is switched on once its
-// kernels/cuda files are committed, so the link never depends on files that
-// do not exist yet; until then its CUDA branch throws naming the op.
+// or cuda::<op>. Every family has CUDA kernels; a build without CUDA
+// (LOOM_CUDA=OFF) compiles the CUDA branches out, and a CUDA tensor reaching
+// one there is an error naming the op.
 #include "kernels/dispatch.h"
 
-#include <cstring>
 #include <initializer_list>
 
 #include "kernels/cpu/activation.h"
@@ -23,160 +21,29 @@
 #include "kernels/cpu/rope.h"
 #include "kernels/cpu/softmax.h"
 
-// ---- which families have CUDA kernels (1 = kernels/cuda/<family> is built and linked) ----
 #ifdef LOOM_WITH_CUDA
-#define LOOM_HAS_CUDA_GEMM 1
-#define LOOM_HAS_CUDA_ELEMENTWISE 1
-#define LOOM_HAS_CUDA_REDUCE 1
-#define LOOM_HAS_CUDA_ACTIVATION 1
-#define LOOM_HAS_CUDA_SWIGLU 1
-#define LOOM_HAS_CUDA_RMSNORM 1
-#define LOOM_HAS_CUDA_ROPE 1
-#define LOOM_HAS_CUDA_EMBEDDING 1
-#define LOOM_HAS_CUDA_SOFTMAX 1
-#define LOOM_HAS_CUDA_CROSS_ENTROPY 1
-#define LOOM_HAS_CUDA_ATTENTION 1
-#define LOOM_HAS_CUDA_LIGHTNING 1
-#define LOOM_HAS_CUDA_MOE 1
-#define LOOM_HAS_CUDA_ADAMW 1
-#define LOOM_HAS_CUDA_GRAD_NORM 1
-#else
-#define LOOM_HAS_CUDA_GEMM 0
-#define LOOM_HAS_CUDA_ELEMENTWISE 0
-#define LOOM_HAS_CUDA_REDUCE 0
-#define LOOM_HAS_CUDA_ACTIVATION 0
-#define LOOM_HAS_CUDA_SWIGLU 0
-#define LOOM_HAS_CUDA_RMSNORM 0
-#define LOOM_HAS_CUDA_ROPE 0
-#define LOOM_HAS_CUDA_EMBEDDING 0
-#define LOOM_HAS_CUDA_SOFTMAX 0
-#define LOOM_HAS_CUDA_CROSS_ENTROPY 0
-#define LOOM_HAS_CUDA_ATTENTION 0
-#define LOOM_HAS_CUDA_LIGHTNING 0
-#define LOOM_HAS_CUDA_MOE 0
-#define LOOM_HAS_CUDA_ADAMW 0
-#define LOOM_HAS_CUDA_GRAD_NORM 0
-#endif
-
-#if LOOM_HAS_CUDA_GEMM
 #include "kernels/cuda/gemm.h"
-#endif
-#if LOOM_HAS_CUDA_ELEMENTWISE || LOOM_HAS_CUDA_ACTIVATION
 #include "kernels/cuda/elementwise.h"
-#endif
-#if LOOM_HAS_CUDA_REDUCE
 #include "kernels/cuda/reduce.h"
-#endif
-#if LOOM_HAS_CUDA_SWIGLU
 #include "kernels/cuda/activation.h"
-#endif
-#if LOOM_HAS_CUDA_RMSNORM
 #include "kernels/cuda/rmsnorm.h"
-#endif
-#if LOOM_HAS_CUDA_ROPE
 #include "kernels/cuda/rope.h"
-#endif
-#if LOOM_HAS_CUDA_EMBEDDING
 #include "kernels/cuda/embedding.h"
-#endif
-#if LOOM_HAS_CUDA_SOFTMAX
 #include "kernels/cuda/softmax.h"
-#endif
-#if LOOM_HAS_CUDA_CROSS_ENTROPY
 #include "kernels/cuda/cross_entropy.h"
-#endif
-#if LOOM_HAS_CUDA_ATTENTION
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/attention_merge.h"
-#endif
-#if LOOM_HAS_CUDA_LIGHTNING
 #include "kernels/cuda/lightning.h"
-#endif
-#if LOOM_HAS_CUDA_MOE
 #include "kernels/cuda/moe.h"
-#endif
-#if LOOM_HAS_CUDA_ADAMW
 #include "kernels/cuda/adamw.h"
-#endif
-#if LOOM_HAS_CUDA_GRAD_NORM
 #include "kernels/cuda/grad_norm.h"
 #endif
 
-// WITH_CUDA_<FAMILY>(op, stream, call): the CUDA call, or an error naming the op.
-#if LOOM_HAS_CUDA_GEMM
-#define WITH_CUDA_GEMM(op, s, ...) __VA_ARGS__
+// WITH_CUDA(op, stream, call): the CUDA call, or (a build without CUDA) an error naming the op.
+#ifdef LOOM_WITH_CUDA
+#define WITH_CUDA(op, s, ...) __VA_ARGS__
 #else
-#define WITH_CUDA_GEMM(op, s, ...) no_cuda_kernel(op, s.device())
-#endif
-#if LOOM_HAS_CUDA_ELEMENTWISE
-#define WITH_CUDA_ELEMENTWISE(op, s, ...) __VA_ARGS__
-#else
-#define WITH_CUDA_ELEMENTWISE(op, s, ...) no_cuda_kernel(op, s.device())
-#endif
-#if LOOM_HAS_CUDA_REDUCE
-#define WITH_CUDA_REDUCE(op, s, ...) __VA_ARGS__
-#else
-#define WITH_CUDA_REDUCE(op, s, ...) no_cuda_kernel(op, s.device())
-#endif
-#if LOOM_HAS_CUDA_ACTIVATION
-#define WITH_CUDA_ACTIVATION(op, s, ...) __VA_ARGS__
-#else
-#define WITH_CUDA_ACTIVATION(op, s, ...) no_cuda_kernel(op, s.device())
-#endif
-#if LOOM_HAS_CUDA_SWIGLU
-#define WITH_CUDA_SWIGLU(op, s, ...) __VA_ARGS__
-#else
-#define WITH_CUDA_SWIGLU(op, s, ...) no_cuda_kernel(op, s.device())
-#endif
-#if LOOM_HAS_CUDA_RMSNORM
-#define WITH_CUDA_RMSNORM(op, s, ...) __VA_ARGS__
-#else
-#define WITH_CUDA_RMSNORM(op, s, ...) no_cuda_kernel(op, s.device())
-#endif
-#if LOOM_HAS_CUDA_ROPE
-#define WITH_CUDA_ROPE(op, s, ...) __VA_ARGS__
-#else
-#define WITH_CUDA_ROPE(op, s, ...) no_cuda_kernel(op, s.device())
-#endif
-#if LOOM_HAS_CUDA_EMBEDDING
-#define WITH_CUDA_EMBEDDING(op, s, ...) __VA_ARGS__
-#else
-#define WITH_CUDA_EMBEDDING(op, s, ...) no_cuda_kernel(op, s.device())
-#endif
-#if LOOM_HAS_CUDA_SOFTMAX
-#define WITH_CUDA_SOFTMAX(op, s, ...) __VA_ARGS__
-#else
-#define WITH_CUDA_SOFTMAX(op, s, ...) no_cuda_kernel(op, s.device())
-#endif
-#if LOOM_HAS_CUDA_CROSS_ENTROPY
-#define WITH_CUDA_CROSS_ENTROPY(op, s, ...) __VA_ARGS__
-#else
-#define WITH_CUDA_CROSS_ENTROPY(op, s, ...) no_cuda_kernel(op, s.device())
-#endif
-#if LOOM_HAS_CUDA_ATTENTION
-#define WITH_CUDA_ATTENTION(op, s, ...) __VA_ARGS__
-#else
-#define WITH_CUDA_ATTENTION(op, s, ...) no_cuda_kernel(op, s.device())
-#endif
-#if LOOM_HAS_CUDA_LIGHTNING
-#define WITH_CUDA_LIGHTNING(op, s, ...) __VA_ARGS__
-#else
-#define WITH_CUDA_LIGHTNING(op, s, ...) no_cuda_kernel(op, s.device())
-#endif
-#if LOOM_HAS_CUDA_MOE
-#define WITH_CUDA_MOE(op, s, ...) __VA_ARGS__
-#else
-#define WITH_CUDA_MOE(op, s, ...) no_cuda_kernel(op, s.device())
-#endif
-#if LOOM_HAS_CUDA_ADAMW
-#define WITH_CUDA_ADAMW(op, s, ...) __VA_ARGS__
-#else
-#define WITH_CUDA_ADAMW(op, s, ...) no_cuda_kernel(op, s.device())
-#endif
-#if LOOM_HAS_CUDA_GRAD_NORM
-#define WITH_CUDA_GRAD_NORM(op, s, ...) __VA_ARGS__
-#else
-#define WITH_CUDA_GRAD_NORM(op, s, ...) no_cuda_kernel(op, s.device())
+#define WITH_CUDA(op, s, ...) no_cuda_kernel(op, s.device())
 #endif
 
 namespace loom::dispatch {
@@ -184,8 +51,8 @@ namespace loom::dispatch {
 namespace {
 
 [[maybe_unused]] [[noreturn]] void no_cuda_kernel(const char* op, Device device) {
-  LOOM_FAIL() << op << ": no CUDA kernel for " << op << " yet (tensors on " << device
-              << "); run this op on cpu, or build with its kernels/cuda family";
+  LOOM_FAIL() << op << ": tensors on " << device << " but loom was built without CUDA (LOOM_CUDA=OFF); "
+              << "rebuild with CUDA or run on cpu";
 }
 
 // Checks that every defined tensor and the stream are on one device; true for the CPU.
@@ -199,7 +66,7 @@ bool on_cpu(const char* op, std::initializer_list<const Tensor*> tensors, const 
   return s.device().is_cpu();
 }
 
-#if LOOM_HAS_CUDA_GEMM
+#ifdef LOOM_WITH_CUDA
 // cuBLASLt reads matrices with unit column stride whose batch dims collapse to
 // one stride; other layouts (e.g. a broadcast over only some batch dims) are
 // compacted first.
@@ -217,134 +84,114 @@ Tensor gemm_operand(const Tensor& t) {
 
 }  // namespace
 
-bool has_cuda_kernel(const char* family) {
-  struct Entry {
-    const char* name;
-    bool built;
-  };
-  static const Entry entries[] = {
-      {"gemm", LOOM_HAS_CUDA_GEMM},           {"elementwise", LOOM_HAS_CUDA_ELEMENTWISE},
-      {"reduce", LOOM_HAS_CUDA_REDUCE},       {"activation", LOOM_HAS_CUDA_ACTIVATION},
-      {"swiglu", LOOM_HAS_CUDA_SWIGLU},       {"rmsnorm", LOOM_HAS_CUDA_RMSNORM},
-      {"rope", LOOM_HAS_CUDA_ROPE},           {"embedding", LOOM_HAS_CUDA_EMBEDDING},
-      {"softmax", LOOM_HAS_CUDA_SOFTMAX},     {"cross_entropy", LOOM_HAS_CUDA_CROSS_ENTROPY},
-      {"attention", LOOM_HAS_CUDA_ATTENTION}, {"lightning", LOOM_HAS_CUDA_LIGHTNING},
-      {"moe", LOOM_HAS_CUDA_MOE},             {"adamw", LOOM_HAS_CUDA_ADAMW},
-      {"grad_norm", LOOM_HAS_CUDA_GRAD_NORM},
-  };
-  for (const Entry& e : entries)
-    if (std::strcmp(e.name, family) == 0) return e.built;
-  LOOM_FAIL() << "has_cuda_kernel: unknown kernel family '" << family << "'";
-}
-
 // ---- matrix products ----
 void gemm(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, double alpha, double beta,
           Stream& s) {
   if (on_cpu("gemm", {&c, &a, &b}, s)) return cpu::gemm(c, a, b, trans_a, trans_b, alpha, beta, s);
-  WITH_CUDA_GEMM("gemm", s, cuda::gemm(c, gemm_operand(a), gemm_operand(b), trans_a, trans_b, alpha, beta, s));
+  WITH_CUDA("gemm", s, cuda::gemm(c, gemm_operand(a), gemm_operand(b), trans_a, trans_b, alpha, beta, s));
 }
 
 // ---- element-wise and reductions ----
 void binary(Tensor& out, const Tensor& a, const Tensor& b, BinaryOp op, Stream& s) {
   if (on_cpu("binary", {&out, &a, &b}, s)) return cpu::binary(out, a, b, op, s);
-  WITH_CUDA_ELEMENTWISE("binary", s, cuda::binary(out, a, b, op, s));
+  WITH_CUDA("binary", s, cuda::binary(out, a, b, op, s));
 }
 void scale(Tensor& out, const Tensor& x, double alpha, double beta, Stream& s) {
   if (on_cpu("scale", {&out, &x}, s)) return cpu::scale(out, x, alpha, beta, s);
-  WITH_CUDA_ELEMENTWISE("scale", s, cuda::scale(out, x, alpha, beta, s));
+  WITH_CUDA("scale", s, cuda::scale(out, x, alpha, beta, s));
 }
 void axpy(Tensor& y, const Tensor& x, double alpha, Stream& s) {
   if (on_cpu("axpy", {&y, &x}, s)) return cpu::axpy(y, x, alpha, s);
-  WITH_CUDA_ELEMENTWISE("axpy", s, cuda::axpy(y, x, alpha, s));
+  WITH_CUDA("axpy", s, cuda::axpy(y, x, alpha, s));
 }
 void sum_to(Tensor& out, const Tensor& x, Stream& s) {
   if (on_cpu("sum_to", {&out, &x}, s)) return cpu::sum_to(out, x, s);
-  WITH_CUDA_REDUCE("sum_to", s, cuda::sum_to(out, x, s));
+  WITH_CUDA("sum_to", s, cuda::sum_to(out, x, s));
 }
 void sum_all(Tensor& out, const Tensor& x, Stream& s) {
   if (on_cpu("sum_all", {&out, &x}, s)) return cpu::sum_all(out, x, s);
-  WITH_CUDA_REDUCE("sum_all", s, cuda::sum_all(out, x, s));
+  WITH_CUDA("sum_all", s, cuda::sum_all(out, x, s));
 }
 void sum_dim(Tensor& out, const Tensor& x, int64_t dim, Stream& s) {
   if (on_cpu("sum_dim", {&out, &x}, s)) return cpu::sum_dim(out, x, dim, s);
-  WITH_CUDA_REDUCE("sum_dim", s, cuda::sum_dim(out, x, dim, s));
+  WITH_CUDA("sum_dim", s, cuda::sum_dim(out, x, dim, s));
 }
 
 // ---- activations, norms, positions, embedding ----
 void sigmoid_forward(Tensor& y, const Tensor& x, Stream& s) {
   if (on_cpu("sigmoid", {&y, &x}, s)) return cpu::sigmoid_forward(y, x, s);
-  WITH_CUDA_ACTIVATION("sigmoid", s, cuda::sigmoid_forward(y, x, s));
+  WITH_CUDA("sigmoid", s, cuda::sigmoid_forward(y, x, s));
 }
 void sigmoid_backward(Tensor& dx, const Tensor& dy, const Tensor& y, Stream& s) {
   if (on_cpu("sigmoid_backward", {&dx, &dy, &y}, s)) return cpu::sigmoid_backward(dx, dy, y, s);
-  WITH_CUDA_ACTIVATION("sigmoid_backward", s, cuda::sigmoid_backward(dx, dy, y, s));
+  WITH_CUDA("sigmoid_backward", s, cuda::sigmoid_backward(dx, dy, y, s));
 }
 void silu_forward(Tensor& y, const Tensor& x, Stream& s) {
   if (on_cpu("silu", {&y, &x}, s)) return cpu::silu_forward(y, x, s);
-  WITH_CUDA_ACTIVATION("silu", s, cuda::silu_forward(y, x, s));
+  WITH_CUDA("silu", s, cuda::silu_forward(y, x, s));
 }
 void silu_backward(Tensor& dx, const Tensor& dy, const Tensor& x, Stream& s) {
   if (on_cpu("silu_backward", {&dx, &dy, &x}, s)) return cpu::silu_backward(dx, dy, x, s);
-  WITH_CUDA_ACTIVATION("silu_backward", s, cuda::silu_backward(dx, dy, x, s));
+  WITH_CUDA("silu_backward", s, cuda::silu_backward(dx, dy, x, s));
 }
 void swiglu_forward(Tensor& out, const Tensor& gate, const Tensor& up, Stream& s) {
   if (on_cpu("swiglu", {&out, &gate, &up}, s)) return cpu::swiglu_forward(out, gate, up, s);
-  WITH_CUDA_SWIGLU("swiglu", s, cuda::swiglu_forward(out, gate, up, s));
+  WITH_CUDA("swiglu", s, cuda::swiglu_forward(out, gate, up, s));
 }
 void swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dout, const Tensor& gate, const Tensor& up, Stream& s) {
   if (on_cpu("swiglu_backward", {&dgate, &dup, &dout, &gate, &up}, s))
     return cpu::swiglu_backward(dgate, dup, dout, gate, up, s);
-  WITH_CUDA_SWIGLU("swiglu_backward", s, cuda::swiglu_backward(dgate, dup, dout, gate, up, s));
+  WITH_CUDA("swiglu_backward", s, cuda::swiglu_backward(dgate, dup, dout, gate, up, s));
 }
 void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, double eps, Stream& s) {
   if (on_cpu("rms_norm", {&y, &rstd, &x, &w}, s)) return cpu::rmsnorm_forward(y, rstd, x, w, eps, s);
-  WITH_CUDA_RMSNORM("rms_norm", s, cuda::rmsnorm_forward(y, rstd, x, w, eps, s));
+  WITH_CUDA("rms_norm", s, cuda::rmsnorm_forward(y, rstd, x, w, eps, s));
 }
 void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
                       Stream& s) {
   if (on_cpu("rms_norm_backward", {&dx, &dw, &dy, &x, &w, &rstd}, s))
     return cpu::rmsnorm_backward(dx, dw, dy, x, w, rstd, s);
-  WITH_CUDA_RMSNORM("rms_norm_backward", s, cuda::rmsnorm_backward(dx, dw, dy, x, w, rstd, s));
+  WITH_CUDA("rms_norm_backward", s, cuda::rmsnorm_backward(dx, dw, dy, x, w, rstd, s));
 }
 void rope_forward(Tensor& y, const Tensor& x, const Tensor& positions, double theta, Stream& s) {
   if (on_cpu("rope", {&y, &x, &positions}, s)) return cpu::rope_forward(y, x, positions, theta, s);
-  WITH_CUDA_ROPE("rope", s, cuda::rope_forward(y, x, positions, theta, s));
+  WITH_CUDA("rope", s, cuda::rope_forward(y, x, positions, theta, s));
 }
 void rope_backward(Tensor& dx, const Tensor& dy, const Tensor& positions, double theta, Stream& s) {
   if (on_cpu("rope_backward", {&dx, &dy, &positions}, s)) return cpu::rope_backward(dx, dy, positions, theta, s);
-  WITH_CUDA_ROPE("rope_backward", s, cuda::rope_backward(dx, dy, positions, theta, s));
+  WITH_CUDA("rope_backward", s, cuda::rope_backward(dx, dy, positions, theta, s));
 }
 void embedding_forward(Tensor& out, const Tensor& weight, const Tensor& ids, Stream& s) {
   if (on_cpu("embedding", {&out, &weight, &ids}, s)) return cpu::embedding_forward(out, weight, ids, s);
-  WITH_CUDA_EMBEDDING("embedding", s, cuda::embedding_forward(out, weight, ids, s));
+  WITH_CUDA("embedding", s, cuda::embedding_forward(out, weight, ids, s));
 }
 void embedding_backward(Tensor& grad_weight, const Tensor& grad_out, const Tensor& ids, Stream& s) {
   if (on_cpu("embedding_backward", {&grad_weight, &grad_out, &ids}, s))
     return cpu::embedding_backward(grad_weight, grad_out, ids, s);
-  WITH_CUDA_EMBEDDING("embedding_backward", s, cuda::embedding_backward(grad_weight, grad_out, ids, s));
+  WITH_CUDA("embedding_backward", s, cuda::embedding_backward(grad_weight, grad_out, ids, s));
 }
 
 // ---- softmax, loss, attention ----
 void softmax_forward(Tensor& y, const Tensor& x, Stream& s) {
   if (on_cpu("softmax", {&y, &x}, s)) return cpu::softmax_forward(y, x, s);
-  WITH_CUDA_SOFTMAX("softmax", s, cuda::softmax_forward(y, x, s));
+  WITH_CUDA("softmax", s, cuda::softmax_forward(y, x, s));
 }
 void softmax_backward(Tensor& dx, const Tensor& dy, const Tensor& y, Stream& s) {
   if (on_cpu("softmax_backward", {&dx, &dy, &y}, s)) return cpu::softmax_backward(dx, dy, y, s);
-  WITH_CUDA_SOFTMAX("softmax_backward", s, cuda::softmax_backward(dx, dy, y, s));
+  WITH_CUDA("softmax_backward", s, cuda::softmax_backward(dx, dy, y, s));
 }
 void cross_entropy_forward(Tensor& loss, Tensor& lse, const Tensor& logits, const Tensor& targets,
                            int64_t ignore_index, bool mean, Stream& s) {
   if (on_cpu("cross_entropy", {&loss, &lse, &logits, &targets}, s))
     return cpu::cross_entropy_forward(loss, lse, logits, targets, ignore_index, mean, s);
-  WITH_CUDA_CROSS_ENTROPY("cross_entropy",
+  WITH_CUDA("cross_entropy",
                           s, cuda::cross_entropy_forward(loss, lse, logits, targets, ignore_index, mean, s));
 }
 void cross_entropy_backward(Tensor& dlogits, const Tensor& dloss, const Tensor& logits, const Tensor& targets,
                             const Tensor& lse, int64_t ignore_index, bool mean, Stream& s) {
   if (on_cpu("cross_entropy_backward", {&dlogits, &dloss, &logits, &targets, &lse}, s))
     return cpu::cross_entropy_backward(dlogits, dloss, logits, targets, lse, ignore_index, mean, s);
-  WITH_CUDA_CROSS_ENTROPY("cross_entropy_backward", s,
+  WITH_CUDA("cross_entropy_backward", s,
                           cuda::cross_entropy_backward(dlogits, dloss, logits, targets, lse, ignore_index, mean, s));
 }
 void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -352,7 +199,7 @@ void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& 
                        const S2Pattern& s2, Stream& s) {
   if (on_cpu("attention", {&out, &lse, &q, &k, &v, &q_positions, &k_positions}, s))
     return cpu::attention_forward(out, lse, q, k, v, q_positions, k_positions, scale, causal, s2, s);
-  WITH_CUDA_ATTENTION("attention", s,
+  WITH_CUDA("attention", s,
                       cuda::attention_forward(out, lse, q, k, v, q_positions, k_positions, scale, causal, s2, s));
 }
 void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& dlse, const Tensor& q,
@@ -363,7 +210,7 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
              s))
     return cpu::attention_backward(dq, dk, dv, dout, dlse, q, k, v, out, lse, q_positions, k_positions, scale,
                                    causal, s2, s);
-  WITH_CUDA_ATTENTION("attention_backward", s,
+  WITH_CUDA("attention_backward", s,
                       cuda::attention_backward(dq, dk, dv, dout, dlse, q, k, v, out, lse, q_positions, k_positions,
                                                scale, causal, s2, s));
 }
@@ -371,7 +218,7 @@ void attention_merge(Tensor& out_acc, Tensor& lse_acc, const Tensor& part_out, c
                      int64_t row_start, Stream& s) {
   if (on_cpu("attention_merge", {&out_acc, &lse_acc, &part_out, &part_lse}, s))
     return cpu::attention_merge(out_acc, lse_acc, part_out, part_lse, row_start, s);
-  WITH_CUDA_ATTENTION("attention_merge", s, cuda::attention_merge(out_acc, lse_acc, part_out, part_lse, row_start, s));
+  WITH_CUDA("attention_merge", s, cuda::attention_merge(out_acc, lse_acc, part_out, part_lse, row_start, s));
 }
 void lightning_forward(Tensor& out, Tensor& final_state, const Tensor& q, const Tensor& k, const Tensor& v,
                        const Tensor& initial_state, const Tensor& decay_lambdas, double out_scale,
@@ -379,7 +226,7 @@ void lightning_forward(Tensor& out, Tensor& final_state, const Tensor& q, const 
   // decay_lambdas stay on the host on every device (the kernels form the decay powers there).
   if (on_cpu("lightning_attention", {&out, &final_state, &q, &k, &v, &initial_state}, s))
     return cpu::lightning_forward(out, final_state, q, k, v, initial_state, decay_lambdas, out_scale, block_size, s);
-  WITH_CUDA_LIGHTNING("lightning_attention", s,
+  WITH_CUDA("lightning_attention", s,
                       cuda::lightning_forward(out, final_state, q, k, v, initial_state, decay_lambdas, out_scale,
                                               block_size, s));
 }
@@ -391,7 +238,7 @@ void lightning_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dinitial_sta
              {&dq, &dk, &dv, &dinitial_state, &dout, &dfinal_state, &q, &k, &v, &initial_state}, s))
     return cpu::lightning_backward(dq, dk, dv, dinitial_state, dout, dfinal_state, q, k, v, initial_state,
                                    decay_lambdas, out_scale, block_size, s);
-  WITH_CUDA_LIGHTNING("lightning_attention_backward", s,
+  WITH_CUDA("lightning_attention_backward", s,
                       cuda::lightning_backward(dq, dk, dv, dinitial_state, dout, dfinal_state, q, k, v,
                                                initial_state, decay_lambdas, out_scale, block_size, s));
 }
@@ -399,35 +246,35 @@ void lightning_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dinitial_sta
 // ---- MoE dispatch ----
 void index_select_rows(Tensor& out, const Tensor& x, const Tensor& index, Stream& s) {
   if (on_cpu("index_select_rows", {&out, &x, &index}, s)) return cpu::index_select_rows(out, x, index, s);
-  WITH_CUDA_MOE("index_select_rows", s, cuda::index_select_rows(out, x, index, s));
+  WITH_CUDA("index_select_rows", s, cuda::index_select_rows(out, x, index, s));
 }
 void index_add_rows(Tensor& out, const Tensor& rows, const Tensor& index, Stream& s) {
   if (on_cpu("index_add_rows", {&out, &rows, &index}, s)) return cpu::index_add_rows(out, rows, index, s);
-  WITH_CUDA_MOE("index_add_rows", s, cuda::index_add_rows(out, rows, index, s));
+  WITH_CUDA("index_add_rows", s, cuda::index_add_rows(out, rows, index, s));
 }
 void logsumexp_forward(Tensor& lse, const Tensor& x, Stream& s) {
   if (on_cpu("logsumexp", {&lse, &x}, s)) return cpu::logsumexp_forward(lse, x, s);
-  WITH_CUDA_MOE("logsumexp", s, cuda::logsumexp_forward(lse, x, s));
+  WITH_CUDA("logsumexp", s, cuda::logsumexp_forward(lse, x, s));
 }
 void logsumexp_backward(Tensor& grad_x, const Tensor& grad_lse, const Tensor& x, const Tensor& lse, Stream& s) {
   if (on_cpu("logsumexp_backward", {&grad_x, &grad_lse, &x, &lse}, s))
     return cpu::logsumexp_backward(grad_x, grad_lse, x, lse, s);
-  WITH_CUDA_MOE("logsumexp_backward", s, cuda::logsumexp_backward(grad_x, grad_lse, x, lse, s));
+  WITH_CUDA("logsumexp_backward", s, cuda::logsumexp_backward(grad_x, grad_lse, x, lse, s));
 }
 void grouped_linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const std::vector<int64_t>& offsets,
                             Stream& s) {
   if (on_cpu("grouped_linear", {&y, &x, &w}, s)) return cpu::grouped_linear_forward(y, x, w, offsets, s);
-  WITH_CUDA_MOE("grouped_linear", s, cuda::grouped_linear_forward(y, x, w, offsets, s));
+  WITH_CUDA("grouped_linear", s, cuda::grouped_linear_forward(y, x, w, offsets, s));
 }
 void grouped_linear_backward(Tensor& grad_x, Tensor& grad_w, const Tensor& grad_y, const Tensor& x, const Tensor& w,
                              const std::vector<int64_t>& offsets, Stream& s) {
   if (on_cpu("grouped_linear_backward", {&grad_x, &grad_w, &grad_y, &x, &w}, s))
     return cpu::grouped_linear_backward(grad_x, grad_w, grad_y, x, w, offsets, s);
-  WITH_CUDA_MOE("grouped_linear_backward", s, cuda::grouped_linear_backward(grad_x, grad_w, grad_y, x, w, offsets, s));
+  WITH_CUDA("grouped_linear_backward", s, cuda::grouped_linear_backward(grad_x, grad_w, grad_y, x, w, offsets, s));
 }
 void topk_rows(Tensor& indices, const Tensor& scores, int64_t k, Stream& s) {
   if (on_cpu("topk", {&indices, &scores}, s)) return cpu::topk_rows(indices, scores, k, s);
-  WITH_CUDA_MOE("topk", s, cuda::topk_rows(indices, scores, k, s));
+  WITH_CUDA("topk", s, cuda::topk_rows(indices, scores, k, s));
 }
 
 // ---- optimizer and clipping ----
@@ -435,19 +282,19 @@ void adamw_step(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor& comp
                 const AdamWScalars& scalars, Stream& s) {
   if (on_cpu("adamw", {&param, &exp_avg, &exp_avg_sq, &compute, &grad}, s))
     return cpu::adamw_step(param, exp_avg, exp_avg_sq, compute, grad, scalars, s);
-  WITH_CUDA_ADAMW("adamw", s, cuda::adamw_step(param, exp_avg, exp_avg_sq, compute, grad, scalars, s));
+  WITH_CUDA("adamw", s, cuda::adamw_step(param, exp_avg, exp_avg_sq, compute, grad, scalars, s));
 }
 void sum_squares(Tensor& out, const Tensor& x, Stream& s) {
   if (on_cpu("grad_norm", {&out, &x}, s)) return cpu::sum_squares(out, x, s);
-  WITH_CUDA_GRAD_NORM("grad_norm", s, cuda::sum_squares(out, x, s));
+  WITH_CUDA("grad_norm", s, cuda::sum_squares(out, x, s));
 }
 void scale_inplace(Tensor& x, double alpha, Stream& s) {
   if (on_cpu("clip_grad_norm", {&x}, s)) return cpu::scale_inplace(x, alpha, s);
-  WITH_CUDA_GRAD_NORM("clip_grad_norm", s, cuda::scale_inplace(x, alpha, s));
+  WITH_CUDA("clip_grad_norm", s, cuda::scale_inplace(x, alpha, s));
 }
 void count_nonfinite(Tensor& out, const Tensor& x, Stream& s) {
   if (on_cpu("grads_finite", {&out, &x}, s)) return cpu::count_nonfinite(out, x, s);
-  WITH_CUDA_GRAD_NORM("grads_finite", s, cuda::count_nonfinite(out, x, s));
+  WITH_CUDA("grads_finite", s, cuda::count_nonfinite(out, x, s));
 }
 
 
@@ -471,7 +318,7 @@ void adamw_step_many(std::vector<AdamWSpan>& spans, const AdamWScalars& scalars,
     return;
   }
   if (spans.empty()) return;
-#if LOOM_HAS_CUDA_ADAMW
+#ifdef LOOM_WITH_CUDA
   std::vector<cuda::AdamWSpan> device_spans;
   device_spans.reserve(spans.size());
   for (AdamWSpan& span : spans)
@@ -490,7 +337,7 @@ void sum_squares_many(Tensor& out, const std::vector<Tensor>& xs, Stream& s) {
     }
     return;
   }
-  WITH_CUDA_GRAD_NORM("grad_norm", s, cuda::sum_squares_many(out, xs, s));
+  WITH_CUDA("grad_norm", s, cuda::sum_squares_many(out, xs, s));
 }
 
 void count_nonfinite_many(Tensor& out, const std::vector<Tensor>& xs, Stream& s) {
@@ -501,7 +348,7 @@ void count_nonfinite_many(Tensor& out, const std::vector<Tensor>& xs, Stream& s)
     }
     return;
   }
-  WITH_CUDA_GRAD_NORM("grads_finite", s, cuda::count_nonfinite_many(out, xs, s));
+  WITH_CUDA("grads_finite", s, cuda::count_nonfinite_many(out, xs, s));
 }
 
 void scale_inplace_many(const std::vector<Tensor>& xs, double alpha, Stream& s) {
@@ -512,7 +359,7 @@ void scale_inplace_many(const std::vector<Tensor>& xs, double alpha, Stream& s) 
     }
     return;
   }
-  WITH_CUDA_GRAD_NORM("clip_grad_norm", s, cuda::scale_inplace_many(xs, alpha, s));
+  WITH_CUDA("clip_grad_norm", s, cuda::scale_inplace_many(xs, alpha, s));
 }
 
 }  // namespace loom::dispatch

@@ -2,10 +2,9 @@
 // CPU twin's signature, that checks every tensor argument sits on one device
 // and runs the CPU kernel (kernels/cpu) or its CUDA twin (kernels/cuda). This
 // is the one place where device is decided (DESIGN.md §3 "dispatch once at the
-// entry point"); the differentiable ops in framework/ call only these. A CUDA
-// tensor whose family has no CUDA kernel in this build fails with
-// "<op>: no CUDA kernel for <op> yet (tensors on cuda:N)", never a crash;
-// dtype support is each kernel's own check (CPU: f32/f64; CUDA: f32/bf16/f16).
+// entry point"); the differentiable ops in framework/ call only these. In a
+// build without CUDA a CUDA tensor fails with an error naming the op, never a
+// crash; dtype support is each kernel's own check (CPU: f32/f64; CUDA: f32/bf16/f16).
 #pragma once
 
 #include <vector>
@@ -20,11 +19,6 @@ namespace loom::dispatch {
 
 using cpu::AdamWScalars;
 using cpu::BinaryOp;
-
-// Whether kernel family `family` ("gemm", "elementwise", "reduce", "activation",
-// "swiglu", "rmsnorm", "rope", "embedding", "softmax", "cross_entropy",
-// "attention", "lightning", "moe", "adamw", "grad_norm") has a CUDA kernel in this build.
-bool has_cuda_kernel(const char* family);
 
 // ---- matrix products (kernels/cpu/matmul.h) ----
 void gemm(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, double alpha, double beta,

@@ -8,7 +8,7 @@ namespace loom::cpu {
 // `t` must be a defined, contiguous CPU tensor.
 inline void check_operand(const Tensor& t, const char* op, const char* name) {
   LOOM_CHECK(t.defined()) << op << ": " << name << " is undefined";
-  LOOM_CHECK(t.device().is_cpu()) << op << ": no CUDA kernel yet, " << name << " on " << t.device();
+  LOOM_CHECK(t.device().is_cpu()) << op << ": CPU kernel given " << name << " on " << t.device();
   LOOM_CHECK(t.is_contiguous()) << op << ": " << name << " must be contiguous, shape " << shape_str(t.shape())
                                 << " strides " << shape_str(t.strides());
 }
@@ -23,7 +23,7 @@ inline void check_shape(const Tensor& t, const Shape& shape, DType dtype, const 
 // `t` must be a defined, contiguous CPU tensor with the shape and dtype of `like`.
 inline void check_operand(const Tensor& t, const Tensor& like, const char* op, const char* name) {
   LOOM_CHECK(t.defined()) << op << ": " << name << " is undefined";
-  LOOM_CHECK(t.device().is_cpu()) << op << ": no CUDA kernel yet, " << name << " on " << t.device();
+  LOOM_CHECK(t.device().is_cpu()) << op << ": CPU kernel given " << name << " on " << t.device();
   LOOM_CHECK(t.is_contiguous()) << op << ": " << name << " must be contiguous, shape " << shape_str(t.shape())
                                 << " strides " << shape_str(t.strides());
   LOOM_CHECK(t.shape() == like.shape()) << op << ": " << name << " shape " << shape_str(t.shape()) << " differs from "

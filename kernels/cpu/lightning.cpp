@@ -243,7 +243,7 @@ void backward_all(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dinitial_state, co
 
 void check_operand(const Tensor& t, const char* op, const char* name) {
   LOOM_CHECK(t.defined()) << op << ": " << name << " is undefined";
-  LOOM_CHECK(t.device().is_cpu()) << op << ": no CUDA kernel yet, " << name << " on " << t.device();
+  LOOM_CHECK(t.device().is_cpu()) << op << ": CPU kernel given " << name << " on " << t.device();
   LOOM_CHECK(t.is_contiguous()) << op << ": " << name << " must be contiguous, shape " << shape_str(t.shape())
                                 << " strides " << shape_str(t.strides());
 }
@@ -267,7 +267,7 @@ LightningDims check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, co
   check_shape(v, q.shape(), q.dtype(), op, "v");
   if (initial_state.defined()) check_shape(initial_state, {n.B, n.H, n.D, n.D}, q.dtype(), op, "initial_state");
   LOOM_CHECK(decay_lambdas.defined()) << op << ": decay_lambdas are undefined";
-  LOOM_CHECK(decay_lambdas.device().is_cpu()) << op << ": no CUDA kernel yet, decay_lambdas on "
+  LOOM_CHECK(decay_lambdas.device().is_cpu()) << op << ": decay_lambdas must be on the CPU, got "
                                               << decay_lambdas.device();
   LOOM_CHECK(decay_lambdas.dim() == 1 && decay_lambdas.size(0) == n.H)
       << op << ": decay_lambdas shape " << shape_str(decay_lambdas.shape()) << " must be (H) = " << shape_str({n.H});

@@ -18,7 +18,7 @@ namespace {
 
 void check_cpu_contiguous(const Tensor& t, const char* op, const char* name) {
   LOOM_CHECK(t.defined()) << op << ": " << name << " is undefined";
-  LOOM_CHECK(t.device().is_cpu()) << op << ": no CUDA kernel yet, " << name << " on " << t.device();
+  LOOM_CHECK(t.device().is_cpu()) << op << ": CPU kernel given " << name << " on " << t.device();
   LOOM_CHECK(t.is_contiguous()) << op << ": " << name << " must be contiguous, shape " << shape_str(t.shape())
                                 << " strides " << shape_str(t.strides());
 }
