@@ -94,6 +94,10 @@ void register_run_keys(ConfigSchema& s) {
   s.add(LOOM_CONFIG_FIELD(model.init_std), "std of the normal weight init").above(0);
   s.add(LOOM_CONFIG_FIELD(model.max_seq_len), "longest sequence the model supports (RoPE tables)").min(1);
   // softmax-attention (S) options
+  s.add(LOOM_CONFIG_FIELD(model.attention_backend),
+        "CUDA softmax-attention kernels: auto (interim until the flash kernels are verified on the GPU), native "
+        "(flash kernels on tensor cores for bf16 and head dim 64/128, interim elsewhere), interim (CUDA cores)")
+      .one_of({"auto", "native", "interim"});
   s.add(LOOM_CONFIG_FIELD(model.S.gate), "S: sigmoid output gate after attention, before o_proj")
       .one_of({"none", "headwise", "elementwise"});
   s.add(LOOM_CONFIG_FIELD(model.S.heads), "S: all heads, or mixture-of-heads routing").one_of({"dense", "moh"});
@@ -107,6 +111,11 @@ void register_run_keys(ConfigSchema& s) {
   // lightning-attention (L) options
   s.add(LOOM_CONFIG_FIELD(model.L.block), "L: block size of the blocked kernel").min(1);
   s.add(LOOM_CONFIG_FIELD(model.L.qk_activation), "L: activation on q and k").one_of({"silu", "none"});
+  s.add(LOOM_CONFIG_FIELD(model.L.short_conv),
+        "L: width of a causal depthwise convolution on q, k, v (each token sees its w - 1 predecessors directly; "
+        "0 = none; not yet with parallel.cp > 1)")
+      .satisfies([](const ConfigValue& v) { const int64_t w = std::get<int64_t>(v); return w == 0 || w >= 2; },
+                 "0 or a width >= 2");
   s.add(LOOM_CONFIG_FIELD(model.L.decay_scale), "L: decay rates lambda_h = scale * h / H * (1 - l / L); 0 = none")
       .min(0);
   s.add(LOOM_CONFIG_FIELD(model.L.output_gate), "L: sigmoid output gate from the block input");
@@ -131,6 +140,13 @@ void register_run_keys(ConfigSchema& s) {
       .one_of({"text", "recall", "needle"});
   s.add(LOOM_CONFIG_FIELD(data.recall.pairs), "recall: key-value pairs per sequence (0 = as many as fit)").min(0);
   s.add(LOOM_CONFIG_FIELD(data.recall.queries), "recall: queried keys per sequence (0 = one per pair)").min(0);
+  s.add(LOOM_CONFIG_FIELD(data.recall.draw),
+        "recall: how queries pick keys: distinct (each key at most once; the answers given so far narrow the "
+        "values left) or replace (independent uniform draws; queries may exceed pairs)")
+      .one_of({"distinct", "replace"});
+  s.add(LOOM_CONFIG_FIELD(data.recall.format),
+        "recall: spaced (\"ab:37 \" per pair, answers after ':') or compact (\"ab37\", answers right after the key)")
+      .one_of({"spaced", "compact"});
   s.add(LOOM_CONFIG_FIELD(data.recall.key_len), "recall: letters per key (a-z)").min(1).max(8);
   s.add(LOOM_CONFIG_FIELD(data.recall.value_len), "recall: digits per value (the answer tokens)").min(1).max(8);
   s.add(LOOM_CONFIG_FIELD(data.needle.depths), "needle: evaluated depths of the needle in the context (0 = start, 1 = end)")
@@ -259,6 +275,13 @@ void register_run_keys(ConfigSchema& s) {
       return fmt::format("model.moe.topk = {} exceeds model.moe.experts = {}", e.topk, e.experts);
     if (e.topk == 1 && e.router != "softmax_topk")
       return "model.moe.topk = 1 needs model.moe.router = softmax_topk (a softmax over one logit is constant)";
+    return "";
+  });
+  s.add_check([](const RunConfig& c) -> std::string {
+    if (c.model.L.short_conv > 0 && c.parallel.cp > 1 && c.model.layer_types().find('L') != std::string::npos)
+      return fmt::format("model.L.short_conv = {} with parallel.cp = {} is not supported yet (the convolution "
+                         "would need the previous rank's last tokens); use short_conv = 0 or cp = 1",
+                         c.model.L.short_conv, c.parallel.cp);
     return "";
   });
   s.add_check([](const RunConfig& c) -> std::string {

@@ -56,6 +56,7 @@ struct LightningOptions {
   double decay_scale = 8.0;          // lambda_h = decay_scale * h / H * (1 - l / L); 0 = no decay
   bool output_gate = true;           // sigmoid gate from the block input on the output
   bool output_norm = true;           // RMSNorm of the attention output before the gate
+  int64_t short_conv = 0;            // causal depthwise convolution width on q, k, v (0 = none)
   bool operator==(const LightningOptions&) const = default;
 };
 // model.moe.*: the MoE feed-forward block (ALGORITHMS.md §10), used when model.ffn = moe.
@@ -88,6 +89,9 @@ struct ModelConfig {
   bool tie_embeddings = true;
   double init_std = 0.02;
   int64_t max_seq_len = 2048;
+  // CUDA softmax-attention kernels: auto | native (flash, tensor cores) | interim
+  // (kernels/dispatch.h); a run-time choice, not part of the model's weights.
+  std::string attention_backend = "auto";
   SoftmaxOptions S;
   LightningOptions L;
   MoeOptions moe;
@@ -108,6 +112,13 @@ struct RecallOptions {
   int64_t queries = 0;    // queries per sequence (0 = one per pair)
   int64_t key_len = 2;    // letters per key
   int64_t value_len = 2;  // digits per value
+  // How queries pick their keys: distinct (each key at most once, in random
+  // order) or replace (each query draws a key uniformly, independently: answers
+  // already given tell nothing about the next one).
+  std::string draw = "distinct";
+  // spaced: "ab:37 " per pair (the answer follows ':'); compact: "ab37" (the
+  // answer follows the key's last letter, as in MQAR's key-value token pairs).
+  std::string format = "spaced";
   bool operator==(const RecallOptions&) const = default;
 };
 // data.needle.*: needle retrieval in corpus filler (framework/tasks.h).

@@ -115,18 +115,23 @@ TaskExample recall_example(const RecallOptions& options, int64_t seq_len, Exampl
     for (int64_t i = 0; i < layout.key_len; ++i, code /= 26) key_text[p] += static_cast<char>('a' + code % 26);
     for (int64_t i = 0; i < layout.value_len; ++i) value_text[p] += static_cast<char>('0' + rng.below(10));
   }
-  std::vector<int64_t> queried = distinct_draws(layout.queries, layout.pairs, rng);
+  std::vector<int64_t> queried;
+  if (layout.replace) {
+    for (int64_t q = 0; q < layout.queries; ++q) queried.push_back(rng.below(layout.pairs));
+  } else {
+    queried = distinct_draws(layout.queries, layout.pairs, rng);
+  }
 
   std::vector<int64_t> seq;
   std::vector<bool> answer;
   seq.reserve(static_cast<size_t>(seq_len + 1));
   auto item = [&](size_t p, bool is_query) {
     append_text(seq, key_text[p]);
-    seq.push_back(kPairSeparator);
+    if (!layout.compact) seq.push_back(kPairSeparator);
     answer.resize(seq.size(), false);
     append_text(seq, value_text[p]);
     answer.resize(seq.size(), is_query);
-    seq.push_back(kItemSeparator);
+    if (!layout.compact) seq.push_back(kItemSeparator);
   };
   for (size_t p = 0; p < keys.size(); ++p) item(p, false);
   seq.push_back(kQueryStart);
@@ -185,6 +190,12 @@ RecallLayout recall_layout(const RecallOptions& options, int64_t seq_len, std::s
   RecallLayout l;
   l.key_len = options.key_len;
   l.value_len = options.value_len;
+  LOOM_CHECK(options.draw == "distinct" || options.draw == "replace")
+      << "data.recall.draw = \"" << options.draw << "\": expected distinct or replace";
+  l.replace = options.draw == "replace";
+  LOOM_CHECK(options.format == "spaced" || options.format == "compact")
+      << "data.recall.format = \"" << options.format << "\": expected spaced or compact";
+  l.compact = options.format == "compact";
   const int64_t item = l.item_tokens(), keys = key_space(l.key_len);
   if (options.pairs == 0 && options.queries == 0) {
     l.pairs = l.queries = std::min(seq_len / (2 * item), keys);
@@ -200,14 +211,14 @@ RecallLayout recall_layout(const RecallOptions& options, int64_t seq_len, std::s
                                   options.queries, options.key_len, options.value_len);
   if (l.pairs > keys) {
     p = fmt::format("{}: {} pairs need distinct keys but key_len {} gives only {}", shape, l.pairs, l.key_len, keys);
-  } else if (l.pairs < 1 || l.queries < 1 || l.queries > l.pairs) {
-    p = fmt::format("{} gives {} pairs and {} queries in {} tokens; need at least one pair, and queries <= pairs "
-                    "(each item takes key_len + value_len + 2 = {} tokens)",
-                    shape, l.pairs, l.queries, seq_len, item);
+  } else if (l.pairs < 1 || l.queries < 1 || (!l.replace && l.queries > l.pairs)) {
+    p = fmt::format("{}, draw = {} gives {} pairs and {} queries in {} tokens; need at least one pair, and "
+                    "queries <= pairs unless draw = replace (each {} item takes {} tokens)",
+                    shape, options.draw, l.pairs, l.queries, seq_len, options.format, item);
   } else if (l.tokens() > seq_len + 1) {
-    p = fmt::format("{}: {} pairs + {} queries take {} tokens, more than seq_len {} (+1) (each item takes "
-                    "key_len + value_len + 2 = {} tokens, plus one '|')",
-                    shape, l.pairs, l.queries, l.tokens(), seq_len, item);
+    p = fmt::format("{}: {} pairs + {} queries take {} tokens, more than seq_len {} (+1) (each {} item takes "
+                    "{} tokens, plus one '|')",
+                    shape, l.pairs, l.queries, l.tokens(), seq_len, options.format, item);
   }
   if (problem) *problem = p;
   return p.empty() ? l : RecallLayout{};
@@ -329,15 +340,19 @@ void add_recall_breakdown(RecallBreakdown& into, const Tensor& logits, const Ten
   const float* data = l.data<float>();
   for (int64_t r = 0; r < b; ++r) {
     const int64_t* row = in.data() + r * t;
-    if (layout.value_len == 1) {  // the lookup-free guess: most frequent value among pairs not yet queried
-      std::vector<int64_t> left(ByteTokenizer::kVocabSize, 0);  // value token -> pairs not yet queried holding it
-      for (int64_t p = 0; p < layout.pairs; ++p) left[static_cast<size_t>(row[p * item + layout.key_len + 1])] += 1;
+    if (layout.value_len == 1) {  // the lookup-free guess: the most frequent value among the pairs left
+      std::vector<int64_t> left(ByteTokenizer::kVocabSize, 0);  // value token -> pairs (not yet queried) holding it
+      for (int64_t p = 0; p < layout.pairs; ++p) left[static_cast<size_t>(row[p * item + layout.value_offset()])] += 1;
       for (int64_t q = 0; q < layout.queries; ++q) {
-        const int64_t value = row[(layout.pairs + q) * item + 1 + layout.key_len + 1];
+        // The answer from the targets: in the compact format the last one is past the inputs.
+        const int64_t value = tg[static_cast<size_t>(r * t + (layout.pairs + q) * item + layout.value_offset())];
+        LOOM_CHECK(value >= 0 && value < ByteTokenizer::kVocabSize)
+            << "add_recall_breakdown: row " << r << ", query " << q << ": no target at position "
+            << (layout.pairs + q) * item + layout.value_offset() << " (the layout's first answer)";
         const int64_t most = *std::max_element(left.begin(), left.end());
         if (left[static_cast<size_t>(value)] == most)
           into.no_lookup += 1.0 / static_cast<double>(std::count(left.begin(), left.end(), most));
-        left[static_cast<size_t>(value)] -= 1;
+        if (!layout.replace) left[static_cast<size_t>(value)] -= 1;  // with replacement every pair stays possible
       }
     }
     for (int64_t q = 0; q < layout.queries; ++q) {
@@ -347,7 +362,7 @@ void add_recall_breakdown(RecallBreakdown& into, const Tensor& logits, const Ten
         if (std::equal(row + start, row + start + layout.key_len, row + p * item)) pair = p;
       LOOM_CHECK(pair >= 0) << "add_recall_breakdown: row " << r << ", query " << q << ": its key is not a pair's key";
       for (int64_t j = 0; j < layout.value_len; ++j) {
-        const int64_t at = r * t + start + layout.key_len + j;  // the ':' (j = 0) or the previous value token
+        const int64_t at = r * t + start + layout.value_offset() + j - 1;  // the token before value token j
         LOOM_CHECK(tg[static_cast<size_t>(at)] != kIgnoreTarget)
             << "add_recall_breakdown: row " << r << ", query " << q << ": no target at position " << at - r * t;
         const float* logit_row = data + at * v;

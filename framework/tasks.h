@@ -7,7 +7,11 @@
 //   recall  "ab:37 qx:05 ... |qx:05 ab:37 ..." — key:value pairs, a '|', then
 //           queries repeating keys; the targets are the value bytes after each
 //           queried key. Keys are lowercase letters, values digits (disjoint
-//           alphabets); keys of one sequence are distinct.
+//           alphabets); keys of one sequence are distinct. Queries take each
+//           key at most once (data.recall.draw = distinct) or draw keys
+//           independently (replace: no answer given narrows the next).
+//           data.recall.format = compact drops the ':' and ' ' ("ab37qx05...|qx05"):
+//           each answer then follows its key directly.
 //   needle  filler text from a corpus with "The secret number is 4821. " at a
 //           depth in [0, 1] (snapped back to a space), then
 //           "\nWhat is the secret number? 4821"; the 4 digits are the targets.
@@ -38,7 +42,10 @@ inline constexpr int64_t kIgnoreTarget = -100;
 
 struct RecallLayout {
   int64_t pairs = 0, queries = 0, key_len = 0, value_len = 0;
-  int64_t item_tokens() const { return key_len + value_len + 2; }  // "key:value "
+  bool replace = false;  // queries draw keys with replacement (queries may exceed pairs)
+  bool compact = false;  // "keyvalue" items instead of "key:value "
+  int64_t item_tokens() const { return key_len + value_len + (compact ? 0 : 2); }
+  int64_t value_offset() const { return key_len + (compact ? 0 : 1); }  // first value token within an item
   int64_t tokens() const { return (pairs + queries) * item_tokens() + 1; }  // + the '|'
 };
 // The pairs and queries for a sequence of seq_len tokens (data.recall.pairs = 0
@@ -114,11 +121,13 @@ AnswerCounts answer_accuracy(const Tensor& logits, const Tensor& targets);
 // q-th query after the '|', by_pair[p] those whose key is the p-th pair of the
 // context. Shows which answers a model gets (first or late pairs, first or last
 // queries) when the total sits between chance and 1.
-// no_lookup: the expected correct answers of a strategy that never matches a
-// key: at each query, guess the most frequent value among the pairs not yet
-// queried (value_len 1; ties split evenly). Every key is queried once and the
-// answered values stay in the input, so this alone reaches ~0.59 / 0.46 / 0.36
-// at 4 / 8 / 16 pairs: an accuracy near it means no recall was learned.
+// no_lookup: the expected correct answers of the best strategy that never
+// matches a key (value_len 1; ties split evenly). Distinct draws: guess the
+// most frequent value among the pairs not yet queried — every key is queried
+// once and the answered values stay in the input, so this alone reaches
+// ~0.59 / 0.46 / 0.36 at 4 / 8 / 16 pairs. Draws with replacement: guess the
+// most frequent value among all pairs (~0.43 / 0.27 / 0.19). An accuracy near
+// it means no recall was learned.
 struct RecallBreakdown {
   std::vector<AnswerCounts> by_query, by_pair;
   double no_lookup = 0;  // expected correct answers of the lookup-free guess (value_len 1 only)

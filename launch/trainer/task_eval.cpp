@@ -141,7 +141,7 @@ std::string TaskEvalResult::table() const {
       int64_t answers = 0;
       for (const AnswerCounts& c : r.by_query) answers += c.total;
       if (answers > 0)
-        out += fmt::format("\n  {:>8} | lookup-free guess (most frequent value not yet queried): {:.3f}", "",
+        out += fmt::format("\n  {:>8} | lookup-free guess (most frequent value among the pairs left): {:.3f}", "",
                            r.no_lookup / static_cast<double>(answers));
       out += "\n";
     }

@@ -20,10 +20,11 @@
 namespace loom {
 namespace {
 
-TaskSpec recall_spec(int64_t pairs = 0, int64_t queries = 0, int64_t key_len = 2, int64_t value_len = 2) {
+TaskSpec recall_spec(int64_t pairs = 0, int64_t queries = 0, int64_t key_len = 2, int64_t value_len = 2,
+                     const std::string& draw = "distinct", const std::string& format = "spaced") {
   TaskSpec spec;
   spec.kind = TaskKind::recall;
-  spec.recall = RecallOptions{pairs, queries, key_len, value_len};
+  spec.recall = RecallOptions{pairs, queries, key_len, value_len, draw, format};
   return spec;
 }
 
@@ -77,6 +78,18 @@ TEST(Tasks, RecallLayoutFillsTheSequenceOrNamesWhatDoesNotFit) {
   EXPECT_NE(problem.find("queries <= pairs"), std::string::npos) << problem;
   recall_layout(RecallOptions{0, 0, 2, 2}, 8, &problem);
   EXPECT_NE(problem.find("at least one pair"), std::string::npos) << problem;
+
+  // With replacement, queries may outnumber the pairs.
+  l = recall_layout(RecallOptions{3, 5, 2, 2, "replace"}, 128, &problem);
+  EXPECT_EQ(problem, "");
+  EXPECT_EQ(l.pairs, 3);
+  EXPECT_EQ(l.queries, 5);
+  EXPECT_TRUE(l.replace);
+  l = recall_layout(RecallOptions{0, 12, 1, 1, "replace"}, 64, &problem);
+  EXPECT_EQ(problem, "");
+  EXPECT_EQ(l.pairs, (64 - 12 * 4) / 4);
+  EXPECT_NE(error_of([&] { recall_layout(RecallOptions{0, 0, 1, 1, "sorted"}, 64, &problem); }).find("sorted"),
+            std::string::npos);
 }
 
 TEST(Tasks, ExamplesAreAFunctionOfSeedStreamAndIndex) {
@@ -120,8 +133,14 @@ TEST(Tasks, AnyDpSplitGivesTheOneRankBatch) {
 
 // Reads the pairs before '|' and checks every unmasked target against them.
 TEST(Tasks, RecallAnswersAreTheValuesOfTheQueriedKeysAndAllElseIsMasked) {
-  for (auto [key_len, value_len, t] : {std::tuple{2, 2, 128}, std::tuple{1, 3, 61}, std::tuple{3, 1, 300}}) {
-    TaskSpec spec = recall_spec(0, 0, key_len, value_len);
+  for (auto [key_len, value_len, t, queries, draw, format] :
+       {std::tuple{2, 2, 128, 0, "distinct", "spaced"}, std::tuple{1, 3, 61, 0, "distinct", "spaced"},
+        std::tuple{3, 1, 300, 0, "distinct", "spaced"}, std::tuple{1, 1, 64, 12, "replace", "spaced"},
+        std::tuple{2, 2, 128, 0, "replace", "spaced"}, std::tuple{1, 1, 64, 0, "replace", "compact"},
+        std::tuple{2, 3, 100, 0, "distinct", "compact"}}) {
+    const bool replace = std::string(draw) == "replace", compact = std::string(format) == "compact";
+    TaskSpec spec = recall_spec(0, queries, key_len, value_len, draw, format);
+    int64_t repeated = 0;  // queries of a key asked before (replace only)
     std::string problem;
     RecallLayout layout = recall_layout(spec.recall, t, &problem);
     ASSERT_EQ(problem, "");
@@ -135,24 +154,37 @@ TEST(Tasks, RecallAnswersAreTheValuesOfTheQueriedKeysAndAllElseIsMasked) {
       size_t bar = text.find('|');
       ASSERT_NE(bar, std::string::npos) << text;
       std::map<std::string, std::string> pairs;
-      const size_t item = static_cast<size_t>(key_len + value_len + 2);
+      // spaced items "key:value ", compact items "keyvalue"
+      const size_t item = static_cast<size_t>(key_len + value_len + (compact ? 0 : 2));
+      const size_t value_at = static_cast<size_t>(key_len + (compact ? 0 : 1));
       for (size_t p = 0; p + item <= bar; p += item) {
         std::string key = text.substr(p, static_cast<size_t>(key_len));
-        ASSERT_EQ(text[p + static_cast<size_t>(key_len)], ':') << text;
+        if (!compact) {
+          ASSERT_EQ(text[p + static_cast<size_t>(key_len)], ':') << text;
+        }
+        if (!compact) {
+          ASSERT_EQ(text[p + item - 1], ' ') << text;
+        }
         for (char c : key) ASSERT_TRUE(c >= 'a' && c <= 'z') << text;
         ASSERT_EQ(pairs.count(key), 0u) << "key " << key << " twice in " << text;
-        pairs[key] = text.substr(p + static_cast<size_t>(key_len) + 1, static_cast<size_t>(value_len));
+        pairs[key] = text.substr(p + value_at, static_cast<size_t>(value_len));
+        for (char c : pairs[key]) ASSERT_TRUE(c >= '0' && c <= '9') << text;
       }
+      ASSERT_EQ(bar, static_cast<size_t>(layout.pairs) * item) << text;
       ASSERT_EQ(static_cast<int64_t>(pairs.size()), layout.pairs);
-      // Each query: its key, ':', then the value digits, which are the only targets.
+      // Each query: its key, ':' (spaced), then the value digits, which are the only targets.
       std::vector<bool> expected_answer(seq.size(), false);
       std::set<std::string> queried;
       for (int64_t q = 0; q < layout.queries; ++q) {
         size_t p = bar + 1 + static_cast<size_t>(q) * item;
         std::string key = text.substr(p, static_cast<size_t>(key_len));
         ASSERT_EQ(pairs.count(key), 1u) << "query " << key << " not among the pairs of " << text;
-        EXPECT_TRUE(queried.insert(key).second) << "key " << key << " queried twice";
-        size_t v = p + static_cast<size_t>(key_len) + 1;
+        const bool first = queried.insert(key).second;
+        if (!replace) {
+          EXPECT_TRUE(first) << "key " << key << " queried twice";
+        }
+        repeated += first ? 0 : 1;
+        size_t v = p + value_at;
         EXPECT_EQ(text.substr(v, static_cast<size_t>(value_len)), pairs[key]);
         for (size_t i = 0; i < static_cast<size_t>(value_len); ++i) expected_answer[v + i] = true;
       }
@@ -167,6 +199,10 @@ TEST(Tasks, RecallAnswersAreTheValuesOfTheQueriedKeysAndAllElseIsMasked) {
         }
       }
       EXPECT_EQ(answers, layout.queries * value_len);
+    }
+    // 20 examples of 10+ independent draws among <= 12 keys repeat some key (P(no repeat) < 1e-9).
+    if (replace) {
+      EXPECT_GT(repeated, 0) << "draw = replace never repeated a key";
     }
   }
 }
@@ -236,9 +272,12 @@ TEST(Tasks, RecallBreakdownCountsEachAnswerUnderItsQueryAndItsPair) {
   // An oracle that reads each query's value from the pairs is right at every
   // answer; then the answers of query 2 and of the pair in context slot 5 are
   // made wrong, and only their rows of the breakdown drop.
-  for (int64_t value_len : {int64_t{1}, int64_t{2}}) {
-    TaskSpec spec = recall_spec(0, 0, 1, value_len);
+  for (auto [value_len, format] : {std::pair<int64_t, const char*>{1, "spaced"}, {2, "spaced"}, {1, "compact"},
+                                   {2, "compact"}}) {
+    SCOPED_TRACE(format);
+    TaskSpec spec = recall_spec(0, 0, 1, value_len, "distinct", format);
     const int64_t t = 64, b = 3, v = 257;
+    const int64_t value_at = std::string(format) == "compact" ? 1 : 2;  // key_len 1 (+ ':')
     std::string problem;
     RecallLayout layout = recall_layout(spec.recall, t, &problem);
     ASSERT_EQ(problem, "");
@@ -255,8 +294,8 @@ TEST(Tasks, RecallBreakdownCountsEachAnswerUnderItsQueryAndItsPair) {
         int64_t pair = 0;
         while (in[static_cast<size_t>(r * t + pair * item)] != in[static_cast<size_t>(r * t + start)]) ++pair;
         for (int64_t j = 0; j < value_len; ++j) {
-          const int64_t at = r * t + start + 1 + j;  // the ':' or the value token before
-          int64_t value = in[static_cast<size_t>(r * t + pair * item + 2 + j)];
+          const int64_t at = r * t + start + value_at - 1 + j;  // the token before value token j
+          int64_t value = in[static_cast<size_t>(r * t + pair * item + value_at + j)];
           ASSERT_EQ(tg[static_cast<size_t>(at)], value) << "row " << r << " query " << q;
           const bool wrong = q == 2 || pair == 5;
           wrong_pair += pair == 5 ? 1 : 0;
@@ -276,7 +315,9 @@ TEST(Tasks, RecallBreakdownCountsEachAnswerUnderItsQueryAndItsPair) {
       EXPECT_EQ(c.total, b * value_len) << "query " << q;
       total += c.total;
       correct += c.correct;
-      if (q == 2) EXPECT_EQ(c.correct, 0);
+      if (q == 2) {
+        EXPECT_EQ(c.correct, 0);
+      }
     }
     EXPECT_EQ(r.by_pair[5].correct, 0);
     EXPECT_EQ(r.by_pair[5].total, b * value_len);
@@ -311,6 +352,24 @@ TEST(Tasks, RecallLookupFreeGuessIsTheMostFrequentValueNotYetQueried) {
   EXPECT_EQ(r.by_query[1].total, 1);
   EXPECT_EQ(r.by_pair[0].total, 1);  // a is pair 0, queried second
   EXPECT_EQ(r.by_query[1].correct, 0);  // argmax of zero logits is token 0
+
+  // Drawn with replacement, answers narrow nothing: the guess is always 1 (2 of
+  // the 4 pairs), right at the queries of a and b: 2 of 4. Repeated keys allowed.
+  layout = recall_layout(RecallOptions{4, 4, 1, 1, "replace"}, 32, &problem);
+  ASSERT_EQ(problem, "");
+  RecallBreakdown rr;
+  add_recall_breakdown(rr, Tensor::zeros({1, 32, 257}), inputs, targets, layout);
+  EXPECT_DOUBLE_EQ(rr.no_lookup, 2.0);
+  const std::string repeats = "a:1 b:1 c:2 d:3 |c:2 c:2 d:3 b:1 ";  // 1 right of 4
+  for (size_t i = 0; i < 32; ++i) in[i] = repeats[i];
+  for (int64_t q = 0; q < 4; ++q)
+    tg[static_cast<size_t>((4 + q) * 4 + 2)] = repeats[static_cast<size_t>((4 + q) * 4 + 3)];
+  RecallBreakdown rep;
+  add_recall_breakdown(rep, Tensor::zeros({1, 32, 257}), Tensor::from_vector(in, {1, 32}),
+                       Tensor::from_vector(tg, {1, 32}), layout);
+  EXPECT_DOUBLE_EQ(rep.no_lookup, 1.0);
+  EXPECT_EQ(rep.by_pair[2].total, 2);  // c asked twice
+  EXPECT_EQ(rep.by_pair[0].total, 0);
 }
 
 TEST(Tasks, EvalResultJsonAndTable) {
