@@ -47,6 +47,28 @@ Variable HeadRMSNorm::forward(const Variable& x) const {
   return reshape(mul(normed, weight_), shape);                 // (..., H, D)
 }
 
+ShortConv::ShortConv(int64_t channels, int64_t width, DType dtype) : channels_(channels), width_(width) {
+  LOOM_CHECK(width >= 2) << "short convolution: width " << width << " must be >= 2";
+  ParamAttrs a;
+  a.weight_decay = false;
+  a.init.kind = InitSpec::Kind::zeros;
+  weight_ = register_parameter("weight", Tensor::zeros({width - 1, channels}, dtype), a);  // (w - 1, C)
+}
+
+Variable ShortConv::forward(const Variable& x) const {
+  LOOM_CHECK(x.dim() == 3 && x.size(2) == channels_)
+      << "short convolution: x " << shape_str(x.shape()) << " must be (B, T, " << channels_ << ")";
+  const int64_t b = x.size(0), t = x.size(1);
+  Variable y = x;
+  for (int64_t i = 1; i < width_ && i < t; ++i) {
+    // x shifted i steps later in time: zeros, then x[:, : T - i].
+    Variable zeros(Tensor::zeros({b, i, channels_}, x.dtype(), x.device()), false);
+    Variable shifted = concat({zeros, narrow(x, 1, 0, t - i)}, 1);             // (B, T, C)
+    y = add(y, mul(shifted, reshape(narrow(weight_, 0, i - 1, 1), {channels_})));  // (B, T, C)
+  }
+  return y;
+}
+
 LightningAttention::LightningAttention(const DecoderConfig& config, int64_t layer)
     : n_heads_(config.n_heads), head_dim_(config.head_dim), block_size_(config.lightning.block),
       out_scale_(1.0 / std::sqrt(static_cast<double>(config.head_dim))) {
@@ -68,6 +90,13 @@ LightningAttention::LightningAttention(const DecoderConfig& config, int64_t laye
     out_norm_ = register_module("out_norm",
                                 std::make_shared<HeadRMSNorm>(n_heads_, head_dim_, config.norm_eps, config.dtype));
   o_proj_ = register_module("o_proj", std::make_shared<Linear>(hd, c, false, out_init, config.dtype));
+  LOOM_CHECK(o.short_conv == 0 || o.short_conv >= 2)
+      << "model.L.short_conv = " << o.short_conv << " must be 0 (off) or a width >= 2";
+  if (o.short_conv >= 2) {
+    q_conv_ = register_module("q_conv", std::make_shared<ShortConv>(hd, o.short_conv, config.dtype));
+    k_conv_ = register_module("k_conv", std::make_shared<ShortConv>(hd, o.short_conv, config.dtype));
+    v_conv_ = register_module("v_conv", std::make_shared<ShortConv>(hd, o.short_conv, config.dtype));
+  }
 }
 
 Variable LightningAttention::forward(const Variable& x, SequenceContext& ctx) const {
@@ -75,9 +104,19 @@ Variable LightningAttention::forward(const Variable& x, SequenceContext& ctx) co
   // the ranks' chunks through their states (any layout).
   LOOM_CHECK(x.dim() == 3) << "lightning attention: x must be (B, T, C), got " << shape_str(x.shape());
   int64_t b = x.size(0), t = x.size(1), hd = n_heads_ * head_dim_;
-  Variable q = reshape(q_proj_->forward(x), {b, t, n_heads_, head_dim_});  // (B, T, H, D)
-  Variable k = reshape(k_proj_->forward(x), {b, t, n_heads_, head_dim_});  // (B, T, H, D)
-  Variable v = reshape(v_proj_->forward(x), {b, t, n_heads_, head_dim_});  // (B, T, H, D)
+  Variable q = q_proj_->forward(x), k = k_proj_->forward(x), v = v_proj_->forward(x);  // (B, T, H*D)
+  if (q_conv_) {
+    // The shift reaches w - 1 tokens back: under cp those sit on another rank (not exchanged yet).
+    LOOM_CHECK(!ctx.cp.active()) << "model.L.short_conv = " << q_conv_->width()
+                                 << " with parallel.cp > 1 is not supported yet (the convolution would need the "
+                                    "previous rank's last tokens); use short_conv = 0 or cp = 1";
+    q = q_conv_->forward(q);
+    k = k_conv_->forward(k);
+    v = v_conv_->forward(v);
+  }
+  q = reshape(q, {b, t, n_heads_, head_dim_});  // (B, T, H, D)
+  k = reshape(k, {b, t, n_heads_, head_dim_});  // (B, T, H, D)
+  v = reshape(v, {b, t, n_heads_, head_dim_});  // (B, T, H, D)
   if (silu_qk_) {
     q = silu(q);
     k = silu(k);

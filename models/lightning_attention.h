@@ -43,6 +43,24 @@ class HeadRMSNorm : public Module {
   Variable unit_;    // (D) ones, a constant
 };
 
+// Causal depthwise short convolution over time (as the short convolutions on
+// q, k, v of recent linear-attention models): y_t = x_t + sum_{i=1}^{w-1}
+// weight[i-1] * x_{t-i} per channel, zero before the sequence start. The
+// current tap is fixed at 1 and the w - 1 earlier taps start at 0, so a new
+// layer starts as if there were no convolution. It gives each token its
+// predecessors directly (the shift an induction/recall lookup needs) instead
+// of leaving the attention to learn it. weight (w - 1, C), no weight decay.
+class ShortConv : public Module {
+ public:
+  ShortConv(int64_t channels, int64_t width, DType dtype);
+  Variable forward(const Variable& x) const;  // (B, T, C) -> (B, T, C)
+  int64_t width() const { return width_; }
+
+ private:
+  int64_t channels_, width_;
+  Variable weight_;  // (w - 1, C)
+};
+
 class LightningAttention : public Mixer {
  public:
   LightningAttention(const DecoderConfig& config, int64_t layer);
@@ -60,6 +78,7 @@ class LightningAttention : public Mixer {
   Tensor decay_lambdas_;  // (H) f64
   std::shared_ptr<Linear> q_proj_, k_proj_, v_proj_, gate_proj_, o_proj_;
   std::shared_ptr<HeadRMSNorm> out_norm_;
+  std::shared_ptr<ShortConv> q_conv_, k_conv_, v_conv_;  // model.L.short_conv > 1
 };
 
 // The TransNormer decay rates of layer `layer` of `n_layers`: (H) f64.

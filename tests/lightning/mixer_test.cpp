@@ -54,6 +54,13 @@ TEST(LightningMixer, ParameterNamesAreStable) {
   std::vector<std::string> plain;
   for (const auto& p : LightningAttention(c, 0).named_parameters()) plain.push_back(p.name);
   EXPECT_EQ(plain, (std::vector<std::string>{"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"}));
+  c.lightning.short_conv = 4;
+  std::vector<std::string> conv;
+  LightningAttention with_conv(c, 0);
+  for (const auto& p : with_conv.named_parameters()) conv.push_back(p.name);
+  EXPECT_EQ(conv, (std::vector<std::string>{"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+                                            "q_conv.weight", "k_conv.weight", "v_conv.weight"}));
+  EXPECT_EQ(with_conv.named_parameters()[4].var.shape(), (Shape{3, 8}));  // (width - 1, H*D)
 }
 
 TEST(LightningMixer, TransNormerDecaySchedule) {
@@ -87,6 +94,10 @@ TEST(LightningMixer, OutputsAreCausal) {
 void check_mixer_gradients(const DecoderConfig& c, int64_t B, int64_t T, uint64_t seed) {
   LightningAttention mixer(c, 1);
   mixer.initialize(seed, 0.3, c.n_layers);
+  for (const auto& p : mixer.named_parameters()) {  // short-convolution taps start at 0: make them count
+    Tensor taps = p.var.data();  // shares the parameter's storage
+    if (p.name.find("_conv.") != std::string::npos) taps.copy_(random_tensor(taps.shape(), seed + 7, DType::f64, 0.5));
+  }
   Tensor x = random_tensor({B, T, c.d_model}, seed + 1);
   Tensor r = random_tensor({B, T, c.d_model}, seed + 2);
   auto objective = [&](const Variable& in) {
@@ -127,6 +138,32 @@ TEST(LightningMixer, GradientsMatchFiniteDifferences) {
   c.lightning.output_norm = true;
   c.lightning.decay_scale = 0.0;
   check_mixer_gradients(c, 2, 5, 30);
+  c = tiny_config();
+  c.lightning.short_conv = 3;
+  check_mixer_gradients(c, 2, 7, 40);  // every tap reaches inside the sequence
+  check_mixer_gradients(c, 1, 2, 50);  // T = 2 < width: the second tap falls before the start
+}
+
+// y_t = x_t + sum_i w[i-1] x_{t-i} per channel, zeros before the start; taps start at 0 (identity).
+TEST(LightningMixer, ShortConvolutionShiftsEachChannelCausally) {
+  ShortConv conv(3, 3, DType::f64);
+  Tensor x = random_tensor({2, 5, 3}, 60);
+  EXPECT_TENSOR_CLOSE(conv.forward(Variable(x)).data(), x, 0, 0);  // a new layer: no convolution yet
+  Tensor w = random_tensor({2, 3}, 61);
+  Tensor taps = conv.named_parameters()[0].var.data();  // shares the parameter's storage
+  taps.copy_(w);
+  Tensor y = conv.forward(Variable(x)).data();
+  const double* xd = x.data<double>();
+  const double* wd = w.data<double>();
+  for (int64_t b = 0; b < 2; ++b)
+    for (int64_t t = 0; t < 5; ++t)
+      for (int64_t ch = 0; ch < 3; ++ch) {
+        double expected = xd[(b * 5 + t) * 3 + ch];
+        for (int64_t i = 1; i <= 2 && i <= t; ++i) expected += wd[(i - 1) * 3 + ch] * xd[(b * 5 + t - i) * 3 + ch];
+        EXPECT_NEAR(y.data<double>()[(b * 5 + t) * 3 + ch], expected, 1e-14) << b << " " << t << " " << ch;
+      }
+  EXPECT_ERROR_MENTIONS(ShortConv(3, 1, DType::f64), {"width 1"});
+  EXPECT_ERROR_MENTIONS(conv.forward(Variable(random_tensor({2, 5, 4}, 62))), {"(B, T, 3)"});
 }
 
 TEST(LightningMixer, ForwardFlopsFollowAlgorithms11) {
@@ -148,6 +185,9 @@ TEST(LightningMixer, BadOptionsNameTheValues) {
   c = tiny_config();
   c.lightning.decay_scale = -2.0;
   EXPECT_ERROR_MENTIONS(DecoderLM(c), {"model.L.decay_scale = -2"});
+  c = tiny_config();
+  c.lightning.short_conv = 1;
+  EXPECT_ERROR_MENTIONS(DecoderLM(c), {"model.L.short_conv = 1"});
 }
 
 // A hybrid lightning + softmax decoder learns a fixed batch with plain SGD.
