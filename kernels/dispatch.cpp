@@ -5,6 +5,7 @@
 // one there is an error naming the op.
 #include "kernels/dispatch.h"
 
+#include <atomic>
 #include <initializer_list>
 
 #include "kernels/cpu/activation.h"
@@ -50,6 +51,8 @@ namespace loom::dispatch {
 
 namespace {
 
+std::atomic<AttentionBackend> g_attention_backend{AttentionBackend::automatic};
+
 [[maybe_unused]] [[noreturn]] void no_cuda_kernel(const char* op, Device device) {
   LOOM_FAIL() << op << ": tensors on " << device << " but loom was built without CUDA (LOOM_CUDA=OFF); "
               << "rebuild with CUDA or run on cpu";
@@ -83,6 +86,34 @@ Tensor gemm_operand(const Tensor& t) {
 #endif
 
 }  // namespace
+
+AttentionBackend attention_backend_from_name(const std::string& name) {
+  if (name == "auto") return AttentionBackend::automatic;
+  if (name == "native") return AttentionBackend::native;
+  if (name == "interim") return AttentionBackend::interim;
+  LOOM_FAIL() << "attention backend \"" << name << "\" is not one of auto, native, interim";
+}
+const char* attention_backend_name(AttentionBackend backend) {
+  switch (backend) {
+    case AttentionBackend::automatic: return "auto";
+    case AttentionBackend::native: return "native";
+    case AttentionBackend::interim: return "interim";
+  }
+  return "?";
+}
+void set_attention_backend(AttentionBackend backend) { g_attention_backend.store(backend); }
+AttentionBackend attention_backend() { return g_attention_backend.load(); }
+
+#ifdef LOOM_WITH_CUDA
+namespace {
+// The CUDA kernels model.attention_backend picks (auto: interim until the flash
+// kernels are verified on the GPU).
+cuda::AttentionKernel cuda_attention_kernel() {
+  return attention_backend() == AttentionBackend::native ? cuda::AttentionKernel::flash
+                                                         : cuda::AttentionKernel::interim;
+}
+}  // namespace
+#endif
 
 // ---- matrix products ----
 void gemm(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, double alpha, double beta,
@@ -200,7 +231,8 @@ void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& 
   if (on_cpu("attention", {&out, &lse, &q, &k, &v, &q_positions, &k_positions}, s))
     return cpu::attention_forward(out, lse, q, k, v, q_positions, k_positions, scale, causal, s2, s);
   WITH_CUDA("attention", s,
-                      cuda::attention_forward(out, lse, q, k, v, q_positions, k_positions, scale, causal, s2, s));
+                      cuda::attention_forward(out, lse, q, k, v, q_positions, k_positions, scale, causal, s2, s,
+                                              cuda_attention_kernel()));
 }
 void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& dlse, const Tensor& q,
                         const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
@@ -212,7 +244,7 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
                                    causal, s2, s);
   WITH_CUDA("attention_backward", s,
                       cuda::attention_backward(dq, dk, dv, dout, dlse, q, k, v, out, lse, q_positions, k_positions,
-                                               scale, causal, s2, s));
+                                               scale, causal, s2, s, cuda_attention_kernel()));
 }
 void attention_merge(Tensor& out_acc, Tensor& lse_acc, const Tensor& part_out, const Tensor& part_lse,
                      int64_t row_start, Stream& s) {

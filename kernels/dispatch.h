@@ -7,6 +7,7 @@
 // crash; dtype support is each kernel's own check (CPU: f32/f64; CUDA: f32/bf16/f16).
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "framework/stream.h"
@@ -19,6 +20,20 @@ namespace loom::dispatch {
 
 using cpu::AdamWScalars;
 using cpu::BinaryOp;
+
+// ---- kernel choices (process-wide) ----
+// model.attention_backend: which CUDA softmax-attention kernels run.
+//   native   the flash kernels (tensor cores) where they apply — bf16, head dim
+//            64 or 128 — and the interim CUDA-core kernels elsewhere
+//   interim  the CUDA-core kernels everywhere (fp32 math)
+//   auto     interim for now: native becomes auto's choice once its parity and
+//            speed are measured on the GPU (issue 7)
+// CPU tensors always run the CPU twin.
+enum class AttentionBackend { automatic, native, interim };
+AttentionBackend attention_backend_from_name(const std::string& name);  // throws naming the value
+const char* attention_backend_name(AttentionBackend backend);
+void set_attention_backend(AttentionBackend backend);  // default automatic
+AttentionBackend attention_backend();
 
 // ---- matrix products (kernels/cpu/matmul.h) ----
 void gemm(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, double alpha, double beta,

@@ -1,4 +1,4 @@
-// loom-bench [--json out.json] [--reps N]
+// loom-bench [--json out.json] [--reps N] [--families gemm,memory,optimizer,attention]
 // Times the CUDA kernels at the shapes of the recipes (launch/recipes: d 128,
 // 4 heads, F 384, byte vocab, 8 x 128 tokens) and of a 1.3B model (d 2048,
 // 16 heads of 128, SwiGLU F 5632, vocab 32000, 16K tokens per step), one
@@ -11,6 +11,7 @@
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <functional>
@@ -25,8 +26,10 @@
 #include "framework/tensor.h"
 
 #ifdef LOOM_WITH_CUDA
+#include "kernels/cpu/s2_pattern.h"
 #include "kernels/cuda/activation.h"
 #include "kernels/cuda/adamw.h"
+#include "kernels/cuda/attention.h"
 #include "kernels/cuda/cross_entropy.h"
 #include "kernels/cuda/elementwise.h"
 #include "kernels/cuda/embedding.h"
@@ -221,6 +224,57 @@ void bench_memory_bound(Bench& b, const ModelShape& m) {
   }
 }
 
+// Softmax attention at the issue-7 shapes (B 1, H 16, D 128, bf16, causal):
+// the flash kernels at T = 4K, 16K, 32K and the interim kernels at 4K, 16K
+// (the in-run baseline; tools/bench_torch.py adds PyTorch SDPA with its flash
+// and cuDNN backends), forward and forward + backward; then S2 (block 64, 16
+// local blocks, vert_stride 8) against dense flash at 32K and 128K. FLOPs by
+// the usual convention: forward 4 D per visible (query, key) pair per head,
+// backward 2.5x the forward (the deterministic backward does 7 of the 5
+// products' worth: see kernels/NOTES.md); S2 rows count the dense pairs, so
+// their TFLOP/s over dense's is the speedup.
+void bench_attention(Bench& b) {
+  Stream& s = b.stream();
+  const DType bf = DType::bf16;
+  const int64_t H = 16, D = 128;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  struct Run {
+    const char* label;
+    cuda::AttentionKernel kernel;
+    int64_t T;
+    bool s2;
+  };
+  const Run runs[] = {{"flash", cuda::AttentionKernel::flash, 4096, false},
+                      {"flash", cuda::AttentionKernel::flash, 16384, false},
+                      {"flash", cuda::AttentionKernel::flash, 32768, false},
+                      {"interim", cuda::AttentionKernel::interim, 4096, false},
+                      {"interim", cuda::AttentionKernel::interim, 16384, false},
+                      {"flash s2", cuda::AttentionKernel::flash, 32768, true},
+                      {"flash", cuda::AttentionKernel::flash, 131072, false},
+                      {"flash s2", cuda::AttentionKernel::flash, 131072, true}};
+  for (const Run& r : runs) {
+    const Shape shape{1, r.T, H, D};
+    Tensor q = filled(shape, bf, 0.1, s), k = filled(shape, bf, 0.1, s), v = filled(shape, bf, 0.1, s);
+    Tensor out = filled(shape, bf, 0, s), dout = filled(shape, bf, 0.1, s);
+    Tensor dq = filled(shape, bf, 0, s), dk = filled(shape, bf, 0, s), dv = filled(shape, bf, 0, s);
+    Tensor lse = filled({1, H, r.T}, DType::f32, 0, s);
+    Tensor pos = Tensor::arange(r.T).to(gpu());
+    const S2Pattern s2 = r.s2 ? S2Pattern{64, 16, 8} : S2Pattern{};
+    const double pairs = 0.5 * static_cast<double>(r.T) * static_cast<double>(r.T + 1);
+    const double fwd_flops = 4.0 * static_cast<double>(D * H) * pairs;
+    const std::string shape_text = "1x" + std::to_string(r.T) + "x16x128 causal";
+    auto forward = [&] {
+      cuda::attention_forward(out, lse, q, k, v, pos, pos, scale, true, s2, s, r.kernel);
+    };
+    b.compute("attention", std::string(r.label) + " fwd", shape_text, fwd_flops, forward);
+    b.compute("attention", std::string(r.label) + " fwd+bwd", shape_text, 3.5 * fwd_flops, [&] {
+      forward();
+      cuda::attention_backward(dq, dk, dv, dout, Tensor(), q, k, v, out, lse, pos, pos, scale, true, s2, s,
+                               r.kernel);
+    });
+  }
+}
+
 // Parameter list of `layers` blocks of the model plus its embedding (the optimizer's view).
 std::vector<Shape> parameter_shapes(const ModelShape& m, int layers) {
   std::vector<Shape> shapes{{m.vocab, m.d}};
@@ -282,7 +336,13 @@ void bench_gemm(Bench& b, const ModelShape& m) {
   }
 }
 
-int run(const std::string& json_path, int reps) {
+// True when `family` is in the comma-separated `families` (empty: all).
+bool wanted(const std::string& families, const std::string& family) {
+  if (families.empty()) return true;
+  return ("," + families + ",").find("," + family + ",") != std::string::npos;
+}
+
+int run(const std::string& json_path, int reps, const std::string& families) {
   if (!cuda_is_available()) {
     std::printf("loom-bench: no usable GPU (%s); nothing to time.\n", cuda_unavailable_reason().c_str());
     return 0;
@@ -292,15 +352,18 @@ int run(const std::string& json_path, int reps) {
   const double copy_gbps = copy_bandwidth(b);
   std::printf("loom-bench: device-to-device copy %.1f GB/s (read + write), median of %d; GEMM peak %.0f TFLOP/s\n",
               copy_gbps, reps, kPeakTflops);
-  {
+  if (wanted(families, "gemm")) {
     const int64_t big = 8192;
     Tensor a = filled({big, big}, DType::bf16, 0.01, s), c = filled({big, big}, DType::bf16, 0, s);
     b.compute("gemm", "square bf16", dims({big, big, big}), 2.0 * big * big * big,
               [&] { cuda::gemm(c, a, a, false, false, 1, 0, s); });
+    for (const ModelShape& m : kModels) bench_gemm(b, m);
   }
-  for (const ModelShape& m : kModels) bench_gemm(b, m);
-  for (const ModelShape& m : kModels) bench_memory_bound(b, m);
-  for (const ModelShape& m : kModels) bench_optimizer(b, m);
+  if (wanted(families, "memory"))
+    for (const ModelShape& m : kModels) bench_memory_bound(b, m);
+  if (wanted(families, "optimizer"))
+    for (const ModelShape& m : kModels) bench_optimizer(b, m);
+  if (wanted(families, "attention")) bench_attention(b);
   b.print(copy_gbps);
   if (!json_path.empty()) {
     std::ofstream out(json_path);
@@ -313,7 +376,7 @@ int run(const std::string& json_path, int reps) {
 
 #else
 
-int run(const std::string&, int) {
+int run(const std::string&, int, const std::string&) {
   std::printf("loom-bench: built without CUDA (no nvcc at configure time); nothing to time.\n");
   return 0;
 }
@@ -328,9 +391,12 @@ int main(int argc, char** argv) {
   int reps = 20;
   app.add_option("--json", json_path, "also write the rows as JSON (input of tools/bench_torch.py)");
   app.add_option("--reps", reps, "timed repetitions per kernel (median reported)")->check(CLI::Range(10, 1000));
+  std::string families;
+  app.add_option("--families", families,
+                 "comma-separated groups to time: gemm, memory, optimizer, attention (default: all)");
   CLI11_PARSE(app, argc, argv);
   try {
-    return run(json_path, reps);
+    return run(json_path, reps, families);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "loom-bench: %s\n", e.what());
     return 1;

@@ -11,6 +11,10 @@ torch.matmul (GEMMs), torch.add / mul / copy_ / sum, F.rms_norm, F.silu * up
 (eager SwiGLU), torch.softmax, F.cross_entropy (forward, backward through
 autograd), torch.optim.AdamW(fused=True) (fp32 params; it writes no bf16 copy,
 so it moves 28 bytes per parameter where loom moves 30), torch._foreach_norm.
+Attention rows (dense, causal) are timed with F.scaled_dot_product_attention
+twice, pinned to its flash backend and to its cuDNN backend (is_causal=True,
+B 1, H 16, D 128, bf16; fwd+bwd through autograd), and printed with both
+ratios; S2 rows have no PyTorch counterpart.
 Rows without a counterpart (RoPE, embedding) are listed with loom's time only.
 """
 import argparse
@@ -59,6 +63,28 @@ def parameter_shapes(model, layers=4):
     for _ in range(layers):
         shapes += [(qkv, d), (d, heads * hd), (ffn, d), (ffn, d), (d, ffn), (d,), (d,)]
     return shapes + [(d,)]
+
+
+def attention_counterparts(row):
+    """{backend: closure} timing SDPA at the row's shape, pinned to each backend; {} for S2 rows."""
+    if "s2" in row["name"]:
+        return {}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    b, t, h, d = dims(row["shape"])[:4]
+    q, k, v = (torch.randn(b, h, t, d, dtype=torch.bfloat16, device="cuda", requires_grad=True) for _ in range(3))
+    dout = torch.randn(b, h, t, d, dtype=torch.bfloat16, device="cuda")
+    out = {}
+    for label, backend in (("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def fwd(backend=backend):
+            with sdpa_kernel(backend), torch.no_grad():
+                F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        def fwd_bwd(backend=backend):
+            with sdpa_kernel(backend):
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                torch.autograd.grad(o, (q, k, v), dout)
+        out[label] = fwd_bwd if row["name"].endswith("fwd+bwd") else fwd
+    return out
 
 
 def counterpart(row):
@@ -149,6 +175,24 @@ def main():
           f"loom copy bandwidth {data['copy_gbps']:.1f} GB/s")
     family = None
     for row in data["rows"]:
+        if row["family"] == "attention":
+            if row["family"] != family:
+                family = row["family"]
+                print(f"\n== {family} (TFLOP/s: causal pairs, forward 4 D per pair, fwd+bwd 3.5x forward) ==")
+                print(f"{'kernel':<22} {'shape':<28} {'loom ms':>9} {'TFLOP/s':>8} {'flash ms':>9} "
+                      f"{'flash/loom':>10} {'cudnn ms':>9} {'cudnn/loom':>10}")
+            cells = []
+            for label, fn in attention_counterparts(row).items():
+                try:
+                    ms = time_ms(fn, args.reps)
+                    cells += [f"{ms:9.3f}", f"{ms / row['ms']:10.2f}"]
+                except RuntimeError as e:  # a backend that does not take the shape on this card
+                    print(f"  ({label}: {str(e).splitlines()[0]})")
+                    cells += [f"{'-':>9}", f"{'-':>10}"]
+            tflops = row["flops"] / (row["ms"] * 1e-3) / 1e12
+            print(f"{row['name']:<22} {row['shape']:<28} {row['ms']:9.3f} {tflops:8.1f} " + " ".join(cells))
+            torch.cuda.empty_cache()
+            continue
         if row["family"] != family:
             family = row["family"]
             print(f"\n== {family} ==")

@@ -34,11 +34,12 @@ if [ "$NGPU" -ge 2 ]; then
 fi
 step compute-sanitizer memcheck
 timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 $B/loom_cuda_tests \
-  --gtest_filter='CudaElementwise*:CudaReduce*:CudaSoftmax*:CudaCrossEntropy*:CudaAdamW*:CudaGradNorm*:CudaAttention.Backward*:CudaLightning.TwoChained*:CudaMoe*:CudaTensor*:CudaRmsNorm*:CudaRope*:CudaEmbedding*:CudaSwiglu*' \
+  --gtest_filter='CudaElementwise*:CudaReduce*:CudaSoftmax*:CudaCrossEntropy*:CudaAdamW*:CudaGradNorm*:CudaAttention.Backward*:CudaFlashAttention.BackwardIsDeterministic:CudaFlashAttention.Dispatch*:CudaLightning.TwoChained*:CudaMoe*:CudaTensor*:CudaRmsNorm*:CudaRope*:CudaEmbedding*:CudaSwiglu*' \
   > "$OUT/memcheck.log" 2>&1; echo "rc $?"; grep -E "ERROR SUMMARY|PASSED|FAILED" "$OUT/memcheck.log" | tail -3
 step "benchmarks (loom-bench beside PyTorch on the same card)"
-timeout 120 $B/loom-bench --json "$OUT/loom-bench.json" > "$OUT/loom-bench.log" 2>&1; echo "bench rc $?"
-timeout 120 python3 tools/bench_torch.py "$OUT/loom-bench.json" > "$OUT/bench-torch.log" 2>&1; echo "torch rc $?"
+timeout 240 $B/loom-bench --json "$OUT/loom-bench.json" > "$OUT/loom-bench.log" 2>&1; echo "bench rc $?"
+timeout 300 python3 tools/bench_torch.py "$OUT/loom-bench.json" > "$OUT/bench-torch.log" 2>&1; echo "torch rc $?"
+grep -A12 "== attention" "$OUT/bench-torch.log"
 timeout 60 $B/loom-bench-lightning --reps 10 > "$OUT/bench-lightning.log" 2>&1; echo "lightning bench rc $?"
 step trainings on the GPU
 TEXTARG=(); [ -n "$TEXT" ] && TEXTARG=("data.text=$TEXT")
@@ -49,6 +50,13 @@ for dt in bf16 f32; do
   timeout 240 $B/loom-train launch/recipes/demo.yaml train.device=cuda train.dtype=$dt train.micro_batch_size=16 \
     log.name=demo-cuda-$dt "${COMMON[@]}" > "$OUT/demo-cuda-$dt.log" 2>&1; echo "demo $dt rc $?"
   grep -E "^step (10|100|250|500)/|val|done" "$OUT/demo-cuda-$dt.log" | tail -8
+done
+# Head dim 64 (2 query heads, 1 kv head) so the flash kernels apply: native (flash) against interim, bf16.
+for backend in native interim; do
+  timeout 240 $B/loom-train launch/recipes/demo.yaml train.device=cuda train.dtype=bf16 train.micro_batch_size=16 \
+    model.n_heads=2 model.n_kv_heads=1 model.attention_backend=$backend log.name=demo-attn-$backend "${COMMON[@]}" \
+    > "$OUT/demo-attn-$backend.log" 2>&1; echo "demo attention $backend rc $?"
+  grep -E "val|done" "$OUT/demo-attn-$backend.log" | tail -4
 done
 if [ "$NGPU" -ge 2 ]; then
   # Data parallelism (2 x 8) and sequence parallelism (cp 2, ring, 1 x 16) on two GPUs: same global batch.

@@ -3,7 +3,9 @@
 // This file is C++20 (it needs S2Pattern); the kernels are compiled as C++17.
 #include "kernels/cuda/attention.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #include "kernels/cpu/s2_pattern.h"
 #include "kernels/cuda/attention_launch.h"
@@ -65,16 +67,36 @@ detail::AttentionDims check_inputs(const Tensor& q, const Tensor& k, const Tenso
   return n;
 }
 
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// i64 scratch on the stream's pool (at least one element).
+Storage scratch_i64(int64_t count, const Tensor& like, Stream& s) {
+  return Storage(static_cast<size_t>(std::max<int64_t>(1, count)) * sizeof(int64_t), like.device(), &s);
+}
+
 }  // namespace
+
+bool flash_attention_applies(const Tensor& q, const Tensor& k, const Tensor& v) {
+  return q.defined() && k.defined() && v.defined() && q.dim() == 4 &&
+         detail::flash_attention_supports(q.dtype(), q.size(3)) && aligned16(q.raw_data()) &&
+         aligned16(k.raw_data()) && aligned16(v.raw_data());
+}
 
 void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                        const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
-                       const S2Pattern& s2, Stream& s) {
+                       const S2Pattern& s2, Stream& s, AttentionKernel kernel) {
   const char* op = "attention_forward";
   detail::AttentionMask mask;
   detail::AttentionDims n = check_inputs(q, k, v, q_positions, k_positions, scale, causal, s2, s, op, mask);
   check_like(out, q.shape(), q.dtype(), s, op, "out");
   check_like(lse, {n.B, n.H, n.T}, DType::f32, s, op, "lse");
+  if (kernel == AttentionKernel::flash && flash_attention_applies(q, k, v) && aligned16(out.raw_data())) {
+    Storage scratch = scratch_i64(detail::flash_attention_scratch(n), q, s);
+    detail::launch_flash_attention_forward(out.raw_data(), lse.data<float>(), q.raw_data(), k.raw_data(),
+                                           v.raw_data(), static_cast<int64_t*>(scratch.data()), n, mask,
+                                           static_cast<float>(scale), static_cast<cudaStream_t>(s.handle()));
+    return;
+  }
   detail::launch_attention_forward(q.dtype(), out.raw_data(), lse.data<float>(), q.raw_data(), k.raw_data(),
                                    v.raw_data(), n, mask, static_cast<float>(scale),
                                    static_cast<cudaStream_t>(s.handle()));
@@ -83,7 +105,7 @@ void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& 
 void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& dlse, const Tensor& q,
                         const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                         const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
-                        const S2Pattern& s2, Stream& s) {
+                        const S2Pattern& s2, Stream& s, AttentionKernel kernel) {
   const char* op = "attention_backward";
   detail::AttentionMask mask;
   detail::AttentionDims n = check_inputs(q, k, v, q_positions, k_positions, scale, causal, s2, s, op, mask);
@@ -96,6 +118,18 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
   if (dlse.defined()) check_like(dlse, {n.B, n.H, n.T}, DType::f32, s, op, "dlse");
   // delta (B, H, T): rowsum(dout * out) - dlse, on the stream's pool.
   Storage delta(static_cast<size_t>(std::max<int64_t>(1, n.B * n.H * n.T)) * sizeof(float), q.device(), &s);
+  if (kernel == AttentionKernel::flash && dout.defined() && flash_attention_applies(q, k, v) &&
+      aligned16(dout.raw_data()) && aligned16(dq.raw_data()) && aligned16(dk.raw_data()) &&
+      aligned16(dv.raw_data())) {
+    Storage scratch = scratch_i64(detail::flash_attention_scratch(n), q, s);
+    detail::launch_flash_attention_backward(dq.raw_data(), dk.raw_data(), dv.raw_data(),
+                                            static_cast<float*>(delta.data()), static_cast<int64_t*>(scratch.data()),
+                                            dout.raw_data(), dlse.defined() ? dlse.data<float>() : nullptr,
+                                            q.raw_data(), k.raw_data(), v.raw_data(), out.raw_data(),
+                                            lse.data<float>(), n, mask, static_cast<float>(scale),
+                                            static_cast<cudaStream_t>(s.handle()));
+    return;
+  }
   detail::launch_attention_backward(q.dtype(), dq.raw_data(), dk.raw_data(), dv.raw_data(),
                                     static_cast<float*>(delta.data()), dout.defined() ? dout.raw_data() : nullptr,
                                     dlse.defined() ? dlse.data<float>() : nullptr, q.raw_data(), k.raw_data(),

@@ -473,19 +473,26 @@ void launch_attention_forward(DType dtype, void* out, float* lse, const void* q,
   });
 }
 
+void launch_attention_delta(DType dtype, float* delta, const void* dout, const void* out, const float* dlse,
+                            const AttentionDims& n, cudaStream_t stream) {
+  const int64_t rows = n.B * n.H * n.T;
+  if (rows == 0) return;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    attention_delta_kernel<T><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
+        delta, static_cast<const T*>(dout), static_cast<const T*>(out), dlse, n);
+    LOOM_CUDA_CHECK(cudaGetLastError());
+  });
+}
+
 void launch_attention_backward(DType dtype, void* dq, void* dk, void* dv, float* delta, const void* dout,
                                const float* dlse, const void* q, const void* k, const void* v, const void* out,
                                const float* lse, const AttentionDims& n, const AttentionMask& mask, float scale,
                                cudaStream_t stream) {
   if (n.B == 0 || n.H == 0) return;
+  launch_attention_delta(dtype, delta, dout, out, dlse, n, stream);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const int64_t rows = n.B * n.H * n.T;
-    if (rows > 0) {
-      attention_delta_kernel<T><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
-          delta, static_cast<const T*>(dout), static_cast<const T*>(out), dlse, n);
-      LOOM_CUDA_CHECK(cudaGetLastError());
-    }
     dispatch_head_dim(n.D, [&](auto kd) {
       constexpr int kD = decltype(kd)::value;
       if (n.T > 0) {

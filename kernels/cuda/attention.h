@@ -1,9 +1,11 @@
 // Softmax attention CUDA kernels with the CPU twin's contract
 // (kernels/cpu/attention.h): GQA, causal mask by global i64 positions, the S2
 // block mask, per-row log-sum-exp out and its gradient in. Storage bf16 or f32
-// with fp32 math; lse and dlse are always f32 (statistics stay fp32). These are
-// the interim CUDA-core kernels (attention.cu says how they are tiled); issue 7's
-// fused tensor-core kernels replace them behind these signatures.
+// with fp32 math; lse and dlse are always f32 (statistics stay fp32). Two sets
+// of kernels sit behind these entry points: the interim CUDA-core kernels
+// (attention.cu; any D <= 128, f32 or bf16, fp32 math throughout) and the
+// flash kernels (flash_attention.cu; tensor cores, bf16 and D = 64 or 128:
+// P and dS are rounded to bf16 as mma operands, everything else in fp32).
 #pragma once
 
 #include "framework/stream.h"
@@ -15,6 +17,14 @@ struct S2Pattern;  // kernels/cpu/s2_pattern.h
 
 namespace loom::cuda {
 
+// Which kernels an entry point runs. flash falls back to interim where the
+// flash kernels do not apply (flash_attention_applies).
+enum class AttentionKernel { interim, flash };
+
+// True when the flash kernels take these operands: bf16, D = 64 or 128, every
+// pointer 16-byte aligned (and, for the backward, dout defined).
+bool flash_attention_applies(const Tensor& q, const Tensor& k, const Tensor& v);
+
 // q (B, T, H, D), k and v (B, S, Hkv, D), H % Hkv == 0, D <= 128; contiguous on
 // the stream's device, one dtype (bf16 or f32). q_positions (T), k_positions
 // (S): contiguous i64 on the device, needed when `causal` or S2 is on (key j
@@ -23,13 +33,13 @@ namespace loom::cuda {
 // A row with no visible key gets out = 0 and lse = -inf.
 void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                        const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
-                       const S2Pattern& s2, Stream& s);
+                       const S2Pattern& s2, Stream& s, AttentionKernel kernel = AttentionKernel::interim);
 
 // dq, dk, dv (overwritten, like q, k, v) from dout (B, T, H, D, like q) and
 // dlse (B, H, T, f32); either may be undefined (zero). Deterministic (no atomics).
 void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& dlse, const Tensor& q,
                         const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                         const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
-                        const S2Pattern& s2, Stream& s);
+                        const S2Pattern& s2, Stream& s, AttentionKernel kernel = AttentionKernel::interim);
 
 }  // namespace loom::cuda

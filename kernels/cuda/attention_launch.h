@@ -34,11 +34,30 @@ constexpr int64_t kMaxAttentionHeadDim = 128;
 void launch_attention_forward(DType dtype, void* out, float* lse, const void* q, const void* k, const void* v,
                               const AttentionDims& n, const AttentionMask& mask, float scale, cudaStream_t stream);
 
+// delta (B, H, T) = rowsum(dout * out) - dlse (dout, dlse may be null: zero).
+void launch_attention_delta(DType dtype, float* delta, const void* dout, const void* out, const float* dlse,
+                            const AttentionDims& n, cudaStream_t stream);
+
 // dq, dk, dv like q, k, v; dout may be null (zero), dlse may be null (zero);
 // delta is scratch of B * H * T floats.
 void launch_attention_backward(DType dtype, void* dq, void* dk, void* dv, float* delta, const void* dout,
                                const float* dlse, const void* q, const void* k, const void* v, const void* out,
                                const float* lse, const AttentionDims& n, const AttentionMask& mask, float scale,
                                cudaStream_t stream);
+
+// ---- flash attention (flash_attention.cu): tensor-core kernels for bf16 and
+// D = 64 or 128, same masks and outputs as the kernels above. Every pointer
+// of q, k, v, out, dout, dq, dk, dv must be 16-byte aligned.
+bool flash_attention_supports(DType dtype, int64_t D);
+// i64 scratch elements the flash launches need (per-tile position bounds).
+int64_t flash_attention_scratch(const AttentionDims& n);
+void launch_flash_attention_forward(void* out, float* lse, const void* q, const void* k, const void* v,
+                                    int64_t* scratch, const AttentionDims& n, const AttentionMask& mask,
+                                    float scale, cudaStream_t stream);
+// dout must not be null; delta is scratch of B * H * T floats.
+void launch_flash_attention_backward(void* dq, void* dk, void* dv, float* delta, int64_t* scratch, const void* dout,
+                                     const float* dlse, const void* q, const void* k, const void* v,
+                                     const void* out, const float* lse, const AttentionDims& n,
+                                     const AttentionMask& mask, float scale, cudaStream_t stream);
 
 }  // namespace loom::cuda::detail

@@ -21,6 +21,7 @@
 #include "framework/ops.h"
 #include "framework/tasks.h"
 #include "framework/tokenizer.h"
+#include "kernels/dispatch.h"
 #include "launch/trainer/checkpointing.h"
 #include "launch/trainer/task_eval.h"
 #include "models/decoder.h"
@@ -262,6 +263,7 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
   LOOM_CHECK(config.train.device == "cpu" || cuda_is_available())
       << "train.device = \"" << config.train.device << "\" but CUDA is not usable here: " << cuda_unavailable_reason();
   const Device device = select_device(config.train.device, world);
+  dispatch::set_attention_backend(dispatch::attention_backend_from_name(config.model.attention_backend));
   MeshSizes sizes;
   sizes.dp = static_cast<int>(config.parallel.dp);
   sizes.cp = static_cast<int>(config.parallel.cp);

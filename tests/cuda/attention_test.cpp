@@ -17,6 +17,7 @@
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/s2_pattern.h"
 #include "kernels/cuda/attention.h"
+#include "tests/cuda/attention_testing.h"
 #include "tests/cuda/cuda_testing.h"
 #include "tests/testing.h"
 
@@ -30,28 +31,6 @@ using namespace cuda_testing;  // tests/cuda/cuda_testing.h
   return cuda_testing::close_to_reference(gpu_tensor, expected, dtype, 1e-4, 2e-5);
 }
 
-
-enum class Positions { arange, query_suffix, shuffled, late_keys };
-
-// q (T) and k (S) positions: arange (T == S); queries at the end of the keys
-// (S - T + i); a shared random permutation (T == S); keys shifted by 5, so the
-// first causal rows see nothing.
-void make_positions(Positions kind, int64_t T, int64_t S, uint64_t seed, Tensor& qp, Tensor& kp) {
-  std::vector<int64_t> q(T), k(S);
-  std::iota(k.begin(), k.end(), int64_t{0});
-  std::iota(q.begin(), q.end(), int64_t{0});
-  if (kind == Positions::query_suffix) {
-    for (int64_t i = 0; i < T; ++i) q[i] = S - T + i;
-  } else if (kind == Positions::shuffled) {
-    std::mt19937_64 rng(seed);
-    std::shuffle(k.begin(), k.end(), rng);
-    q = k;
-  } else if (kind == Positions::late_keys) {
-    for (int64_t j = 0; j < S; ++j) k[j] = j + 5;
-  }
-  qp = Tensor::from_vector<int64_t>(q, {T});
-  kp = Tensor::from_vector<int64_t>(k, {S});
-}
 
 struct Case {
   int64_t B, T, S, H, Hkv, D;

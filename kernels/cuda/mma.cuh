@@ -1,0 +1,66 @@
+// Warp-level tensor-core helpers shared by the bf16 kernels (lightning,
+// flash attention): mma.sync m16n8k16 (bf16 operands, fp32 accumulate) and
+// the fragment loads from shared memory. Fragment layouts (PTX ISA, m16n8k16,
+// lane = 4 g + t): A (16 x 16, row-major) a0 = (g, 2t..2t+1), a1 = (g + 8, 2t..),
+// a2 = (g, 2t + 8..), a3 = (g + 8, 2t + 8..); B (16 x 8) b0 = (k 2t..2t+1, n g),
+// b1 = (k 2t + 8.., n g); C/D (16 x 8) c0, c1 = (g, 2t..2t+1), c2, c3 = (g + 8, 2t..).
+// So the C fragments of two adjacent n-tiles (n 0..15) are, packed to bf16,
+// exactly the A fragment of a k-step of 16: a0 = C0[0..1], a1 = C0[2..3],
+// a2 = C1[0..1], a3 = C1[2..3] (flash attention's P V and dS K use this).
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+namespace loom::cuda::mma {
+
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(__nv_bfloat162 v) { return *reinterpret_cast<uint32_t*>(&v); }
+
+// (hi, lo) bf16 pairs of two fp32 values: hi + lo equals (a, b) to ~2^-17 relative.
+__device__ __forceinline__ void split2(float a, float b, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  const float2 hf = __bfloat1622float2(h);
+  hi = pack_bf16(h);
+  lo = pack_bf16(__floats2bfloat162_rn(a - hf.x, b - hf.y));
+}
+
+__device__ __forceinline__ uint32_t lds32(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// A fragment (16 x 16) of a row-major bf16 tile at (row0, k0), row stride ld.
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const __nv_bfloat16* s, int ld, int row0, int k0) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const __nv_bfloat16* p = s + (row0 + g) * ld + k0 + 2 * t;
+  a[0] = lds32(p);
+  a[1] = lds32(p + 8 * ld);
+  a[2] = lds32(p + 8);
+  a[3] = lds32(p + 8 * ld + 8);
+}
+
+// B fragment (k 16 x n 8) where B[k][n] = s[(n0 + n) * ld + k0 + k] (the "col" operand stored n-major).
+__device__ __forceinline__ void load_b_nmajor(uint32_t& b0, uint32_t& b1, const __nv_bfloat16* s, int ld, int n0,
+                                              int k0) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const __nv_bfloat16* p = s + (n0 + g) * ld + k0 + 2 * t;
+  b0 = lds32(p);
+  b1 = lds32(p + 8);
+}
+
+// B fragment (k 16 x n 8) where B[k][n] = s[(k0 + k) * ld + n0 + n] (stored k-major): ldmatrix.trans.
+__device__ __forceinline__ void load_b_kmajor(uint32_t& b0, uint32_t& b1, const __nv_bfloat16* s, int ld, int n0,
+                                              int k0) {
+  const int lane = threadIdx.x % 32;
+  const __nv_bfloat16* p = s + (k0 + (lane % 16)) * ld + n0;
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(addr));
+}
+
+}  // namespace loom::cuda::mma

@@ -1,0 +1,260 @@
+// Flash attention kernels (kernels/cuda/flash_attention.cu: tensor cores, bf16,
+// D = 64 and 128) against the CPU twin (kernels/cpu/attention.h) on the same
+// bf16-exact inputs: T = 1, 17, 1000, 4097; GQA groups 1 and 4; full, causal
+// and causal + S2 masks; queries after their keys (a ring step), zigzag
+// positions, rows with no visible key; outputs poisoned with NaN first.
+//
+// Tolerances follow from where the kernels round. Scores, softmax statistics
+// and every accumulation are fp32 (lse is compared at fp32 precision), but P
+// is rounded to bf16 as the operand of P V and P^T dO, and dS as the operand
+// of dS K and dS^T Q. A round-to-nearest bf16 operand is off by at most 2^-9
+// of itself, so an output moves by at most 2^-9 times the sum of magnitudes of
+// the terms it adds up, e.g. |d out_i| <= 2^-9 sum_j p_ij |v_j|. Those sums are
+// computed here in f64 (`RoundingBounds`); each element must lie within
+// 2^-8 of its bound (twice the analysis, for the fp32 sums) plus one bf16
+// rounding of the reference value itself.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/s2_pattern.h"
+#include "kernels/cuda/attention.h"
+#include "kernels/dispatch.h"
+#include "tests/cuda/attention_testing.h"
+#include "tests/cuda/cuda_testing.h"
+#include "tests/testing.h"
+
+namespace loom {
+namespace {
+
+using namespace cuda_testing;  // tests/cuda/cuda_testing.h
+
+struct Case {
+  int64_t B, T, S, H, Hkv, D;
+  bool causal, s2;
+  Positions positions = Positions::arange;
+};
+
+// Per element, the sum of magnitudes of the terms each output adds with a
+// bf16-rounded factor (see the file comment); inputs f32 on the host, out and
+// lse the GPU's (as the reference backward gets them).
+struct RoundingBounds {
+  Tensor out, dq, dk, dv;
+};
+
+RoundingBounds rounding_bounds(const Case& c, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout,
+                               const Tensor& dlse, const Tensor& out, const Tensor& lse, const Tensor& qp,
+                               const Tensor& kp, const S2Pattern& s2, double scale) {
+  const std::vector<double> Q = q.to_vector<double>(), K = k.to_vector<double>(), V = v.to_vector<double>();
+  const std::vector<double> dO = dout.to_vector<double>(), dL = dlse.to_vector<double>();
+  const std::vector<double> O = out.to(DType::f32).to_vector<double>(), L = lse.to_vector<double>();
+  const std::vector<int64_t> qpos = qp.to_vector<int64_t>(), kpos = kp.to_vector<int64_t>();
+  const int64_t B = c.B, T = c.T, S = c.S, H = c.H, Hkv = c.Hkv, D = c.D, group = H / Hkv;
+  std::vector<double> ob(static_cast<size_t>(B * T * H * D), 0.0), dqb(ob.size(), 0.0);
+  std::vector<double> dkb(static_cast<size_t>(B * S * Hkv * D), 0.0), dvb(dkb.size(), 0.0);
+  std::vector<double> p(static_cast<size_t>(S));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t hk = h / group;
+      for (int64_t i = 0; i < T; ++i) {
+        const double l = L[static_cast<size_t>((b * H + h) * T + i)];
+        if (!std::isfinite(l)) continue;  // no visible key: every output is exactly 0
+        const double* qi = &Q[static_cast<size_t>(((b * T + i) * H + h) * D)];
+        const double* doi = &dO[static_cast<size_t>(((b * T + i) * H + h) * D)];
+        const double* oi = &O[static_cast<size_t>(((b * T + i) * H + h) * D)];
+        double delta = -dL[static_cast<size_t>((b * H + h) * T + i)];
+        for (int64_t d = 0; d < D; ++d) delta += doi[d] * oi[d];
+        for (int64_t j = 0; j < S; ++j) {
+          bool vis = !c.causal || kpos[static_cast<size_t>(j)] <= qpos[static_cast<size_t>(i)];
+          if (vis && s2.enabled())
+            vis = s2_block_active(qpos[static_cast<size_t>(i)] / s2.block, kpos[static_cast<size_t>(j)] / s2.block,
+                                  hk, Hkv, s2);
+          if (!vis) continue;
+          const double* kj = &K[static_cast<size_t>(((b * S + j) * Hkv + hk) * D)];
+          const double* vj = &V[static_cast<size_t>(((b * S + j) * Hkv + hk) * D)];
+          double s = 0, dp = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            s += qi[d] * kj[d];
+            dp += doi[d] * vj[d];
+          }
+          const double pij = std::exp(scale * s - l), ds = std::fabs(pij * (dp - delta));
+          for (int64_t d = 0; d < D; ++d) {
+            const size_t at_q = static_cast<size_t>(((b * T + i) * H + h) * D + d);
+            const size_t at_k = static_cast<size_t>(((b * S + j) * Hkv + hk) * D + d);
+            ob[at_q] += pij * std::fabs(vj[d]);
+            dqb[at_q] += scale * ds * std::fabs(kj[d]);
+            dvb[at_k] += pij * std::fabs(doi[d]);
+            dkb[at_k] += scale * ds * std::fabs(qi[d]);
+          }
+        }
+      }
+    }
+  const Shape q_shape{B, T, H, D}, kv_shape{B, S, Hkv, D};
+  return {Tensor::from_vector<double>(ob, q_shape), Tensor::from_vector<double>(dqb, q_shape),
+          Tensor::from_vector<double>(dkb, kv_shape), Tensor::from_vector<double>(dvb, kv_shape)};
+}
+
+// |gpu - ref| <= 2^-8 (|ref| + bound) + 1e-6 per element; names the worst element.
+::testing::AssertionResult within_rounding(const Tensor& gpu_tensor, const Tensor& ref, const Tensor& bound) {
+  const std::vector<double> g = download(gpu_tensor).to_vector<double>(), r = ref.to_vector<double>();
+  const std::vector<double> bd = bound.to_vector<double>();
+  const double u = std::ldexp(1.0, -8);
+  size_t worst = 0, bad = 0;
+  double worst_ratio = 0;
+  for (size_t e = 0; e < g.size(); ++e) {
+    const double tol = u * (std::fabs(r[e]) + bd[e]) + 1e-6, err = std::fabs(g[e] - r[e]);
+    const double ratio = std::isfinite(g[e]) ? err / tol : std::numeric_limits<double>::infinity();
+    if (!(ratio <= 1.0)) ++bad;
+    if (!(ratio <= worst_ratio)) {
+      worst_ratio = ratio;
+      worst = e;
+    }
+  }
+  if (bad == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << bad << " of " << g.size() << " elements outside the rounding bound; worst #"
+                                       << worst << ": gpu " << g[worst] << ", reference " << r[worst] << ", bound "
+                                       << bd[worst] << " (error / tolerance " << worst_ratio << ")";
+}
+
+void check_case(const Case& c, uint64_t seed) {
+  SCOPED_TRACE(::testing::Message() << "B " << c.B << " T " << c.T << " S " << c.S << " H " << c.H << " Hkv "
+                                    << c.Hkv << " D " << c.D << " causal " << c.causal << " s2 " << c.s2
+                                    << " positions " << static_cast<int>(c.positions));
+  const DType bf = DType::bf16;
+  const Shape q_shape{c.B, c.T, c.H, c.D}, kv_shape{c.B, c.S, c.Hkv, c.D}, row_shape{c.B, c.H, c.T};
+  Tensor q = random_rounded(q_shape, seed, bf, 1.5), k = random_rounded(kv_shape, seed + 1, bf, 1.5);
+  Tensor v = random_rounded(kv_shape, seed + 2, bf), dout = random_rounded(q_shape, seed + 3, bf);
+  Tensor dlse = testing::random_tensor(row_shape, seed + 4, DType::f32, 0.5);
+  Tensor qp, kp;
+  make_positions(c.positions, c.T, c.S, seed + 5, qp, kp);
+  S2Pattern s2;
+  if (c.s2) s2 = S2Pattern{64, 2, 4};
+  const double scale = 1.0 / std::sqrt(static_cast<double>(c.D));
+
+  Tensor qg = q.to(bf).to(gpu()), kg = k.to(bf).to(gpu()), vg = v.to(bf).to(gpu());
+  ASSERT_TRUE(cuda::flash_attention_applies(qg, kg, vg));
+  Tensor qpg = qp.to(gpu()), kpg = kp.to(gpu());
+  Tensor out = poisoned(q_shape, bf), lse = poisoned(row_shape, DType::f32);
+  cuda::attention_forward(out, lse, qg, kg, vg, qpg, kpg, scale, c.causal, s2, gpu_stream(),
+                          cuda::AttentionKernel::flash);
+  Tensor out_ref = Tensor::empty(q_shape), lse_ref = Tensor::empty(row_shape);
+  cpu::attention_forward(out_ref, lse_ref, q, k, v, qp, kp, scale, c.causal, s2, cpu_stream());
+  EXPECT_TRUE(testing::tensors_close(lse.to(Device::cpu()), lse_ref, 1e-5, 1e-5)) << "lse";
+
+  // Backward on identical inputs: the reference gets the GPU's out and lse.
+  Tensor out_f32 = out.to(Device::cpu()).to(DType::f32), lse_f32 = lse.to(Device::cpu());
+  Tensor dq_ref = Tensor::empty(q_shape), dk_ref = Tensor::empty(kv_shape), dv_ref = Tensor::empty(kv_shape);
+  cpu::attention_backward(dq_ref, dk_ref, dv_ref, dout, dlse, q, k, v, out_f32, lse_f32, qp, kp, scale, c.causal, s2,
+                          cpu_stream());
+  Tensor dq = poisoned(q_shape, bf), dk = poisoned(kv_shape, bf), dv = poisoned(kv_shape, bf);
+  Tensor doutg = dout.to(bf).to(gpu()), dlseg = dlse.to(gpu());
+  cuda::attention_backward(dq, dk, dv, doutg, dlseg, qg, kg, vg, out, lse, qpg, kpg, scale, c.causal, s2,
+                           gpu_stream(), cuda::AttentionKernel::flash);
+  const RoundingBounds bound = rounding_bounds(c, q, k, v, dout, dlse, out, lse_f32, qp, kp, s2, scale);
+  EXPECT_TRUE(within_rounding(out, out_ref, bound.out)) << "out";
+  EXPECT_TRUE(within_rounding(dq, dq_ref, bound.dq)) << "dq";
+  EXPECT_TRUE(within_rounding(dk, dk_ref, bound.dk)) << "dk";
+  EXPECT_TRUE(within_rounding(dv, dv_ref, bound.dv)) << "dv";
+}
+
+TEST(CudaFlashAttention, MatchesTheCpuTwinOverLengthsHeadDimsGroupsAndMasks) {
+  LOOM_SKIP_WITHOUT_GPU();
+  uint64_t seed = 7000;
+  for (int64_t T : {1, 17, 1000})
+    for (int64_t D : {64, 128})
+      for (auto [H, Hkv] : {std::pair<int64_t, int64_t>{2, 2}, {4, 1}})
+        for (int mask = 0; mask < 3; ++mask) {
+          check_case(Case{1, T, T, H, Hkv, D, mask > 0, mask == 2}, seed);
+          seed += 10;
+        }
+}
+
+TEST(CudaFlashAttention, MatchesTheCpuTwinOnLongRowsPositionsAndBatches) {
+  LOOM_SKIP_WITHOUT_GPU();
+  uint64_t seed = 9000;
+  const Case cases[] = {
+      {1, 4097, 4097, 2, 2, 64, true, false, Positions::arange},        // T past a tile multiple, long rows
+      {1, 4097, 4097, 4, 1, 128, false, false, Positions::arange},      // full attention, GQA 4
+      {2, 65, 1000, 4, 2, 64, true, false, Positions::query_suffix},    // a query block after its keys
+      {1, 1000, 1000, 4, 4, 128, true, false, Positions::zigzag},       // zigzag: tiles with mixed positions
+      {1, 1000, 1000, 4, 1, 64, true, true, Positions::zigzag},         // S2 on zigzag positions
+      {1, 1000, 1000, 2, 2, 64, false, true, Positions::arange},        // S2 without causal
+      {2, 130, 130, 2, 2, 128, true, false, Positions::late_keys},      // rows with no visible key
+  };
+  for (const Case& c : cases) {
+    check_case(c, seed);
+    seed += 10;
+  }
+}
+
+TEST(CudaFlashAttention, BackwardIsDeterministic) {
+  LOOM_SKIP_WITHOUT_GPU();
+  const Shape q_shape{1, 300, 4, 128}, kv_shape{1, 300, 1, 128};
+  const DType bf = DType::bf16;
+  Tensor q = testing::random_tensor(q_shape, 7, DType::f32).to(bf).to(gpu());
+  Tensor k = testing::random_tensor(kv_shape, 8, DType::f32).to(bf).to(gpu());
+  Tensor v = testing::random_tensor(kv_shape, 9, DType::f32).to(bf).to(gpu());
+  Tensor dout = testing::random_tensor(q_shape, 10, DType::f32).to(bf).to(gpu());
+  Tensor pos = Tensor::arange(300).to(gpu());
+  Tensor out = poisoned(q_shape, bf), lse = poisoned({1, 4, 300}, DType::f32);
+  cuda::attention_forward(out, lse, q, k, v, pos, pos, 0.09, true, S2Pattern{}, gpu_stream(),
+                          cuda::AttentionKernel::flash);
+  Tensor dq[2], dk[2], dv[2];
+  for (int run = 0; run < 2; ++run) {
+    dq[run] = poisoned(q_shape, bf), dk[run] = poisoned(kv_shape, bf), dv[run] = poisoned(kv_shape, bf);
+    cuda::attention_backward(dq[run], dk[run], dv[run], dout, Tensor(), q, k, v, out, lse, pos, pos, 0.09, true,
+                             S2Pattern{}, gpu_stream(), cuda::AttentionKernel::flash);
+  }
+  EXPECT_TENSOR_CLOSE(download(dq[1]), download(dq[0]), 0, 0);
+  EXPECT_TENSOR_CLOSE(download(dk[1]), download(dk[0]), 0, 0);
+  EXPECT_TENSOR_CLOSE(download(dv[1]), download(dv[0]), 0, 0);
+}
+
+TEST(CudaFlashAttention, DispatchRunsTheKernelsTheBackendNames) {
+  LOOM_SKIP_WITHOUT_GPU();
+  const Shape q_shape{1, 200, 2, 64};
+  const DType bf = DType::bf16;
+  Tensor q = testing::random_tensor(q_shape, 11, DType::f32).to(bf).to(gpu());
+  Tensor pos = Tensor::arange(200).to(gpu());
+  auto run = [&](cuda::AttentionKernel kernel) {
+    Tensor out = poisoned(q_shape, bf), lse = poisoned({1, 2, 200}, DType::f32);
+    cuda::attention_forward(out, lse, q, q, q, pos, pos, 0.125, true, S2Pattern{}, gpu_stream(), kernel);
+    return download(out);
+  };
+  auto via_dispatch = [&](dispatch::AttentionBackend backend) {
+    dispatch::set_attention_backend(backend);
+    Tensor out = poisoned(q_shape, bf), lse = poisoned({1, 2, 200}, DType::f32);
+    dispatch::attention_forward(out, lse, q, q, q, pos, pos, 0.125, true, S2Pattern{}, gpu_stream());
+    dispatch::set_attention_backend(dispatch::AttentionBackend::automatic);
+    return download(out);
+  };
+  const Tensor flash = run(cuda::AttentionKernel::flash), interim = run(cuda::AttentionKernel::interim);
+  EXPECT_TENSOR_CLOSE(via_dispatch(dispatch::AttentionBackend::native), flash, 0, 0);
+  EXPECT_TENSOR_CLOSE(via_dispatch(dispatch::AttentionBackend::interim), interim, 0, 0);
+  EXPECT_TENSOR_CLOSE(via_dispatch(dispatch::AttentionBackend::automatic), interim, 0, 0);
+  // The two kernels differ (P is rounded to bf16 in the flash path): the comparisons above can tell them apart.
+  const std::vector<double> fv = flash.to_vector<double>(), iv = interim.to_vector<double>();
+  double differ = 0;
+  for (size_t e = 0; e < fv.size(); ++e) differ = std::max(differ, std::fabs(fv[e] - iv[e]));
+  EXPECT_GT(differ, 0.0);
+  // Where flash does not apply (f32, D = 40), native runs the interim kernels.
+  Tensor q32 = testing::random_tensor({1, 50, 2, 40}, 12, DType::f32).to(gpu());
+  EXPECT_FALSE(cuda::flash_attention_applies(q32, q32, q32));
+  Tensor a = poisoned({1, 50, 2, 40}, DType::f32), la = poisoned({1, 2, 50}, DType::f32);
+  Tensor b = poisoned({1, 50, 2, 40}, DType::f32), lb = poisoned({1, 2, 50}, DType::f32);
+  Tensor p50 = Tensor::arange(50).to(gpu());
+  cuda::attention_forward(a, la, q32, q32, q32, p50, p50, 0.2, true, S2Pattern{}, gpu_stream(),
+                          cuda::AttentionKernel::flash);
+  cuda::attention_forward(b, lb, q32, q32, q32, p50, p50, 0.2, true, S2Pattern{}, gpu_stream(),
+                          cuda::AttentionKernel::interim);
+  EXPECT_TENSOR_CLOSE(download(a), download(b), 0, 0);
+}
+
+}  // namespace
+}  // namespace loom
