@@ -113,7 +113,7 @@ void register_run_keys(ConfigSchema& s) {
   s.add(LOOM_CONFIG_FIELD(model.L.qk_activation), "L: activation on q and k").one_of({"silu", "none"});
   s.add(LOOM_CONFIG_FIELD(model.L.short_conv),
         "L: width of a causal depthwise convolution on q, k, v (each token sees its w - 1 predecessors directly; "
-        "0 = none; not yet with parallel.cp > 1)")
+        "0 = none)")
       .satisfies([](const ConfigValue& v) { const int64_t w = std::get<int64_t>(v); return w == 0 || w >= 2; },
                  "0 or a width >= 2");
   s.add(LOOM_CONFIG_FIELD(model.L.decay_scale), "L: decay rates lambda_h = scale * h / H * (1 - l / L); 0 = none")
@@ -278,10 +278,16 @@ void register_run_keys(ConfigSchema& s) {
     return "";
   });
   s.add_check([](const RunConfig& c) -> std::string {
-    if (c.model.L.short_conv > 0 && c.parallel.cp > 1 && c.model.layer_types().find('L') != std::string::npos)
-      return fmt::format("model.L.short_conv = {} with parallel.cp = {} is not supported yet (the convolution "
-                         "would need the previous rank's last tokens); use short_conv = 0 or cp = 1",
-                         c.model.L.short_conv, c.parallel.cp);
+    if (c.model.L.short_conv == 0 || c.parallel.cp <= 1 || c.model.layer_types().find('L') == std::string::npos)
+      return "";
+    // Each chunk takes the short_conv - 1 tokens before it from the chunk that ends there.
+    const int64_t chunks = c.parallel.layout == "zigzag" ? 2 * c.parallel.cp : c.parallel.cp;
+    const int64_t chunk = c.data.seq_len / chunks;
+    if (chunk < c.model.L.short_conv - 1)
+      return fmt::format("model.L.short_conv = {} needs chunks of at least {} tokens, but data.seq_len = {} over "
+                         "parallel.cp = {} ({} layout) gives {}",
+                         c.model.L.short_conv, c.model.L.short_conv - 1, c.data.seq_len, c.parallel.cp,
+                         c.parallel.layout, chunk);
     return "";
   });
   s.add_check([](const RunConfig& c) -> std::string {

@@ -8,6 +8,8 @@
 #include "framework/ops.h"
 #include "framework/ops_lightning.h"
 #include "parallel/lasp2.h"
+#include "parallel/sp_collectives.h"
+#include "parallel/token_layout.h"
 
 namespace loom {
 
@@ -69,6 +71,47 @@ Variable ShortConv::forward(const Variable& x) const {
   return y;
 }
 
+Variable ShortConv::forward(const Variable& x, const SequenceContext& ctx) const {
+  if (!ctx.cp.active()) return forward(x);
+  LOOM_CHECK(x.dim() == 3 && ctx.cp.layout) << "short convolution under cp: x " << shape_str(x.shape())
+                                            << " must be (B, T_local, C) with a token layout";
+  const TokenLayout& layout = *ctx.cp.layout;
+  const int ranks = ctx.cp.comm->size(), rank = ctx.cp.comm->rank();
+  const std::vector<TokenChunk>& mine = layout.chunks(rank);
+  const int64_t halo = width_ - 1, per_rank = static_cast<int64_t>(mine.size());
+  LOOM_CHECK(x.size(1) == layout.local_len()) << "short convolution under cp: " << x.size(1)
+                                              << " local tokens, the layout has " << layout.local_len();
+  // Every local chunk's last `halo` tokens, in local chunk order, from every rank.
+  std::vector<Variable> tails;
+  int64_t offset = 0;
+  for (const TokenChunk& c : mine) {
+    LOOM_CHECK(c.length >= halo) << "model.L.short_conv = " << width_ << " needs chunks of at least " << halo
+                                 << " tokens under cp; the " << layout_kind_name(layout.kind()) << " layout of "
+                                 << layout.seq_len() << " tokens over " << ranks << " ranks gives " << c.length;
+    tails.push_back(narrow(x, 1, offset + c.length - halo, halo));
+    offset += c.length;
+  }
+  Variable gathered = sp::all_gather(concat(tails, 1), ctx.cp.group("L"), 1);  // (B, ranks * per_rank * halo, C)
+  std::vector<Variable> outs;
+  offset = 0;
+  for (const TokenChunk& c : mine) {
+    // The sequence start has zeros before it. They are taken as 0 x a gathered
+    // block (not a constant) so that every rank's loss depends on the gather:
+    // its backward (a reduce-scatter) must run on every rank, in the same order.
+    Variable before = scale(narrow(gathered, 1, 0, halo), 0.0);
+    for (int r = 0; r < ranks && c.start > 0; ++r) {
+      const std::vector<TokenChunk>& theirs = layout.chunks(r);
+      for (int64_t k = 0; k < per_rank; ++k)
+        if (theirs[static_cast<size_t>(k)].start + theirs[static_cast<size_t>(k)].length == c.start)
+          before = narrow(gathered, 1, (r * per_rank + k) * halo, halo);  // the chunk just before this one
+    }
+    Variable y = forward(concat({before, narrow(x, 1, offset, c.length)}, 1));  // (B, halo + length, C)
+    outs.push_back(narrow(y, 1, halo, c.length));
+    offset += c.length;
+  }
+  return concat(outs, 1);
+}
+
 LightningAttention::LightningAttention(const DecoderConfig& config, int64_t layer)
     : n_heads_(config.n_heads), head_dim_(config.head_dim), block_size_(config.lightning.block),
       out_scale_(1.0 / std::sqrt(static_cast<double>(config.head_dim))) {
@@ -105,14 +148,10 @@ Variable LightningAttention::forward(const Variable& x, SequenceContext& ctx) co
   LOOM_CHECK(x.dim() == 3) << "lightning attention: x must be (B, T, C), got " << shape_str(x.shape());
   int64_t b = x.size(0), t = x.size(1), hd = n_heads_ * head_dim_;
   Variable q = q_proj_->forward(x), k = k_proj_->forward(x), v = v_proj_->forward(x);  // (B, T, H*D)
-  if (q_conv_) {
-    // The shift reaches w - 1 tokens back: under cp those sit on another rank (not exchanged yet).
-    LOOM_CHECK(!ctx.cp.active()) << "model.L.short_conv = " << q_conv_->width()
-                                 << " with parallel.cp > 1 is not supported yet (the convolution would need the "
-                                    "previous rank's last tokens); use short_conv = 0 or cp = 1";
-    q = q_conv_->forward(q);
-    k = k_conv_->forward(k);
-    v = v_conv_->forward(v);
+  if (q_conv_) {  // under cp each chunk gets the tokens before it from their owner
+    q = q_conv_->forward(q, ctx);
+    k = k_conv_->forward(k, ctx);
+    v = v_conv_->forward(v, ctx);
   }
   q = reshape(q, {b, t, n_heads_, head_dim_});  // (B, T, H, D)
   k = reshape(k, {b, t, n_heads_, head_dim_});  // (B, T, H, D)

@@ -50,10 +50,16 @@ class HeadRMSNorm : public Module {
 // layer starts as if there were no convolution. It gives each token its
 // predecessors directly (the shift an induction/recall lookup needs) instead
 // of leaving the attention to learn it. weight (w - 1, C), no weight decay.
+// Under sequence parallelism each local chunk needs the w - 1 tokens before it,
+// which sit at the end of another chunk (another rank's, or this rank's other
+// zigzag chunk): every rank's chunk tails are all-gathered (one small
+// collective; its backward returns the halo gradients to their owners).
 class ShortConv : public Module {
  public:
   ShortConv(int64_t channels, int64_t width, DType dtype);
-  Variable forward(const Variable& x) const;  // (B, T, C) -> (B, T, C)
+  Variable forward(const Variable& x) const;  // (B, T, C) -> (B, T, C), a whole sequence
+  // x: this rank's tokens in local order (ctx.cp's layout); the whole sequence when cp is off.
+  Variable forward(const Variable& x, const SequenceContext& ctx) const;
   int64_t width() const { return width_; }
 
  private:

@@ -227,9 +227,12 @@ TEST(Config, BadEnumValuesListTheAllowedOnes) {
   EXPECT_EQ(from_overrides({"model.attention_backend=native"}).model.attention_backend, "native");
   EXPECT_EQ(from_overrides({"data.recall.draw=replace"}).data.recall.draw, "replace");
   EXPECT_CONFIG_ERROR(from_overrides({"model.L.short_conv=1"}), {"model.L.short_conv = 1", "0 or a width >= 2"});
-  EXPECT_CONFIG_ERROR(from_overrides({"model.layers=LS", "model.L.short_conv=4", "parallel.cp=2"}),
-                      {"model.L.short_conv = 4", "parallel.cp = 2", "not supported yet"});
-  EXPECT_EQ(from_overrides({"model.layers=S", "model.L.short_conv=4", "parallel.cp=2"}).model.L.short_conv, 4);
+  // Under cp each chunk needs short_conv - 1 tokens of the chunk before it.
+  EXPECT_CONFIG_ERROR(from_overrides({"model.layers=LS", "model.L.short_conv=4", "parallel.cp=4",
+                                      "parallel.layout=zigzag", "data.seq_len=16", "model.max_seq_len=16"}),
+                      {"model.L.short_conv = 4", "data.seq_len = 16", "parallel.cp = 4", "gives 2"});
+  EXPECT_EQ(from_overrides({"model.layers=LS", "model.L.short_conv=4", "parallel.cp=2", "data.seq_len=16",
+                            "model.max_seq_len=16"}).model.L.short_conv, 4);
 }
 
 TEST(Config, ExtendedSchemaAcceptsNewLettersAndValues) {

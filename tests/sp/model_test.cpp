@@ -29,6 +29,7 @@ struct ModelCase {
   bool checkpointing = false;
   bool moh = false;
   bool gated_s2 = false;  // S layers with an elementwise gate and S2 block sparsity
+  int64_t short_conv = 0;  // L layers' q, k, v short convolution width (taps set nonzero by `build`)
 };
 
 DecoderConfig case_config(const ModelCase& c) {
@@ -57,6 +58,7 @@ DecoderConfig case_config(const ModelCase& c) {
     d.softmax.moh.topk = 1;
     d.softmax.moh.aux_coef = 0.1;
   }
+  d.lightning.short_conv = c.short_conv;
   if (c.gated_s2) {
     d.softmax.gate = "elementwise";
     d.softmax.sparsity = "s2";
@@ -91,9 +93,22 @@ StepResult collect(const DecoderLM& model, double loss) {
   return r;
 }
 
+// The model every rank builds: initialized from one seed, with the short
+// convolutions' taps (which start at 0) set nonzero so that the halo exchange
+// under cp changes the outputs and the input gradients, not only the taps'.
+void build(DecoderLM& model, const DecoderConfig& config) {
+  model.initialize(7, config.init_std, config.n_layers);
+  uint64_t seed = 100;
+  for (const Parameter& p : model.named_parameters()) {
+    Tensor taps = p.var.data();  // shares the parameter's storage
+    if (p.name.find("_conv.") != std::string::npos)
+      taps.copy_(testing::random_tensor(taps.shape(), ++seed, DType::f64, 0.5));
+  }
+}
+
 StepResult one_rank_step(const DecoderConfig& config, const Tensor& ids, const Tensor& targets) {
   DecoderLM model(config);
-  model.initialize(7, config.init_std, config.n_layers);
+  build(model, config);
   SequenceContext ctx;
   Variable loss = model.loss(ids, targets, ctx);
   loss.backward();
@@ -104,7 +119,7 @@ StepResult one_rank_step(const DecoderConfig& config, const Tensor& ids, const T
 StepResult cp_step(const DecoderConfig& config, const Tensor& ids, const Tensor& targets, Communicator& cp,
                    LayoutKind kind, const std::string& softmax) {
   DecoderLM model(config);
-  model.initialize(7, config.init_std, config.n_layers);
+  build(model, config);
   SequenceContext ctx;
   ctx.cp.layout = std::make_shared<TokenLayout>(kind, ids.size(1), cp.size());
   ctx.cp.comm = &cp;
@@ -145,7 +160,10 @@ void run_cases(int cp_size, LayoutKind kind, const std::vector<ModelCase>& cases
 TEST_P(CpModel, LightningAndMoeStepEqualsOneRank) {
   const auto [cp_size, kind] = GetParam();
   run_cases(cp_size, kind,
-            {{"L dense", "LL"}, {"L moe", "LL", "moe"}, {"L moe checkpointed", "LL", "moe", "ring", true}});
+            {{"L dense", "LL"}, {"L moe", "LL", "moe"}, {"L moe checkpointed", "LL", "moe", "ring", true},
+             // width 4: a halo of 3 tokens, the whole of a zigzag chunk at cp 4 (24 / 8)
+             {"L short conv", "LL", "dense", "ring", false, false, false, 4},
+             {"LS short conv checkpointed", "LS", "dense", "ring", true, false, false, 4}});
 }
 
 TEST_P(CpModel, HybridStepEqualsOneRank) {
