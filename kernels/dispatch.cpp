@@ -93,14 +93,6 @@ AttentionBackend attention_backend_from_name(const std::string& name) {
   if (name == "interim") return AttentionBackend::interim;
   LOOM_FAIL() << "attention backend \"" << name << "\" is not one of auto, native, interim";
 }
-const char* attention_backend_name(AttentionBackend backend) {
-  switch (backend) {
-    case AttentionBackend::automatic: return "auto";
-    case AttentionBackend::native: return "native";
-    case AttentionBackend::interim: return "interim";
-  }
-  return "?";
-}
 void set_attention_backend(AttentionBackend backend) { g_attention_backend.store(backend); }
 AttentionBackend attention_backend() { return g_attention_backend.load(); }
 

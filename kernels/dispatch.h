@@ -31,7 +31,6 @@ using cpu::BinaryOp;
 // CPU tensors always run the CPU twin.
 enum class AttentionBackend { automatic, native, interim };
 AttentionBackend attention_backend_from_name(const std::string& name);  // throws naming the value
-const char* attention_backend_name(AttentionBackend backend);
 void set_attention_backend(AttentionBackend backend);  // default automatic
 AttentionBackend attention_backend();
 
