@@ -95,8 +95,8 @@ void register_run_keys(ConfigSchema& s) {
   s.add(LOOM_CONFIG_FIELD(model.max_seq_len), "longest sequence the model supports (RoPE tables)").min(1);
   // softmax-attention (S) options
   s.add(LOOM_CONFIG_FIELD(model.attention_backend),
-        "CUDA softmax-attention kernels: auto (interim until the flash kernels are verified on the GPU), native "
-        "(flash kernels on tensor cores for bf16 and head dim 64/128, interim elsewhere), interim (CUDA cores)")
+        "CUDA softmax-attention kernels: auto (= native), native (flash kernels on tensor cores for bf16 and "
+        "head dim 64/128, interim elsewhere), interim (CUDA cores everywhere)")
       .one_of({"auto", "native", "interim"});
   s.add(LOOM_CONFIG_FIELD(model.S.gate), "S: sigmoid output gate after attention, before o_proj")
       .one_of({"none", "headwise", "elementwise"});

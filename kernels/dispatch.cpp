@@ -98,11 +98,11 @@ AttentionBackend attention_backend() { return g_attention_backend.load(); }
 
 #ifdef LOOM_WITH_CUDA
 namespace {
-// The CUDA kernels model.attention_backend picks (auto: interim until the flash
-// kernels are verified on the GPU).
+// The CUDA kernels model.attention_backend picks (auto: the flash kernels; they
+// fall back to the interim ones where they do not apply).
 cuda::AttentionKernel cuda_attention_kernel() {
-  return attention_backend() == AttentionBackend::native ? cuda::AttentionKernel::flash
-                                                         : cuda::AttentionKernel::interim;
+  return attention_backend() == AttentionBackend::interim ? cuda::AttentionKernel::interim
+                                                          : cuda::AttentionKernel::flash;
 }
 }  // namespace
 #endif

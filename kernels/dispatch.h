@@ -26,8 +26,9 @@ using cpu::BinaryOp;
 //   native   the flash kernels (tensor cores) where they apply — bf16, head dim
 //            64 or 128 — and the interim CUDA-core kernels elsewhere
 //   interim  the CUDA-core kernels everywhere (fp32 math)
-//   auto     interim for now: native becomes auto's choice once its parity and
-//            speed are measured on the GPU (issue 7)
+//   auto     native (the flash kernels passed their GPU parity tests and run
+//            ~10x the interim kernels: kernels/NOTES.md); a cuDNN path would
+//            join the choice here
 // CPU tensors always run the CPU twin.
 enum class AttentionBackend { automatic, native, interim };
 AttentionBackend attention_backend_from_name(const std::string& name);  // throws naming the value

@@ -1,4 +1,4 @@
-// loom-bench [--json out.json] [--reps N] [--families gemm,memory,optimizer,attention]
+// loom-bench [--json out.json] [--reps N] [--families gemm,memory,optimizer,attention,mixer] [--seq T]
 // Times the CUDA kernels at the shapes of the recipes (launch/recipes: d 128,
 // 4 heads, F 384, byte vocab, 8 x 128 tokens) and of a 1.3B model (d 2048,
 // 16 heads of 128, SwiGLU F 5632, vocab 32000, 16K tokens per step), one
@@ -20,6 +20,8 @@
 #include <string>
 #include <vector>
 
+#include "framework/autograd.h"
+#include "framework/ops.h"
 #include "framework/error.h"
 #include "framework/storage.h"
 #include "framework/stream.h"
@@ -39,6 +41,7 @@
 #include "kernels/cuda/rmsnorm.h"
 #include "kernels/cuda/rope.h"
 #include "kernels/cuda/softmax.h"
+#include "models/softmax_attention.h"
 #endif
 
 namespace {
@@ -233,7 +236,8 @@ void bench_memory_bound(Bench& b, const ModelShape& m) {
 // backward 2.5x the forward (the deterministic backward does 7 of the 5
 // products' worth: see kernels/NOTES.md); S2 rows count the dense pairs, so
 // their TFLOP/s over dense's is the speedup.
-void bench_attention(Bench& b) {
+// `only_t`: run only the shapes of that sequence length (0: all).
+void bench_attention(Bench& b, int64_t only_t) {
   Stream& s = b.stream();
   const DType bf = DType::bf16;
   const int64_t H = 16, D = 128;
@@ -253,6 +257,7 @@ void bench_attention(Bench& b) {
                       {"flash", cuda::AttentionKernel::flash, 131072, false},
                       {"flash s2", cuda::AttentionKernel::flash, 131072, true}};
   for (const Run& r : runs) {
+    if (only_t > 0 && r.T != only_t) continue;
     const Shape shape{1, r.T, H, D};
     Tensor q = filled(shape, bf, 0.1, s), k = filled(shape, bf, 0.1, s), v = filled(shape, bf, 0.1, s);
     Tensor out = filled(shape, bf, 0, s), dout = filled(shape, bf, 0.1, s);
@@ -272,6 +277,51 @@ void bench_attention(Bench& b) {
       cuda::attention_backward(dq, dk, dv, dout, Tensor(), q, k, v, out, lse, pos, pos, scale, true, s2, s,
                                r.kernel);
     });
+  }
+}
+
+// The whole S mixer (projections, RoPE, attention, gate or MoH scaling,
+// o_proj) forward + backward through autograd, plain against its gated and MoH
+// variants: the overhead of the gate and the MoH routing over plain attention.
+// B 1, T `only_t` (16K by default), d 2048, H 16, D 128, bf16.
+void bench_mixer(Bench& b, int64_t only_t) {
+  const int64_t T = only_t > 0 ? only_t : 16384;
+  DecoderConfig c;
+  c.d_model = 2048;
+  c.n_heads = c.n_kv_heads = 16;
+  c.head_dim = 128;
+  c.n_layers = 1;
+  c.max_seq_len = T;
+  struct Variant {
+    const char* name;
+    std::string gate = "none", heads = "dense";
+  };
+  const Variant variants[] = {{"plain"}, {"gate headwise", "headwise"}, {"gate elementwise", "elementwise"},
+                              {"moh 4+8 of 16", "none", "moh"}};
+  const double attention_flops = 4.0 * 128 * 16 * 0.5 * static_cast<double>(T) * static_cast<double>(T + 1);
+  const double proj_flops = 2.0 * static_cast<double>(T) * 2048 * (4 * 2048);
+  for (const Variant& v : variants) {
+    c.softmax.gate = v.gate;
+    c.softmax.heads = v.heads;
+    c.softmax.moh.shared = 4;  // MoH: 4 shared + top-8 of 12 routed = 75% of the heads active
+    c.softmax.moh.topk = 8;
+    SoftmaxAttention mixer(c, 0);
+    mixer.initialize(1, 0.02, 1);
+    mixer.to(gpu());
+    mixer.to(DType::bf16);
+    Tensor x = filled({1, T, 2048}, DType::bf16, 0.1, b.stream());
+    Tensor r = filled({1, T, 2048}, DType::bf16, 0.01, b.stream());
+    Tensor pos = Tensor::arange(T, DType::i64).to(gpu());
+    b.compute("mixer", std::string("S ") + v.name + " fwd+bwd", "1x" + std::to_string(T) + " d2048 16x128",
+              3.0 * proj_flops + 3.5 * attention_flops, [&] {
+                SequenceContext ctx;
+                ctx.positions = pos;
+                Variable xv(x, true);
+                Variable loss = sum(mul(mixer.forward(xv, ctx), Variable(r)));
+                for (const Variable& aux : ctx.aux_losses) loss = add(loss, aux);
+                loss.backward();
+                mixer.zero_grad();
+              });
   }
 }
 
@@ -342,7 +392,7 @@ bool wanted(const std::string& families, const std::string& family) {
   return ("," + families + ",").find("," + family + ",") != std::string::npos;
 }
 
-int run(const std::string& json_path, int reps, const std::string& families) {
+int run(const std::string& json_path, int reps, const std::string& families, int64_t only_t) {
   if (!cuda_is_available()) {
     std::printf("loom-bench: no usable GPU (%s); nothing to time.\n", cuda_unavailable_reason().c_str());
     return 0;
@@ -363,7 +413,8 @@ int run(const std::string& json_path, int reps, const std::string& families) {
     for (const ModelShape& m : kModels) bench_memory_bound(b, m);
   if (wanted(families, "optimizer"))
     for (const ModelShape& m : kModels) bench_optimizer(b, m);
-  if (wanted(families, "attention")) bench_attention(b);
+  if (wanted(families, "attention")) bench_attention(b, only_t);
+  if (wanted(families, "mixer")) bench_mixer(b, only_t);
   b.print(copy_gbps);
   if (!json_path.empty()) {
     std::ofstream out(json_path);
@@ -376,7 +427,7 @@ int run(const std::string& json_path, int reps, const std::string& families) {
 
 #else
 
-int run(const std::string&, int, const std::string&) {
+int run(const std::string&, int, const std::string&, int64_t) {
   std::printf("loom-bench: built without CUDA (no nvcc at configure time); nothing to time.\n");
   return 0;
 }
@@ -393,10 +444,13 @@ int main(int argc, char** argv) {
   app.add_option("--reps", reps, "timed repetitions per kernel (median reported)")->check(CLI::Range(10, 1000));
   std::string families;
   app.add_option("--families", families,
-                 "comma-separated groups to time: gemm, memory, optimizer, attention (default: all)");
+                 "comma-separated groups to time: gemm, memory, optimizer, attention, mixer (default: all)");
+  int64_t only_t = 0;
+  app.add_option("--seq", only_t, "attention, mixer: time only the shapes of this sequence length (default: all; mixer 16K)")
+      ->check(CLI::PositiveNumber);
   CLI11_PARSE(app, argc, argv);
   try {
-    return run(json_path, reps, families);
+    return run(json_path, reps, families, only_t);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "loom-bench: %s\n", e.what());
     return 1;
