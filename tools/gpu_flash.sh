@@ -2,19 +2,30 @@
 # The attention kernels in one GPU call: build, the flash parity tests, the
 # attention and mixer benchmarks beside PyTorch SDPA, compute-sanitizer on the
 # small flash tests, and an ncu pass of the forward kernel at T = 16K.
-# Logs go to $OUT (or ./gpu-out). SEQ=T times the attention rows of that
+# LIGHTNING=1 also runs the lightning tests (plain and under memcheck) and
+# loom-bench-lightning. Logs go to $OUT (or ./gpu-out). SEQ=T times the attention rows of that
 # length only; the mixer bench and ncu are skipped once the call has run LIMIT
 # seconds (default 330), so a short device slot still returns the main results.
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"; B=build-gpu; LIMIT=${LIMIT:-330}; T0=$SECONDS
 el() { echo "+$((SECONDS - T0))s"; }
 cmake -S . -B $B -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a > "$OUT/configure.log" 2>&1 || { tail -30 "$OUT/configure.log"; exit 1; }
-cmake --build $B -j"$(nproc)" --target loom_cuda_tests loom-bench > "$OUT/build.log" 2>&1 \
+cmake --build $B -j"$(nproc)" --target loom_cuda_tests loom-bench loom-bench-lightning > "$OUT/build.log" 2>&1 \
   || { grep -B2 -A8 -E "error|Error" "$OUT/build.log" | head -60; exit 1; }
 echo "built $(el)"; nvidia-smi -L
 timeout 150 $B/loom_cuda_tests --gtest_filter='CudaFlashAttention*:CudaAttention*' > "$OUT/flash.log" 2>&1
 echo "attention tests rc $? $(el)"
 grep -E "^\[ +(OK|FAILED|PASSED) " "$OUT/flash.log"; grep -B3 -A6 "Failure" "$OUT/flash.log" | head -40
+if [ -n "${LIGHTNING:-}" ]; then
+  timeout 120 $B/loom_cuda_tests --gtest_filter='CudaLightning*' > "$OUT/lightning.log" 2>&1
+  echo "lightning tests rc $? $(el)"; grep -E "^\[ +(OK|FAILED|PASSED) " "$OUT/lightning.log"
+  grep -B3 -A6 "Failure" "$OUT/lightning.log" | head -30
+  timeout 90 $B/loom-bench-lightning --reps 10 > "$OUT/bench-lightning.log" 2>&1
+  echo "lightning bench rc $? $(el)"; tail -12 "$OUT/bench-lightning.log"
+  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 $B/loom_cuda_tests \
+    --gtest_filter='CudaLightning.TwoChained*' > "$OUT/memcheck-lightning.log" 2>&1
+  echo "lightning memcheck rc $? $(el)"; grep -E "ERROR SUMMARY|PASSED|FAILED" "$OUT/memcheck-lightning.log" | head -3
+fi
 SEQARG=(); [ -n "${SEQ:-}" ] && SEQARG=(--seq "$SEQ")
 timeout 120 $B/loom-bench --families attention --reps 10 "${SEQARG[@]}" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 echo "bench rc $? $(el)"
