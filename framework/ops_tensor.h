@@ -43,6 +43,11 @@ Variable narrow(const Variable& x, int64_t dim, int64_t start, int64_t length);
 Variable concat(const std::vector<Variable>& xs, int64_t dim);
 Variable contiguous(const Variable& x);
 
+// ---- dtype ----
+// x converted to `dtype` (floating; rounded when narrowing); the gradient
+// comes back in x's dtype. Same dtype: x itself.
+Variable cast(const Variable& x, DType dtype);
+
 // ---- embedding ----
 // weight (V, C), ids integer (...) -> (..., C); ids outside [0, V) are an error naming the id and V.
 Variable embedding(const Variable& weight, const Tensor& ids);

@@ -167,6 +167,18 @@ Variable contiguous(const Variable& x) {
   });
 }
 
+Variable cast(const Variable& x, DType dtype) {
+  const Tensor& t = any_input("cast", x);
+  LOOM_CHECK(is_floating(t.dtype()) && is_floating(dtype))
+      << "cast: floating dtypes only, got " << t.dtype() << " -> " << dtype;
+  if (t.dtype() == dtype) return x;
+  const DType from = t.dtype();
+  return make_output(t.to(dtype), {x}, "cast", [from](const std::vector<Tensor>& grads) -> std::vector<Tensor> {
+    if (!grads[0].defined()) return {Tensor()};
+    return {grads[0].to(from)};
+  });
+}
+
 Variable embedding(const Variable& weight, const Tensor& ids) {
   const Tensor& w = any_input("embedding", weight);
   LOOM_CHECK(w.dim() == 2 && is_floating(w.dtype()))

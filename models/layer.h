@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "framework/module.h"
+#include "framework/ops.h"
 #include "parallel/comm_stats.h"
 #include "parallel/sp_collectives.h"
 #include "parallel/token_layout.h"
@@ -46,6 +47,16 @@ struct SequenceContext {
   std::vector<Variable> aux_losses;
   std::map<std::string, double> stats;
 };
+
+// Routers (MoE experts, MoH heads) choose by comparing their scores, so their
+// logits are computed in at least f32 (f64 models keep f64): bf16 logits round
+// differences below 2^-8 of their size to ties, which top-k then breaks by index.
+inline DType router_dtype(DType compute) { return compute == DType::f64 ? DType::f64 : DType::f32; }
+// proj(x) in router_dtype(x's dtype); gradients return in the dtypes of x and the weights.
+inline Variable router_logits(const Linear& proj, const Variable& x) {
+  const DType d = router_dtype(x.dtype());
+  return linear(cast(x, d), cast(proj.weight(), d), proj.bias().defined() ? cast(proj.bias(), d) : Variable());
+}
 
 // Under active cp: the sum over the cp group of this rank's partial `x`
 // (differentiable: all-reduce forward and backward, so a value every rank then

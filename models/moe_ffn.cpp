@@ -155,8 +155,8 @@ Variable MoeFFN::forward(const Variable& x, SequenceContext& ctx) const {
                                                     << shape_str(x.shape());
   const int64_t E = options_.experts, k = options_.topk, B = x.size(0), T = x.size(1), N = B * T, C = d_model_;
   Variable x2 = reshape(x, {N, C});               // (N, C)
-  Variable logits = router_proj_->forward(x2);    // (N, E)
-  Variable probs = softmax(logits);               // (N, E) full softmax
+  Variable logits = router_logits(*router_proj_, x2);  // (N, E), f32 (f64 models: f64)
+  Variable probs = softmax(logits);                    // (N, E) full softmax
 
   // Selection on logits + bias (host, f64); the bias never enters the weights.
   // Host synchronization: the reference plan (top-k, stable sort, capacity) is
@@ -188,7 +188,7 @@ Variable MoeFFN::forward(const Variable& x, SequenceContext& ctx) const {
   int64_t kept = plan.slot.numel();
   if (kept > 0) {
     Variable xs = index_select_rows(x2, plan.token);                                // (S, C)
-    Variable ws = index_select_rows(reshape(weights, {N * k, 1}), plan.slot);       // (S, 1)
+    Variable ws = cast(index_select_rows(reshape(weights, {N * k, 1}), plan.slot), x.dtype());  // (S, 1)
     Variable ys = experts_->forward_grouped(xs, plan.offsets);                      // (S, C)
     y = index_add_rows(mul(ys, ws), plan.token, N);                                 // (N, C)
   } else {
@@ -208,14 +208,15 @@ Variable MoeFFN::forward(const Variable& x, SequenceContext& ctx) const {
   sum_over_sequence(loads, ctx, "moe");
   std::vector<double> share = loads.to_vector<double>();
   for (double& fr : share) fr /= tokens * static_cast<double>(k);
-  Variable f(Tensor::from_vector(share, {E}).to(x.dtype()));  // (E) constant
+  Variable f(Tensor::from_vector(share, {E}).to(probs.dtype()));  // (E) constant
   Variable mean_probs = cp > 1 ? scale(sum_over_sequence(sum(probs, 0), ctx, "moe"), 1.0 / tokens)
                                : mean(probs, 0);                               // (E)
   Variable aux = scale(sum(mul(mean_probs, f)), static_cast<double>(E));       // ()
   Variable lse = logsumexp(logits);                                            // (N)
   Variable z = cp > 1 ? scale(sum(mul(lse, lse)), 1.0 / tokens) : mean(mul(lse, lse));  // () share
-  if (options_.aux_coef > 0) ctx.aux_losses.push_back(scale(aux, options_.aux_coef / cp));
-  if (options_.z_coef > 0) ctx.aux_losses.push_back(scale(z, options_.z_coef));
+  // Both losses are formed in the router's dtype and enter the loss in the compute dtype.
+  if (options_.aux_coef > 0) ctx.aux_losses.push_back(cast(scale(aux, options_.aux_coef / cp), x.dtype()));
+  if (options_.z_coef > 0) ctx.aux_losses.push_back(cast(scale(z, options_.z_coef), x.dtype()));
   const std::string prefix = "layer" + std::to_string(layer_) + ".moe.";
   double max_load = static_cast<double>(*std::max_element(plan.load.begin(), plan.load.end()));
   ctx.stats[prefix + "aux"] = aux.item();

@@ -43,7 +43,8 @@ Tensor topk_mask(const Tensor& p, int64_t k, std::vector<int64_t>& counts) {
 Variable SoftmaxAttention::moh_gate(const Variable& x, SequenceContext& ctx) const {
   int64_t b = x.size(0), t = x.size(1), n = b * t;
   int64_t shared = options_.moh.shared, routed = n_heads_ - shared, k = options_.moh.topk;
-  Variable p = reshape(softmax(router_proj_->forward(x), -1), {n, routed});  // (B*T, E)
+  // The router runs in f32 (f64 models: f64), the gate returns in x's dtype (layer.h: router_logits).
+  Variable p = reshape(softmax(router_logits(*router_proj_, x), -1), {n, routed});  // (B*T, E)
   std::vector<int64_t> counts;
   Variable chosen(topk_mask(p.data(), k, counts));              // (B*T, E) constant 0/1
   Variable kept = mul(p, chosen);                               // (B*T, E)
@@ -51,10 +52,10 @@ Variable SoftmaxAttention::moh_gate(const Variable& x, SequenceContext& ctx) con
   Variable gate = g_r;                                          // (B*T, H) when there is no shared head
   if (shared > 0) {
     Variable g_s = shared > 1
-                       ? scale(softmax(reshape(shared_router_proj_->forward(x), {n, shared}), -1),
+                       ? scale(softmax(reshape(router_logits(*shared_router_proj_, x), {n, shared}), -1),
                                static_cast<double>(shared))      // (B*T, h_s)
-                       : Variable(Tensor::ones({n, 1}, x.dtype()));  // (B*T, 1)
-    Variable alpha = scale(softmax(reshape(mix_proj_->forward(x), {n, 2}), -1), 2.0);  // (B*T, 2)
+                       : Variable(Tensor::ones({n, 1}, p.dtype()));  // (B*T, 1)
+    Variable alpha = scale(softmax(reshape(router_logits(*mix_proj_, x), {n, 2}), -1), 2.0);  // (B*T, 2)
     gate = concat({mul(narrow(alpha, 1, 0, 1), g_s), mul(narrow(alpha, 1, 1, 1), g_r)}, 1);  // (B*T, H)
   }
 
@@ -68,7 +69,7 @@ Variable SoftmaxAttention::moh_gate(const Variable& x, SequenceContext& ctx) con
   sum_over_sequence(routed_counts, ctx, "S");
   std::vector<double> fractions = routed_counts.to_vector<double>();
   for (double& fr : fractions) fr /= tokens;
-  Variable f(Tensor::from_vector(fractions, {routed}).to(x.dtype()));  // (E) constant
+  Variable f(Tensor::from_vector(fractions, {routed}).to(p.dtype()));  // (E) constant
   Variable mean_p = cp > 1 ? scale(sum_over_sequence(sum(p, 0), ctx, "S"), 1.0 / tokens) : mean(p, 0);  // (E)
   Variable aux = scale(sum(mul(mean_p, f)), static_cast<double>(routed));  // ()
   std::string prefix = "layer" + std::to_string(layer_) + ".moh.";
@@ -76,8 +77,9 @@ Variable SoftmaxAttention::moh_gate(const Variable& x, SequenceContext& ctx) con
   for (int64_t i = 0; i < routed; ++i)     // share of the B*T*k routed slots per routed head (1/E if balanced)
     ctx.stats[prefix + "head" + std::to_string(shared + i) + ".load"] = static_cast<double>(counts[i]) / (n * k);
   if (options_.moh.aux_coef > 0)
-    ctx.aux_losses.push_back(scale(aux, options_.moh.aux_coef / static_cast<double>(moh_layers_ * cp)));
-  return reshape(gate, {b, t, n_heads_});  // (B, T, H)
+    ctx.aux_losses.push_back(
+        cast(scale(aux, options_.moh.aux_coef / static_cast<double>(moh_layers_ * cp)), x.dtype()));
+  return cast(reshape(gate, {b, t, n_heads_}), x.dtype());  // (B, T, H)
 }
 
 }  // namespace loom

@@ -114,5 +114,37 @@ TEST(Shape, ChainsOfViewsKeepGradientsRight) {
       {non_contiguous(random_tensor({3, 17}, 14))});
 }
 
+TEST(Cast, ConvertsValuesAndSendsGradientsBackInTheInputDtype) {
+  Tensor x = Tensor::from_vector(std::vector<double>{1.0, 1.0 + 1.0 / 512, -3.25, 1e-3}, {4});
+  Variable xv(x.to(DType::f32), true);
+  Variable y = cast(xv, DType::bf16);
+  EXPECT_EQ(y.dtype(), DType::bf16);
+  // 1 + 2^-9 is below bf16's half ulp at 1 (2^-8): it rounds to 1; the others are within bf16's rounding.
+  EXPECT_TENSOR_CLOSE(y.data().to(DType::f64), Tensor::from_vector(std::vector<double>{1.0, 1.0, -3.25, 1e-3}, {4}),
+                      4e-3, 0);
+  EXPECT_EQ(y.data().to(DType::f64).to_vector<double>()[1], 1.0);
+  // (CPU arithmetic is f32/f64: back to f32 for the product; the gradient passes both casts.)
+  sum(mul(cast(y, DType::f32), Variable(Tensor::from_vector(std::vector<double>{1, 2, 3, 4}, {4}).to(DType::f32))))
+      .backward();
+  EXPECT_EQ(xv.grad().dtype(), DType::f32);
+  EXPECT_TENSOR_CLOSE(xv.grad().to(DType::f64), Tensor::from_vector(std::vector<double>{1, 2, 3, 4}, {4}), 0, 0);
+  Variable same(x, true);
+  EXPECT_EQ(cast(same, DType::f64).grad_fn(), same.grad_fn());  // same dtype: the input itself
+  EXPECT_THROW(cast(Variable(Tensor::arange(3)), DType::f32), Error);
+}
+
+TEST(Cast, RoundTripGradientsMatchFiniteDifferences) {
+  // x -> f32 -> x^2 in f32 -> f64: the quadratic makes central differences exact up to f32 rounding.
+  testing::GradCheckOptions options;
+  options.eps = 1e-2;
+  options.rtol = 1e-4;
+  options.atol = 1e-6;
+  EXPECT_GRADCHECK(unary([](const Variable& v) {
+                     Variable v32 = cast(v, DType::f32);
+                     return cast(mul(v32, v32), DType::f64);
+                   }),
+                   {random_tensor({3, 5}, 21)}, options);
+}
+
 }  // namespace
 }  // namespace loom
