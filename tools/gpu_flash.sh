@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The attention kernels in one GPU call: build, the flash parity tests, the
-# attention and mixer benchmarks beside PyTorch SDPA, compute-sanitizer on the
-# small flash tests, and an ncu pass of the forward kernel at T = 16K.
-# LIGHTNING=1 also runs the lightning tests (plain and under memcheck) and
-# loom-bench-lightning. Logs go to $OUT (or ./gpu-out). SEQ=T times the attention rows of that
-# length only; the mixer bench and ncu are skipped once the call has run LIMIT
-# seconds (default 330), so a short device slot still returns the main results.
+# The attention kernels in one GPU call: build, the flash and interim parity
+# tests (and the bf16 router tests), the attention and mixer benchmarks beside
+# PyTorch SDPA, compute-sanitizer on the small flash tests, and an ncu pass of
+# the forward kernel at T = 16K. LIGHTNING=1 also runs the lightning tests
+# (plain and under memcheck) and loom-bench-lightning. Logs go to $OUT (or
+# ./gpu-out). SEQ=T times the attention rows of that length only; the mixer
+# bench and ncu are skipped once the call has run LIMIT seconds (default 330),
+# so a short device slot still returns the main results.
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"; B=build-gpu; LIMIT=${LIMIT:-330}; T0=$SECONDS
 el() { echo "+$((SECONDS - T0))s"; }
@@ -13,7 +14,7 @@ cmake -S . -B $B -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a > "$O
 cmake --build $B -j"$(nproc)" --target loom_cuda_tests loom-bench loom-bench-lightning > "$OUT/build.log" 2>&1 \
   || { grep -B2 -A8 -E "error|Error" "$OUT/build.log" | head -60; exit 1; }
 echo "built $(el)"; nvidia-smi -L
-timeout 150 $B/loom_cuda_tests --gtest_filter='CudaFlashAttention*:CudaAttention*' > "$OUT/flash.log" 2>&1
+timeout 150 $B/loom_cuda_tests --gtest_filter='CudaFlashAttention*:CudaAttention*:CudaRouter*' > "$OUT/flash.log" 2>&1
 echo "attention tests rc $? $(el)"
 grep -E "^\[ +(OK|FAILED|PASSED) " "$OUT/flash.log"; grep -B3 -A6 "Failure" "$OUT/flash.log" | head -40
 if [ -n "${LIGHTNING:-}" ]; then
