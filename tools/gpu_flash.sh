@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The attention kernels in one GPU call: build, the flash and interim parity
-# tests (and the bf16 router tests), the attention and mixer benchmarks beside
+# tests (and the bf16 router and training tests), the attention and mixer benchmarks beside
 # PyTorch SDPA, compute-sanitizer on the small flash tests, and an ncu pass of
 # the forward kernel at T = 16K. LIGHTNING=1 also runs the lightning tests
 # (plain and under memcheck) and loom-bench-lightning. Logs go to $OUT (or
@@ -17,6 +17,9 @@ echo "built $(el)"; nvidia-smi -L
 timeout 150 $B/loom_cuda_tests --gtest_filter='CudaFlashAttention*:CudaAttention*:CudaRouter*' > "$OUT/flash.log" 2>&1
 echo "attention tests rc $? $(el)"
 grep -E "^\[ +(OK|FAILED|PASSED) " "$OUT/flash.log"; grep -B3 -A6 "Failure" "$OUT/flash.log" | head -40
+timeout 150 $B/loom_cuda_tests --gtest_filter='Models/CudaTraining*' > "$OUT/training.log" 2>&1
+echo "training tests rc $? $(el)"; grep -E "^\[ +(OK|FAILED|PASSED) " "$OUT/training.log"
+grep -B3 -A6 "Failure" "$OUT/training.log" | head -30
 if [ -n "${LIGHTNING:-}" ]; then
   timeout 120 $B/loom_cuda_tests --gtest_filter='CudaLightning*' > "$OUT/lightning.log" 2>&1
   echo "lightning tests rc $? $(el)"; grep -E "^\[ +(OK|FAILED|PASSED) " "$OUT/lightning.log"
