@@ -95,9 +95,10 @@ void register_run_keys(ConfigSchema& s) {
   s.add(LOOM_CONFIG_FIELD(model.max_seq_len), "longest sequence the model supports (RoPE tables)").min(1);
   // softmax-attention (S) options
   s.add(LOOM_CONFIG_FIELD(model.attention_backend),
-        "CUDA softmax-attention kernels: auto (= native), native (flash kernels on tensor cores for bf16 and "
-        "head dim 64/128, interim elsewhere), interim (CUDA cores everywhere)")
-      .one_of({"auto", "native", "interim"});
+        "CUDA softmax-attention kernels: auto (per shape, the faster of cudnn and native, timed on first use), "
+        "native (flash kernels on tensor cores for bf16 and head dim 64/128, interim elsewhere), cudnn (cuDNN's "
+        "fused attention for dense calls it takes, native elsewhere), interim (CUDA cores everywhere)")
+      .one_of({"auto", "native", "cudnn", "interim"});
   s.add(LOOM_CONFIG_FIELD(model.S.gate), "S: sigmoid output gate after attention, before o_proj")
       .one_of({"none", "headwise", "elementwise"});
   s.add(LOOM_CONFIG_FIELD(model.S.heads), "S: all heads, or mixture-of-heads routing").one_of({"dense", "moh"});

@@ -217,6 +217,9 @@ AttentionResult attention(const Variable& q, const Variable& k, const Variable& 
     }
   }
 
+  // What the host positions say about the mask (a fixed-diagonal backend, cuDNN, needs to know).
+  const cpu::MaskForm form = s2.enabled() ? cpu::MaskForm::positions()
+                                          : cpu::mask_form(q_pos.data<int64_t>(), T, k_pos.data<int64_t>(), S, causal);
   q_pos = index_on(q_pos, q.device());  // owned host copies above; moved once to the data's device
   k_pos = index_on(k_pos, q.device());
   Tensor qc = q.data().contiguous();  // (B, T, H, D)
@@ -224,9 +227,9 @@ AttentionResult attention(const Variable& q, const Variable& k, const Variable& 
   Tensor vc = v.data().contiguous();  // (B, S, Hkv, D)
   Tensor out = Tensor::empty({B, T, H, D}, q.dtype(), q.device());           // (B, T, H, D)
   Tensor lse = Tensor::empty({B, H, T}, stats_dtype(q.dtype()), q.device());  // (B, H, T), fp32 for 16-bit q
-  dispatch::attention_forward(out, lse, qc, kc, vc, q_pos, k_pos, scale, causal, s2, stream_of(qc));
+  dispatch::attention_forward(out, lse, qc, kc, vc, q_pos, k_pos, scale, causal, s2, stream_of(qc), form);
 
-  auto backward = [qc, kc, vc, out, lse, q_pos, k_pos, scale, causal, s2](const std::vector<Tensor>& grads) {
+  auto backward = [qc, kc, vc, out, lse, q_pos, k_pos, scale, causal, s2, form](const std::vector<Tensor>& grads) {
     if (!grads[0].defined() && !grads[1].defined()) return std::vector<Tensor>{Tensor(), Tensor(), Tensor()};
     Tensor dout = grads[0].defined() ? grads[0].contiguous() : Tensor();  // (B, T, H, D) or none
     Tensor dlse = grads[1].defined() ? grads[1].contiguous() : Tensor();  // (B, H, T) or none
@@ -234,7 +237,7 @@ AttentionResult attention(const Variable& q, const Variable& k, const Variable& 
     Tensor dk = Tensor::empty(kc.shape(), kc.dtype(), kc.device());  // (B, S, Hkv, D)
     Tensor dv = Tensor::empty(vc.shape(), vc.dtype(), vc.device());  // (B, S, Hkv, D)
     dispatch::attention_backward(dq, dk, dv, dout, dlse, qc, kc, vc, out, lse, q_pos, k_pos, scale, causal, s2,
-                                 stream_of(qc));
+                                 stream_of(qc), form);
     return std::vector<Tensor>{dq, dk, dv};
   };
   std::vector<Variable> outputs = make_outputs({out, lse}, {q, k, v}, "Attention", std::move(backward));

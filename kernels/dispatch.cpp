@@ -90,19 +90,24 @@ Tensor gemm_operand(const Tensor& t) {
 AttentionBackend attention_backend_from_name(const std::string& name) {
   if (name == "auto") return AttentionBackend::automatic;
   if (name == "native") return AttentionBackend::native;
+  if (name == "cudnn") return AttentionBackend::cudnn;
   if (name == "interim") return AttentionBackend::interim;
-  LOOM_FAIL() << "attention backend \"" << name << "\" is not one of auto, native, interim";
+  LOOM_FAIL() << "attention backend \"" << name << "\" is not one of auto, native, cudnn, interim";
 }
 void set_attention_backend(AttentionBackend backend) { g_attention_backend.store(backend); }
 AttentionBackend attention_backend() { return g_attention_backend.load(); }
 
 #ifdef LOOM_WITH_CUDA
 namespace {
-// The CUDA kernels model.attention_backend picks (auto: the flash kernels; they
-// fall back to the interim ones where they do not apply).
+// The CUDA kernels model.attention_backend picks (see dispatch.h).
 cuda::AttentionKernel cuda_attention_kernel() {
-  return attention_backend() == AttentionBackend::interim ? cuda::AttentionKernel::interim
-                                                          : cuda::AttentionKernel::flash;
+  switch (attention_backend()) {
+    case AttentionBackend::interim: return cuda::AttentionKernel::interim;
+    case AttentionBackend::native: return cuda::AttentionKernel::flash;
+    case AttentionBackend::cudnn: return cuda::AttentionKernel::cudnn;
+    case AttentionBackend::automatic: break;
+  }
+  return cuda::AttentionKernel::best;
 }
 }  // namespace
 #endif
@@ -219,24 +224,24 @@ void cross_entropy_backward(Tensor& dlogits, const Tensor& dloss, const Tensor& 
 }
 void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                        const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
-                       const S2Pattern& s2, Stream& s) {
+                       const S2Pattern& s2, Stream& s, cpu::MaskForm form) {
   if (on_cpu("attention", {&out, &lse, &q, &k, &v, &q_positions, &k_positions}, s))
     return cpu::attention_forward(out, lse, q, k, v, q_positions, k_positions, scale, causal, s2, s);
   WITH_CUDA("attention", s,
                       cuda::attention_forward(out, lse, q, k, v, q_positions, k_positions, scale, causal, s2, s,
-                                              cuda_attention_kernel()));
+                                              cuda_attention_kernel(), form));
 }
 void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& dlse, const Tensor& q,
                         const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                         const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
-                        const S2Pattern& s2, Stream& s) {
+                        const S2Pattern& s2, Stream& s, cpu::MaskForm form) {
   if (on_cpu("attention_backward", {&dq, &dk, &dv, &dout, &dlse, &q, &k, &v, &out, &lse, &q_positions, &k_positions},
              s))
     return cpu::attention_backward(dq, dk, dv, dout, dlse, q, k, v, out, lse, q_positions, k_positions, scale,
                                    causal, s2, s);
   WITH_CUDA("attention_backward", s,
                       cuda::attention_backward(dq, dk, dv, dout, dlse, q, k, v, out, lse, q_positions, k_positions,
-                                               scale, causal, s2, s, cuda_attention_kernel()));
+                                               scale, causal, s2, s, cuda_attention_kernel(), form));
 }
 void attention_merge(Tensor& out_acc, Tensor& lse_acc, const Tensor& part_out, const Tensor& part_lse,
                      int64_t row_start, Stream& s) {

@@ -13,6 +13,7 @@
 #include "framework/stream.h"
 #include "framework/tensor.h"
 #include "kernels/cpu/adamw.h"
+#include "kernels/cpu/attention.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/s2_pattern.h"
 
@@ -25,12 +26,16 @@ using cpu::BinaryOp;
 // model.attention_backend: which CUDA softmax-attention kernels run.
 //   native   the flash kernels (tensor cores) where they apply — bf16, head dim
 //            64 or 128 — and the interim CUDA-core kernels elsewhere
+//   cudnn    cuDNN's fused attention where it takes the call (dense, bf16, head
+//            dim 64/128, a causal mask on the diagonal or none: `form` below;
+//            backward: lengths multiples of 128, no lse gradient), native
+//            elsewhere; an error when cuDNN is missing or has no engine
 //   interim  the CUDA-core kernels everywhere (fp32 math)
-//   auto     native (the flash kernels passed their GPU parity tests and run
-//            ~10x the interim kernels: kernels/NOTES.md); a cuDNN path would
-//            join the choice here
+//   auto     per shape and direction, cuDNN or native, whichever ran faster
+//            when both were timed on the shape's first call (native where
+//            cuDNN does not take the call)
 // CPU tensors always run the CPU twin.
-enum class AttentionBackend { automatic, native, interim };
+enum class AttentionBackend { automatic, native, cudnn, interim };
 AttentionBackend attention_backend_from_name(const std::string& name);  // throws naming the value
 void set_attention_backend(AttentionBackend backend);  // default automatic
 AttentionBackend attention_backend();
@@ -71,11 +76,11 @@ void cross_entropy_backward(Tensor& dlogits, const Tensor& dloss, const Tensor& 
                             const Tensor& lse, int64_t ignore_index, bool mean, Stream& s);
 void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                        const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
-                       const S2Pattern& s2, Stream& s);
+                       const S2Pattern& s2, Stream& s, cpu::MaskForm form = {});
 void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& dlse, const Tensor& q,
                         const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                         const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
-                        const S2Pattern& s2, Stream& s);
+                        const S2Pattern& s2, Stream& s, cpu::MaskForm form = {});
 // Folds a partial attention result into a running one (ALGORITHMS.md §1,
 // kernels/cpu/attention_merge.h); on CUDA out_acc, lse_acc and part_lse are
 // f32 and part_out may be bf16 (part of the "attention" family).

@@ -228,8 +228,8 @@ void bench_memory_bound(Bench& b, const ModelShape& m) {
 }
 
 // Softmax attention at the issue-7 shapes (B 1, H 16, D 128, bf16, causal):
-// the flash kernels at T = 4K, 16K, 32K and the interim kernels at 4K, 16K
-// (the in-run baseline; tools/bench_torch.py adds PyTorch SDPA with its flash
+// the flash kernels and cuDNN's fused attention (kernels/cuda/cudnn_attention.h)
+// at T = 4K, 16K, 32K, 128K and the interim kernels at 4K, 16K (the in-run baseline; tools/bench_torch.py adds PyTorch SDPA with its flash
 // and cuDNN backends), forward and forward + backward; then S2 (block 64, 16
 // local blocks, vert_stride 8) against dense flash at 32K and 128K. FLOPs by
 // the usual convention: forward 4 D per visible (query, key) pair per head,
@@ -251,10 +251,14 @@ void bench_attention(Bench& b, int64_t only_t) {
   const Run runs[] = {{"flash", cuda::AttentionKernel::flash, 4096, false},
                       {"flash", cuda::AttentionKernel::flash, 16384, false},
                       {"flash", cuda::AttentionKernel::flash, 32768, false},
+                      {"cudnn", cuda::AttentionKernel::cudnn, 4096, false},
+                      {"cudnn", cuda::AttentionKernel::cudnn, 16384, false},
+                      {"cudnn", cuda::AttentionKernel::cudnn, 32768, false},
                       {"interim", cuda::AttentionKernel::interim, 4096, false},
                       {"interim", cuda::AttentionKernel::interim, 16384, false},
                       {"flash s2", cuda::AttentionKernel::flash, 32768, true},
                       {"flash", cuda::AttentionKernel::flash, 131072, false},
+                      {"cudnn", cuda::AttentionKernel::cudnn, 131072, false},
                       {"flash s2", cuda::AttentionKernel::flash, 131072, true}};
   for (const Run& r : runs) {
     if (only_t > 0 && r.T != only_t) continue;
@@ -269,13 +273,13 @@ void bench_attention(Bench& b, int64_t only_t) {
     const double fwd_flops = 4.0 * static_cast<double>(D * H) * pairs;
     const std::string shape_text = "1x" + std::to_string(r.T) + "x16x128 causal";
     auto forward = [&] {
-      cuda::attention_forward(out, lse, q, k, v, pos, pos, scale, true, s2, s, r.kernel);
+      cuda::attention_forward(out, lse, q, k, v, pos, pos, scale, true, s2, s, r.kernel, cpu::MaskForm::diagonal(0));
     };
     b.compute("attention", std::string(r.label) + " fwd", shape_text, fwd_flops, forward);
     b.compute("attention", std::string(r.label) + " fwd+bwd", shape_text, 3.5 * fwd_flops, [&] {
       forward();
       cuda::attention_backward(dq, dk, dv, dout, Tensor(), q, k, v, out, lse, pos, pos, scale, true, s2, s,
-                               r.kernel);
+                               r.kernel, cpu::MaskForm::diagonal(0));
     });
   }
 }

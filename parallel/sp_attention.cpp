@@ -152,7 +152,7 @@ std::vector<AttentionBlock> plan_attention_blocks(const Tensor& q_positions, con
   const int64_t Tq = q_positions.size(0), Tk = k_positions.size(0);
   std::vector<AttentionBlock> plan;
   if (Tq == 0 || Tk == 0) return plan;
-  if (!causal && !s2.enabled()) return {AttentionBlock{0, Tq, {KeyRange{0, Tk}}}};
+  if (!causal && !s2.enabled()) return {AttentionBlock{0, Tq, {KeyRange{0, Tk}}, cpu::MaskForm::diagonal(Tk)}};
 
   const int64_t block = s2.enabled() ? s2.block : 0;
   const std::vector<PositionRun> q_runs = position_runs(q_positions.data<int64_t>(), Tq, chunk, block);
@@ -168,7 +168,17 @@ std::vector<AttentionBlock> plan_attention_blocks(const Tensor& q_positions, con
     if (last != nullptr && last->q_start + last->q_len == qr.start && last->keys == keys) {
       last->q_len += qr.len;  // same keys as the run before it: one block
     } else if (!keys.empty()) {
-      plan.push_back({qr.start, qr.len, std::move(keys)});
+      plan.push_back({qr.start, qr.len, std::move(keys), cpu::MaskForm::positions()});
+    }
+  }
+  if (!s2.enabled()) {
+    const int64_t* qp = q_positions.data<int64_t>();
+    const int64_t* kp = k_positions.data<int64_t>();
+    for (AttentionBlock& blk : plan) {
+      std::vector<int64_t> key_positions;  // the gathered keys' positions, in gather order
+      for (const KeyRange& r : blk.keys) key_positions.insert(key_positions.end(), kp + r.start, kp + r.start + r.len);
+      blk.form = cpu::mask_form(qp + blk.q_start, blk.q_len, key_positions.data(),
+                                static_cast<int64_t>(key_positions.size()), causal);
     }
   }
   return plan;
@@ -258,7 +268,7 @@ void attend_forward(Tensor& out_acc, Tensor& lse_acc, const Tensor& q, const Ten
     Tensor out = Tensor::empty({call.B, blk.q_len, call.H, call.D}, q.dtype(), q.device());  // (B, q_len, H, D)
     Tensor lse = Tensor::empty({call.B, call.H, blk.q_len}, call.acc_dtype, q.device());      // (B, H, q_len)
     dispatch::attention_forward(out, lse, q_blk, keys.k, keys.v, q_positions.narrow(0, blk.q_start, blk.q_len),
-                                keys.positions, call.scale, call.causal, call.s2, stream);
+                                keys.positions, call.scale, call.causal, call.s2, stream, blk.form);
     dispatch::attention_merge(out_acc, lse_acc, out, lse, blk.q_start, stream);
     if (stats != nullptr) {
       stats->forward_blocks += 1;
@@ -283,7 +293,7 @@ void attend_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, con
                                  cols_of(dlse, blk.q_start, blk.q_len), q_blk, keys.k, keys.v,
                                  rows_of(out, blk.q_start, blk.q_len), cols_of(lse, blk.q_start, blk.q_len),
                                  q_positions.narrow(0, blk.q_start, blk.q_len), keys.positions, call.scale,
-                                 call.causal, call.s2, stream);
+                                 call.causal, call.s2, stream, blk.form);
     add_rows(dq, dq_blk, blk.q_start);
     int64_t at = 0;
     for (const KeyRange& r : blk.keys) {  // scatter the gathered keys' gradients back to their rows

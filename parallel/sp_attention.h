@@ -25,6 +25,7 @@
 #include "framework/ops_nn.h"
 #include "framework/stream.h"
 #include "framework/tensor.h"
+#include "kernels/cpu/attention.h"
 #include "parallel/communicator.h"
 #include "parallel/token_layout.h"
 
@@ -81,6 +82,8 @@ struct KeyRange {
 struct AttentionBlock {
   int64_t q_start = 0, q_len = 0;
   std::vector<KeyRange> keys;
+  // The block's mask as its positions give it (cpu::mask_form; positions under S2).
+  cpu::MaskForm form;
   int64_t k_len() const;  // keys attended, over all ranges
   bool operator==(const AttentionBlock&) const = default;
 };

@@ -14,7 +14,7 @@ cmake -S . -B $B -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a > "$O
 cmake --build $B -j"$(nproc)" --target loom_cuda_tests loom-bench loom-bench-lightning > "$OUT/build.log" 2>&1 \
   || { grep -B2 -A8 -E "error|Error" "$OUT/build.log" | head -60; exit 1; }
 echo "built $(el)"; nvidia-smi -L
-timeout 150 $B/loom_cuda_tests --gtest_filter='CudaFlashAttention*:CudaAttention*:CudaRouter*' > "$OUT/flash.log" 2>&1
+timeout 150 $B/loom_cuda_tests --gtest_filter='CudaFlashAttention*:CudaAttention*:CudaRouter*:CudaCudnn*' > "$OUT/flash.log" 2>&1
 echo "attention tests rc $? $(el)"
 grep -E "^\[ +(OK|FAILED|PASSED) " "$OUT/flash.log"; grep -B3 -A6 "Failure" "$OUT/flash.log" | head -40
 timeout 150 $B/loom_cuda_tests --gtest_filter='Models/CudaTraining*' > "$OUT/training.log" 2>&1
@@ -34,9 +34,9 @@ SEQARG=(); [ -n "${SEQ:-}" ] && SEQARG=(--seq "$SEQ")
 timeout 120 $B/loom-bench --families attention --reps 10 "${SEQARG[@]}" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 echo "bench rc $? $(el)"
 timeout 100 python3 tools/bench_torch.py "$OUT/bench.json" > "$OUT/torch.log" 2>&1
-echo "torch rc $? $(el)"; grep -A18 "== attention" "$OUT/torch.log"
+echo "torch rc $? $(el)"; grep -A26 "== attention" "$OUT/torch.log"
 timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 $B/loom_cuda_tests \
-  --gtest_filter='CudaFlashAttention.BackwardIsDeterministic:CudaFlashAttention.Dispatch*' > "$OUT/memcheck.log" 2>&1
+  --gtest_filter='CudaFlashAttention.BackwardIsDeterministic:CudaFlashAttention.Dispatch*:CudaCudnnAttention.Backends*' > "$OUT/memcheck.log" 2>&1
 echo "memcheck rc $? $(el)"; grep -E "ERROR SUMMARY|PASSED|FAILED" "$OUT/memcheck.log" | head -4
 if [ $((SECONDS - T0)) -lt "$LIMIT" ]; then
   timeout 60 $B/loom-bench --families mixer --reps 10 > "$OUT/mixer.log" 2>&1

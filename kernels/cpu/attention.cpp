@@ -12,6 +12,7 @@
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/checks.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -222,6 +223,27 @@ AttentionDims check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, co
 }
 
 }  // namespace
+
+MaskForm mask_form(const int64_t* q_pos, int64_t T, const int64_t* k_pos, int64_t S, bool causal) {
+  if (!causal || T == 0 || S == 0) return MaskForm::diagonal(S);
+  const int64_t q_min = *std::min_element(q_pos, q_pos + T), k_max = *std::max_element(k_pos, k_pos + S);
+  if (k_max <= q_min) return MaskForm::diagonal(S);
+  for (int64_t i = 1; i < T; ++i)
+    if (q_pos[i] != q_pos[0] + i) return MaskForm::positions();
+  for (int64_t j = 1; j < S; ++j)
+    if (k_pos[j] <= k_pos[j - 1]) return MaskForm::positions();
+  // visible(i): keys at positions <= q_pos[i], a prefix of the ascending keys.
+  int64_t visible = 0, offset = 0;
+  for (int64_t i = 0; i < T; ++i) {
+    while (visible < S && k_pos[visible] <= q_pos[i]) ++visible;
+    if (i == 0) {
+      if (visible == 0) return MaskForm::positions();  // a row that sees nothing
+      offset = visible - 1;
+    }
+    if (visible != std::min(S, i + offset + 1)) return MaskForm::positions();
+  }
+  return MaskForm::diagonal(offset);
+}
 
 void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                        const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,

@@ -9,6 +9,22 @@
 
 namespace loom::cpu {
 
+// The mask of a dense call (no S2) as the host positions give it, for
+// backends with a fixed mask shape (cuDNN): `diagonal` when key j is visible
+// to query i exactly when j <= i + offset (offset >= S - 1: every key visible,
+// which is also what a call without causal is), every row seeing at least one
+// key; else `positions` (only the kernels that read positions take it).
+struct MaskForm {
+  enum class Kind { positions, diagonal };
+  Kind kind = Kind::positions;
+  int64_t offset = 0;
+  static MaskForm positions() { return {}; }
+  static MaskForm diagonal(int64_t offset) { return {Kind::diagonal, offset}; }
+  bool is_diagonal() const { return kind == Kind::diagonal; }
+  bool operator==(const MaskForm&) const = default;
+};
+MaskForm mask_form(const int64_t* q_pos, int64_t T, const int64_t* k_pos, int64_t S, bool causal);
+
 // q (B, T, H, D), k and v (B, S, Hkv, D), H % Hkv == 0 (query head h reads kv
 // head h / (H / Hkv)); all contiguous, same dtype (f32 or f64).
 // q_positions (T), k_positions (S): contiguous i64 global positions, used when

@@ -6,9 +6,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <tuple>
 
+#include "framework/cuda_check.h"
 #include "kernels/cpu/s2_pattern.h"
 #include "kernels/cuda/attention_launch.h"
+#include "kernels/cuda/cudnn_attention.h"
 
 namespace loom::cuda {
 
@@ -74,6 +80,88 @@ Storage scratch_i64(int64_t count, const Tensor& like, Stream& s) {
   return Storage(static_cast<size_t>(std::max<int64_t>(1, count)) * sizeof(int64_t), like.device(), &s);
 }
 
+// ---- cuDNN or flash ----
+
+// Whether a call goes to cuDNN at all: the kernel choice allows it, the call is
+// dense with a mask form cuDNN has, and cuDNN takes the operands.
+bool cudnn_candidate(AttentionKernel kernel, cpu::MaskForm form, const S2Pattern& s2, const Tensor& q, const Tensor& k,
+                     const Tensor& v, bool backward) {
+  if (kernel != AttentionKernel::cudnn && kernel != AttentionKernel::best) return false;
+  if (s2.enabled() || !form.is_diagonal()) return false;
+  if (kernel == AttentionKernel::cudnn) {
+    LOOM_CHECK(cudnn_attention_available()) << "attention: model.attention_backend = cudnn but cuDNN is not "
+                                            << "available (" << cudnn_attention_version() << ")";
+  }
+  return cudnn_attention_takes(q, k, v, backward);
+}
+
+// best: which of cuDNN and flash runs a shape, decided by timing both on its first call.
+struct ChoiceKey {
+  int device;
+  bool backward;
+  int64_t diagonal, B, T, S, H, Hkv, D;
+  auto tie() const { return std::tie(device, backward, diagonal, B, T, S, H, Hkv, D); }
+  bool operator<(const ChoiceKey& o) const { return tie() < o.tie(); }
+};
+std::mutex choices_mutex;
+std::map<ChoiceKey, bool> choices;  // true: cuDNN
+
+// Device milliseconds of one run of `work` on `s` (waits for it).
+float time_on(Stream& s, const std::function<void()>& work) {
+  cudaStream_t stream = static_cast<cudaStream_t>(s.handle());
+  cudaEvent_t start, stop;
+  LOOM_CUDA_CHECK(cudaEventCreate(&start));
+  LOOM_CUDA_CHECK(cudaEventCreate(&stop));
+  LOOM_CUDA_CHECK(cudaEventRecord(start, stream));
+  work();
+  LOOM_CUDA_CHECK(cudaEventRecord(stop, stream));
+  LOOM_CUDA_CHECK(cudaEventSynchronize(stop));
+  float ms = 0;
+  LOOM_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return ms;
+}
+
+// Runs the call on cuDNN or on flash (`run_cudnn` returns false when cuDNN has
+// no engine for the shape). Returns true when it ran; false: the caller runs
+// the flash kernels (nothing was written).
+bool run_cudnn_or_best(AttentionKernel kernel, const ChoiceKey& key, const std::function<bool()>& run_cudnn,
+                       const std::function<void()>& run_flash, Stream& s) {
+  // (a shape cuDNN has no engine for runs on flash; cudnn_attention.cpp says so once per shape on stderr)
+  if (kernel == AttentionKernel::cudnn) return run_cudnn();
+  {
+    std::lock_guard<std::mutex> lock(choices_mutex);
+    auto it = choices.find(key);
+    if (it != choices.end()) {
+      if (!it->second) return false;
+      LOOM_CHECK(run_cudnn()) << "attention: cuDNN lost its plan for a shape it ran before";
+      return true;
+    }
+  }
+  // First call of the shape: both warmed up, then each timed once. Every run
+  // writes the same outputs; the winner runs last, so the first call's
+  // result is the one every later call of the shape gets.
+  bool use_cudnn = false;
+  if (run_cudnn()) {
+    run_flash();
+    float cudnn_ms = time_on(s, [&] { run_cudnn(); });
+    float flash_ms = time_on(s, run_flash);
+    use_cudnn = cudnn_ms < flash_ms;
+    if (use_cudnn) run_cudnn();
+  }
+  {
+    std::lock_guard<std::mutex> lock(choices_mutex);
+    choices[key] = use_cudnn;
+  }
+  return use_cudnn;
+}
+
+ChoiceKey choice_key(const Tensor& q, const Tensor& k, bool backward, int64_t diagonal) {
+  return ChoiceKey{q.device().index, backward, diagonal, q.size(0), q.size(1), k.size(1), q.size(2), k.size(2),
+                   q.size(3)};
+}
+
 }  // namespace
 
 bool flash_attention_applies(const Tensor& q, const Tensor& k, const Tensor& v) {
@@ -84,19 +172,26 @@ bool flash_attention_applies(const Tensor& q, const Tensor& k, const Tensor& v) 
 
 void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                        const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
-                       const S2Pattern& s2, Stream& s, AttentionKernel kernel) {
+                       const S2Pattern& s2, Stream& s, AttentionKernel kernel, cpu::MaskForm form) {
   const char* op = "attention_forward";
   detail::AttentionMask mask;
   detail::AttentionDims n = check_inputs(q, k, v, q_positions, k_positions, scale, causal, s2, s, op, mask);
   check_like(out, q.shape(), q.dtype(), s, op, "out");
   check_like(lse, {n.B, n.H, n.T}, DType::f32, s, op, "lse");
-  if (kernel == AttentionKernel::flash && flash_attention_applies(q, k, v) && aligned16(out.raw_data())) {
+  const bool flash = kernel != AttentionKernel::interim && flash_attention_applies(q, k, v) &&
+                     aligned16(out.raw_data());
+  auto run_flash = [&] {
     Storage scratch = scratch_i64(detail::flash_attention_scratch(n), q, s);
     detail::launch_flash_attention_forward(out.raw_data(), lse.data<float>(), q.raw_data(), k.raw_data(),
                                            v.raw_data(), static_cast<int64_t*>(scratch.data()), n, mask,
                                            static_cast<float>(scale), static_cast<cudaStream_t>(s.handle()));
-    return;
+  };
+  if (flash && aligned16(lse.raw_data()) && cudnn_candidate(kernel, form, s2, q, k, v, false)) {
+    const int64_t diagonal = causal ? std::min(form.offset, n.S) : n.S;
+    auto run_cudnn = [&] { return cudnn_attention_forward(out, lse, q, k, v, diagonal, scale, s); };
+    if (run_cudnn_or_best(kernel, choice_key(q, k, false, diagonal), run_cudnn, run_flash, s)) return;
   }
+  if (flash) return run_flash();
   detail::launch_attention_forward(q.dtype(), out.raw_data(), lse.data<float>(), q.raw_data(), k.raw_data(),
                                    v.raw_data(), n, mask, static_cast<float>(scale),
                                    static_cast<cudaStream_t>(s.handle()));
@@ -105,7 +200,7 @@ void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& 
 void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& dlse, const Tensor& q,
                         const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                         const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
-                        const S2Pattern& s2, Stream& s, AttentionKernel kernel) {
+                        const S2Pattern& s2, Stream& s, AttentionKernel kernel, cpu::MaskForm form) {
   const char* op = "attention_backward";
   detail::AttentionMask mask;
   detail::AttentionDims n = check_inputs(q, k, v, q_positions, k_positions, scale, causal, s2, s, op, mask);
@@ -118,9 +213,10 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
   if (dlse.defined()) check_like(dlse, {n.B, n.H, n.T}, DType::f32, s, op, "dlse");
   // delta (B, H, T): rowsum(dout * out) - dlse, on the stream's pool.
   Storage delta(static_cast<size_t>(std::max<int64_t>(1, n.B * n.H * n.T)) * sizeof(float), q.device(), &s);
-  if (kernel == AttentionKernel::flash && dout.defined() && flash_attention_applies(q, k, v) &&
-      aligned16(dout.raw_data()) && aligned16(dq.raw_data()) && aligned16(dk.raw_data()) &&
-      aligned16(dv.raw_data())) {
+  const bool flash = kernel != AttentionKernel::interim && dout.defined() && flash_attention_applies(q, k, v) &&
+                     aligned16(dout.raw_data()) && aligned16(dq.raw_data()) && aligned16(dk.raw_data()) &&
+                     aligned16(dv.raw_data());
+  auto run_flash = [&] {
     Storage scratch = scratch_i64(detail::flash_attention_scratch(n), q, s);
     detail::launch_flash_attention_backward(dq.raw_data(), dk.raw_data(), dv.raw_data(),
                                             static_cast<float*>(delta.data()), static_cast<int64_t*>(scratch.data()),
@@ -128,8 +224,15 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
                                             q.raw_data(), k.raw_data(), v.raw_data(), out.raw_data(),
                                             lse.data<float>(), n, mask, static_cast<float>(scale),
                                             static_cast<cudaStream_t>(s.handle()));
-    return;
+  };
+  // cuDNN's backward has no lse gradient: calls with one stay on flash.
+  if (flash && !dlse.defined() && aligned16(out.raw_data()) && aligned16(lse.raw_data()) &&
+      cudnn_candidate(kernel, form, s2, q, k, v, true)) {
+    const int64_t diagonal = causal ? std::min(form.offset, n.S) : n.S;
+    auto run_cudnn = [&] { return cudnn_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, diagonal, scale, s); };
+    if (run_cudnn_or_best(kernel, choice_key(q, k, true, diagonal), run_cudnn, run_flash, s)) return;
   }
+  if (flash) return run_flash();
   detail::launch_attention_backward(q.dtype(), dq.raw_data(), dk.raw_data(), dv.raw_data(),
                                     static_cast<float*>(delta.data()), dout.defined() ? dout.raw_data() : nullptr,
                                     dlse.defined() ? dlse.data<float>() : nullptr, q.raw_data(), k.raw_data(),

@@ -10,16 +10,20 @@
 
 #include "framework/stream.h"
 #include "framework/tensor.h"
-
-namespace loom {
-struct S2Pattern;  // kernels/cpu/s2_pattern.h
-}
+#include "kernels/cpu/attention.h"  // MaskForm
 
 namespace loom::cuda {
 
 // Which kernels an entry point runs. flash falls back to interim where the
-// flash kernels do not apply (flash_attention_applies).
-enum class AttentionKernel { interim, flash };
+// flash kernels do not apply (flash_attention_applies). cudnn runs cuDNN's
+// fused attention (cudnn_attention.h) where it takes the call — dense (no S2),
+// a diagonal mask (`form`, from the host positions), bf16, D 64 or 128,
+// for the backward no lse gradient and lengths that are multiples of 128 —
+// and flash elsewhere (also where cuDNN has no engine for the shape, which is
+// reported once on stderr). best: cuDNN or flash, whichever ran the shape faster when
+// both were timed on its first call (per direction; flash alone where cuDNN
+// does not take the call or has no engine).
+enum class AttentionKernel { interim, flash, cudnn, best };
 
 // True when the flash kernels take these operands: bf16, D = 64 or 128, every
 // pointer 16-byte aligned (and, for the backward, dout defined).
@@ -33,13 +37,15 @@ bool flash_attention_applies(const Tensor& q, const Tensor& k, const Tensor& v);
 // A row with no visible key gets out = 0 and lse = -inf.
 void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                        const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
-                       const S2Pattern& s2, Stream& s, AttentionKernel kernel = AttentionKernel::interim);
+                       const S2Pattern& s2, Stream& s, AttentionKernel kernel = AttentionKernel::interim,
+                       cpu::MaskForm form = {});
 
 // dq, dk, dv (overwritten, like q, k, v) from dout (B, T, H, D, like q) and
 // dlse (B, H, T, f32); either may be undefined (zero). Deterministic (no atomics).
 void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& dlse, const Tensor& q,
                         const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                         const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
-                        const S2Pattern& s2, Stream& s, AttentionKernel kernel = AttentionKernel::interim);
+                        const S2Pattern& s2, Stream& s, AttentionKernel kernel = AttentionKernel::interim,
+                       cpu::MaskForm form = {});
 
 }  // namespace loom::cuda

@@ -220,11 +220,12 @@ TEST(Config, BadEnumValuesListTheAllowedOnes) {
   EXPECT_CONFIG_ERROR(from_overrides({"model.layers=SXS"}), {"model.layers = \"SXS\"", "letter 'X'", "letters S L"});
   EXPECT_CONFIG_ERROR(from_overrides({"model.S.gate=sometimes"}), {"allowed: none, headwise, elementwise"});
   EXPECT_CONFIG_ERROR(from_overrides({"model.layers="}), {"model.layers = \"\"", "must not be empty"});
-  EXPECT_CONFIG_ERROR(from_overrides({"model.attention_backend=cudnn"}),
-                      {"model.attention_backend = \"cudnn\"", "allowed: auto, native, interim"});
+  EXPECT_CONFIG_ERROR(from_overrides({"model.attention_backend=cudnn9"}),
+                      {"model.attention_backend = \"cudnn9\"", "allowed: auto, native, cudnn, interim"});
   EXPECT_CONFIG_ERROR(from_overrides({"data.recall.draw=sorted"}),
                       {"data.recall.draw = \"sorted\"", "allowed: distinct, replace"});
   EXPECT_EQ(from_overrides({"model.attention_backend=native"}).model.attention_backend, "native");
+  EXPECT_EQ(from_overrides({"model.attention_backend=cudnn"}).model.attention_backend, "cudnn");
   EXPECT_EQ(from_overrides({"data.recall.draw=replace"}).data.recall.draw, "replace");
   EXPECT_CONFIG_ERROR(from_overrides({"model.L.short_conv=1"}), {"model.L.short_conv = 1", "0 or a width >= 2"});
   // Under cp each chunk needs short_conv - 1 tokens of the chunk before it.

@@ -2,7 +2,9 @@
 // D = 64 and 128) against the CPU twin (kernels/cpu/attention.h) on the same
 // bf16-exact inputs: T = 1, 17, 1000, 4097; GQA groups 1 and 4; full, causal
 // and causal + S2 masks; queries after their keys (a ring step), zigzag
-// positions, rows with no visible key; outputs poisoned with NaN first.
+// positions, rows with no visible key; outputs poisoned with NaN first. The
+// cuDNN path (kernels/cuda/cudnn_attention.h) is held to the same bounds on
+// the calls it takes (dense, diagonal or no mask, no lse gradient).
 //
 // Tolerances follow from where the kernels round. Scores, softmax statistics
 // and every accumulation are fp32 (lse is compared at fp32 precision), but P
@@ -17,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -25,6 +28,7 @@
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/s2_pattern.h"
 #include "kernels/cuda/attention.h"
+#include "kernels/cuda/cudnn_attention.h"
 #include "kernels/dispatch.h"
 #include "tests/cuda/attention_testing.h"
 #include "tests/cuda/cuda_testing.h"
@@ -122,15 +126,21 @@ RoundingBounds rounding_bounds(const Case& c, const Tensor& q, const Tensor& k, 
                                        << bd[worst] << " (error / tolerance " << worst_ratio << ")";
 }
 
-void check_case(const Case& c, uint64_t seed) {
+// Which implementation check_case runs: the flash kernels, or cuDNN called
+// directly (so a silent fallback cannot pass for it; no lse gradient there).
+enum class Engine { flash, cudnn_forward, cudnn };
+
+void check_case(const Case& c, uint64_t seed, Engine engine = Engine::flash) {
   SCOPED_TRACE(::testing::Message() << "B " << c.B << " T " << c.T << " S " << c.S << " H " << c.H << " Hkv "
                                     << c.Hkv << " D " << c.D << " causal " << c.causal << " s2 " << c.s2
-                                    << " positions " << static_cast<int>(c.positions));
+                                    << " positions " << static_cast<int>(c.positions) << " engine "
+                                    << static_cast<int>(engine));
   const DType bf = DType::bf16;
   const Shape q_shape{c.B, c.T, c.H, c.D}, kv_shape{c.B, c.S, c.Hkv, c.D}, row_shape{c.B, c.H, c.T};
   Tensor q = random_rounded(q_shape, seed, bf, 1.5), k = random_rounded(kv_shape, seed + 1, bf, 1.5);
   Tensor v = random_rounded(kv_shape, seed + 2, bf), dout = random_rounded(q_shape, seed + 3, bf);
-  Tensor dlse = testing::random_tensor(row_shape, seed + 4, DType::f32, 0.5);
+  Tensor dlse = engine == Engine::flash ? testing::random_tensor(row_shape, seed + 4, DType::f32, 0.5)
+                                        : Tensor::zeros(row_shape, DType::f32);
   Tensor qp, kp;
   make_positions(c.positions, c.T, c.S, seed + 5, qp, kp);
   S2Pattern s2;
@@ -141,8 +151,17 @@ void check_case(const Case& c, uint64_t seed) {
   ASSERT_TRUE(cuda::flash_attention_applies(qg, kg, vg));
   Tensor qpg = qp.to(gpu()), kpg = kp.to(gpu());
   Tensor out = poisoned(q_shape, bf), lse = poisoned(row_shape, DType::f32);
-  cuda::attention_forward(out, lse, qg, kg, vg, qpg, kpg, scale, c.causal, s2, gpu_stream(),
-                          cuda::AttentionKernel::flash);
+  int64_t diagonal = 0;
+  if (engine == Engine::flash) {
+    cuda::attention_forward(out, lse, qg, kg, vg, qpg, kpg, scale, c.causal, s2, gpu_stream(),
+                            cuda::AttentionKernel::flash);
+  } else {
+    const cpu::MaskForm form = cpu::mask_form(qp.data<int64_t>(), c.T, kp.data<int64_t>(), c.S, c.causal);
+    ASSERT_TRUE(form.is_diagonal()) << "a case cuDNN cannot take";
+    diagonal = form.offset;
+    ASSERT_TRUE(cuda::cudnn_attention_forward(out, lse, qg, kg, vg, diagonal, scale, gpu_stream()))
+        << cuda::cudnn_attention_last_error();
+  }
   Tensor out_ref = Tensor::empty(q_shape), lse_ref = Tensor::empty(row_shape);
   cpu::attention_forward(out_ref, lse_ref, q, k, v, qp, kp, scale, c.causal, s2, cpu_stream());
   EXPECT_TRUE(testing::tensors_close(lse.to(Device::cpu()), lse_ref, 1e-5, 1e-5)) << "lse";
@@ -154,10 +173,16 @@ void check_case(const Case& c, uint64_t seed) {
                           cpu_stream());
   Tensor dq = poisoned(q_shape, bf), dk = poisoned(kv_shape, bf), dv = poisoned(kv_shape, bf);
   Tensor doutg = dout.to(bf).to(gpu()), dlseg = dlse.to(gpu());
-  cuda::attention_backward(dq, dk, dv, doutg, dlseg, qg, kg, vg, out, lse, qpg, kpg, scale, c.causal, s2,
-                           gpu_stream(), cuda::AttentionKernel::flash);
+  if (engine == Engine::flash) {
+    cuda::attention_backward(dq, dk, dv, doutg, dlseg, qg, kg, vg, out, lse, qpg, kpg, scale, c.causal, s2,
+                             gpu_stream(), cuda::AttentionKernel::flash);
+  } else if (engine == Engine::cudnn) {
+    ASSERT_TRUE(cuda::cudnn_attention_backward(dq, dk, dv, doutg, qg, kg, vg, out, lse, diagonal, scale, gpu_stream()))
+        << cuda::cudnn_attention_last_error();
+  }
   const RoundingBounds bound = rounding_bounds(c, q, k, v, dout, dlse, out, lse_f32, qp, kp, s2, scale);
   EXPECT_TRUE(within_rounding(out, out_ref, bound.out)) << "out";
+  if (engine == Engine::cudnn_forward) return;
   EXPECT_TRUE(within_rounding(dq, dq_ref, bound.dq)) << "dq";
   EXPECT_TRUE(within_rounding(dk, dk_ref, bound.dk)) << "dk";
   EXPECT_TRUE(within_rounding(dv, dv_ref, bound.dv)) << "dv";
@@ -255,6 +280,83 @@ TEST(CudaFlashAttention, DispatchRunsTheKernelsTheBackendNames) {
   cuda::attention_forward(b, lb, q32, q32, q32, p50, p50, 0.2, true, S2Pattern{}, gpu_stream(),
                           cuda::AttentionKernel::interim);
   EXPECT_TENSOR_CLOSE(download(a), download(b), 0, 0);
+}
+
+// ---- cuDNN (kernels/cuda/cudnn_attention.h) ----
+
+TEST(CudaCudnnAttention, MatchesTheCpuTwinOnTheCallsItTakes) {
+  LOOM_SKIP_WITHOUT_GPU();
+  ASSERT_TRUE(cuda::cudnn_attention_available()) << cuda::cudnn_attention_version();
+  std::printf("cuDNN %s\n", cuda::cudnn_attention_version().c_str());
+  uint64_t seed = 11000;
+  // Forward and backward (lengths multiples of 128): causal, full, queries after
+  // their keys (the bottom-right diagonal of a ring step), GQA 1 and 4, B 2.
+  const Case both[] = {
+      {1, 128, 128, 2, 2, 64, true, false},
+      {2, 256, 256, 4, 1, 128, true, false},
+      {1, 1024, 1024, 4, 4, 128, false, false},
+      {1, 128, 384, 4, 2, 64, false, false},
+      {1, 256, 768, 2, 1, 128, true, false, Positions::query_suffix},
+      {1, 2048, 2048, 2, 1, 64, true, false},
+      {1, 4096, 4096, 2, 2, 128, true, false},
+  };
+  for (const Case& c : both) {
+    check_case(c, seed, Engine::cudnn);
+    seed += 10;
+  }
+  // Forward only at awkward lengths (cuDNN's backward gets only multiples of 128 from loom).
+  const Case forward_only[] = {{1, 17, 17, 2, 2, 64, true, false},
+                               {1, 1000, 1000, 4, 1, 128, true, false},
+                               {2, 100, 300, 2, 2, 128, false, false},
+                               {1, 65, 1000, 2, 2, 64, true, false, Positions::query_suffix}};
+  for (const Case& c : forward_only) {
+    check_case(c, seed, Engine::cudnn_forward);
+    seed += 10;
+  }
+}
+
+TEST(CudaCudnnAttention, BackendsRouteByMaskFormAndOperands) {
+  LOOM_SKIP_WITHOUT_GPU();
+  const int64_t T = 256;
+  const Shape q_shape{1, T, 2, 64}, row_shape{1, 2, T};
+  const DType bf = DType::bf16;
+  Tensor q = testing::random_tensor(q_shape, 21, DType::f32).to(bf).to(gpu());
+  Tensor k = testing::random_tensor(q_shape, 22, DType::f32).to(bf).to(gpu());
+  Tensor v = testing::random_tensor(q_shape, 23, DType::f32).to(bf).to(gpu());
+  Tensor pos = Tensor::arange(T).to(gpu());
+  auto direct = [&](bool use_cudnn) {
+    Tensor out = poisoned(q_shape, bf), lse = poisoned(row_shape, DType::f32);
+    if (use_cudnn) {
+      EXPECT_TRUE(cuda::cudnn_attention_forward(out, lse, q, k, v, 0, 0.125, gpu_stream()));
+    } else {
+      cuda::attention_forward(out, lse, q, k, v, pos, pos, 0.125, true, S2Pattern{}, gpu_stream(),
+                              cuda::AttentionKernel::flash);
+    }
+    return download(out);
+  };
+  auto via = [&](dispatch::AttentionBackend backend, cpu::MaskForm form) {
+    dispatch::set_attention_backend(backend);
+    Tensor out = poisoned(q_shape, bf), lse = poisoned(row_shape, DType::f32);
+    dispatch::attention_forward(out, lse, q, k, v, pos, pos, 0.125, true, S2Pattern{}, gpu_stream(), form);
+    dispatch::set_attention_backend(dispatch::AttentionBackend::automatic);
+    return download(out);
+  };
+  const Tensor by_cudnn = direct(true), by_flash = direct(false);
+  // cuDNN and flash round differently, so the exact comparisons below tell them apart.
+  const std::vector<double> a = by_cudnn.to_vector<double>(), b = by_flash.to_vector<double>();
+  double differ = 0;
+  for (size_t e = 0; e < a.size(); ++e) differ = std::max(differ, std::fabs(a[e] - b[e]));
+  ASSERT_GT(differ, 0.0);
+  EXPECT_TENSOR_CLOSE(via(dispatch::AttentionBackend::cudnn, cpu::MaskForm::diagonal(0)), by_cudnn, 0, 0);
+  EXPECT_TENSOR_CLOSE(via(dispatch::AttentionBackend::native, cpu::MaskForm::diagonal(0)), by_flash, 0, 0);
+  // Positions cuDNN's mask cannot express stay on flash, whatever the backend.
+  EXPECT_TENSOR_CLOSE(via(dispatch::AttentionBackend::cudnn, cpu::MaskForm::positions()), by_flash, 0, 0);
+  // auto runs one of the two, the same one on every later call of the shape.
+  const Tensor first = via(dispatch::AttentionBackend::automatic, cpu::MaskForm::diagonal(0));
+  const Tensor again = via(dispatch::AttentionBackend::automatic, cpu::MaskForm::diagonal(0));
+  EXPECT_TENSOR_CLOSE(again, first, 0, 0);
+  const std::vector<double> f = first.to_vector<double>();
+  EXPECT_TRUE(f == a || f == b) << "auto ran neither cuDNN nor flash";
 }
 
 }  // namespace

@@ -6,8 +6,10 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "framework/ops_nn.h"
+#include "kernels/cpu/attention.h"
 #include "tests/ops_nn/ops_nn_test_util.h"
 #include "tests/testing.h"
 
@@ -299,6 +301,23 @@ TEST(Attention, ErrorsNameTheValues) {
   EXPECT_ERROR_MENTIONS(attention(q, k32, k32, AttentionOptions{}), {"attention", "f64", "f32"});
   Variable q3(random_tensor({3, 4, 3}, 9));
   EXPECT_ERROR_MENTIONS(attention(q3, k2, k2, AttentionOptions{}), {"attention", "(3, 4, 3)"});
+}
+
+TEST(AttentionMaskForm, FindsTheDiagonalThePositionsMake) {
+  auto form = [](std::vector<int64_t> q, std::vector<int64_t> k, bool causal = true) {
+    return cpu::mask_form(q.data(), static_cast<int64_t>(q.size()), k.data(), static_cast<int64_t>(k.size()), causal);
+  };
+  using F = cpu::MaskForm;
+  EXPECT_EQ(form({0, 1, 2, 3}, {0, 1, 2, 3}), F::diagonal(0));           // causal, one start
+  EXPECT_EQ(form({5, 6, 7}, {0, 1, 2, 3, 4, 5, 6, 7}), F::diagonal(5));  // queries are the last keys
+  EXPECT_EQ(form({8, 9}, {0, 1, 2}), F::diagonal(3));                    // every key before every query
+  EXPECT_EQ(form({3, 2}, {0, 1}), F::diagonal(2));                       // ... in any order
+  EXPECT_EQ(form({0, 1}, {5, 3}, false), F::diagonal(2));                // not causal: nothing masked
+  EXPECT_EQ(form({4, 5, 6, 7}, {0, 1, 4, 5, 6, 7}), F::diagonal(2));     // zigzag diagonal step: chunks 0 and 2
+  EXPECT_EQ(form({0, 1}, {0, 2}), F::positions());                       // a gap inside the diagonal
+  EXPECT_EQ(form({1, 3}, {0, 1, 2, 3}), F::positions());                 // queries not consecutive
+  EXPECT_EQ(form({0, 1, 2}, {1, 2, 3}), F::positions());                 // row 0 sees nothing
+  EXPECT_EQ(form({3, 4}, {4, 3, 2}), F::positions());                    // keys not ascending
 }
 
 }  // namespace

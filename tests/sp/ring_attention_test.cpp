@@ -180,6 +180,19 @@ TEST(RingAttention, BlockPlanCoversVisiblePairsExactlyOnce) {
                   EXPECT_TRUE(any) << "a key range with no visible pair, rank " << r << " source " << src;
                 }
                 planned_pairs += b.q_len * b.k_len();
+                // The block's mask form (what a fixed-diagonal backend, cuDNN, gets): without S2 every
+                // block of these layouts is a diagonal, and the diagonal is the exact visibility.
+                if (s2.enabled()) {
+                  EXPECT_FALSE(b.form.is_diagonal());
+                  continue;
+                }
+                ASSERT_TRUE(b.form.is_diagonal()) << "rank " << r << " source " << src << " block at " << b.q_start;
+                int64_t jj = 0;
+                for (const KeyRange& kr : b.keys)
+                  for (int64_t j = kr.start; j < kr.start + kr.len; ++j, ++jj)
+                    for (int64_t i = b.q_start; i < b.q_start + b.q_len; ++i)
+                      ASSERT_EQ(visible(i, j), jj <= i - b.q_start + b.form.offset)
+                          << "diagonal " << b.form.offset << " disagrees at query " << i << ", key " << j;
               }
               for (int64_t i = 0; i < Tq; ++i)
                 for (int64_t j = 0; j < Tk; ++j) {
