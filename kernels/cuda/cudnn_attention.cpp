@@ -145,6 +145,13 @@ class Graph {
   // A by-value f32 scalar bound to a host float at execution.
   const Desc& scalar(int64_t uid) { return tensor(uid, {1, 1, 1, 1}, {1, 1, 1, 1}, CUDNN_DATA_FLOAT, false, true); }
 
+  // A new virtual (dims, type) tensor = mode(x, b): the common case of pointwise() below.
+  const Desc& apply(cudnnPointwiseMode_t mode, const Desc& x, const Desc* b, const Dims& dims,
+                    cudnnDataType_t type = CUDNN_DATA_FLOAT) {
+    const Desc& y = virt(dims, type);
+    pointwise(mode, x, b, nullptr, y);
+    return y;
+  }
   // y = mode(x, b, t); b and t may be null.
   void pointwise(cudnnPointwiseMode_t mode, const Desc& x, const Desc* b, const Desc* t, const Desc& y,
                  cudnnDataType_t precision = CUDNN_DATA_FLOAT, int64_t axis = -1) {
@@ -320,11 +327,7 @@ const Desc& causal_select(Graph& g, const Desc& s, const Shape4& n, int64_t diag
   g.pointwise(CUDNN_POINTWISE_GEN_INDEX, s, nullptr, nullptr, row, CUDNN_DATA_FLOAT, 2);
   g.pointwise(CUDNN_POINTWISE_GEN_INDEX, s, nullptr, nullptr, col, CUDNN_DATA_FLOAT, 3);
   const Desc* shifted = &row;
-  if (diagonal != 0) {
-    const Desc& offset = g.scalar(kDiagonal);
-    shifted = &g.virt(scores, CUDNN_DATA_FLOAT);
-    g.pointwise(CUDNN_POINTWISE_ADD, row, &offset, nullptr, *shifted);
-  }
+  if (diagonal != 0) shifted = &g.apply(CUDNN_POINTWISE_ADD, row, &g.scalar(kDiagonal), scores);
   const Desc& keep = g.virt(scores, CUDNN_DATA_BOOLEAN);
   g.pointwise(CUDNN_POINTWISE_CMP_GE, *shifted, &col, nullptr, keep, CUDNN_DATA_BOOLEAN);
   const Desc& fill = g.scalar(kMaskFill);
@@ -348,23 +351,17 @@ void build_forward(Graph& g, const Shape4& n, int64_t diagonal) {
 
   const Desc& s = g.virt(scores, CUDNN_DATA_FLOAT);
   g.matmul(q, kt, s);
-  const Desc& scaled = g.virt(scores, CUDNN_DATA_FLOAT);
-  g.pointwise(CUDNN_POINTWISE_MUL, s, &scale, nullptr, scaled);
+  const Desc& scaled = g.apply(CUDNN_POINTWISE_MUL, s, &scale, scores);
   const Desc& logits = masked(diagonal, n.S) ? causal_select(g, scaled, n, diagonal) : scaled;
   const Desc& m = g.virt(rows, CUDNN_DATA_FLOAT);
   g.reduction(CUDNN_REDUCE_TENSOR_MAX, logits, m);
-  const Desc& shifted = g.virt(scores, CUDNN_DATA_FLOAT);
-  g.pointwise(CUDNN_POINTWISE_SUB, logits, &m, nullptr, shifted);
-  const Desc& e = g.virt(scores, CUDNN_DATA_FLOAT);
-  g.pointwise(CUDNN_POINTWISE_EXP, shifted, nullptr, nullptr, e);
+  const Desc& e = g.apply(CUDNN_POINTWISE_EXP, g.apply(CUDNN_POINTWISE_SUB, logits, &m, scores), nullptr, scores);
   const Desc& z = g.virt(rows, CUDNN_DATA_FLOAT);
   g.reduction(CUDNN_REDUCE_TENSOR_ADD, e, z);
-  const Desc& log_z = g.virt(rows, CUDNN_DATA_FLOAT);
-  g.pointwise(CUDNN_POINTWISE_LOG, z, nullptr, nullptr, log_z);
+  const Desc& log_z = g.apply(CUDNN_POINTWISE_LOG, z, nullptr, rows);
   g.pointwise(CUDNN_POINTWISE_ADD, m, &log_z, nullptr, stats);
-  const Desc& p = g.virt(scores, CUDNN_DATA_BFLOAT16);  // the second product's operand type
-  g.pointwise(CUDNN_POINTWISE_DIV, e, &z, nullptr, p);
-  g.matmul(p, v, o);
+  // P in bf16: the second product's operand type.
+  g.matmul(g.apply(CUDNN_POINTWISE_DIV, e, &z, scores, CUDNN_DATA_BFLOAT16), v, o);
 }
 
 // dst (B, Hkv, tokens, D) from per-query-head products: directly when H == Hkv,
@@ -399,21 +396,16 @@ void build_backward(Graph& g, const Shape4& n, int64_t diagonal) {
   const Desc& scale = g.scalar(kScale);
   const Desc& one = g.scalar(kOne);
 
-  const Desc& do_o = g.virt(q_dims, CUDNN_DATA_FLOAT);
-  g.pointwise(CUDNN_POINTWISE_MUL, d_o, &o, nullptr, do_o);
   const Desc& row_sum = g.virt(rows, CUDNN_DATA_FLOAT);
-  g.reduction(CUDNN_REDUCE_TENSOR_ADD, do_o, row_sum);
+  g.reduction(CUDNN_REDUCE_TENSOR_ADD, g.apply(CUDNN_POINTWISE_MUL, d_o, &o, q_dims), row_sum);
   g.pointwise(CUDNN_POINTWISE_MUL, row_sum, &one, nullptr, softmax_sum);
 
   const Desc& s = g.virt(scores, CUDNN_DATA_FLOAT);
   g.matmul(q, kt, s);
-  const Desc& scaled = g.virt(scores, CUDNN_DATA_FLOAT);
-  g.pointwise(CUDNN_POINTWISE_MUL, s, &scale, nullptr, scaled);
-  const Desc& centered = g.virt(scores, CUDNN_DATA_FLOAT);
-  g.pointwise(CUDNN_POINTWISE_SUB, scaled, &stats, nullptr, centered);
+  const Desc& centered =
+      g.apply(CUDNN_POINTWISE_SUB, g.apply(CUDNN_POINTWISE_MUL, s, &scale, scores), &stats, scores);
   const Desc& logits = masked(diagonal, n.S) ? causal_select(g, centered, n, diagonal) : centered;
-  const Desc& p = g.virt(scores, CUDNN_DATA_FLOAT);
-  g.pointwise(CUDNN_POINTWISE_EXP, logits, nullptr, nullptr, p);
+  const Desc& p = g.apply(CUDNN_POINTWISE_EXP, logits, nullptr, scores);
 
   const Desc& p_t = g.virt(scores_t, CUDNN_DATA_BFLOAT16, scores_t_strides);
   g.reshape(p, p_t);
@@ -421,12 +413,8 @@ void build_backward(Graph& g, const Shape4& n, int64_t diagonal) {
 
   const Desc& dp = g.virt(scores, CUDNN_DATA_FLOAT);
   g.matmul(d_o, vt, dp);
-  const Desc& dp_centered = g.virt(scores, CUDNN_DATA_FLOAT);
-  g.pointwise(CUDNN_POINTWISE_SUB, dp, &softmax_sum, nullptr, dp_centered);
-  const Desc& dp_p = g.virt(scores, CUDNN_DATA_FLOAT);
-  g.pointwise(CUDNN_POINTWISE_MUL, dp_centered, &p, nullptr, dp_p);
-  const Desc& ds = g.virt(scores, CUDNN_DATA_FLOAT);
-  g.pointwise(CUDNN_POINTWISE_MUL, dp_p, &scale, nullptr, ds);
+  const Desc& dp_p = g.apply(CUDNN_POINTWISE_MUL, g.apply(CUDNN_POINTWISE_SUB, dp, &softmax_sum, scores), &p, scores);
+  const Desc& ds = g.apply(CUDNN_POINTWISE_MUL, dp_p, &scale, scores);
 
   const Desc& ds_t = g.virt(scores_t, CUDNN_DATA_BFLOAT16, scores_t_strides);
   g.reshape(ds, ds_t);
