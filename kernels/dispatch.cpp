@@ -107,7 +107,9 @@ cuda::AttentionKernel cuda_attention_kernel() {
     case AttentionBackend::cudnn: return cuda::AttentionKernel::cudnn;
     case AttentionBackend::automatic: break;
   }
-  return cuda::AttentionKernel::best;
+  // auto: the flash kernels until the cuDNN path has passed its GPU tests;
+  // then cuda::AttentionKernel::best (the timed choice) takes this place.
+  return cuda::AttentionKernel::flash;
 }
 }  // namespace
 #endif
