@@ -143,7 +143,13 @@ class Graph {
     return tensor(next_virtual_++, dims, strides, type, true);
   }
   // A by-value f32 scalar bound to a host float at execution.
-  const Desc& scalar(int64_t uid) { return tensor(uid, {1, 1, 1, 1}, {1, 1, 1, 1}, CUDNN_DATA_FLOAT, false, true); }
+  const Desc& scalar(int64_t uid, cudnnDataType_t type = CUDNN_DATA_FLOAT) {
+    return tensor(uid, {1, 1, 1, 1}, {1, 1, 1, 1}, type, false, true);
+  }
+
+  // The mask's index tensors: f32 (the newer frontends' form) or, where
+  // cuDNN refuses that, i32 (the older one); the diagonal scalar has the same type.
+  bool index_i32 = false;
 
   // A new virtual (dims, type) tensor = mode(x, b): the common case of pointwise() below.
   const Desc& apply(cudnnPointwiseMode_t mode, const Desc& x, const Desc* b, const Dims& dims,
@@ -322,12 +328,16 @@ bool masked(int64_t diagonal, int64_t S) { return diagonal < S - 1; }
 // row index is shifted by a by-value scalar first (the bottom-right form).
 const Desc& causal_select(Graph& g, const Desc& s, const Shape4& n, int64_t diagonal) {
   Dims scores{n.B, n.H, n.T, n.S};
-  const Desc& row = g.virt(scores, CUDNN_DATA_FLOAT);
-  const Desc& col = g.virt(scores, CUDNN_DATA_FLOAT);
-  g.pointwise(CUDNN_POINTWISE_GEN_INDEX, s, nullptr, nullptr, row, CUDNN_DATA_FLOAT, 2);
-  g.pointwise(CUDNN_POINTWISE_GEN_INDEX, s, nullptr, nullptr, col, CUDNN_DATA_FLOAT, 3);
+  const cudnnDataType_t index = g.index_i32 ? CUDNN_DATA_INT32 : CUDNN_DATA_FLOAT;
+  const Desc& row = g.virt(scores, index);
+  const Desc& col = g.virt(scores, index);
+  g.pointwise(CUDNN_POINTWISE_GEN_INDEX, s, nullptr, nullptr, row, index, 2);
+  g.pointwise(CUDNN_POINTWISE_GEN_INDEX, s, nullptr, nullptr, col, index, 3);
   const Desc* shifted = &row;
-  if (diagonal != 0) shifted = &g.apply(CUDNN_POINTWISE_ADD, row, &g.scalar(kDiagonal), scores);
+  if (diagonal != 0) {
+    shifted = &g.virt(scores, index);
+    g.pointwise(CUDNN_POINTWISE_ADD, row, &g.scalar(kDiagonal, index), nullptr, *shifted, index);
+  }
   const Desc& keep = g.virt(scores, CUDNN_DATA_BOOLEAN);
   g.pointwise(CUDNN_POINTWISE_CMP_GE, *shifted, &col, nullptr, keep, CUDNN_DATA_BOOLEAN);
   const Desc& fill = g.scalar(kMaskFill);
@@ -458,20 +468,31 @@ std::pair<std::shared_ptr<Graph>, cudnnHandle_t> plan_for(const Key& key, const 
   LOOM_CUDNN_CHECK(cudnnSetStream(h->second, static_cast<cudaStream_t>(stream.handle())));
   auto it = c.plans.find(key);
   if (it == c.plans.end()) {
-    auto graph = std::make_shared<Graph>();
     Shape4 n{key.B, key.T, key.S, key.H, key.Hkv, key.D};
-    try {
-      if (key.backward) build_backward(*graph, n, key.diagonal);
-      else build_forward(*graph, n, key.diagonal);
-      graph->build(h->second);
-    } catch (const NoPlan& e) {
+    std::shared_ptr<Graph> graph;
+    std::string reasons;
+    // The f32-index mask first, then the i32 one (a graph without a mask has one form).
+    for (bool index_i32 : {false, true}) {
+      if (index_i32 && !masked(key.diagonal, key.S)) break;
+      try {
+        auto g = std::make_shared<Graph>();
+        g->index_i32 = index_i32;
+        if (key.backward) build_backward(*g, n, key.diagonal);
+        else build_forward(*g, n, key.diagonal);
+        g->build(h->second);
+        graph = std::move(g);
+        break;
+      } catch (const NoPlan& e) {
+        reasons += std::string(reasons.empty() ? "" : "; ") + (index_i32 ? "i32 index: " : "") + e.what;
+      }
+    }
+    if (!graph) {
       c.last_error = std::string(key.backward ? "backward" : "forward") + " B " + std::to_string(n.B) + " T " +
                      std::to_string(n.T) + " S " + std::to_string(n.S) + " H " + std::to_string(n.H) + " Hkv " +
                      std::to_string(n.Hkv) + " D " + std::to_string(n.D) + " diagonal " +
-                     std::to_string(key.diagonal) + ": " + e.what;
+                     std::to_string(key.diagonal) + ": " + reasons;
       std::fprintf(stderr, "loom: cuDNN %s has no attention engine for %s; the native kernels run that shape\n",
                    cudnn_attention_version().c_str(), c.last_error.c_str());
-      graph.reset();
     }
     it = c.plans.emplace(key, graph).first;
   }
@@ -485,14 +506,15 @@ Key key_of(const Tensor& q, const Tensor& k, bool backward, int64_t diagonal) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// The by-value scalars of the mask (fill, diagonal shift), bound for one execution.
+// The by-value scalars of the mask (fill, diagonal shift in the plan's index type), bound for one execution.
 struct MaskScalars {
   float fill = -std::numeric_limits<float>::infinity(), shift = 0;
-  MaskScalars(const Key& key, std::vector<std::pair<int64_t, void*>>& bindings)
-      : shift(static_cast<float>(key.diagonal)) {
+  int32_t shift_i32 = 0;
+  MaskScalars(const Key& key, const Graph& plan, std::vector<std::pair<int64_t, void*>>& bindings)
+      : shift(static_cast<float>(key.diagonal)), shift_i32(static_cast<int32_t>(key.diagonal)) {
     if (!masked(key.diagonal, key.S)) return;
     bindings.emplace_back(kMaskFill, &fill);
-    if (key.diagonal != 0) bindings.emplace_back(kDiagonal, &shift);
+    if (key.diagonal != 0) bindings.emplace_back(kDiagonal, plan.index_i32 ? static_cast<void*>(&shift_i32) : &shift);
   }
 };
 
@@ -529,7 +551,7 @@ bool cudnn_attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Te
   float scale_f = static_cast<float>(scale);
   std::vector<std::pair<int64_t, void*>> bindings{{kQ, ptr(q)},     {kK, ptr(k)},         {kV, ptr(v)},
                                                   {kO, ptr(out)},   {kStats, ptr(lse)},   {kScale, &scale_f}};
-  MaskScalars mask(key, bindings);
+  MaskScalars mask(key, *plan, bindings);
   std::lock_guard<std::mutex> lock(cache().mutex);  // the handle's stream binding holds until the launch
   LOOM_CUDNN_CHECK(cudnnSetStream(handle, static_cast<cudaStream_t>(s.handle())));
   plan->execute(handle, bindings, workspace.data());
@@ -553,7 +575,7 @@ bool cudnn_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& 
       {kQ, ptr(q)},   {kK, ptr(k)},   {kV, ptr(v)},   {kO, ptr(out)},   {kDO, ptr(dout)},
       {kStats, ptr(lse)}, {kDQ, ptr(dq)}, {kDK, ptr(dk)}, {kDV, ptr(dv)}, {kDQAccum, base},
       {kSoftmaxSum, base + accum_bytes}, {kScale, &scale_f}, {kOne, &one}};
-  MaskScalars mask(key, bindings);
+  MaskScalars mask(key, *plan, bindings);
   LOOM_CUDA_CHECK(cudaMemsetAsync(base, 0, static_cast<size_t>(accum_bytes), static_cast<cudaStream_t>(s.handle())));
   std::lock_guard<std::mutex> lock(cache().mutex);
   LOOM_CUDNN_CHECK(cudnnSetStream(handle, static_cast<cudaStream_t>(s.handle())));
