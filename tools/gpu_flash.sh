@@ -2,9 +2,9 @@
 # The attention kernels in one GPU call: build, the flash parity tests, the
 # attention and mixer benchmarks beside PyTorch SDPA, compute-sanitizer on the
 # small flash tests, and an ncu pass of the forward kernel at T = 16K.
-# Logs go to $OUT (or ./gpu-out). Steps after the tests are skipped once the
-# call has run LIMIT seconds (default 330), so a short device slot still
-# returns the most important results.
+# Logs go to $OUT (or ./gpu-out). SEQ=T times the attention rows of that
+# length only; the mixer bench and ncu are skipped once the call has run LIMIT
+# seconds (default 330), so a short device slot still returns the main results.
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"; B=build-gpu; LIMIT=${LIMIT:-330}; T0=$SECONDS
 el() { echo "+$((SECONDS - T0))s"; }
@@ -15,13 +15,18 @@ echo "built $(el)"; nvidia-smi -L
 timeout 150 $B/loom_cuda_tests --gtest_filter='CudaFlashAttention*:CudaAttention*' > "$OUT/flash.log" 2>&1
 echo "attention tests rc $? $(el)"
 grep -E "^\[ +(OK|FAILED|PASSED) " "$OUT/flash.log"; grep -B3 -A6 "Failure" "$OUT/flash.log" | head -40
-timeout 120 $B/loom-bench --families attention,mixer --reps 10 --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
-echo "bench rc $? $(el)"; grep -A6 "== mixer" "$OUT/bench.log"
+SEQARG=(); [ -n "${SEQ:-}" ] && SEQARG=(--seq "$SEQ")
+timeout 120 $B/loom-bench --families attention --reps 10 "${SEQARG[@]}" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+echo "bench rc $? $(el)"
 timeout 100 python3 tools/bench_torch.py "$OUT/bench.json" > "$OUT/torch.log" 2>&1
 echo "torch rc $? $(el)"; grep -A18 "== attention" "$OUT/torch.log"
 timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 $B/loom_cuda_tests \
   --gtest_filter='CudaFlashAttention.BackwardIsDeterministic:CudaFlashAttention.Dispatch*' > "$OUT/memcheck.log" 2>&1
 echo "memcheck rc $? $(el)"; grep -E "ERROR SUMMARY|PASSED|FAILED" "$OUT/memcheck.log" | head -4
+if [ $((SECONDS - T0)) -lt "$LIMIT" ]; then
+  timeout 60 $B/loom-bench --families mixer --reps 10 > "$OUT/mixer.log" 2>&1
+  echo "mixer rc $? $(el)"; grep -A6 "== mixer" "$OUT/mixer.log"
+fi
 if [ $((SECONDS - T0)) -lt "$LIMIT" ]; then
   timeout 90 ncu --clock-control none -k regex:flash_forward_kernel --launch-skip 2 --launch-count 1 \
     --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \

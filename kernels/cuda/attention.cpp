@@ -90,7 +90,9 @@ void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& 
   detail::AttentionDims n = check_inputs(q, k, v, q_positions, k_positions, scale, causal, s2, s, op, mask);
   check_like(out, q.shape(), q.dtype(), s, op, "out");
   check_like(lse, {n.B, n.H, n.T}, DType::f32, s, op, "lse");
-  if (kernel == AttentionKernel::flash && flash_attention_applies(q, k, v) && aligned16(out.raw_data())) {
+  // The flash forward keeps row maxima of the raw scores (scaled on use), which needs scale > 0.
+  if (kernel == AttentionKernel::flash && scale > 0 && flash_attention_applies(q, k, v) &&
+      aligned16(out.raw_data())) {
     Storage scratch = scratch_i64(detail::flash_attention_scratch(n), q, s);
     detail::launch_flash_attention_forward(out.raw_data(), lse.data<float>(), q.raw_data(), k.raw_data(),
                                            v.raw_data(), static_cast<int64_t*>(scratch.data()), n, mask,
