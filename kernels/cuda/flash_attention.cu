@@ -524,7 +524,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float base = mx == -INFINITY ? 0.f : mx * scale_log2;  // a row with nothing visible yet
-      const float alpha = fast_exp2(fmaf(row_max[hr], scale_log2, -base));
+      // Exactly 1 while the maximum holds (the fmaf would leave the rounding residual of
+      // row_max * scale_log2, a bias in l that grows with the number of tiles).
+      const float alpha = mx == row_max[hr] ? 1.f : fast_exp2(fmaf(row_max[hr], scale_log2, -base));
       row_max[hr] = mx;
       float sum = 0.f;
 #pragma unroll
