@@ -178,7 +178,8 @@ void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& 
   detail::AttentionDims n = check_inputs(q, k, v, q_positions, k_positions, scale, causal, s2, s, op, mask);
   check_like(out, q.shape(), q.dtype(), s, op, "out");
   check_like(lse, {n.B, n.H, n.T}, DType::f32, s, op, "lse");
-  const bool flash = kernel != AttentionKernel::interim && flash_attention_applies(q, k, v) &&
+  // The flash forward keeps row maxima of the raw scores (scaled on use), which needs scale > 0.
+  const bool flash = kernel != AttentionKernel::interim && scale > 0 && flash_attention_applies(q, k, v) &&
                      aligned16(out.raw_data());
   auto run_flash = [&] {
     Storage scratch = scratch_i64(detail::flash_attention_scratch(n), q, s);

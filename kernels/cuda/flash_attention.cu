@@ -4,21 +4,25 @@
 // positions (any order: contiguous, zigzag, ring blocks), the S2 block mask,
 // per-row log-sum-exp out and its gradient in.
 //
-//   forward  one block of 4 warps per (64-query tile, head, batch); each warp
-//            owns 16 query rows. Key/value tiles of 64 rows stream through
-//            shared memory with cp.async, double buffered; S = Q K^T and
-//            O += P V on tensor cores, online softmax in fp32 (exp2 domain),
-//            P reused from the S accumulators as the A operand (mma.cuh).
+//   forward  one block of 8 warps per (128-query block, head, batch); each
+//            warp owns 16 query rows. Key/value tiles of 64 rows stream
+//            through shared memory with cp.async, double buffered; S = Q K^T
+//            and O += P V on tensor cores (fragments by ldmatrix.x4), online
+//            softmax in fp32 (exp2 domain), P reused from the S accumulators
+//            as the A operand (mma.cuh).
 //   backward the interim kernels' delta pre-pass (rowsum(dO * O) - dlse),
-//            then two deterministic passes without atomics: dQ per query tile
-//            over key tiles (S, dP = dO V^T, dQ += dS K), and dK, dV per key
-//            tile over the query tiles of every head of its GQA group
-//            (S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q), each
-//            warp owning 16 keys. P is recomputed from lse in both passes.
-// Tile pairs are skipped from per-tile position bounds computed by a pre-pass
-// (causal: smallest key position after the largest query position; S2: no
-// active block pair possible), so masked tiles are never loaded; per-element
-// masking runs only on tiles that need it (diagonal, tails, S2).
+//            then two deterministic passes without atomics: dQ per 128-query
+//            block over key tiles (S, dP = dO V^T, dQ += dS K), and dK, dV per
+//            128-key block over the 64-query tiles of every head of its GQA
+//            group (S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q),
+//            each warp owning 16 keys. P is recomputed from lse in both.
+// Tile plan: a pre-pass writes each 64-row tile's min/max position; at its
+// start a block turns them into bit masks over the tiles it walks (per half of
+// its 128 rows: the pair can meet / needs no per-element mask), so tiles that
+// causal or S2 hide entirely are never loaded, a warp skips a tile its half
+// does not meet, and per-element masking runs only on tiles that need it
+// (diagonal, tails, S2 block edges). Every load of the main loops (rows,
+// positions, lse, delta) is asynchronous.
 #include "kernels/cuda/attention_launch.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/mma.cuh"
@@ -33,25 +37,37 @@ namespace {
 using namespace ::loom::cuda::mma;
 using bf16 = __nv_bfloat16;
 
-constexpr int kThreads = 128;  // 4 warps
-constexpr int kWarps = kThreads / 32;
-constexpr int kTile = 64;      // query rows and keys per tile (16 per warp)
+constexpr int kTile = 64;                 // rows of a streamed tile; granularity of the position bounds
+constexpr int kWarps = 8;                 // per block of the main kernels
+constexpr int kThreads = 32 * kWarps;
+constexpr int kBlockRows = 16 * kWarps;   // query rows (forward, dQ) or keys (dK dV) per block: 2 tiles
+constexpr int kBoundsThreads = 128;       // bounds pre-pass: one warp per tile
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // Row stride of a bf16 tile in shared memory: 16-byte aligned rows and
-// conflict-free fragment loads (row offsets step 4 banks).
+// conflict-free ldmatrix (row offsets step 4 banks).
 template <int kD>
 constexpr int kLd = kD + 8;
-template <int kD>
-constexpr int kTileElems = kTile * kLd<kD>;
+template <int kD, int kRows = kTile>
+constexpr int kTileElems = kRows * kLd<kD>;
 
 // ---------------------------------------------------------------- async copies
 
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16 bytes (0: zero fill, read nothing).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const int bytes = valid ? 16 : 0;  // 0: fill with zeros, read nothing
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async8(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(valid ? 8 : 0));
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(valid ? 4 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>
@@ -59,15 +75,28 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
-// dst (kTile x kD, row stride kLd) <- `rows` rows of src (row stride `stride`
+// dst (kRows x kD, row stride kLd) <- `rows` rows of src (row stride `stride`
 // elements); rows past `rows` are zero.
-template <int kD>
-__device__ __forceinline__ void load_tile_async(bf16* dst, const bf16* src, int64_t stride, int rows) {
+template <int kD, int kRows>
+__device__ __forceinline__ void load_rows_async(bf16* dst, const bf16* src, int64_t stride, int rows) {
   constexpr int kVecs = kD / 8;  // 16-byte vectors per row
-  for (int e = threadIdx.x; e < kTile * kVecs; e += kThreads) {
+#pragma unroll
+  for (int e = threadIdx.x; e < kRows * kVecs; e += kThreads) {
     const int r = e / kVecs, c = (e % kVecs) * 8;
     const bool valid = r < rows;
     cp_async16(dst + r * kLd<kD> + c, valid ? src + r * stride + c : src, valid);
+  }
+}
+
+// dst[r] <- src[start + r] for r < kRows (past `count`: zero); 4- or 8-byte elements.
+template <int kRows, typename T>
+__device__ __forceinline__ void load_vec_async(T* dst, const T* src, int64_t start, int64_t count) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8);
+  for (int r = threadIdx.x; r < kRows; r += kThreads) {
+    const bool valid = start + r < count;
+    const T* from = valid ? src + start + r : src;
+    if constexpr (sizeof(T) == 8) cp_async8(dst + r, from, valid);
+    else cp_async4(dst + r, from, valid);
   }
 }
 
@@ -82,10 +111,10 @@ struct TileBounds {
 };
 
 // lo[t], hi[t] = min, max of pos[64 t, min(64 t + 64, count)); one warp per tile.
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kBoundsThreads)
     flash_bounds_kernel(int64_t* __restrict__ lo, int64_t* __restrict__ hi, const int64_t* __restrict__ pos,
                         int64_t count) {
-  const int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t tile = static_cast<int64_t>(blockIdx.x) * (kBoundsThreads / 32) + threadIdx.x / 32;
   if (tile * kTile >= count) return;
   const int lane = threadIdx.x % 32;
   int64_t mn = std::numeric_limits<int64_t>::max(), mx = std::numeric_limits<int64_t>::min();
@@ -109,6 +138,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+__device__ __forceinline__ bool s2_strided(const AttentionMask& m, int64_t J, int64_t hk) {
+  return (J + hk * m.s2_offset) % m.s2_stride == 0;
+}
+
 // False when no (query, key) pair of query tile qt and key tile kt can be
 // visible to kv head hk (the tile pair is skipped). Conservative: true may
 // still mean every pair is hidden (per-element masking decides).
@@ -123,7 +156,7 @@ __device__ __forceinline__ bool tiles_meet(const AttentionMask& m, const TileBou
     if (j_lo > i_hi) return false;  // every key block after every query block
     if (i_lo - j_hi >= m.s2_local && j_hi - j_lo + 1 < m.s2_stride) {  // all outside the local window
       bool strided = false;  // some key block of the range on kv head hk's strided shard
-      for (int64_t J = j_lo; J <= j_hi && !strided; ++J) strided = (J + hk * m.s2_offset) % m.s2_stride == 0;
+      for (int64_t J = j_lo; J <= j_hi && !strided; ++J) strided = s2_strided(m, J, hk);
       if (!strided) return false;
     }
   }
@@ -131,39 +164,44 @@ __device__ __forceinline__ bool tiles_meet(const AttentionMask& m, const TileBou
 }
 
 // True when every (query, key) pair of the two tiles is visible and both tiles
-// are full: per-element masking can be skipped.
+// are full: per-element masking can be skipped. Under S2 that needs each tile
+// inside one S2 block and that block pair visible.
 __device__ __forceinline__ bool tiles_unmasked(const AttentionMask& m, const TileBounds& tb, int64_t qt, int64_t kt,
-                                               const AttentionDims& n) {
-  if ((qt + 1) * kTile > n.T || (kt + 1) * kTile > n.S || m.s2_block > 0) return false;
-  if (m.causal) return tb.k_hi[kt] <= tb.q_lo[qt];
+                                               const AttentionDims& n, int64_t hk) {
+  if ((qt + 1) * kTile > n.T || (kt + 1) * kTile > n.S) return false;
+  if (m.q_pos == nullptr) return true;
+  const int64_t q_lo = tb.q_lo[qt], k_hi = tb.k_hi[kt];
+  if (m.causal && k_hi > q_lo) return false;
+  if (m.s2_block > 0) {
+    const int64_t I = q_lo / m.s2_block, J = tb.k_lo[kt] / m.s2_block;
+    if (tb.q_hi[qt] / m.s2_block != I || k_hi / m.s2_block != J || J > I) return false;
+    return I - J < m.s2_local || s2_strided(m, J, hk);
+  }
   return true;
 }
 
-// Positions of one tile's rows in shared memory (blk and strided only under S2).
-struct TilePos {
-  int64_t pos[kTile];
-  int64_t blk[kTile];
-  bool strided[kTile];
+// Positions of a block's or a tile's rows in shared memory (blk and strided
+// filled by fill_s2, only under S2).
+template <int kRows>
+struct RowPos {
+  int64_t pos[kRows];
+  int64_t blk[kRows];
+  bool strided[kRows];
 };
 
-// Loads rows [start, start + 64) of pos (past `count`: unused); hk for the strided flag.
-__device__ __forceinline__ void load_tile_pos(TilePos& tp, const int64_t* pos, int64_t start, int64_t count,
-                                              const AttentionMask& m, int64_t hk) {
-  if (pos == nullptr) return;
-  for (int r = threadIdx.x; r < kTile; r += kThreads) {
-    const int64_t i = start + r;
-    const int64_t p = i < count ? pos[i] : 0;
-    tp.pos[r] = p;
-    if (m.s2_block > 0) {
-      const int64_t J = p / m.s2_block;
-      tp.blk[r] = J;
-      tp.strided[r] = (J + hk * m.s2_offset) % m.s2_stride == 0;
-    }
+template <int kRows>
+__device__ __forceinline__ void fill_s2(RowPos<kRows>& rp, const AttentionMask& m, int64_t hk) {
+  for (int r = threadIdx.x; r < kRows; r += kThreads) {
+    const int64_t J = rp.pos[r] / m.s2_block;
+    rp.blk[r] = J;
+    rp.strided[r] = s2_strided(m, J, hk);
   }
 }
 
-// The CPU twin's rule for query row qr of qp and key row kr of kp (both in range).
-__device__ __forceinline__ bool visible(const AttentionMask& m, const TilePos& qp, int qr, const TilePos& kp, int kr) {
+// The CPU twin's rule for query row qr of qp and key row kr of kp.
+template <int kQ, int kK>
+__device__ __forceinline__ bool visible(const AttentionMask& m, const RowPos<kQ>& qp, int qr, const RowPos<kK>& kp,
+                                        int kr) {
   if (m.q_pos == nullptr) return true;
   if (m.causal && kp.pos[kr] > qp.pos[qr]) return false;
   if (m.s2_block > 0) {
@@ -177,22 +215,71 @@ __device__ __forceinline__ bool visible(const AttentionMask& m, const TilePos& q
 
 // Element (query row qr, key row kr) of a tile pair that needs per-element
 // masking is hidden: outside the valid rows (nq, nk) or not visible.
-__device__ __forceinline__ bool hidden(const AttentionMask& m, const TilePos& qp, int qr, int nq, const TilePos& kp,
-                                       int kr, int nk) {
+template <int kQ, int kK>
+__device__ __forceinline__ bool hidden(const AttentionMask& m, const RowPos<kQ>& qp, int qr, int nq,
+                                       const RowPos<kK>& kp, int kr, int nk) {
   return qr >= nq || kr >= nk || !visible(m, qp, qr, kp, kr);
 }
 
-// Valid rows of the 64-row tile starting at `start` of `count` rows.
-__device__ __forceinline__ int tile_rows(int64_t count, int64_t start) {
-  return static_cast<int>(count - start < kTile ? count - start : kTile);
+// Valid rows of the `rows`-row block or tile starting at `start` of `count` rows.
+__device__ __forceinline__ int rows_from(int64_t count, int64_t start, int rows) {
+  return static_cast<int>(count - start < rows ? count - start : rows);
 }
 
-// Index of the first key tile >= from that query tile qt needs (tiles when none).
-__device__ __forceinline__ int64_t next_key_tile(const AttentionMask& m, const TileBounds& tb, int64_t qt,
-                                                 int64_t from, int64_t tiles, int64_t hk) {
-  while (from < tiles && !tiles_meet(m, tb, qt, from, hk)) ++from;
-  return from;
+// ---------------------------------------------------------------- tile plan
+
+// Bit masks, in shared memory, over the `count` tiles a block walks: meet[h]
+// (tile pair can be visible for half h of the block's rows) and plain[h] (no
+// per-element mask needed), h = 0, 1 for the block's two 64-row tiles.
+struct TilePlan {
+  uint32_t* bits;  // 4 x words: meet0, meet1, plain0, plain1
+  int64_t count, words;
+
+  __device__ bool meet(int half, int64_t t) const { return (bits[half * words + t / 32] >> (t % 32)) & 1u; }
+  __device__ bool plain(int half, int64_t t) const {
+    return (bits[(2 + half) * words + t / 32] >> (t % 32)) & 1u;
+  }
+  // The first tile >= from that either half meets (count when none).
+  __device__ int64_t next(int64_t from) const {
+    if (from >= count) return count;
+    int64_t w = from / 32;
+    uint32_t word = (bits[w] | bits[words + w]) & (~0u << (from % 32));
+    while (word == 0) {
+      if (++w >= words) return count;
+      word = bits[w] | bits[words + w];
+    }
+    return 32 * w + __ffs(word) - 1;
+  }
+};
+
+__host__ __device__ constexpr int64_t plan_words(int64_t count) { return (count + 31) / 32; }
+
+// Builds the plan (one ballot per 32 tiles); fn(half, t, meet, plain) decides a tile.
+// Ends with a barrier.
+template <typename Decide>
+__device__ __forceinline__ TilePlan build_plan(uint32_t* bits, int64_t count, Decide decide) {
+  TilePlan plan{bits, count, plan_words(count)};
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t w = warp; w < plan.words; w += kWarps) {
+    const int64_t t = 32 * w + lane;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      bool meet = false, plain = false;
+      if (t < count) decide(half, t, meet, plain);
+      const uint32_t m = __ballot_sync(0xffffffffu, meet), p = __ballot_sync(0xffffffffu, meet && plain);
+      if (lane == 0) {
+        bits[half * plan.words + w] = m;
+        bits[(2 + half) * plan.words + w] = p;
+      }
+    }
+  }
+  __syncthreads();
+  return plan;
 }
+
+__host__ __device__ constexpr size_t plan_bytes(int64_t count) { return 4 * sizeof(uint32_t) * plan_words(count); }
+
+// ---------------------------------------------------------------- warp products
 
 __device__ __forceinline__ uint32_t pack2(float a, float b) { return pack_bf16(__floats2bfloat162_rn(a, b)); }
 
@@ -207,19 +294,35 @@ __device__ __forceinline__ void c_to_a(uint32_t (&a)[4][4], const float (&c)[8][
   }
 }
 
-// acc (16 x 64) += A (16 x kD, rows row0.. of a row-major smem tile) B, with
+// acc (16 x 64) += A B with A = 16 x kD fragments in registers and
 // B[d][j] = bs[j][d] (64 rows of a row-major smem tile, n-major).
+template <int kD>
+__device__ __forceinline__ void mma_frags_by_rows(float (&acc)[8][4], const uint32_t (&a)[kD / 16][4],
+                                                  const bf16* bs) {
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk)
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      uint32_t b[4];
+      ldsm_b2_nmajor(b, bs, kLd<kD>, 16 * np, 16 * kk);
+      mma_bf16(acc[2 * np], a[kk], b[0], b[1]);
+      mma_bf16(acc[2 * np + 1], a[kk], b[2], b[3]);
+    }
+}
+
+// The same with A read from rows row0.. of a row-major smem tile (as).
 template <int kD>
 __device__ __forceinline__ void mma_rows_by_rows(float (&acc)[8][4], const bf16* as, int row0, const bf16* bs) {
 #pragma unroll
-  for (int k0 = 0; k0 < kD; k0 += 16) {
+  for (int kk = 0; kk < kD / 16; ++kk) {
     uint32_t a[4];
-    load_a(a, as, kLd<kD>, row0, k0);
+    ldsm_a(a, as, kLd<kD>, row0, 16 * kk);
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      uint32_t b0, b1;
-      load_b_nmajor(b0, b1, bs, kLd<kD>, 8 * nt, k0);
-      mma_bf16(acc[nt], a, b0, b1);
+    for (int np = 0; np < 4; ++np) {
+      uint32_t b[4];
+      ldsm_b2_nmajor(b, bs, kLd<kD>, 16 * np, 16 * kk);
+      mma_bf16(acc[2 * np], a, b[0], b[1]);
+      mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
     }
   }
 }
@@ -231,10 +334,11 @@ __device__ __forceinline__ void mma_frags_by_tile(float (&acc)[kD / 8][4], const
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
-    for (int nt = 0; nt < kD / 8; ++nt) {
-      uint32_t b0, b1;
-      load_b_kmajor(b0, b1, bs, kLd<kD>, 8 * nt, 16 * kk);
-      mma_bf16(acc[nt], a[kk], b0, b1);
+    for (int np = 0; np < kD / 16; ++np) {
+      uint32_t b[4];
+      ldsm_b2_kmajor(b, bs, kLd<kD>, 16 * np, 16 * kk);
+      mma_bf16(acc[2 * np], a[kk], b[0], b[1]);
+      mma_bf16(acc[2 * np + 1], a[kk], b[2], b[3]);
     }
 }
 
@@ -255,26 +359,26 @@ __device__ __forceinline__ void store_rows(bf16* dst, int64_t stride, int row0, 
   }
 }
 
-// ---------------------------------------------------------------- forward
+// ---------------------------------------------------------------- query-block kernels (forward, dQ)
 
-// The query tile, head and batch of a forward or dQ block, and where its rows
-// and its kv head's rows start (element offsets into q-like and k-like tensors).
+// The 128-query block, head and batch of a forward or dQ block, and where its
+// rows and its kv head's rows start (element offsets into q-like and k-like tensors).
 struct QueryBlock {
-  int64_t qt, h, b, hk, i0, tiles;  // tiles: key tiles of the sequence
-  int nq;                           // valid query rows of the tile
+  int64_t qb, h, b, hk, i0, tiles;  // tiles: key tiles of the sequence
+  int nq;                           // valid query rows of the block
   int64_t q_stride, kv_stride, q_offset, kv_offset;
 };
 
 __device__ __forceinline__ QueryBlock query_block(const AttentionDims& n) {
   QueryBlock blk;
-  // Causal rows late in the sequence see the most keys: those tiles are scheduled first.
-  blk.qt = gridDim.x - 1 - blockIdx.x;
+  // Causal rows late in the sequence see the most keys: those blocks are scheduled first.
+  blk.qb = gridDim.x - 1 - blockIdx.x;
   blk.h = blockIdx.y;
   blk.b = blockIdx.z;
   blk.hk = blk.h / (n.H / n.Hkv);
-  blk.i0 = blk.qt * kTile;
+  blk.i0 = blk.qb * kBlockRows;
   blk.tiles = (n.S + kTile - 1) / kTile;
-  blk.nq = tile_rows(n.T, blk.i0);
+  blk.nq = rows_from(n.T, blk.i0, kBlockRows);
   blk.q_stride = n.H * n.D;
   blk.kv_stride = n.Hkv * n.D;
   blk.q_offset = ((blk.b * n.T + blk.i0) * n.H + blk.h) * n.D;
@@ -282,284 +386,329 @@ __device__ __forceinline__ QueryBlock query_block(const AttentionDims& n) {
   return blk;
 }
 
-// Starts the async copy of key/value tile kt into stage `stage` of ks, vs and
-// loads its positions into kpos[stage].
-template <int kD>
-__device__ __forceinline__ void issue_kv_tile(bf16* ks, bf16* vs, TilePos* kpos, const bf16* k, const bf16* v,
+// The plan of a query block over the key tiles.
+__device__ __forceinline__ TilePlan query_block_plan(uint32_t* bits, const QueryBlock& blk, const AttentionDims& n,
+                                                     const AttentionMask& m, const TileBounds& tb) {
+  const int64_t q_tiles = (n.T + kTile - 1) / kTile;
+  return build_plan(bits, blk.tiles, [&](int half, int64_t kt, bool& meet, bool& plain) {
+    const int64_t qt = 2 * blk.qb + half;
+    if (qt >= q_tiles) return;
+    meet = tiles_meet(m, tb, qt, kt, blk.hk);
+    plain = tiles_unmasked(m, tb, qt, kt, n, blk.hk);
+  });
+}
+
+// Shared memory of a query block: the block's rows (kRowSets tiles of 128
+// rows: Q, or Q and dO), 2 stages of K and V tiles, positions, then the plan.
+template <int kD, int kRowSets>
+struct QuerySmem {
+  static constexpr size_t kRowsBytes = sizeof(bf16) * kRowSets * kTileElems<kD, kBlockRows>;
+  static constexpr size_t kKvBytes = sizeof(bf16) * 4 * kTileElems<kD>;
+  static constexpr size_t kBase = kRowsBytes + kKvBytes + sizeof(RowPos<kBlockRows>) + 2 * sizeof(RowPos<kTile>);
+  static size_t bytes(int64_t key_tiles) { return kBase + plan_bytes(key_tiles); }
+
+  bf16* rows;  // kRowSets x (128 x kLd)
+  bf16* ks;    // 2 stages
+  bf16* vs;    // 2 stages
+  RowPos<kBlockRows>* qpos;
+  RowPos<kTile>* kpos;  // 2 stages
+  uint32_t* plan;
+
+  __device__ explicit QuerySmem(unsigned char* raw) {
+    rows = reinterpret_cast<bf16*>(raw);
+    ks = rows + kRowSets * kTileElems<kD, kBlockRows>;
+    vs = ks + 2 * kTileElems<kD>;
+    qpos = reinterpret_cast<RowPos<kBlockRows>*>(vs + 2 * kTileElems<kD>);
+    kpos = reinterpret_cast<RowPos<kTile>*>(qpos + 1);
+    plan = reinterpret_cast<uint32_t*>(kpos + 2);
+  }
+};
+
+// Starts the async copies of key/value tile kt and its positions into stage `stage`.
+template <int kD, int kRowSets>
+__device__ __forceinline__ void issue_kv_tile(const QuerySmem<kD, kRowSets>& sm, const bf16* k, const bf16* v,
                                               const QueryBlock& blk, const AttentionDims& n, const AttentionMask& m,
                                               int64_t kt, int stage) {
   const int64_t j0 = kt * kTile;
-  const int nk = tile_rows(n.S, j0);
+  const int nk = rows_from(n.S, j0, kTile);
   const int64_t at = blk.kv_offset + j0 * blk.kv_stride;
-  load_tile_async<kD>(ks + stage * kTileElems<kD>, k + at, blk.kv_stride, nk);
-  load_tile_async<kD>(vs + stage * kTileElems<kD>, v + at, blk.kv_stride, nk);
-  load_tile_pos(kpos[stage], m.k_pos, j0, n.S, m, blk.hk);
+  load_rows_async<kD, kTile>(sm.ks + stage * kTileElems<kD>, k + at, blk.kv_stride, nk);
+  load_rows_async<kD, kTile>(sm.vs + stage * kTileElems<kD>, v + at, blk.kv_stride, nk);
+  if (m.q_pos != nullptr) load_vec_async<kTile>(sm.kpos[stage].pos, m.k_pos, j0, n.S);
 }
 
-template <int kD>
-constexpr size_t forward_smem() {
-  return sizeof(bf16) * 5 * kTileElems<kD> + 3 * sizeof(TilePos);  // Q, 2 x (K, V); q, 2 x k positions
-}
-
-template <int kD>
-__global__ void __launch_bounds__(kThreads)
-    flash_forward_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
-                         const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n, AttentionMask m,
-                         TileBounds tb, float scale) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* qs = reinterpret_cast<bf16*>(smem_raw);
-  bf16* ks = qs + kTileElems<kD>;       // 2 stages
-  bf16* vs = ks + 2 * kTileElems<kD>;   // 2 stages
-  TilePos* qpos = reinterpret_cast<TilePos*>(vs + 2 * kTileElems<kD>);
-  TilePos* kpos = qpos + 1;             // 2 stages
-
-  const QueryBlock blk = query_block(n);
-  const int64_t qt = blk.qt, h = blk.h, b = blk.b, hk = blk.hk, i0 = blk.i0, tiles = blk.tiles;
-  const int nq = blk.nq;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-
-  load_tile_async<kD>(qs, q + blk.q_offset, blk.q_stride, nq);
-  cp_async_commit();
-  load_tile_pos(*qpos, m.q_pos, i0, n.T, m, hk);
-
-  auto issue = [&](int64_t kt, int stage) { issue_kv_tile<kD>(ks, vs, kpos, k, v, blk, n, m, kt, stage); };
-
-  const float scale_log2 = scale * kLog2e;
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // exp2 domain; row_sum per thread
-  float acc_o[kD / 8][4] = {};
-  uint32_t qf[kD / 16][4];
-
-  int64_t kt = next_key_tile(m, tb, qt, 0, tiles, hk);
-  if (kt < tiles) issue(kt, 0);
+// Walks the key tiles of a query block's plan, double buffered: body(kt, stage)
+// runs once the tile is in shared memory (after a barrier), and S2 block ids
+// are filled first where a half needs per-element masking. The block's own rows
+// (issued before the call, in the first commit group) land before the first body.
+template <int kD, int kRowSets, typename Body>
+__device__ __forceinline__ void walk_key_tiles(const QuerySmem<kD, kRowSets>& sm, const TilePlan& plan,
+                                               const bf16* k, const bf16* v, const QueryBlock& blk,
+                                               const AttentionDims& n, const AttentionMask& m, Body body) {
+  int64_t kt = plan.next(0);
+  if (kt < plan.count) issue_kv_tile<kD>(sm, k, v, blk, n, m, kt, 0);
   cp_async_commit();
   int stage = 0;
-  bool q_loaded = false;
-  while (kt < tiles) {
-    const int64_t next = next_key_tile(m, tb, qt, kt + 1, tiles, hk);
-    if (next < tiles) issue(next, stage ^ 1);
+  bool first = true;
+  while (kt < plan.count) {
+    const int64_t next = plan.next(kt + 1);
+    if (next < plan.count) issue_kv_tile<kD>(sm, k, v, blk, n, m, next, stage ^ 1);
     cp_async_commit();
-    cp_async_wait<1>();  // Q and this tile have landed
+    cp_async_wait<1>();  // the block's rows and this tile have landed
     __syncthreads();
-    if (!q_loaded) {
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) load_a(qf[kk], qs, kLd<kD>, 16 * warp, 16 * kk);
-      q_loaded = true;
-    }
-    const bf16* kt_s = ks + stage * kTileElems<kD>;
-    const bf16* vt_s = vs + stage * kTileElems<kD>;
-    float s[8][4] = {};
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk)
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        uint32_t b0, b1;
-        load_b_nmajor(b0, b1, kt_s, kLd<kD>, 8 * nt, 16 * kk);
-        mma_bf16(s[nt], qf[kk], b0, b1);
-      }
-    const bool masked = !tiles_unmasked(m, tb, qt, kt, n);
-    const int nk = tile_rows(n.S, kt * kTile);
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = 16 * warp + g + 8 * (e / 2), c = 8 * nt + 2 * t4 + (e % 2);
-        float x = s[nt][e] * scale_log2;
-        if (masked && hidden(m, *qpos, r, nq, kpos[stage], c, nk)) x = -INFINITY;
-        s[nt][e] = x;
-      }
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float mx = row_max[half];
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * half], s[nt][2 * half + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float base = mx == -INFINITY ? 0.f : mx;  // a row with nothing visible yet
-      const float alpha = exp2f(row_max[half] - base);
-      row_max[half] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        s[nt][2 * half] = exp2f(s[nt][2 * half] - base);
-        s[nt][2 * half + 1] = exp2f(s[nt][2 * half + 1] - base);
-        sum += s[nt][2 * half] + s[nt][2 * half + 1];
-      }
-      row_sum[half] = row_sum[half] * alpha + sum;
-#pragma unroll
-      for (int nt = 0; nt < kD / 8; ++nt) {
-        acc_o[nt][2 * half] *= alpha;
-        acc_o[nt][2 * half + 1] *= alpha;
+    if (m.s2_block > 0) {
+      const bool tile_masked = !(plan.plain(0, kt) && plan.plain(1, kt));
+      if (first || tile_masked) {
+        if (first) fill_s2(*sm.qpos, m, blk.hk);
+        if (tile_masked) fill_s2(sm.kpos[stage], m, blk.hk);
+        __syncthreads();
       }
     }
-    uint32_t pf[4][4];
-    c_to_a(pf, s);
-    mma_frags_by_tile<kD>(acc_o, pf, vt_s);
+    body(kt, stage, first);
     __syncthreads();  // this stage is refilled two tiles on
+    first = false;
     kt = next;
     stage ^= 1;
   }
   cp_async_wait<0>();
+}
 
-  float inv[2];
+// ---------------------------------------------------------------- forward
+
+template <int kD>
+__global__ void __launch_bounds__(kThreads, 1)
+    flash_forward_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
+                         const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n, AttentionMask m,
+                         TileBounds tb, float scale) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const QuerySmem<kD, 1> sm(smem_raw);
+  const QueryBlock blk = query_block(n);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  const int half = warp / 4, row0 = 16 * warp;  // this warp's 64-row tile of the block and first row
+  const int nq = blk.nq;
+
+  load_rows_async<kD, kBlockRows>(sm.rows, q + blk.q_offset, blk.q_stride, nq);
+  if (m.q_pos != nullptr) load_vec_async<kBlockRows>(sm.qpos->pos, m.q_pos, blk.i0, n.T);
+  cp_async_commit();
+  const TilePlan plan = query_block_plan(sm.plan, blk, n, m, tb);
+
+  const float scale_log2 = scale * kLog2e;
+  // Row maxima of the raw scores (scaled on use); row_sum: this thread's part.
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  float acc_o[kD / 8][4] = {};
+  uint32_t qf[kD / 16][4];
+
+  walk_key_tiles<kD>(sm, plan, k, v, blk, n, m, [&](int64_t kt, int stage, bool first) {
+    if (first) {
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    float l = row_sum[half];
+      for (int kk = 0; kk < kD / 16; ++kk) ldsm_a(qf[kk], sm.rows, kLd<kD>, row0, 16 * kk);
+    }
+    if (!plan.meet(half, kt)) return;  // nothing of this warp's rows meets the tile
+    float s[8][4] = {};
+    mma_frags_by_rows<kD>(s, qf, sm.ks + stage * kTileElems<kD>);  // S = Q K^T
+    if (!plan.plain(half, kt)) {
+      const int nk = rows_from(n.S, kt * kTile, kTile);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = row0 + g + 8 * (e / 2), c = 8 * nt + 2 * t4 + (e % 2);
+          if (hidden(m, *sm.qpos, r, nq, sm.kpos[stage], c, nk)) s[nt][e] = -INFINITY;
+        }
+    }
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float mx = row_max[hr];
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * hr], s[nt][2 * hr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float base = mx == -INFINITY ? 0.f : mx * scale_log2;  // a row with nothing visible yet
+      // Exactly 1 while the maximum holds (the fmaf would leave the rounding residual of
+      // row_max * scale_log2, a bias in l that grows with the number of tiles).
+      const float alpha = mx == row_max[hr] ? 1.f : fast_exp2(fmaf(row_max[hr], scale_log2, -base));
+      row_max[hr] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        s[nt][2 * hr] = fast_exp2(fmaf(s[nt][2 * hr], scale_log2, -base));
+        s[nt][2 * hr + 1] = fast_exp2(fmaf(s[nt][2 * hr + 1], scale_log2, -base));
+        sum += s[nt][2 * hr] + s[nt][2 * hr + 1];
+      }
+      row_sum[hr] = row_sum[hr] * alpha + sum;
+#pragma unroll
+      for (int nt = 0; nt < kD / 8; ++nt) {
+        acc_o[nt][2 * hr] *= alpha;
+        acc_o[nt][2 * hr + 1] *= alpha;
+      }
+    }
+    uint32_t pf[4][4];
+    c_to_a(pf, s);
+    mma_frags_by_tile<kD>(acc_o, pf, sm.vs + stage * kTileElems<kD>);  // O += P V
+  });
+
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float l = row_sum[hr];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[half] = l > 0.f ? 1.f / l : 0.f;
-    const int r = 16 * warp + g + 8 * half;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int r = row0 + g + 8 * hr;
     if (t4 == 0 && r < nq)
-      lse[(b * n.H + h) * n.T + i0 + r] = l > 0.f ? row_max[half] * kLn2 + logf(l) : -INFINITY;
+      lse[(blk.b * n.H + blk.h) * n.T + blk.i0 + r] = l > 0.f ? row_max[hr] * scale + logf(l) : -INFINITY;
 #pragma unroll
     for (int nt = 0; nt < kD / 8; ++nt) {
-      acc_o[nt][2 * half] *= inv[half];
-      acc_o[nt][2 * half + 1] *= inv[half];
+      acc_o[nt][2 * hr] *= inv;
+      acc_o[nt][2 * hr + 1] *= inv;
     }
   }
-  store_rows<kD>(out + blk.q_offset, blk.q_stride, 16 * warp, nq, acc_o, 1.f);
+  store_rows<kD>(out + blk.q_offset, blk.q_stride, row0, nq, acc_o, 1.f);
 }
 
 // ---------------------------------------------------------------- backward
 
-// ---- dQ: one block per (64-query tile, head, batch); warp -> 16 query rows.
+// lse in the exp2 domain, +inf for a row that sees nothing (its p is 0).
+__device__ __forceinline__ float lse_exp2(float l) { return l == -INFINITY ? INFINITY : l * kLog2e; }
+
+// ---- dQ: one block per (128-query block, head, batch); warp -> 16 query rows.
 
 template <int kD>
-constexpr size_t dq_smem() {
-  return sizeof(bf16) * 6 * kTileElems<kD> + 3 * sizeof(TilePos);  // Q, dO, 2 x (K, V); positions
-}
-
-template <int kD>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     flash_backward_dq_kernel(bf16* __restrict__ dq, const bf16* __restrict__ dout, const float* __restrict__ lse,
                              const float* __restrict__ delta, const bf16* __restrict__ q, const bf16* __restrict__ k,
                              const bf16* __restrict__ v, AttentionDims n, AttentionMask m, TileBounds tb,
                              float scale) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* qs = reinterpret_cast<bf16*>(smem_raw);
-  bf16* dos = qs + kTileElems<kD>;
-  bf16* ks = dos + kTileElems<kD>;      // 2 stages
-  bf16* vs = ks + 2 * kTileElems<kD>;   // 2 stages
-  TilePos* qpos = reinterpret_cast<TilePos*>(vs + 2 * kTileElems<kD>);
-  TilePos* kpos = qpos + 1;
-
+  const QuerySmem<kD, 2> sm(smem_raw);
   const QueryBlock blk = query_block(n);
-  const int64_t qt = blk.qt, h = blk.h, b = blk.b, hk = blk.hk, i0 = blk.i0, tiles = blk.tiles;
-  const int nq = blk.nq;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  const int half = warp / 4, row0 = 16 * warp;
+  const int nq = blk.nq;
+  const bf16* qs = sm.rows;
+  const bf16* dos = sm.rows + kTileElems<kD, kBlockRows>;
 
-  load_tile_async<kD>(qs, q + blk.q_offset, blk.q_stride, nq);
-  load_tile_async<kD>(dos, dout + blk.q_offset, blk.q_stride, nq);
+  load_rows_async<kD, kBlockRows>(sm.rows, q + blk.q_offset, blk.q_stride, nq);
+  load_rows_async<kD, kBlockRows>(sm.rows + kTileElems<kD, kBlockRows>, dout + blk.q_offset, blk.q_stride, nq);
+  if (m.q_pos != nullptr) load_vec_async<kBlockRows>(sm.qpos->pos, m.q_pos, blk.i0, n.T);
   cp_async_commit();
-  load_tile_pos(*qpos, m.q_pos, i0, n.T, m, hk);
 
-  // This lane's two rows: lse in the exp2 domain (+inf for hidden rows: p = 0) and delta.
+  // This lane's two rows: lse in the exp2 domain and delta.
   float lse2[2], dl[2];
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int r = 16 * warp + g + 8 * half;
-    const int64_t row = (b * n.H + h) * n.T + i0 + r;
-    const float l = r < nq ? lse[row] : -INFINITY;
-    lse2[half] = l == -INFINITY ? INFINITY : l * kLog2e;
-    dl[half] = r < nq ? delta[row] : 0.f;
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = row0 + g + 8 * hr;
+    const int64_t row = (blk.b * n.H + blk.h) * n.T + blk.i0 + r;
+    lse2[hr] = r < nq ? lse_exp2(lse[row]) : INFINITY;
+    dl[hr] = r < nq ? delta[row] : 0.f;
   }
-
-  auto issue = [&](int64_t kt, int stage) { issue_kv_tile<kD>(ks, vs, kpos, k, v, blk, n, m, kt, stage); };
+  const TilePlan plan = query_block_plan(sm.plan, blk, n, m, tb);
 
   const float scale_log2 = scale * kLog2e;
   float acc_dq[kD / 8][4] = {};
-  int64_t kt = next_key_tile(m, tb, qt, 0, tiles, hk);
-  if (kt < tiles) issue(kt, 0);
-  cp_async_commit();
-  int stage = 0;
-  while (kt < tiles) {
-    const int64_t next = next_key_tile(m, tb, qt, kt + 1, tiles, hk);
-    if (next < tiles) issue(next, stage ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    const bf16* kt_s = ks + stage * kTileElems<kD>;
-    const bf16* vt_s = vs + stage * kTileElems<kD>;
+  walk_key_tiles<kD>(sm, plan, k, v, blk, n, m, [&](int64_t kt, int stage, bool) {
+    if (!plan.meet(half, kt)) return;
+    const bf16* kt_s = sm.ks + stage * kTileElems<kD>;
     float s[8][4] = {}, dp[8][4] = {};
-    mma_rows_by_rows<kD>(s, qs, 16 * warp, kt_s);    // S = Q K^T
-    mma_rows_by_rows<kD>(dp, dos, 16 * warp, vt_s);  // dP = dO V^T
-    const bool masked = !tiles_unmasked(m, tb, qt, kt, n);
-    const int nk = tile_rows(n.S, kt * kTile);
+    mma_rows_by_rows<kD>(s, qs, row0, kt_s);                                // S = Q K^T
+    mma_rows_by_rows<kD>(dp, dos, row0, sm.vs + stage * kTileElems<kD>);    // dP = dO V^T
+    const bool masked = !plan.plain(half, kt);
+    const int nk = rows_from(n.S, kt * kTile, kTile);
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int half = e / 2, r = 16 * warp + g + 8 * half, c = 8 * nt + 2 * t4 + (e % 2);
-        float p = exp2f(s[nt][e] * scale_log2 - lse2[half]);
-        if (masked && hidden(m, *qpos, r, nq, kpos[stage], c, nk)) p = 0.f;
-        dp[nt][e] = p * (dp[nt][e] - dl[half]);  // dS
+        const int hr = e / 2, r = row0 + g + 8 * hr, c = 8 * nt + 2 * t4 + (e % 2);
+        float p = fast_exp2(fmaf(s[nt][e], scale_log2, -lse2[hr]));
+        if (masked && hidden(m, *sm.qpos, r, nq, sm.kpos[stage], c, nk)) p = 0.f;
+        dp[nt][e] = p * (dp[nt][e] - dl[hr]);  // dS
       }
     uint32_t dsf[4][4];
     c_to_a(dsf, dp);
     mma_frags_by_tile<kD>(acc_dq, dsf, kt_s);  // dQ += dS K
-    __syncthreads();
-    kt = next;
-    stage ^= 1;
+  });
+  store_rows<kD>(dq + blk.q_offset, blk.q_stride, row0, nq, acc_dq, scale);
+}
+
+// ---- dK, dV: one block per (128-key block, kv head, batch); warp -> 16 keys;
+// loops over the 64-query tiles of every query head of the GQA group.
+
+template <int kD>
+struct KeySmem {
+  static constexpr size_t kBase = sizeof(bf16) * (2 * kTileElems<kD, kBlockRows> + 4 * kTileElems<kD>) +
+                                  sizeof(RowPos<kBlockRows>) + 2 * sizeof(RowPos<kTile>) +
+                                  2 * 2 * kTile * sizeof(float);
+  static size_t bytes(int64_t query_tiles) { return kBase + plan_bytes(query_tiles); }
+
+  bf16* ks;   // 128 rows
+  bf16* vs;   // 128 rows
+  bf16* qs;   // 2 stages x 64 rows
+  bf16* dos;  // 2 stages x 64 rows
+  RowPos<kBlockRows>* kpos;
+  RowPos<kTile>* qpos;  // 2 stages
+  float* lse;           // 2 stages x 64 (natural log; -inf: the row sees nothing)
+  float* delta;         // 2 stages x 64
+  uint32_t* plan;
+
+  __device__ explicit KeySmem(unsigned char* raw) {
+    ks = reinterpret_cast<bf16*>(raw);
+    vs = ks + kTileElems<kD, kBlockRows>;
+    qs = vs + kTileElems<kD, kBlockRows>;
+    dos = qs + 2 * kTileElems<kD>;
+    kpos = reinterpret_cast<RowPos<kBlockRows>*>(dos + 2 * kTileElems<kD>);
+    qpos = reinterpret_cast<RowPos<kTile>*>(kpos + 1);
+    lse = reinterpret_cast<float*>(qpos + 2);
+    delta = lse + 2 * kTile;
+    plan = reinterpret_cast<uint32_t*>(delta + 2 * kTile);
   }
-  cp_async_wait<0>();
-  store_rows<kD>(dq + blk.q_offset, blk.q_stride, 16 * warp, nq, acc_dq, scale);
-}
-
-// ---- dK, dV: one block per (64-key tile, kv head, batch); warp -> 16 keys;
-// loops over the query tiles of every query head of the GQA group.
+};
 
 template <int kD>
-constexpr size_t dkdv_smem() {
-  // K, V; 2 x (Q, dO); key positions, 2 x query positions; 2 x 64 x (lse, delta)
-  return sizeof(bf16) * 6 * kTileElems<kD> + 3 * sizeof(TilePos) + 2 * 2 * kTile * sizeof(float);
-}
-
-template <int kD>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     flash_backward_dkdv_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, const bf16* __restrict__ dout,
                                const float* __restrict__ lse, const float* __restrict__ delta,
                                const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                AttentionDims n, AttentionMask m, TileBounds tb, float scale) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* ks = reinterpret_cast<bf16*>(smem_raw);
-  bf16* vs = ks + kTileElems<kD>;
-  bf16* qs = vs + kTileElems<kD>;       // 2 stages
-  bf16* dos = qs + 2 * kTileElems<kD>;  // 2 stages
-  TilePos* kpos = reinterpret_cast<TilePos*>(dos + 2 * kTileElems<kD>);
-  TilePos* qpos = kpos + 1;             // 2 stages
-  float* lse2_s = reinterpret_cast<float*>(qpos + 2);  // 2 stages x 64, exp2 domain (+inf: hidden row)
-  float* delta_s = lse2_s + 2 * kTile;                 // 2 stages x 64
-
-  const int64_t kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const KeySmem<kD> sm(smem_raw);
+  const int64_t kb = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const int64_t group = n.H / n.Hkv;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-  const int64_t j0 = kt * kTile;
-  const int nk = tile_rows(n.S, j0);
+  const int half = warp / 4, row0 = 16 * warp;  // this warp's 64-key tile of the block and first key
+  const int64_t j0 = kb * kBlockRows;
+  const int nk = rows_from(n.S, j0, kBlockRows);
   const int64_t q_stride = n.H * n.D, kv_stride = n.Hkv * n.D;
-  const int64_t qtiles = (n.T + kTile - 1) / kTile;
-  const int64_t units = group * qtiles;  // (query head of the group, query tile)
+  const int64_t k_tiles = (n.S + kTile - 1) / kTile, q_tiles = (n.T + kTile - 1) / kTile;
 
-  load_tile_async<kD>(ks, k + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, nk);
-  load_tile_async<kD>(vs, v + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, nk);
+  load_rows_async<kD, kBlockRows>(sm.ks, k + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, nk);
+  load_rows_async<kD, kBlockRows>(sm.vs, v + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, nk);
+  if (m.q_pos != nullptr) load_vec_async<kBlockRows>(sm.kpos->pos, m.k_pos, j0, n.S);
   cp_async_commit();
-  load_tile_pos(*kpos, m.k_pos, j0, n.S, m, hk);
+  const TilePlan plan = build_plan(sm.plan, q_tiles, [&](int hf, int64_t qt, bool& meet, bool& plain) {
+    const int64_t kt = 2 * kb + hf;
+    if (kt >= k_tiles) return;
+    meet = tiles_meet(m, tb, qt, kt, hk);
+    plain = tiles_unmasked(m, tb, qt, kt, n, hk);
+  });
 
+  // Units: (query head of the group, query tile), in that order; the next one either half meets.
+  const int64_t units = group * q_tiles;
   auto next_unit = [&](int64_t from) {
-    while (from < units && !tiles_meet(m, tb, from % qtiles, kt, hk)) ++from;
-    return from;
+    while (from < units) {
+      const int64_t qt = plan.next(from % q_tiles);
+      if (qt < q_tiles) return from - from % q_tiles + qt;
+      from += q_tiles - from % q_tiles;  // the next head's first tile
+    }
+    return units;
   };
   auto issue = [&](int64_t unit, int stage) {
-    const int64_t h = hk * group + unit / qtiles, i0 = (unit % qtiles) * kTile;
-    const int nq = tile_rows(n.T, i0);
+    const int64_t h = hk * group + unit / q_tiles, i0 = (unit % q_tiles) * kTile;
+    const int nq = rows_from(n.T, i0, kTile);
     const int64_t at = ((b * n.T + i0) * n.H + h) * n.D;
-    load_tile_async<kD>(qs + stage * kTileElems<kD>, q + at, q_stride, nq);
-    load_tile_async<kD>(dos + stage * kTileElems<kD>, dout + at, q_stride, nq);
-    load_tile_pos(qpos[stage], m.q_pos, i0, n.T, m, hk);
-    for (int r = threadIdx.x; r < kTile; r += kThreads) {
-      const int64_t row = (b * n.H + h) * n.T + i0 + r;
-      const float l = r < nq ? lse[row] : -INFINITY;
-      lse2_s[stage * kTile + r] = l == -INFINITY ? INFINITY : l * kLog2e;
-      delta_s[stage * kTile + r] = r < nq ? delta[row] : 0.f;
-    }
+    load_rows_async<kD, kTile>(sm.qs + stage * kTileElems<kD>, q + at, q_stride, nq);
+    load_rows_async<kD, kTile>(sm.dos + stage * kTileElems<kD>, dout + at, q_stride, nq);
+    if (m.q_pos != nullptr) load_vec_async<kTile>(sm.qpos[stage].pos, m.q_pos, i0, n.T);
+    load_vec_async<kTile>(sm.lse + stage * kTile, lse + (b * n.H + h) * n.T, i0, n.T);
+    load_vec_async<kTile>(sm.delta + stage * kTile, delta + (b * n.H + h) * n.T, i0, n.T);
   };
 
   const float scale_log2 = scale * kLog2e;
@@ -568,50 +717,73 @@ __global__ void __launch_bounds__(kThreads)
   if (unit < units) issue(unit, 0);
   cp_async_commit();
   int stage = 0;
+  bool first = true;
   while (unit < units) {
     const int64_t next = next_unit(unit + 1);
     if (next < units) issue(next, stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    const int64_t qt = unit % qtiles;
-    const int nq = tile_rows(n.T, qt * kTile);
-    const bf16* qt_s = qs + stage * kTileElems<kD>;
-    const bf16* dot_s = dos + stage * kTileElems<kD>;
-    const float* l2 = lse2_s + stage * kTile;
-    const float* dl = delta_s + stage * kTile;
-    float st[8][4] = {}, dpt[8][4] = {};           // rows: this warp's 16 keys; columns: the 64 queries
-    mma_rows_by_rows<kD>(st, ks, 16 * warp, qt_s);    // S^T = K Q^T
-    mma_rows_by_rows<kD>(dpt, vs, 16 * warp, dot_s);  // dP^T = V dO^T
-    const bool masked = !tiles_unmasked(m, tb, qt, kt, n);
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int kr = 16 * warp + g + 8 * (e / 2), qc = 8 * nt + 2 * t4 + (e % 2);
-        float p = exp2f(st[nt][e] * scale_log2 - l2[qc]);
-        if (masked && hidden(m, qpos[stage], qc, nq, *kpos, kr, nk)) p = 0.f;
-        st[nt][e] = p;
-        dpt[nt][e] = p * (dpt[nt][e] - dl[qc]);  // dS^T
+    const int64_t qt = unit % q_tiles;
+    if (m.s2_block > 0) {
+      const bool tile_masked = !(plan.plain(0, qt) && plan.plain(1, qt));
+      if (first || tile_masked) {
+        if (first) fill_s2(*sm.kpos, m, hk);
+        if (tile_masked) fill_s2(sm.qpos[stage], m, hk);
+        __syncthreads();
       }
-    uint32_t pf[4][4], dsf[4][4];
-    c_to_a(pf, st);
-    c_to_a(dsf, dpt);
-    mma_frags_by_tile<kD>(acc_dv, pf, dot_s);  // dV += P^T dO
-    mma_frags_by_tile<kD>(acc_dk, dsf, qt_s);  // dK += dS^T Q
+    }
+    if (plan.meet(half, qt)) {
+      const int nq = rows_from(n.T, qt * kTile, kTile);
+      const bf16* qt_s = sm.qs + stage * kTileElems<kD>;
+      const bf16* dot_s = sm.dos + stage * kTileElems<kD>;
+      const float* ls = sm.lse + stage * kTile;
+      const float* ds = sm.delta + stage * kTile;
+      float st[8][4] = {}, dpt[8][4] = {};                 // rows: this warp's 16 keys; columns: the 64 queries
+      mma_rows_by_rows<kD>(st, sm.ks, row0, qt_s);    // S^T = K Q^T
+      mma_rows_by_rows<kD>(dpt, sm.vs, row0, dot_s);  // dP^T = V dO^T
+      const bool masked = !plan.plain(half, qt);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int qc = 8 * nt + 2 * t4 + e;
+          const float l2 = lse_exp2(ls[qc]), dl = ds[qc];
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {
+            const int kr = row0 + g + 8 * hr;
+            float p = fast_exp2(fmaf(st[nt][2 * hr + e], scale_log2, -l2));
+            if (masked && hidden(m, sm.qpos[stage], qc, nq, *sm.kpos, kr, nk)) p = 0.f;
+            st[nt][2 * hr + e] = p;
+            dpt[nt][2 * hr + e] = p * (dpt[nt][2 * hr + e] - dl);  // dS^T
+          }
+        }
+      uint32_t pf[4][4], dsf[4][4];
+      c_to_a(pf, st);
+      c_to_a(dsf, dpt);
+      mma_frags_by_tile<kD>(acc_dv, pf, dot_s);  // dV += P^T dO
+      mma_frags_by_tile<kD>(acc_dk, dsf, qt_s);  // dK += dS^T Q
+    }
     __syncthreads();
+    first = false;
     unit = next;
     stage ^= 1;
   }
   cp_async_wait<0>();
-  store_rows<kD>(dk + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, 16 * warp, nk, acc_dk, scale);
-  store_rows<kD>(dv + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, 16 * warp, nk, acc_dv, 1.f);
+  store_rows<kD>(dk + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, row0, nk, acc_dk, scale);
+  store_rows<kD>(dv + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, row0, nk, acc_dv, 1.f);
 }
 
 // ---------------------------------------------------------------- launches
 
 template <typename Kernel>
 void set_smem(Kernel kernel, size_t bytes) {
+  int device = 0, limit = 0;
+  LOOM_CUDA_CHECK(cudaGetDevice(&device));
+  LOOM_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  LOOM_CHECK(bytes <= static_cast<size_t>(limit))
+      << "flash attention (CUDA): a block needs " << bytes << " bytes of shared memory (its tile plan grows with "
+      << "the sequence), the device allows " << limit << "; split the sequence (parallel.cp) or use the interim kernels";
   LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
@@ -622,7 +794,8 @@ void dispatch_flash_head_dim(int64_t D, Fn&& fn) {
   else LOOM_FAIL() << "flash attention (CUDA): head dim D = " << D << " is not 64 or 128";
 }
 
-unsigned tiles_of(int64_t rows) { return static_cast<unsigned>((rows + kTile - 1) / kTile); }
+int64_t tiles_of(int64_t rows) { return (rows + kTile - 1) / kTile; }
+unsigned blocks_of(int64_t rows) { return static_cast<unsigned>((rows + kBlockRows - 1) / kBlockRows); }
 
 // The tile bounds of q and k positions into `scratch` (2 * (T tiles + S tiles) i64).
 TileBounds compute_bounds(int64_t* scratch, const AttentionDims& n, const AttentionMask& m, cudaStream_t stream) {
@@ -633,14 +806,15 @@ TileBounds compute_bounds(int64_t* scratch, const AttentionDims& n, const Attent
   int64_t* q_hi = q_lo + qt;
   int64_t* k_lo = q_hi + qt;
   int64_t* k_hi = k_lo + kt;
+  constexpr int64_t kPerBlock = kBoundsThreads / 32;
   if (qt > 0) {
-    flash_bounds_kernel<<<static_cast<unsigned>((qt + kWarps - 1) / kWarps), kThreads, 0, stream>>>(q_lo, q_hi,
-                                                                                                   m.q_pos, n.T);
+    flash_bounds_kernel<<<static_cast<unsigned>((qt + kPerBlock - 1) / kPerBlock), kBoundsThreads, 0, stream>>>(
+        q_lo, q_hi, m.q_pos, n.T);
     LOOM_CUDA_CHECK(cudaGetLastError());
   }
   if (kt > 0) {
-    flash_bounds_kernel<<<static_cast<unsigned>((kt + kWarps - 1) / kWarps), kThreads, 0, stream>>>(k_lo, k_hi,
-                                                                                                   m.k_pos, n.S);
+    flash_bounds_kernel<<<static_cast<unsigned>((kt + kPerBlock - 1) / kPerBlock), kBoundsThreads, 0, stream>>>(
+        k_lo, k_hi, m.k_pos, n.S);
     LOOM_CUDA_CHECK(cudaGetLastError());
   }
   tb.q_lo = q_lo;
@@ -664,11 +838,12 @@ void launch_flash_attention_forward(void* out, float* lse, const void* q, const 
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
     auto kernel = flash_forward_kernel<kD>;
-    set_smem(kernel, forward_smem<kD>());
-    dim3 grid(tiles_of(n.T), static_cast<unsigned>(n.H), static_cast<unsigned>(n.B));
-    kernel<<<grid, kThreads, forward_smem<kD>(), stream>>>(static_cast<bf16*>(out), lse,
-                                                           static_cast<const bf16*>(q), static_cast<const bf16*>(k),
-                                                           static_cast<const bf16*>(v), n, mask, tb, scale);
+    const size_t smem = QuerySmem<kD, 1>::bytes(tiles_of(n.S));
+    set_smem(kernel, smem);
+    dim3 grid(blocks_of(n.T), static_cast<unsigned>(n.H), static_cast<unsigned>(n.B));
+    kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(out), lse, static_cast<const bf16*>(q),
+                                             static_cast<const bf16*>(k), static_cast<const bf16*>(v), n, mask, tb,
+                                             scale);
     LOOM_CUDA_CHECK(cudaGetLastError());
   });
 }
@@ -684,20 +859,23 @@ void launch_flash_attention_backward(void* dq, void* dk, void* dv, float* delta,
     constexpr int kD = decltype(kd)::value;
     if (n.T > 0) {
       auto kernel = flash_backward_dq_kernel<kD>;
-      set_smem(kernel, dq_smem<kD>());
-      dim3 grid(tiles_of(n.T), static_cast<unsigned>(n.H), static_cast<unsigned>(n.B));
-      kernel<<<grid, kThreads, dq_smem<kD>(), stream>>>(
-          static_cast<bf16*>(dq), static_cast<const bf16*>(dout), lse, delta, static_cast<const bf16*>(q),
-          static_cast<const bf16*>(k), static_cast<const bf16*>(v), n, mask, tb, scale);
+      const size_t smem = QuerySmem<kD, 2>::bytes(tiles_of(n.S));
+      set_smem(kernel, smem);
+      dim3 grid(blocks_of(n.T), static_cast<unsigned>(n.H), static_cast<unsigned>(n.B));
+      kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(dq), static_cast<const bf16*>(dout), lse, delta,
+                                               static_cast<const bf16*>(q), static_cast<const bf16*>(k),
+                                               static_cast<const bf16*>(v), n, mask, tb, scale);
       LOOM_CUDA_CHECK(cudaGetLastError());
     }
     if (n.S > 0) {
       auto kernel = flash_backward_dkdv_kernel<kD>;
-      set_smem(kernel, dkdv_smem<kD>());
-      dim3 grid(tiles_of(n.S), static_cast<unsigned>(n.Hkv), static_cast<unsigned>(n.B));
-      kernel<<<grid, kThreads, dkdv_smem<kD>(), stream>>>(
-          static_cast<bf16*>(dk), static_cast<bf16*>(dv), static_cast<const bf16*>(dout), lse, delta,
-          static_cast<const bf16*>(q), static_cast<const bf16*>(k), static_cast<const bf16*>(v), n, mask, tb, scale);
+      const size_t smem = KeySmem<kD>::bytes(tiles_of(n.T));
+      set_smem(kernel, smem);
+      dim3 grid(blocks_of(n.S), static_cast<unsigned>(n.Hkv), static_cast<unsigned>(n.B));
+      kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv),
+                                               static_cast<const bf16*>(dout), lse, delta,
+                                               static_cast<const bf16*>(q), static_cast<const bf16*>(k),
+                                               static_cast<const bf16*>(v), n, mask, tb, scale);
       LOOM_CUDA_CHECK(cudaGetLastError());
     }
   });

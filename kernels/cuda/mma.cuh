@@ -63,4 +63,46 @@ __device__ __forceinline__ void load_b_kmajor(uint32_t& b0, uint32_t& b1, const 
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(addr));
 }
 
+// ldmatrix x4: four 8 x 8 bf16 matrices; lane l gives the address of row l % 8
+// of matrix l / 8, and r[i] is this lane's fragment of matrix i.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const __nv_bfloat16* p) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const __nv_bfloat16* p) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// A fragment (16 x 16) of a row-major tile at (row0, k0) in one ldmatrix.x4
+// (same registers as load_a): matrices (rows 0-7, k 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15).
+__device__ __forceinline__ void ldsm_a(uint32_t (&a)[4], const __nv_bfloat16* s, int ld, int row0, int k0) {
+  const int lane = threadIdx.x % 32;
+  ldsm_x4(a, s + (row0 + lane % 16) * ld + k0 + (lane / 16) * 8);
+}
+
+// B fragments of two n-tiles (n0, n0 + 8) x k 16 stored n-major (B[k][n] = s[(n0 + n) * ld + k0 + k]):
+// b[0], b[1] = b0, b1 of n-tile n0; b[2], b[3] of n-tile n0 + 8 (same registers as load_b_nmajor).
+__device__ __forceinline__ void ldsm_b2_nmajor(uint32_t (&b)[4], const __nv_bfloat16* s, int ld, int n0, int k0) {
+  const int lane = threadIdx.x % 32;
+  ldsm_x4(b, s + (n0 + lane % 8 + (lane / 16) * 8) * ld + k0 + ((lane / 8) % 2) * 8);
+}
+
+// The same for B stored k-major (B[k][n] = s[(k0 + k) * ld + n0 + n]), transposed on load.
+__device__ __forceinline__ void ldsm_b2_kmajor(uint32_t (&b)[4], const __nv_bfloat16* s, int ld, int n0, int k0) {
+  const int lane = threadIdx.x % 32;
+  ldsm_x4_trans(b, s + (k0 + lane % 16) * ld + n0 + (lane / 16) * 8);
+}
+
+// 2^x on the special-function unit (flushes subnormal results to 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 }  // namespace loom::cuda::mma
