@@ -40,6 +40,67 @@ __device__ __forceinline__ void load_rows_bf16(__nv_bfloat16* dst, int ld, const
   }
 }
 
+// One chunk's x and y rows and its z column slice [c0, c0 + 32), loaded into
+// registers one chunk ahead so that the global loads are in flight while the
+// current chunk is computed (only when the rows are whole 16-byte vectors:
+// D == kD >= 32 and 16-byte aligned tensors; the synchronous loads otherwise).
+template <int kD>
+struct ChunkPrefetch {
+  static constexpr int kVecs = kD / 8;                                  // 16-byte vectors per row
+  static constexpr int kPerThread = (kChunk * kVecs + kThreads - 1) / kThreads;
+  static_assert(kChunk * kCols / 8 == kThreads, "one 8-column piece of the z slice per thread");
+  uint4 x[kPerThread], y[kPerThread], z;
+
+  static __device__ bool applies(const PassSet& ps, const void* x, const void* y, const void* z) {
+    auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+    return kD >= kCols && ps.D == kD && aligned(x) && aligned(y) && aligned(z);
+  }
+
+  // Issues the loads of rows [t0, t0 + n) (zeros past n and for null tensors; x only when load_x).
+  __device__ void issue(const __nv_bfloat16* xp, const __nv_bfloat16* yp, const __nv_bfloat16* zp, const PassSet& ps,
+                        int64_t b, int64_t h, int64_t t0, int n, int64_t c0, bool load_x) {
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int e = threadIdx.x + i * kThreads;
+      const int r = e / kVecs, c = (e % kVecs) * 8;
+      const bool valid = e < kChunk * kVecs && r < n;
+      const int64_t at = ((b * ps.T + t0 + r) * ps.H + h) * ps.D + c;
+      x[i] = valid && load_x && xp != nullptr ? __ldg(reinterpret_cast<const uint4*>(xp + at)) : zero;
+      y[i] = valid && yp != nullptr ? __ldg(reinterpret_cast<const uint4*>(yp + at)) : zero;
+    }
+    const int j = threadIdx.x / (kCols / 8), c = 8 * (threadIdx.x % (kCols / 8));
+    z = j < n && zp != nullptr ? __ldg(reinterpret_cast<const uint4*>(zp + ((b * ps.T + t0 + j) * ps.H + h) * ps.D + c0 + c))
+                               : zero;
+  }
+
+  // Writes the chunk into shared memory: x, y rows (row stride ld), z^T and the
+  // decay-weighted (w z)^T as bf16 high + low parts (w_update(j) gives the weight of row j).
+  template <typename Weight>
+  __device__ void store(__nv_bfloat16* xs, __nv_bfloat16* ys, int ld, __nv_bfloat16* zt, __nv_bfloat16* zw_hi,
+                        __nv_bfloat16* zw_lo, int ldz, bool store_x, Weight w_update) const {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int e = threadIdx.x + i * kThreads;
+      if (e >= kChunk * kVecs) continue;
+      const int r = e / kVecs, c = (e % kVecs) * 8;
+      if (store_x) *reinterpret_cast<uint4*>(xs + r * ld + c) = x[i];
+      *reinterpret_cast<uint4*>(ys + r * ld + c) = y[i];
+    }
+    const int j = threadIdx.x / (kCols / 8), c = 8 * (threadIdx.x % (kCols / 8));
+    const float w = w_update(j);
+    const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&z);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const float f = __bfloat162float(v[q]);
+      const __nv_bfloat16 hi = __float2bfloat16_rn(w * f);
+      zt[(c + q) * ldz + j] = v[q];
+      zw_hi[(c + q) * ldz + j] = hi;
+      zw_lo[(c + q) * ldz + j] = __float2bfloat16_rn(w * f - __bfloat162float(hi));
+    }
+  }
+};
+
 template <int kD>
 struct MmaSmem {
   static constexpr int kXs = kD + 8;      // bf16 row stride of x, y (conflict-free fragment loads)
@@ -92,11 +153,8 @@ __global__ void __launch_bounds__(kThreads) lightning_mma_kernel(PassSet ps) {
   const int64_t seg_t0 = segment * ps.seg_len;
   const int64_t seg_t1 = seg_t0 + ps.seg_len < ps.T ? seg_t0 + ps.seg_len : ps.T;
   const int64_t chunks = seg_t1 > seg_t0 ? (seg_t1 - seg_t0 + kChunk - 1) / kChunk : 0;
-  for (int64_t step = 0; step < chunks; ++step) {
-    const int64_t chunk = pass.reverse ? chunks - 1 - step : step;
-    const int64_t t0 = seg_t0 + chunk * kChunk;
-    const int n = static_cast<int>(seg_t1 - t0 < kChunk ? seg_t1 - t0 : kChunk);
-    __syncthreads();  // the previous chunk's tiles are consumed
+  // The synchronous loads (rows that are not whole 16-byte vectors); ends before the caller's barrier.
+  auto load_chunk_sync = [&](int64_t t0, int n) {
     if (!pass.state_only) load_rows_bf16<kD>(xs, kXs, x, ps, b, h, t0, n);
     load_rows_bf16<kD>(ys, kXs, y, ps, b, h, t0, n);
     if (threadIdx.x < kChunk) {
@@ -123,7 +181,45 @@ __global__ void __launch_bounds__(kThreads) lightning_mma_kernel(PassSet ps) {
       zw_lo[c * kZs + j] = __float2bfloat16_rn(w * v0 - __bfloat162float(h0));
       zw_lo[(c + 1) * kZs + j] = __float2bfloat16_rn(w * v1 - __bfloat162float(h1));
     }
+  };
+  // Chunk `step` of the walk: its first token and its length.
+  auto chunk_at = [&](int64_t step, int64_t& t0, int& n) {
+    const int64_t chunk = pass.reverse ? chunks - 1 - step : step;
+    t0 = seg_t0 + chunk * kChunk;
+    n = static_cast<int>(seg_t1 - t0 < kChunk ? seg_t1 - t0 : kChunk);
+  };
+  ChunkPrefetch<kD> pf;
+  const bool prefetch = ChunkPrefetch<kD>::applies(ps, x, y, z);
+  if (prefetch && chunks > 0) {
+    int64_t t0;
+    int n;
+    chunk_at(0, t0, n);
+    pf.issue(x, y, z, ps, b, h, t0, n, c0, !pass.state_only);
+  }
+  for (int64_t step = 0; step < chunks; ++step) {
+    int64_t t0;
+    int n;
+    chunk_at(step, t0, n);
+    __syncthreads();  // the previous chunk's tiles are consumed
+    if (prefetch) {
+      pf.store(xs, ys, kXs, zt, zw_hi, zw_lo, kZs, !pass.state_only, [&](int j) {
+        return j < n ? pass.update * pw[pass.reverse ? j + 1 : n - 1 - j] : 0.f;
+      });
+      if (threadIdx.x < kChunk) {
+        const int i = threadIdx.x;
+        w_inter[i] = i < n ? pass.inter * pw[pass.reverse ? n - 1 - i : i + 1] : 0.f;
+      }
+      if (step + 1 < chunks) {  // the next chunk's loads fly while this one is computed
+        int64_t t1;
+        int n1;
+        chunk_at(step + 1, t1, n1);
+        pf.issue(x, y, z, ps, b, h, t1, n1, c0, !pass.state_only);
+      }
+    } else {
+      load_chunk_sync(t0, n);
+    }
     __syncthreads();
+
 
     if (!pass.state_only) {
       // A (64 x 64): warp -> rows 16 (warp / 2), columns 32 (warp % 2) .. + 32.
