@@ -4,9 +4,9 @@
 # PyTorch SDPA, compute-sanitizer on the small flash tests, and an ncu pass of
 # the forward kernel at T = 16K. LIGHTNING=1 also runs the lightning tests
 # (plain and under memcheck) and loom-bench-lightning. Logs go to $OUT (or
-# ./gpu-out). SEQ=T times the attention rows of that length only; the mixer
-# bench and ncu are skipped once the call has run LIMIT seconds (default 330),
-# so a short device slot still returns the main results.
+# ./gpu-out). SEQ=T times the attention rows of that length only; memcheck,
+# the mixer bench and ncu are skipped once the call has run LIMIT seconds
+# (default 330), so a short device slot still returns the main results.
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"; B=build-gpu; LIMIT=${LIMIT:-330}; T0=$SECONDS
 el() { echo "+$((SECONDS - T0))s"; }
@@ -26,16 +26,18 @@ if [ -n "${LIGHTNING:-}" ]; then
   grep -B3 -A6 "Failure" "$OUT/lightning.log" | head -30
   timeout 90 $B/loom-bench-lightning --reps 10 > "$OUT/bench-lightning.log" 2>&1
   echo "lightning bench rc $? $(el)"; tail -12 "$OUT/bench-lightning.log"
+fi
+SEQARG=(); [ -n "${SEQ:-}" ] && SEQARG=(--seq "$SEQ")
+timeout 180 $B/loom-bench --families attention --reps 10 "${SEQARG[@]}" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+echo "bench rc $? $(el)"
+timeout 200 python3 tools/bench_torch.py --reps 10 "$OUT/bench.json" > "$OUT/torch.log" 2>&1
+echo "torch rc $? $(el)"; grep -A26 "== attention" "$OUT/torch.log"
+if [ -n "${LIGHTNING:-}" ] && [ $((SECONDS - T0)) -lt "$LIMIT" ]; then
   timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 $B/loom_cuda_tests \
     --gtest_filter='CudaLightning.TwoChained*' > "$OUT/memcheck-lightning.log" 2>&1
   echo "lightning memcheck rc $? $(el)"; grep -E "ERROR SUMMARY|PASSED|FAILED" "$OUT/memcheck-lightning.log" | head -3
 fi
-SEQARG=(); [ -n "${SEQ:-}" ] && SEQARG=(--seq "$SEQ")
-timeout 120 $B/loom-bench --families attention --reps 10 "${SEQARG[@]}" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
-echo "bench rc $? $(el)"
-timeout 100 python3 tools/bench_torch.py "$OUT/bench.json" > "$OUT/torch.log" 2>&1
-echo "torch rc $? $(el)"; grep -A26 "== attention" "$OUT/torch.log"
-timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 $B/loom_cuda_tests \
+[ $((SECONDS - T0)) -lt "$LIMIT" ] && timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 $B/loom_cuda_tests \
   --gtest_filter='CudaFlashAttention.BackwardIsDeterministic:CudaFlashAttention.Dispatch*:CudaCudnnAttention.Backends*' > "$OUT/memcheck.log" 2>&1
 echo "memcheck rc $? $(el)"; grep -E "ERROR SUMMARY|PASSED|FAILED" "$OUT/memcheck.log" | head -4
 if [ $((SECONDS - T0)) -lt "$LIMIT" ]; then

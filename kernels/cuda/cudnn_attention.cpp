@@ -147,8 +147,7 @@ class Graph {
     return tensor(uid, {1, 1, 1, 1}, {1, 1, 1, 1}, type, false, true);
   }
 
-  // The mask's index tensors: f32 (the newer frontends' form) or, where
-  // cuDNN refuses that, i32 (the older one); the diagonal scalar has the same type.
+  // The mask's index tensors: f32 or i32; the diagonal scalar has the same type.
   bool index_i32 = false;
 
   // A new virtual (dims, type) tensor = mode(x, b): the common case of pointwise() below.
@@ -471,9 +470,13 @@ std::pair<std::shared_ptr<Graph>, cudnnHandle_t> plan_for(const Key& key, const 
     Shape4 n{key.B, key.T, key.S, key.H, key.Hkv, key.D};
     std::shared_ptr<Graph> graph;
     std::string reasons;
-    // The f32-index mask first, then the i32 one (a graph without a mask has one form).
-    for (bool index_i32 : {false, true}) {
-      if (index_i32 && !masked(key.diagonal, key.S)) break;
+    // The mask's index type: f32 first for the plain causal diagonal (then
+    // i32 where that has no engine); i32 only for a shifted one (cuDNN 9.14
+    // builds the f32 shifted mask but applies it wrongly: measured on an
+    // H100, rows then saw keys past their diagonal).
+    std::vector<bool> index_forms{false};
+    if (masked(key.diagonal, key.S)) index_forms = key.diagonal != 0 ? std::vector<bool>{true} : std::vector<bool>{false, true};
+    for (bool index_i32 : index_forms) {
       try {
         auto g = std::make_shared<Graph>();
         g->index_i32 = index_i32;
