@@ -95,7 +95,7 @@ void register_run_keys(ConfigSchema& s) {
   s.add(LOOM_CONFIG_FIELD(model.max_seq_len), "longest sequence the model supports (RoPE tables)").min(1);
   // softmax-attention (S) options
   s.add(LOOM_CONFIG_FIELD(model.attention_backend),
-        "CUDA softmax-attention kernels: auto (= native until the cudnn path is verified on a GPU), "
+        "CUDA softmax-attention kernels: auto (per shape, the faster of cudnn and native, timed on first use), "
         "native (flash kernels on tensor cores for bf16 and head dim 64/128, interim elsewhere), cudnn (cuDNN's "
         "fused attention for dense calls it takes, native elsewhere), interim (CUDA cores everywhere)")
       .one_of({"auto", "native", "cudnn", "interim"});

@@ -107,9 +107,8 @@ cuda::AttentionKernel cuda_attention_kernel() {
     case AttentionBackend::cudnn: return cuda::AttentionKernel::cudnn;
     case AttentionBackend::automatic: break;
   }
-  // auto: the flash kernels until the cuDNN path has passed its GPU tests;
-  // then cuda::AttentionKernel::best (the timed choice) takes this place.
-  return cuda::AttentionKernel::flash;
+  // auto: per shape and direction the faster of cuDNN and flash, timed on first use.
+  return cuda::AttentionKernel::best;
 }
 }  // namespace
 #endif

@@ -31,11 +31,10 @@ using cpu::BinaryOp;
 //            backward: lengths multiples of 128, no lse gradient), native
 //            elsewhere; an error when cuDNN is missing or has no engine
 //   interim  the CUDA-core kernels everywhere (fp32 math)
-//   auto     native for now; once the cuDNN path has passed its GPU tests,
-//            per shape and direction cuDNN or native, whichever ran faster
-//            when both were timed on the shape's first call
-//            (cuda::AttentionKernel::best, written and tested on the GPU
-//            directly)
+//   auto     per shape and direction, cuDNN or native, whichever ran faster
+//            when both were timed on the shape's first call (native where
+//            cuDNN does not take the call); use native for a deterministic
+//            backward
 // CPU tensors always run the CPU twin.
 enum class AttentionBackend { automatic, native, cudnn, interim };
 AttentionBackend attention_backend_from_name(const std::string& name);  // throws naming the value

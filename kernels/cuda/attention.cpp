@@ -88,10 +88,6 @@ bool cudnn_candidate(AttentionKernel kernel, cpu::MaskForm form, const S2Pattern
                      const Tensor& v, bool backward) {
   if (kernel != AttentionKernel::cudnn && kernel != AttentionKernel::best) return false;
   if (s2.enabled() || !form.is_diagonal()) return false;
-  // Shifted diagonals (0 < offset < S - 1: queries after their keys) stay
-  // native until cuDNN's i32 form of them has passed its GPU test (the f32
-  // form ran wrong on cuDNN 9.14: kernels/NOTES.md).
-  if (form.offset != 0 && form.offset < k.size(1) - 1) return false;
   if (kernel == AttentionKernel::cudnn) {
     LOOM_CHECK(cudnn_attention_available()) << "attention: model.attention_backend = cudnn but cuDNN is not "
                                             << "available (" << cudnn_attention_version() << ")";
