@@ -124,8 +124,8 @@ float time_on(Stream& s, const std::function<void()>& work) {
 }
 
 // Runs the call on cuDNN or on flash (`run_cudnn` returns false when cuDNN has
-// no engine for the shape). Returns true when it ran; false: the caller runs
-// the flash kernels (nothing was written).
+// no engine for the shape). Returns true when the outputs are written; false:
+// the caller runs the flash kernels.
 bool run_cudnn_or_best(AttentionKernel kernel, const ChoiceKey& key, const std::function<bool()>& run_cudnn,
                        const std::function<void()>& run_flash, Stream& s) {
   // (a shape cuDNN has no engine for runs on flash; cudnn_attention.cpp says so once per shape on stderr)
@@ -142,11 +142,12 @@ bool run_cudnn_or_best(AttentionKernel kernel, const ChoiceKey& key, const std::
   // First call of the shape: both warmed up, then each timed once. Every run
   // writes the same outputs; the winner runs last, so the first call's
   // result is the one every later call of the shape gets.
+  const bool has_plan = run_cudnn();
   bool use_cudnn = false;
-  if (run_cudnn()) {
+  if (has_plan) {
     run_flash();
     float cudnn_ms = time_on(s, [&] { run_cudnn(); });
-    float flash_ms = time_on(s, run_flash);
+    float flash_ms = time_on(s, run_flash);  // flash ran last
     use_cudnn = cudnn_ms < flash_ms;
     if (use_cudnn) run_cudnn();
   }
@@ -154,7 +155,7 @@ bool run_cudnn_or_best(AttentionKernel kernel, const ChoiceKey& key, const std::
     std::lock_guard<std::mutex> lock(choices_mutex);
     choices[key] = use_cudnn;
   }
-  return use_cudnn;
+  return has_plan;  // written by the winner; without a plan nothing is written
 }
 
 ChoiceKey choice_key(const Tensor& q, const Tensor& k, bool backward, int64_t diagonal) {

@@ -454,8 +454,9 @@ Cache& cache() {
   return *c;
 }
 
-// The plan for `key` (built on first use; null when cuDNN has none) and the device's handle bound to `stream`.
-std::pair<std::shared_ptr<Graph>, cudnnHandle_t> plan_for(const Key& key, const Stream& stream) {
+// The plan for `key` (built on first use; null when cuDNN has none) and the
+// device's handle (the callers bind it to their stream before executing).
+std::pair<std::shared_ptr<Graph>, cudnnHandle_t> plan_for(const Key& key) {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
   auto h = c.handles.find(key.device);
@@ -464,7 +465,6 @@ std::pair<std::shared_ptr<Graph>, cudnnHandle_t> plan_for(const Key& key, const 
     LOOM_CUDNN_CHECK(cudnnCreate(&handle));
     h = c.handles.emplace(key.device, handle).first;
   }
-  LOOM_CUDNN_CHECK(cudnnSetStream(h->second, static_cast<cudaStream_t>(stream.handle())));
   auto it = c.plans.find(key);
   if (it == c.plans.end()) {
     Shape4 n{key.B, key.T, key.S, key.H, key.Hkv, key.D};
@@ -548,7 +548,7 @@ bool cudnn_attention_takes(const Tensor& q, const Tensor& k, const Tensor& v, bo
 bool cudnn_attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                              int64_t diagonal, double scale, Stream& s) {
   const Key key = key_of(q, k, false, diagonal);
-  auto [plan, handle] = plan_for(key, s);
+  auto [plan, handle] = plan_for(key);
   if (!plan) return false;
   Storage workspace(static_cast<size_t>(std::max<int64_t>(plan->workspace(), 16)), q.device(), &s);
   float scale_f = static_cast<float>(scale);
@@ -565,7 +565,7 @@ bool cudnn_attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& 
                               const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                               int64_t diagonal, double scale, Stream& s) {
   const Key key = key_of(q, k, true, diagonal);
-  auto [plan, handle] = plan_for(key, s);
+  auto [plan, handle] = plan_for(key);
   if (!plan) return false;
   int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
   // Scratch: the f32 dQ accumulator (B, H, T, D) and softmax_sum (B, H, T), then cuDNN's workspace.
