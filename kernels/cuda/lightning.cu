@@ -1,9 +1,10 @@
 // Lightning attention (see lightning.h). Every pass runs one chunk kernel
 // (lightning_pass.cuh has the per-chunk algebra): bf16 storage on tensor cores
-// (lightning_mma.cuh), f32 storage on CUDA cores in fp32 (below). A block
-// walks the 64-token chunks of one segment of one (batch, head), keeping a
-// (D, 32) column tile of a D x D state in shared memory, so a head's state is
-// split over D/32 blocks. The sequence is cut into segments so that B = 1,
+// (lightning_mma.cuh: one block per (batch, head, segment) holding the whole
+// D x D state in registers), f32 storage on CUDA cores in fp32 (below: a block
+// keeps a (D, 32) column tile of the state in shared memory, so a head's state
+// is split over D/32 blocks, each recomputing A). A block walks the 64-token
+// chunks of one segment. The sequence is cut into segments so that B = 1,
 // H = 16 still fills the GPU at any T (LASP-2's algebra, ALGORITHMS.md §5,
 // inside one device):
 //   1. state-only pass: each segment's local state from zero (M_r; decay a_r = gamma^len_r)
@@ -17,9 +18,8 @@
 //   dv     reverse:    x k, y q, z do, St = G     (from dS_final), writes dS_initial
 //   dk     reverse:    x v, y do, z q, St = G^T   (from dS_final^T)
 // (dq, dk, dv are one launch; the backward's state-only pass computes the S
-// and G locals in one launch). A is recomputed by every column tile of a head:
-// the price of spreading one head over several blocks. Each output element is
-// written by one thread in a fixed order (deterministic, no atomics).
+// and G locals in one launch). Each output element is written by one thread
+// in a fixed order (deterministic, no atomics).
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/lightning.h"
 #include "kernels/cuda/lightning_mma.cuh"
@@ -229,27 +229,34 @@ __global__ void lightning_scan_kernel(float* entering, float* final_out, const f
   if (final_out != nullptr) final_out[base] = state;
 }
 
-// Launches `passes` passes of ps over ps.segments segments.
-void launch_passes(DType dtype, PassSet& ps, int passes, Stream& s) {
-  if (ps.B == 0 || ps.H == 0) return;
-  ps.tiles = static_cast<int>((ps.D + kCols - 1) / kCols);
-  if (ps.tiles == 0) return;
-  dim3 grid(static_cast<unsigned>(ps.tiles * passes), static_cast<unsigned>(ps.H),
-            static_cast<unsigned>(ps.B * ps.segments));
-  auto launch = [&](auto kernel, size_t smem) {
-    LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    kernel<<<grid, kThreads, smem, raw(s)>>>(ps);
-    LOOM_CUDA_CHECK(cudaGetLastError());
-  };
+// Calls f(kernel, threads, dynamic smem bytes, column tiles) with the chunk kernel for dtype and D.
+template <typename F>
+void with_chunk_kernel(DType dtype, int64_t D, F&& f) {
   auto with_dim = [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
-    if (dtype == DType::f32) launch(lightning_chunk_kernel<float, kD>, chunk_smem<kD>());
-    else launch(lightning_mma_kernel<kD>, MmaSmem<kD>::kBytes);
+    if (dtype == DType::f32) {
+      f(lightning_chunk_kernel<float, kD>, kThreads, chunk_smem<kD>(), static_cast<int>((D + kCols - 1) / kCols));
+    } else {
+      f(lightning_mma_kernel<kD>, HeadKernel<kD>::kThreads, HeadKernel<kD>::kBytes, 1);
+    }
   };
-  if (ps.D <= 16) with_dim(std::integral_constant<int, 16>{});
-  else if (ps.D <= 32) with_dim(std::integral_constant<int, 32>{});
-  else if (ps.D <= 64) with_dim(std::integral_constant<int, 64>{});
+  if (D <= 16) with_dim(std::integral_constant<int, 16>{});
+  else if (D <= 32) with_dim(std::integral_constant<int, 32>{});
+  else if (D <= 64) with_dim(std::integral_constant<int, 64>{});
   else with_dim(std::integral_constant<int, 128>{});
+}
+
+// Launches `passes` passes of ps over ps.segments segments.
+void launch_passes(DType dtype, PassSet& ps, int passes, Stream& s) {
+  if (ps.B == 0 || ps.H == 0 || ps.D == 0) return;
+  with_chunk_kernel(dtype, ps.D, [&](auto kernel, int threads, size_t smem, int tiles) {
+    ps.tiles = tiles;
+    dim3 grid(static_cast<unsigned>(tiles * passes), static_cast<unsigned>(ps.H),
+              static_cast<unsigned>(ps.B * ps.segments));
+    LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    kernel<<<grid, threads, smem, raw(s)>>>(ps);
+    LOOM_CUDA_CHECK(cudaGetLastError());
+  });
 }
 
 void launch_scan(float* entering, float* final_out, const float* local, const float* init, const float* seg_decay,
@@ -270,18 +277,35 @@ void check_tensor(const Tensor& t, const Shape& shape, DType dtype, const Stream
   LOOM_CHECK(t.dtype() == dtype) << op << ": " << name << " dtype " << t.dtype() << ", expected " << dtype;
 }
 
-// Segments for `passes` passes of (B, H, D) over T tokens: enough blocks for
-// about 8 per multiprocessor, segments of at least 16 chunks (the state load,
-// store and scan are amortized over them). One segment skips steps 1 and 2.
-void plan_segments(PassSet& ps, int passes, const Stream& s) {
+// Segments for `passes` passes of (B, H, D) over T tokens. The blocks of a
+// launch all walk about the same number of chunks, so the count is chosen for
+// whole waves: the fewest segments whose blocks fill at least 95% of the
+// waves they take (else the best fill), with segments of at least 8 chunks
+// (the state load, store and scan are amortized over them). One segment skips
+// the state-only pass and the scan.
+void plan_segments(PassSet& ps, int passes, DType dtype, const Stream& s) {
   int sms = 0;
   LOOM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, s.device().index));
-  const int64_t tiles = std::max<int64_t>(1, (ps.D + kCols - 1) / kCols);
+  int resident = 1;
+  int64_t tiles = 1;
+  with_chunk_kernel(dtype, std::max<int64_t>(ps.D, 1), [&](auto kernel, int threads, size_t smem, int t) {
+    LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    LOOM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem));
+    tiles = t;
+  });
+  const int64_t wave = static_cast<int64_t>(std::max(resident, 1)) * sms;
   const int64_t per_segment = std::max<int64_t>(1, tiles * ps.H * ps.B * passes);
-  const int64_t wanted = std::max<int64_t>(1, (8 * static_cast<int64_t>(sms) + per_segment - 1) / per_segment);
-  constexpr int64_t kMinSegment = 16 * kChunk;
-  const int64_t most = std::max<int64_t>(1, (ps.T + kMinSegment - 1) / kMinSegment);
-  const int64_t segments = std::min(wanted, most);
+  constexpr int64_t kMinSegment = 8 * kChunk;
+  const int64_t most = std::min<int64_t>(std::max<int64_t>(1, ps.T / kMinSegment),
+                                         std::max<int64_t>(1, 8 * wave / per_segment));
+  int64_t segments = 1;
+  double best = 0;
+  for (int64_t n = 1; n <= most; ++n) {
+    const int64_t blocks = n * per_segment;
+    const double fill = static_cast<double>(blocks) / static_cast<double>(((blocks + wave - 1) / wave) * wave);
+    if (fill > best + 1e-9) best = fill, segments = n;
+    if (fill >= 0.95) break;
+  }
   const int64_t chunks = (ps.T + kChunk - 1) / kChunk;
   ps.seg_len = std::max<int64_t>(1, (chunks + segments - 1) / segments) * kChunk;
   ps.segments = static_cast<int>(std::max<int64_t>(1, (ps.T + ps.seg_len - 1) / ps.seg_len));
@@ -320,7 +344,7 @@ std::unique_ptr<Storage> check_inputs(PassSet& ps, int passes, const Tensor& q, 
   LOOM_CHECK(std::isfinite(out_scale)) << op << ": out_scale = " << out_scale << " is not finite";
   LOOM_CHECK(block_size >= 0) << op << ": block_size = " << block_size << " must be >= 0";
   ps.B = B, ps.T = T, ps.H = H, ps.D = D;
-  plan_segments(ps, passes, s);
+  plan_segments(ps, passes, q.dtype(), s);
   const int64_t last_len = T - (ps.segments - 1) * ps.seg_len;
   // gamma^m = exp(-lambda m) in double, as the CPU twin forms it.
   const size_t table = static_cast<size_t>(std::max<int64_t>(H, 1)) * (kChunk + 1);

@@ -1,12 +1,21 @@
 // Lightning chunk kernel on tensor cores for bf16 storage (mma.sync m16n8k16,
 // bf16 operands, fp32 accumulate); the pass algebra is in lightning_pass.cuh.
-// x, y, z are bf16 and exact as operands. Operands formed in fp32 (the masked
-// and decayed A, the state, the decay-weighted z of the update) are split
-// into a bf16 high and low part and multiplied twice, so the result keeps
-// about 16 mantissa bits (relative error ~1e-5, close to the fp32 CUDA-core
-// kernel) at twice the tensor work, which is far from the limit here.
-// Per chunk, 8 warps: A = X Y^T (64 x 64) -> smem as hi/lo; out (64 x 32) =
-// A Z + w X St; St^T (32 x D) = p St^T + (w Z)^T Y, St^T kept in smem in fp32.
+//
+// One block walks the chunks of one segment of one (batch, head) and keeps the
+// whole D x D state, so A = X Y^T is formed once per chunk. The block has
+// D / 16 warps; warp w owns state columns (= output columns) c in
+// [16 w, 16 w + 16) and holds St^T for them in registers as mma accumulators
+// (16 x D, fp32): their C layout is the B layout of X St (mma.cuh), so the
+// inter term reads the state straight from registers and the update
+// accumulates into them. Per chunk:
+//   A   = X Y^T (64 x 64), masked and decayed, rounded to bf16 into smem (all warps);
+//   out = w_inter * (X St) + A Z            (each warp: 64 rows x its 16 columns);
+//   St  = p[n] St + (w_update Z)^T Y         (each warp: its 16 rows of St^T).
+// x, y, z are bf16 (exact operands). The operands formed in fp32 (A, the
+// state, w_update z) are rounded to bf16 once; the state itself stays fp32
+// (the rounding enters each use, it does not accumulate along the sequence).
+// tests/cuda/lightning_test.cpp derives its bound from this. Chunk c + 1 is
+// copied into the second smem stage (cp.async) while chunk c is computed.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -18,286 +27,229 @@ namespace loom::cuda::lightning_detail {
 
 using namespace ::loom::cuda::mma;
 
-// dst (kChunk rows, kD columns, row stride ld) <- rows [t0, t0 + n) of one head (zero padded).
 template <int kD>
-__device__ __forceinline__ void load_rows_bf16(__nv_bfloat16* dst, int ld, const __nv_bfloat16* src, const PassSet& ps,
-                                               int64_t b, int64_t h, int64_t t0, int n) {
-  if (src != nullptr && ps.D == kD && reinterpret_cast<uintptr_t>(src) % 16 == 0) {  // rows are 16-byte aligned
-    constexpr int kVecs = kD / 8;  // 16-byte vectors per row
-    for (int e = threadIdx.x; e < kChunk * kVecs; e += kThreads) {
-      const int r = e / kVecs, c = (e % kVecs) * 8;
-      uint4 value = make_uint4(0, 0, 0, 0);
-      if (r < n) value = *reinterpret_cast<const uint4*>(src + ((b * ps.T + t0 + r) * ps.H + h) * ps.D + c);
-      *reinterpret_cast<uint4*>(dst + r * ld + c) = value;
+struct HeadKernel {
+  static_assert(kD % 16 == 0 && kD <= kMaxHeadDim, "head dims 16, 32, ..., 128");
+  static constexpr int kWarps = kD / 16;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kLd = kD + 8;       // bf16 row stride of x, y, z (16-byte rows, conflict-free ldmatrix)
+  static constexpr int kLdA = kChunk + 8;  // of A
+  static constexpr int kStage = 3 * kChunk * kLd;
+  static constexpr size_t kBytes = 2 * (2 * kStage + kChunk * kLdA) + 4 * (kChunk + 1 + 2 * kChunk);
+};
+
+// One chunk's rows [t0, t0 + n) of x, y, z into a stage (zeros past n and for
+// null tensors): cp.async when the rows are whole 16-byte vectors (D == kD,
+// 16-byte aligned tensors), synchronous element loads otherwise.
+template <int kD>
+__device__ __forceinline__ void load_chunk_rows(__nv_bfloat16* stage, const __nv_bfloat16* const (&src)[3],
+                                                const PassSet& ps, int64_t b, int64_t h, int64_t t0, int n,
+                                                bool vectors) {
+  using K = HeadKernel<kD>;
+  if (vectors) {
+    constexpr int kVecs = kD / 8;
+#pragma unroll
+    for (int m = 0; m < 3; ++m) {
+      __nv_bfloat16* dst = stage + m * kChunk * K::kLd;
+      for (int e = threadIdx.x; e < kChunk * kVecs; e += K::kThreads) {
+        const int r = e / kVecs, c = (e % kVecs) * 8;
+        const bool valid = src[m] != nullptr && r < n;
+        const void* from = valid ? static_cast<const void*>(src[m] + ((b * ps.T + t0 + r) * ps.H + h) * ps.D + c)
+                                 : static_cast<const void*>(ps.powers);  // read nothing
+        cp_async16(dst + r * K::kLd + c, from, valid);
+      }
     }
   } else {
-    for (int e = threadIdx.x; e < kChunk * kD; e += kThreads) {
-      const int r = e / kD, c = e % kD;
-      __nv_bfloat16 value = __float2bfloat16_rn(0.f);
-      if (src != nullptr && r < n && c < ps.D) value = src[((b * ps.T + t0 + r) * ps.H + h) * ps.D + c];
-      dst[r * ld + c] = value;
+#pragma unroll
+    for (int m = 0; m < 3; ++m) {
+      __nv_bfloat16* dst = stage + m * kChunk * K::kLd;
+      for (int e = threadIdx.x; e < kChunk * kD; e += K::kThreads) {
+        const int r = e / kD, c = e % kD;
+        __nv_bfloat16 value = __float2bfloat16_rn(0.f);
+        if (src[m] != nullptr && r < n && c < ps.D) value = src[m][((b * ps.T + t0 + r) * ps.H + h) * ps.D + c];
+        dst[r * K::kLd + c] = value;
+      }
     }
   }
+  cp_async_commit();  // an empty group on the synchronous path keeps the group count uniform
 }
 
-// One chunk's x and y rows and its z column slice [c0, c0 + 32), loaded into
-// registers one chunk ahead so that the global loads are in flight while the
-// current chunk is computed (only when the rows are whole 16-byte vectors:
-// D == kD >= 32 and 16-byte aligned tensors; the synchronous loads otherwise).
-template <int kD>
-struct ChunkPrefetch {
-  static constexpr int kVecs = kD / 8;                                  // 16-byte vectors per row
-  static constexpr int kPerThread = (kChunk * kVecs + kThreads - 1) / kThreads;
-  static_assert(kChunk * kCols / 8 == kThreads, "one 8-column piece of the z slice per thread");
-  uint4 x[kPerThread], y[kPerThread], z;
-
-  static __device__ bool applies(const PassSet& ps, const void* x, const void* y, const void* z) {
-    auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-    return kD >= kCols && ps.D == kD && aligned(x) && aligned(y) && aligned(z);
-  }
-
-  // Issues the loads of rows [t0, t0 + n) (zeros past n and for null tensors; x only when load_x).
-  __device__ void issue(const __nv_bfloat16* xp, const __nv_bfloat16* yp, const __nv_bfloat16* zp, const PassSet& ps,
-                        int64_t b, int64_t h, int64_t t0, int n, int64_t c0, bool load_x) {
-    const uint4 zero = make_uint4(0, 0, 0, 0);
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int e = threadIdx.x + i * kThreads;
-      const int r = e / kVecs, c = (e % kVecs) * 8;
-      const bool valid = e < kChunk * kVecs && r < n;
-      const int64_t at = ((b * ps.T + t0 + r) * ps.H + h) * ps.D + c;
-      x[i] = valid && load_x && xp != nullptr ? __ldg(reinterpret_cast<const uint4*>(xp + at)) : zero;
-      y[i] = valid && yp != nullptr ? __ldg(reinterpret_cast<const uint4*>(yp + at)) : zero;
-    }
-    const int j = threadIdx.x / (kCols / 8), c = 8 * (threadIdx.x % (kCols / 8));
-    z = j < n && zp != nullptr ? __ldg(reinterpret_cast<const uint4*>(zp + ((b * ps.T + t0 + j) * ps.H + h) * ps.D + c0 + c))
-                               : zero;
-  }
-
-  // Writes the chunk into shared memory: x, y rows (row stride ld), z^T and the
-  // decay-weighted (w z)^T as bf16 high + low parts (w_update(j) gives the weight of row j).
-  template <typename Weight>
-  __device__ void store(__nv_bfloat16* xs, __nv_bfloat16* ys, int ld, __nv_bfloat16* zt, __nv_bfloat16* zw_hi,
-                        __nv_bfloat16* zw_lo, int ldz, bool store_x, Weight w_update) const {
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int e = threadIdx.x + i * kThreads;
-      if (e >= kChunk * kVecs) continue;
-      const int r = e / kVecs, c = (e % kVecs) * 8;
-      if (store_x) *reinterpret_cast<uint4*>(xs + r * ld + c) = x[i];
-      *reinterpret_cast<uint4*>(ys + r * ld + c) = y[i];
-    }
-    const int j = threadIdx.x / (kCols / 8), c = 8 * (threadIdx.x % (kCols / 8));
-    const float w = w_update(j);
-    const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&z);
-#pragma unroll
-    for (int q = 0; q < 8; ++q) {
-      const float f = __bfloat162float(v[q]);
-      const __nv_bfloat16 hi = __float2bfloat16_rn(w * f);
-      zt[(c + q) * ldz + j] = v[q];
-      zw_hi[(c + q) * ldz + j] = hi;
-      zw_lo[(c + q) * ldz + j] = __float2bfloat16_rn(w * f - __bfloat162float(hi));
-    }
-  }
-};
+// bf16 pair (lo, hi halves) times (w0, w1), rounded back to bf16.
+__device__ __forceinline__ uint32_t scale_pair(uint32_t v, float w0, float w1) {
+  const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+  return pack_bf16(__floats2bfloat162_rn(w0 * f.x, w1 * f.y));
+}
 
 template <int kD>
-struct MmaSmem {
-  static constexpr int kXs = kD + 8;      // bf16 row stride of x, y (conflict-free fragment loads)
-  static constexpr int kZs = kChunk + 8;  // bf16 row stride of z^T, (w z)^T, A
-  static constexpr int kSs = kD + 4;      // fp32 row stride of St^T
-  static constexpr size_t kBytes = 2 * (2 * kChunk * kXs + 3 * kCols * kZs + 2 * kChunk * kZs) +
-                                   4 * (kCols * kSs + (kChunk + 1) + 2 * kChunk);
-};
-
-template <int kD>
-__global__ void __launch_bounds__(kThreads) lightning_mma_kernel(PassSet ps) {
-  using S = MmaSmem<kD>;
-  constexpr int kXs = S::kXs, kZs = S::kZs, kSs = S::kSs;
+__global__ void __launch_bounds__(HeadKernel<kD>::kThreads) lightning_mma_kernel(PassSet ps) {
+  using K = HeadKernel<kD>;
+  constexpr int kLd = K::kLd, kLdA = K::kLdA, kWarps = K::kWarps;
+  constexpr int kNt = kD / 8;  // 8-wide tiles of the state's D (y) dimension
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // (kChunk, kXs)
-  __nv_bfloat16* ys = xs + kChunk * kXs;                             // (kChunk, kXs)
-  __nv_bfloat16* zt = ys + kChunk * kXs;                             // (kCols, kZs): z^T
-  __nv_bfloat16* zw_hi = zt + kCols * kZs;                           // (kCols, kZs): (w_update z)^T
-  __nv_bfloat16* zw_lo = zw_hi + kCols * kZs;
-  __nv_bfloat16* a_hi = zw_lo + kCols * kZs;                         // (kChunk, kZs): masked, decayed A
-  __nv_bfloat16* a_lo = a_hi + kChunk * kZs;
-  float* st = reinterpret_cast<float*>(a_lo + kChunk * kZs);         // (kCols, kSs): St^T
-  float* pw = st + kCols * kSs;                                      // (kChunk + 1)
-  float* w_inter = pw + kChunk + 1;                                  // (kChunk)
-  float* w_update = w_inter + kChunk;                                // (kChunk)
+  __nv_bfloat16* stages = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // 2 x (x, y, z) (kChunk, kLd)
+  __nv_bfloat16* as = stages + 2 * K::kStage;                            // (kChunk, kLdA)
+  float* pw = reinterpret_cast<float*>(as + kChunk * kLdA);              // (kChunk + 1)
+  float* w_inter = pw + kChunk + 1;                                      // (kChunk)
+  float* w_update = w_inter + kChunk;                                    // (kChunk)
 
-  const int which = blockIdx.x / ps.tiles;
+  const int which = blockIdx.x;
   const Pass pass = which == 0 ? ps.pass[0] : which == 1 ? ps.pass[1] : ps.pass[2];
-  const int64_t c0 = static_cast<int64_t>(blockIdx.x % ps.tiles) * kCols;
   const int64_t h = blockIdx.y, b = blockIdx.z / ps.segments;
   const int segment = static_cast<int>(blockIdx.z % ps.segments);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-  const auto* x = static_cast<const __nv_bfloat16*>(pass.x);
-  const auto* y = static_cast<const __nv_bfloat16*>(pass.y);
-  const auto* z = static_cast<const __nv_bfloat16*>(pass.z);
+  const int c0 = 16 * warp;  // this warp's state columns / output columns
+  const __nv_bfloat16* const src[3] = {pass.state_only ? nullptr : static_cast<const __nv_bfloat16*>(pass.x),
+                                       static_cast<const __nv_bfloat16*>(pass.y),
+                                       static_cast<const __nv_bfloat16*>(pass.z)};
   const int64_t state_base = (b * ps.H + h) * ps.D * ps.D;
 
-  for (int m = threadIdx.x; m <= kChunk; m += kThreads) pw[m] = ps.powers[h * (kChunk + 1) + m];
+  for (int m = threadIdx.x; m <= kChunk; m += K::kThreads) pw[m] = ps.powers[h * (kChunk + 1) + m];
+
+  // st[nt][0..1] = St[8 nt + 2 t4 + (0, 1)][c0 + g], st[nt][2..3] the same for column c0 + g + 8.
+  float st[kNt][4];
   {
     const float* in = pass.state_in == nullptr ? nullptr : pass.state_in + segment * pass.state_in_stride + state_base;
-    for (int e = threadIdx.x; e < kCols * kD; e += kThreads) {
-      const int c = e / kD, r = e % kD;  // st[c][r] = St[r][c]
-      const int64_t col = c0 + c;
-      float value = 0.f;
-      if (in != nullptr && r < ps.D && col < ps.D) value = in[pass.transpose_in ? col * ps.D + r : r * ps.D + col];
-      st[c * kSs + r] = value;
-    }
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t r = 8 * nt + 2 * t4 + (e & 1), c = c0 + g + 8 * (e >> 1);
+        float value = 0.f;
+        if (in != nullptr && r < ps.D && c < ps.D) value = in[pass.transpose_in ? c * ps.D + r : r * ps.D + c];
+        st[nt][e] = value;
+      }
   }
 
   const int64_t seg_t0 = segment * ps.seg_len;
   const int64_t seg_t1 = seg_t0 + ps.seg_len < ps.T ? seg_t0 + ps.seg_len : ps.T;
   const int64_t chunks = seg_t1 > seg_t0 ? (seg_t1 - seg_t0 + kChunk - 1) / kChunk : 0;
-  // The synchronous loads (rows that are not whole 16-byte vectors); ends before the caller's barrier.
-  auto load_chunk_sync = [&](int64_t t0, int n) {
-    if (!pass.state_only) load_rows_bf16<kD>(xs, kXs, x, ps, b, h, t0, n);
-    load_rows_bf16<kD>(ys, kXs, y, ps, b, h, t0, n);
-    if (threadIdx.x < kChunk) {
-      const int i = threadIdx.x;
-      const bool valid = i < n;
-      w_inter[i] = valid ? pass.inter * pw[pass.reverse ? n - 1 - i : i + 1] : 0.f;
-      w_update[i] = valid ? pass.update * pw[pass.reverse ? i + 1 : n - 1 - i] : 0.f;
-    }
-    __syncthreads();  // w_update is read below
-    for (int e = threadIdx.x; e < kChunk * kCols / 2; e += kThreads) {
-      const int j = e / (kCols / 2), c = 2 * (e % (kCols / 2));  // two columns of row j
-      float v0 = 0.f, v1 = 0.f;
-      if (z != nullptr && j < n) {
-        const int64_t base = ((b * ps.T + t0 + j) * ps.H + h) * ps.D;
-        if (c0 + c < ps.D) v0 = __bfloat162float(z[base + c0 + c]);
-        if (c0 + c + 1 < ps.D) v1 = __bfloat162float(z[base + c0 + c + 1]);
-      }
-      zt[c * kZs + j] = __float2bfloat16_rn(v0);
-      zt[(c + 1) * kZs + j] = __float2bfloat16_rn(v1);
-      const float w = w_update[j];
-      const __nv_bfloat16 h0 = __float2bfloat16_rn(w * v0), h1 = __float2bfloat16_rn(w * v1);
-      zw_hi[c * kZs + j] = h0;
-      zw_hi[(c + 1) * kZs + j] = h1;
-      zw_lo[c * kZs + j] = __float2bfloat16_rn(w * v0 - __bfloat162float(h0));
-      zw_lo[(c + 1) * kZs + j] = __float2bfloat16_rn(w * v1 - __bfloat162float(h1));
-    }
-  };
-  // Chunk `step` of the walk: its first token and its length.
   auto chunk_at = [&](int64_t step, int64_t& t0, int& n) {
     const int64_t chunk = pass.reverse ? chunks - 1 - step : step;
     t0 = seg_t0 + chunk * kChunk;
     n = static_cast<int>(seg_t1 - t0 < kChunk ? seg_t1 - t0 : kChunk);
   };
-  ChunkPrefetch<kD> pf;
-  const bool prefetch = ChunkPrefetch<kD>::applies(ps, x, y, z);
-  if (prefetch && chunks > 0) {
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  const bool vectors = ps.D == kD && aligned(src[0]) && aligned(src[1]) && aligned(src[2]);
+  if (chunks > 0) {
     int64_t t0;
     int n;
     chunk_at(0, t0, n);
-    pf.issue(x, y, z, ps, b, h, t0, n, c0, !pass.state_only);
+    load_chunk_rows<kD>(stages, src, ps, b, h, t0, n, vectors);
   }
+
   for (int64_t step = 0; step < chunks; ++step) {
     int64_t t0;
     int n;
     chunk_at(step, t0, n);
-    __syncthreads();  // the previous chunk's tiles are consumed
-    if (prefetch) {
-      pf.store(xs, ys, kXs, zt, zw_hi, zw_lo, kZs, !pass.state_only, [&](int j) {
-        return j < n ? pass.update * pw[pass.reverse ? j + 1 : n - 1 - j] : 0.f;
-      });
-      if (threadIdx.x < kChunk) {
-        const int i = threadIdx.x;
-        w_inter[i] = i < n ? pass.inter * pw[pass.reverse ? n - 1 - i : i + 1] : 0.f;
-      }
-      if (step + 1 < chunks) {  // the next chunk's loads fly while this one is computed
-        int64_t t1;
-        int n1;
-        chunk_at(step + 1, t1, n1);
-        pf.issue(x, y, z, ps, b, h, t1, n1, c0, !pass.state_only);
-      }
+    const __nv_bfloat16* xs = stages + (step & 1) * K::kStage;
+    const __nv_bfloat16* ys = xs + kChunk * kLd;
+    const __nv_bfloat16* zs = ys + kChunk * kLd;
+    __syncthreads();  // the previous chunk (the other stage, A, the weights) is consumed
+    if (step + 1 < chunks) {
+      int64_t t1;
+      int n1;
+      chunk_at(step + 1, t1, n1);
+      load_chunk_rows<kD>(stages + ((step + 1) & 1) * K::kStage, src, ps, b, h, t1, n1, vectors);
     } else {
-      load_chunk_sync(t0, n);
+      cp_async_commit();
     }
+    for (int i = threadIdx.x; i < kChunk; i += K::kThreads) {
+      const bool valid = i < n;
+      w_inter[i] = valid ? pass.inter * pw[pass.reverse ? n - 1 - i : i + 1] : 0.f;
+      w_update[i] = valid ? pass.update * pw[pass.reverse ? i + 1 : n - 1 - i] : 0.f;
+    }
+    cp_async_wait<1>();  // this chunk's rows have landed (the next chunk's may still fly)
     __syncthreads();
 
-
     if (!pass.state_only) {
-      // A (64 x 64): warp -> rows 16 (warp / 2), columns 32 (warp % 2) .. + 32.
+      // A (64 x 64) in tiles of 16 x 8: warp -> row tiles mt = warp % kRowWarps + kRowWarps i, column tiles
+      // [kNPer * (warp / kRowWarps), + kNPer).
       {
-        const int i0 = 16 * (warp / 2), j0 = 32 * (warp % 2);
-        float acc[4][4] = {};
+        constexpr int kRowWarps = kWarps < 4 ? kWarps : 4;
+        constexpr int kNPer = 8 / (kWarps / kRowWarps);
+        const int n0 = 8 * kNPer * (warp / kRowWarps);
 #pragma unroll
-        for (int k0 = 0; k0 < kD; k0 += 16) {
-          uint32_t a[4];
-          load_a(a, xs, kXs, i0, k0);
+        for (int mt = warp % kRowWarps; mt < 4; mt += kRowWarps) {
+          float acc[kNPer][4] = {};
 #pragma unroll
-          for (int nt = 0; nt < 4; ++nt) {
-            uint32_t b0, b1;
-            load_b_nmajor(b0, b1, ys, kXs, j0 + 8 * nt, k0);
-            mma_bf16(acc[nt], a, b0, b1);
-          }
-        }
+          for (int k0 = 0; k0 < kD; k0 += 16) {
+            uint32_t a[4];
+            ldsm_a(a, xs, kLd, 16 * mt, k0);
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int i = i0 + g + 8 * half, j = j0 + 8 * nt + 2 * t4;
-            float v[2];
-#pragma unroll
-            for (int q = 0; q < 2; ++q) {
-              const int lag = pass.reverse ? j + q - i : i - j - q;
-              v[q] = lag >= 0 ? pass.intra * pw[lag] * acc[nt][2 * half + q] : 0.f;
+            for (int np = 0; np < kNPer; np += 2) {
+              uint32_t bb[4];
+              ldsm_b2_nmajor(bb, ys, kLd, n0 + 8 * np, k0);  // B[k = d][n = j] = y[j][d]
+              mma_bf16(acc[np], a, bb[0], bb[1]);
+              mma_bf16(acc[np + 1], a, bb[2], bb[3]);
             }
-            uint32_t hi, lo;
-            split2(v[0], v[1], hi, lo);
-            *reinterpret_cast<uint32_t*>(a_hi + i * kZs + j) = hi;
-            *reinterpret_cast<uint32_t*>(a_lo + i * kZs + j) = lo;
           }
+#pragma unroll
+          for (int np = 0; np < kNPer; ++np)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              const int i = 16 * mt + g + 8 * half, j = n0 + 8 * np + 2 * t4;
+              float v[2];
+#pragma unroll
+              for (int q = 0; q < 2; ++q) {
+                const int lag = pass.reverse ? j + q - i : i - j - q;
+                v[q] = lag >= 0 ? pass.intra * pw[lag] * acc[np][2 * half + q] : 0.f;
+              }
+              *reinterpret_cast<__nv_bfloat162*>(as + i * kLdA + j) = __floats2bfloat162_rn(v[0], v[1]);
+            }
+        }
       }
-      __syncthreads();
-      // out (64 x 32): warp -> rows 16 (warp / 2), columns 16 (warp % 2) .. + 16.
-      {
-        const int i0 = 16 * (warp / 2), n0 = 16 * (warp % 2);
-        float intra[2][4] = {}, inter[2][4] = {};
+      // out (64 rows x this warp's 16 columns) = w_inter * (X St) + A Z.
+      float acc[4][2][4] = {};
 #pragma unroll
-        for (int k0 = 0; k0 < kChunk; k0 += 16) {
-          uint32_t ah[4], al[4];
-          load_a(ah, a_hi, kZs, i0, k0);
-          load_a(al, a_lo, kZs, i0, k0);
+      for (int k0 = 0; k0 < kD; k0 += 16) {
+        const int s = k0 / 16;
+        uint32_t bb[2][2];  // B[k = d][n = c] = St[d][c] from the registers
 #pragma unroll
-          for (int nt = 0; nt < 2; ++nt) {
-            uint32_t b0, b1;
-            load_b_nmajor(b0, b1, zt, kZs, n0 + 8 * nt, k0);
-            mma_bf16(intra[nt], ah, b0, b1);
-            mma_bf16(intra[nt], al, b0, b1);
-          }
+        for (int hh = 0; hh < 2; ++hh) {
+          bb[hh][0] = pack_bf16(__floats2bfloat162_rn(st[2 * s][2 * hh], st[2 * s][2 * hh + 1]));
+          bb[hh][1] = pack_bf16(__floats2bfloat162_rn(st[2 * s + 1][2 * hh], st[2 * s + 1][2 * hh + 1]));
         }
 #pragma unroll
-        for (int k0 = 0; k0 < kD; k0 += 16) {
+        for (int mt = 0; mt < 4; ++mt) {
           uint32_t a[4];
-          load_a(a, xs, kXs, i0, k0);
-#pragma unroll
-          for (int nt = 0; nt < 2; ++nt) {
-            const float* sp = st + (n0 + 8 * nt + g) * kSs + k0 + 2 * t4;  // B[k = d][n = c] = St^T[c][d]
-            const float2 s01 = *reinterpret_cast<const float2*>(sp);
-            const float2 s89 = *reinterpret_cast<const float2*>(sp + 8);
-            uint32_t h0, l0, h1, l1;
-            split2(s01.x, s01.y, h0, l0);
-            split2(s89.x, s89.y, h1, l1);
-            mma_bf16(inter[nt], a, h0, h1);
-            mma_bf16(inter[nt], a, l0, l1);
-          }
+          ldsm_a(a, xs, kLd, 16 * mt, k0);
+          mma_bf16(acc[mt][0], a, bb[0][0], bb[0][1]);
+          mma_bf16(acc[mt][1], a, bb[1][0], bb[1][1]);
         }
-        auto* out = static_cast<__nv_bfloat16*>(pass.out);
+      }
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
+      for (int mt = 0; mt < 4; ++mt) {
+        const float w0 = w_inter[16 * mt + g], w1 = w_inter[16 * mt + g + 8];
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          acc[mt][hh][0] *= w0, acc[mt][hh][1] *= w0;
+          acc[mt][hh][2] *= w1, acc[mt][hh][3] *= w1;
+        }
+      }
+      __syncthreads();  // A is complete
+#pragma unroll
+      for (int k0 = 0; k0 < kChunk; k0 += 16) {
+        uint32_t bb[4];
+        ldsm_b2_kmajor(bb, zs, kLd, c0, k0);  // B[k = j][n = c] = z[j][c]
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) {
+          uint32_t a[4];
+          ldsm_a(a, as, kLdA, 16 * mt, k0);
+          mma_bf16(acc[mt][0], a, bb[0], bb[1]);
+          mma_bf16(acc[mt][1], a, bb[2], bb[3]);
+        }
+      }
+      auto* out = static_cast<__nv_bfloat16*>(pass.out);
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
-            const int i = i0 + g + 8 * half;
-            const int64_t col = c0 + n0 + 8 * nt + 2 * t4;
+            const int i = 16 * mt + g + 8 * half;
+            const int64_t col = c0 + 8 * hh + 2 * t4;
             if (i >= n) continue;
-            const float o0 = intra[nt][2 * half] + w_inter[i] * inter[nt][2 * half];
-            const float o1 = intra[nt][2 * half + 1] + w_inter[i] * inter[nt][2 * half + 1];
+            const float o0 = acc[mt][hh][2 * half], o1 = acc[mt][hh][2 * half + 1];
             __nv_bfloat16* dst = out + ((b * ps.T + t0 + i) * ps.H + h) * ps.D + col;
             if (col + 1 < ps.D && ps.D % 2 == 0) {
               *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(o0, o1);
@@ -306,41 +258,45 @@ __global__ void __launch_bounds__(kThreads) lightning_mma_kernel(PassSet ps) {
               if (col + 1 < ps.D) dst[1] = __float2bfloat16_rn(o1);
             }
           }
-      }
-      __syncthreads();  // st is read above and rewritten below
     }
 
-    // St^T (32 x kD) = p[n] St^T + (w z)^T y: tiles of 16 x 8, tile -> rows 16 (tile % 2), columns 8 (tile / 2).
+    // St^T (this warp's 16 rows x D) = p[n] St^T + (w_update z)^T y.
     {
       const float decay = pw[n];
-      constexpr int kTiles = 2 * (kD / 8);
 #pragma unroll
-      for (int tile = warp; tile < kTiles; tile += kThreads / 32) {
-        const int m0 = 16 * (tile % 2), d0 = 8 * (tile / 2);
-        float* c_lo = st + (m0 + g) * kSs + d0 + 2 * t4;
-        float* c_hi = c_lo + 8 * kSs;
-        float acc[4] = {decay * c_lo[0], decay * c_lo[1], decay * c_hi[0], decay * c_hi[1]};
+      for (int nt = 0; nt < kNt; ++nt)
 #pragma unroll
-        for (int k0 = 0; k0 < kChunk; k0 += 16) {
-          uint32_t ah[4], al[4], b0, b1;
-          load_a(ah, zw_hi, kZs, m0, k0);
-          load_a(al, zw_lo, kZs, m0, k0);
-          load_b_kmajor(b0, b1, ys, kXs, d0, k0);  // B[k = j][n = d] = y[j][d]
-          mma_bf16(acc, ah, b0, b1);
-          mma_bf16(acc, al, b0, b1);
+        for (int e = 0; e < 4; ++e) st[nt][e] *= decay;
+#pragma unroll
+      for (int k0 = 0; k0 < kChunk; k0 += 16) {
+        uint32_t a[4];
+        ldsm_a_kmajor(a, zs, kLd, c0, k0);  // A[m = c][k = j] = z[j][c], then times w_update[j]
+        const float w0 = w_update[k0 + 2 * t4], w1 = w_update[k0 + 2 * t4 + 1];
+        const float w2 = w_update[k0 + 2 * t4 + 8], w3 = w_update[k0 + 2 * t4 + 9];
+        a[0] = scale_pair(a[0], w0, w1);
+        a[1] = scale_pair(a[1], w0, w1);
+        a[2] = scale_pair(a[2], w2, w3);
+        a[3] = scale_pair(a[3], w2, w3);
+#pragma unroll
+        for (int np = 0; np < kNt; np += 2) {
+          uint32_t bb[4];
+          ldsm_b2_kmajor(bb, ys, kLd, 8 * np, k0);  // B[k = j][n = d] = y[j][d]
+          mma_bf16(st[np], a, bb[0], bb[1]);
+          mma_bf16(st[np + 1], a, bb[2], bb[3]);
         }
-        c_lo[0] = acc[0], c_lo[1] = acc[1], c_hi[0] = acc[2], c_hi[1] = acc[3];
       }
     }
   }
+  cp_async_wait<0>();
   if (pass.state_out != nullptr) {
-    __syncthreads();
     float* out = pass.state_out + segment * static_cast<int64_t>(ps.B * ps.H * ps.D * ps.D) + state_base;
-    for (int e = threadIdx.x; e < kCols * kD; e += kThreads) {
-      const int r = e / kCols, c = e % kCols;  // coalesced along columns of the state
-      const int64_t col = c0 + c;
-      if (r < ps.D && col < ps.D) out[r * ps.D + col] = st[c * kSs + r];
-    }
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t r = 8 * nt + 2 * t4 + (e & 1), c = c0 + g + 8 * (e >> 1);
+        if (r < ps.D && c < ps.D) out[r * ps.D + c] = st[nt][e];
+      }
   }
 }
 

@@ -1,7 +1,8 @@
 // The pass description shared by the two lightning chunk kernels (CUDA cores
 // for f32 storage in lightning.cu, tensor cores for bf16 in lightning_mma.cuh).
 // A pass walks the 64-token chunks of one segment of one (batch, head) in order
-// (or in reverse) and keeps a (D, 32) column tile St of a D x D state:
+// (or in reverse) and keeps a D x D state St (the f32 kernel: a (D, 32) column
+// tile of it per block):
 //   A[i][j] = intra * p[|i-j|] (x_i . y_j) on the causal side
 //   out_i   = sum_j A[i][j] z_j + w_inter[i] * x_i St
 //   St      = p[n] St + sum_j w_update[j] y_j^T z_j
@@ -15,9 +16,9 @@
 
 namespace loom::cuda::lightning_detail {
 
-constexpr int kThreads = 256;
-constexpr int kChunk = 64;  // tokens per chunk
-constexpr int kCols = 32;   // state columns per block
+constexpr int kThreads = 256;  // the f32 kernel's block (the bf16 kernel's: D / 16 warps)
+constexpr int kChunk = 64;     // tokens per chunk
+constexpr int kCols = 32;      // state columns per block of the f32 kernel
 constexpr int kMaxHeadDim = 128;
 
 struct Pass {
@@ -36,7 +37,7 @@ struct Pass {
 
 struct PassSet {
   Pass pass[3];
-  int tiles;               // column tiles per pass (blockIdx.x = pass * tiles + tile)
+  int tiles;               // column tiles per pass (blockIdx.x = pass * tiles + tile; 1 for bf16)
   const float* powers;     // (H, kChunk + 1): gamma_h^m
   int64_t B, T, H, D;
   int64_t seg_len;         // tokens per segment, a multiple of kChunk

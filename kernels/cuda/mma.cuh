@@ -85,6 +85,13 @@ __device__ __forceinline__ void ldsm_a(uint32_t (&a)[4], const __nv_bfloat16* s,
   ldsm_x4(a, s + (row0 + lane % 16) * ld + k0 + (lane / 16) * 8);
 }
 
+// A fragment (16 x 16) of a tile stored k-major (A[m][k] = s[(k0 + k) * ld + m0 + m]), transposed on
+// load: matrices (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15) as in ldsm_a.
+__device__ __forceinline__ void ldsm_a_kmajor(uint32_t (&a)[4], const __nv_bfloat16* s, int ld, int m0, int k0) {
+  const int lane = threadIdx.x % 32;
+  ldsm_x4_trans(a, s + (k0 + lane % 8 + (lane / 16) * 8) * ld + m0 + ((lane / 8) % 2) * 8);
+}
+
 // B fragments of two n-tiles (n0, n0 + 8) x k 16 stored n-major (B[k][n] = s[(n0 + n) * ld + k0 + k]):
 // b[0], b[1] = b0, b1 of n-tile n0; b[2], b[3] of n-tile n0 + 8 (same registers as load_b_nmajor).
 __device__ __forceinline__ void ldsm_b2_nmajor(uint32_t (&b)[4], const __nv_bfloat16* s, int ld, int n0, int k0) {
@@ -96,6 +103,32 @@ __device__ __forceinline__ void ldsm_b2_nmajor(uint32_t (&b)[4], const __nv_bflo
 __device__ __forceinline__ void ldsm_b2_kmajor(uint32_t (&b)[4], const __nv_bfloat16* s, int ld, int n0, int k0) {
   const int lane = threadIdx.x % 32;
   ldsm_x4_trans(b, s + (k0 + lane % 16) * ld + n0 + (lane / 16) * 8);
+}
+
+// Shared-memory address of a generic pointer into shared memory.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Asynchronous global -> shared copies (cp.async): `valid` false zero-fills
+// the destination and reads nothing (gmem must still be a global address).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async8(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(valid ? 8 : 0));
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most kPending committed groups of this thread are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
 // 2^x on the special-function unit (flushes subnormal results to 0).

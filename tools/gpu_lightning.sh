@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The lightning kernels in one GPU call: build, the lightning parity tests and
+# the bf16 training tests, compute-sanitizer memcheck and racecheck on the small
+# odd-head-dim cases (both load paths: cp.async rows and element loads),
+# loom-bench-lightning, and an ncu pass over the T = 64K launches (forward
+# state-only and output passes, the backward's). Logs go to $OUT (or
+# ./gpu-out), at most 7 files. Parts after the bench are skipped once the call
+# has run LIMIT seconds (default 400). FLASH_NCU=1 adds an ncu pass over the
+# flash backward kernels at T = 16K.
+set -u
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"; B=build-gpu; LIMIT=${LIMIT:-400}; T0=$SECONDS
+el() { echo "+$((SECONDS - T0))s"; }
+targets=(loom_cuda_tests loom-bench-lightning); [ -n "${FLASH_NCU:-}" ] && targets+=(loom-bench)
+{ cmake -S . -B $B -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a &&
+  cmake --build $B -j"$(nproc)" --target "${targets[@]}"; } > "$OUT/build.log" 2>&1 \
+  || { grep -B2 -A8 -E "error|Error" "$OUT/build.log" | head -60; exit 1; }
+echo "built $(el)"; nvidia-smi -L
+grep -A2 "lightning_mma_kernel" "$OUT/build.log" | grep -E "registers|spill" | head -8
+timeout 150 $B/loom_cuda_tests --gtest_filter='CudaLightning*:Models/CudaTraining*' > "$OUT/tests.log" 2>&1
+echo "tests rc $? $(el)"; grep -E "^\[ +(OK|FAILED|PASSED) " "$OUT/tests.log"
+grep -B3 -A8 "Failure" "$OUT/tests.log" | head -60
+timeout 120 $B/loom-bench-lightning --reps 10 > "$OUT/bench.log" 2>&1
+echo "bench rc $? $(el)"; cat "$OUT/bench.log"
+small='CudaLightning.MatchesTheCpuTwinOnBatchesMixedDecaysAndOddHeadDims'
+if [ $((SECONDS - T0)) -lt "$LIMIT" ]; then
+  for tool in memcheck racecheck; do
+    timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 $B/loom_cuda_tests --gtest_filter="$small" \
+      >> "$OUT/sanitizer.log" 2>&1
+    echo "$tool rc $? $(el)"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|hazard" "$OUT/sanitizer.log" | tail -2
+  done
+fi
+if [ $((SECONDS - T0)) -lt "$LIMIT" ]; then
+  # Per T the bench makes 18 chunk-kernel launches; 36..45 are T = 64K's first forward (state-only, output)
+  # and its first forward + backward (forward pair, backward state-only, backward output).
+  timeout 150 ncu --clock-control none -k regex:lightning_mma_kernel --launch-skip 36 --launch-count 10 \
+    --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
+    --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis $B/loom-bench-lightning --max-t 65536 \
+    --reps 2 > "$OUT/ncu-lightning.txt" 2>&1
+  echo "ncu rc $? $(el)"
+  grep -E "lightning_mma_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|No Eligible|Stall" \
+    "$OUT/ncu-lightning.txt" | head -60
+fi
+if [ -n "${FLASH_NCU:-}" ] && [ $((SECONDS - T0)) -lt "$LIMIT" ]; then
+  timeout 120 ncu --clock-control none -k regex:flash_backward --launch-skip 0 --launch-count 4 \
+    --section SpeedOfLight --section WarpStateStats --section Occupancy --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis $B/loom-bench --families attention --seq 16384 --reps 2 > "$OUT/ncu-flash.txt" 2>&1
+  echo "flash ncu rc $? $(el)"
+fi
