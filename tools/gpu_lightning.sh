@@ -17,7 +17,7 @@ targets=(loom_cuda_tests loom-bench-lightning); [ -n "${FLASH_NCU:-}" ] && targe
 echo "built $(el)"; nvidia-smi -L
 grep -A2 "lightning_mma_kernel" "$OUT/build.log" | grep -E "registers|spill" | head -8
 timeout 150 $B/loom_cuda_tests --gtest_filter='CudaLightning*:Models/CudaTraining*' > "$OUT/tests.log" 2>&1
-echo "tests rc $? $(el)"; grep -E "^\[ +(OK|FAILED|PASSED) " "$OUT/tests.log"
+echo "tests rc $? $(el)"; grep -E "^\[ +(OK|FAILED|PASSED) |/ bound" "$OUT/tests.log"
 grep -B3 -A8 "Failure" "$OUT/tests.log" | head -60
 timeout 120 $B/loom-bench-lightning --reps 10 > "$OUT/bench.log" 2>&1
 echo "bench rc $? $(el)"; cat "$OUT/bench.log"
@@ -37,12 +37,14 @@ if [ $((SECONDS - T0)) -lt "$LIMIT" ]; then
     --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis $B/loom-bench-lightning --max-t 65536 \
     --reps 2 > "$OUT/ncu-lightning.txt" 2>&1
   echo "ncu rc $? $(el)"
-  grep -E "lightning_mma_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|No Eligible|Stall" \
-    "$OUT/ncu-lightning.txt" | head -60
+  grep -E "lightning_mma_kernel|  Duration|Compute \(SM\) Throughput|DRAM Throughput|Achieved Occupancy|pipeline \(" \
+    "$OUT/ncu-lightning.txt" | cut -c1-120 | head -60
 fi
 if [ -n "${FLASH_NCU:-}" ] && [ $((SECONDS - T0)) -lt "$LIMIT" ]; then
   timeout 120 ncu --clock-control none -k regex:flash_backward --launch-skip 0 --launch-count 4 \
     --section SpeedOfLight --section WarpStateStats --section Occupancy --section ComputeWorkloadAnalysis \
-    --section MemoryWorkloadAnalysis $B/loom-bench --families attention --seq 16384 --reps 2 > "$OUT/ncu-flash.txt" 2>&1
+    --section MemoryWorkloadAnalysis $B/loom-bench --families attention --seq 16384 --reps 10 > "$OUT/ncu-flash.txt" 2>&1
   echo "flash ncu rc $? $(el)"
 fi
+[ -f "$OUT/ncu-flash.txt" ] && grep -E "flash_backward|  Duration|Compute \(SM\) Throughput|DRAM Throughput|Registers Per|Achieved Occupancy|pipeline \(|Spilling" \
+  "$OUT/ncu-flash.txt" | cut -c1-140 | head -30

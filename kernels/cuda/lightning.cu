@@ -229,15 +229,18 @@ __global__ void lightning_scan_kernel(float* entering, float* final_out, const f
   if (final_out != nullptr) final_out[base] = state;
 }
 
-// Calls f(kernel, threads, dynamic smem bytes, column tiles) with the chunk kernel for dtype and D.
+// Calls f(kernel, threads, dynamic smem bytes, column tiles) with the chunk kernel for dtype, D and
+// whether the passes are state-only.
 template <typename F>
-void with_chunk_kernel(DType dtype, int64_t D, F&& f) {
+void with_chunk_kernel(DType dtype, int64_t D, bool state_only, F&& f) {
   auto with_dim = [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
     if (dtype == DType::f32) {
       f(lightning_chunk_kernel<float, kD>, kThreads, chunk_smem<kD>(), static_cast<int>((D + kCols - 1) / kCols));
+    } else if (state_only) {
+      f(lightning_mma_kernel<kD, true>, HeadKernel<kD, true>::kThreads, HeadKernel<kD, true>::kBytes, 1);
     } else {
-      f(lightning_mma_kernel<kD>, HeadKernel<kD>::kThreads, HeadKernel<kD>::kBytes, 1);
+      f(lightning_mma_kernel<kD, false>, HeadKernel<kD, false>::kThreads, HeadKernel<kD, false>::kBytes, 1);
     }
   };
   if (D <= 16) with_dim(std::integral_constant<int, 16>{});
@@ -246,10 +249,11 @@ void with_chunk_kernel(DType dtype, int64_t D, F&& f) {
   else with_dim(std::integral_constant<int, 128>{});
 }
 
-// Launches `passes` passes of ps over ps.segments segments.
+// Launches `passes` passes of ps over ps.segments segments (all state-only or none).
 void launch_passes(DType dtype, PassSet& ps, int passes, Stream& s) {
   if (ps.B == 0 || ps.H == 0 || ps.D == 0) return;
-  with_chunk_kernel(dtype, ps.D, [&](auto kernel, int threads, size_t smem, int tiles) {
+  for (int p = 1; p < passes; ++p) LOOM_CHECK(ps.pass[p].state_only == ps.pass[0].state_only);
+  with_chunk_kernel(dtype, ps.D, ps.pass[0].state_only, [&](auto kernel, int threads, size_t smem, int tiles) {
     ps.tiles = tiles;
     dim3 grid(static_cast<unsigned>(tiles * passes), static_cast<unsigned>(ps.H),
               static_cast<unsigned>(ps.B * ps.segments));
@@ -279,7 +283,7 @@ void check_tensor(const Tensor& t, const Shape& shape, DType dtype, const Stream
 
 // Segments for `passes` passes of (B, H, D) over T tokens. The blocks of a
 // launch all walk about the same number of chunks, so the count is chosen for
-// whole waves: the fewest segments whose blocks fill at least 95% of the
+// whole waves of the output passes: the fewest segments whose blocks fill at least 95% of the
 // waves they take (else the best fill), with segments of at least 8 chunks
 // (the state load, store and scan are amortized over them). One segment skips
 // the state-only pass and the scan.
@@ -288,7 +292,7 @@ void plan_segments(PassSet& ps, int passes, DType dtype, const Stream& s) {
   LOOM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, s.device().index));
   int resident = 1;
   int64_t tiles = 1;
-  with_chunk_kernel(dtype, std::max<int64_t>(ps.D, 1), [&](auto kernel, int threads, size_t smem, int t) {
+  with_chunk_kernel(dtype, std::max<int64_t>(ps.D, 1), false, [&](auto kernel, int threads, size_t smem, int t) {
     LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     LOOM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem));
     tiles = t;

@@ -14,8 +14,10 @@
 // x, y, z are bf16 (exact operands). The operands formed in fp32 (A, the
 // state, w_update z) are rounded to bf16 once; the state itself stays fp32
 // (the rounding enters each use, it does not accumulate along the sequence).
-// tests/cuda/lightning_test.cpp derives its bound from this. Chunk c + 1 is
-// copied into the second smem stage (cp.async) while chunk c is computed.
+// tests/cuda/lightning_test.cpp derives its bound from this. Three smem stages:
+// chunk c + 2 is copied in (cp.async) while chunk c is computed, so a chunk
+// takes two barriers (one in a state-only pass, which also skips x, A and the
+// output and keeps to 128 registers so two blocks share a multiprocessor).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -27,30 +29,36 @@ namespace loom::cuda::lightning_detail {
 
 using namespace ::loom::cuda::mma;
 
-template <int kD>
+template <int kD, bool kStateOnly>
 struct HeadKernel {
   static_assert(kD % 16 == 0 && kD <= kMaxHeadDim, "head dims 16, 32, ..., 128");
   static constexpr int kWarps = kD / 16;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kLd = kD + 8;       // bf16 row stride of x, y, z (16-byte rows, conflict-free ldmatrix)
-  static constexpr int kLdA = kChunk + 8;  // of A
-  static constexpr int kStage = 3 * kChunk * kLd;
-  static constexpr size_t kBytes = 2 * (2 * kStage + kChunk * kLdA) + 4 * (kChunk + 1 + 2 * kChunk);
+  // A state-only pass keeps its registers to 128 so that two blocks share a multiprocessor.
+  static constexpr int kMinBlocks = kStateOnly ? 2 : 1;
+  static constexpr int kLd = kD + 8;             // bf16 row stride of x, y, z (16-byte rows, conflict-free ldmatrix)
+  static constexpr int kLdA = kChunk + 8;        // of A
+  static constexpr int kFirst = kStateOnly ? 1 : 0;  // the tensors a stage holds: x (not state-only), y, z
+  static constexpr int kStages = 3;              // chunk c + 2 loads while chunk c is computed
+  static constexpr int kStage = (3 - kFirst) * kChunk * kLd;
+  // + fp32 decay powers (kChunk + 1) and two buffers of the row weights (w_inter, w_update: 2 x kChunk each).
+  static constexpr size_t kBytes = 2 * (kStages * kStage + (kStateOnly ? 0 : kChunk * kLdA)) + 4 * (kChunk + 1) +
+                                   4 * 2 * 2 * kChunk;
 };
 
 // One chunk's rows [t0, t0 + n) of x, y, z into a stage (zeros past n and for
 // null tensors): cp.async when the rows are whole 16-byte vectors (D == kD,
 // 16-byte aligned tensors), synchronous element loads otherwise.
-template <int kD>
+template <int kD, bool kStateOnly>
 __device__ __forceinline__ void load_chunk_rows(__nv_bfloat16* stage, const __nv_bfloat16* const (&src)[3],
                                                 const PassSet& ps, int64_t b, int64_t h, int64_t t0, int n,
                                                 bool vectors) {
-  using K = HeadKernel<kD>;
+  using K = HeadKernel<kD, kStateOnly>;
   if (vectors) {
     constexpr int kVecs = kD / 8;
 #pragma unroll
-    for (int m = 0; m < 3; ++m) {
-      __nv_bfloat16* dst = stage + m * kChunk * K::kLd;
+    for (int m = K::kFirst; m < 3; ++m) {
+      __nv_bfloat16* dst = stage + (m - K::kFirst) * kChunk * K::kLd;
       for (int e = threadIdx.x; e < kChunk * kVecs; e += K::kThreads) {
         const int r = e / kVecs, c = (e % kVecs) * 8;
         const bool valid = src[m] != nullptr && r < n;
@@ -61,8 +69,8 @@ __device__ __forceinline__ void load_chunk_rows(__nv_bfloat16* stage, const __nv
     }
   } else {
 #pragma unroll
-    for (int m = 0; m < 3; ++m) {
-      __nv_bfloat16* dst = stage + m * kChunk * K::kLd;
+    for (int m = K::kFirst; m < 3; ++m) {
+      __nv_bfloat16* dst = stage + (m - K::kFirst) * kChunk * K::kLd;
       for (int e = threadIdx.x; e < kChunk * kD; e += K::kThreads) {
         const int r = e / kD, c = e % kD;
         __nv_bfloat16 value = __float2bfloat16_rn(0.f);
@@ -80,17 +88,17 @@ __device__ __forceinline__ uint32_t scale_pair(uint32_t v, float w0, float w1) {
   return pack_bf16(__floats2bfloat162_rn(w0 * f.x, w1 * f.y));
 }
 
-template <int kD>
-__global__ void __launch_bounds__(HeadKernel<kD>::kThreads) lightning_mma_kernel(PassSet ps) {
-  using K = HeadKernel<kD>;
+template <int kD, bool kStateOnly>
+__global__ void __launch_bounds__(HeadKernel<kD, kStateOnly>::kThreads, HeadKernel<kD, kStateOnly>::kMinBlocks)
+    lightning_mma_kernel(PassSet ps) {
+  using K = HeadKernel<kD, kStateOnly>;
   constexpr int kLd = K::kLd, kLdA = K::kLdA, kWarps = K::kWarps;
   constexpr int kNt = kD / 8;  // 8-wide tiles of the state's D (y) dimension
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __nv_bfloat16* stages = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // 2 x (x, y, z) (kChunk, kLd)
-  __nv_bfloat16* as = stages + 2 * K::kStage;                            // (kChunk, kLdA)
-  float* pw = reinterpret_cast<float*>(as + kChunk * kLdA);              // (kChunk + 1)
-  float* w_inter = pw + kChunk + 1;                                      // (kChunk)
-  float* w_update = w_inter + kChunk;                                    // (kChunk)
+  __nv_bfloat16* stages = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // kStages x ([x,] y, z) (kChunk, kLd)
+  __nv_bfloat16* as = stages + K::kStages * K::kStage;                   // (kChunk, kLdA), not state-only
+  float* pw = reinterpret_cast<float*>(as + (kStateOnly ? 0 : kChunk * kLdA));  // (kChunk + 1)
+  float* weights = pw + kChunk + 1;  // 2 buffers x (w_inter, w_update) (kChunk each)
 
   const int which = blockIdx.x;
   const Pass pass = which == 0 ? ps.pass[0] : which == 1 ? ps.pass[1] : ps.pass[2];
@@ -98,7 +106,7 @@ __global__ void __launch_bounds__(HeadKernel<kD>::kThreads) lightning_mma_kernel
   const int segment = static_cast<int>(blockIdx.z % ps.segments);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const int c0 = 16 * warp;  // this warp's state columns / output columns
-  const __nv_bfloat16* const src[3] = {pass.state_only ? nullptr : static_cast<const __nv_bfloat16*>(pass.x),
+  const __nv_bfloat16* const src[3] = {kStateOnly ? nullptr : static_cast<const __nv_bfloat16*>(pass.x),
                                        static_cast<const __nv_bfloat16*>(pass.y),
                                        static_cast<const __nv_bfloat16*>(pass.z)};
   const int64_t state_base = (b * ps.H + h) * ps.D * ps.D;
@@ -130,38 +138,53 @@ __global__ void __launch_bounds__(HeadKernel<kD>::kThreads) lightning_mma_kernel
   };
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   const bool vectors = ps.D == kD && aligned(src[0]) && aligned(src[1]) && aligned(src[2]);
-  if (chunks > 0) {
+  // Chunk `step` into `stage`, or an empty group past the end (one group per step).
+  auto issue = [&](int64_t step, int stage) {
+    if (step < chunks) {
+      int64_t t0;
+      int n;
+      chunk_at(step, t0, n);
+      load_chunk_rows<kD, kStateOnly>(stages + stage * K::kStage, src, ps, b, h, t0, n, vectors);
+    } else {
+      cp_async_commit();
+    }
+  };
+  // Row weights of chunk `step` into buffer step % 2 (zero past n): w_inter(i) = inter p[i + 1]
+  // (reverse: p[n - 1 - i]), w_update(j) = update p[n - 1 - j] (reverse: p[j + 1]).
+  auto set_weights = [&](int64_t step) {
+    if (step >= chunks) return;
     int64_t t0;
     int n;
-    chunk_at(0, t0, n);
-    load_chunk_rows<kD>(stages, src, ps, b, h, t0, n, vectors);
-  }
+    chunk_at(step, t0, n);
+    float* w = weights + (step & 1) * 2 * kChunk;
+    for (int i = threadIdx.x; i < kChunk; i += K::kThreads) {
+      const bool valid = i < n;
+      w[i] = valid ? pass.inter * pw[pass.reverse ? n - 1 - i : i + 1] : 0.f;
+      w[kChunk + i] = valid ? pass.update * pw[pass.reverse ? i + 1 : n - 1 - i] : 0.f;
+    }
+  };
+  issue(0, 0);
+  issue(1, 1);
+  __syncthreads();  // pw
+  set_weights(0);
 
+  int stage = 0;  // = step % kStages
   for (int64_t step = 0; step < chunks; ++step) {
     int64_t t0;
     int n;
     chunk_at(step, t0, n);
-    const __nv_bfloat16* xs = stages + (step & 1) * K::kStage;
-    const __nv_bfloat16* ys = xs + kChunk * kLd;
+    const __nv_bfloat16* xs = stages + stage * K::kStage;  // unused when state-only
+    const __nv_bfloat16* ys = xs + (kStateOnly ? 0 : kChunk * kLd);
     const __nv_bfloat16* zs = ys + kChunk * kLd;
-    __syncthreads();  // the previous chunk (the other stage, A, the weights) is consumed
-    if (step + 1 < chunks) {
-      int64_t t1;
-      int n1;
-      chunk_at(step + 1, t1, n1);
-      load_chunk_rows<kD>(stages + ((step + 1) & 1) * K::kStage, src, ps, b, h, t1, n1, vectors);
-    } else {
-      cp_async_commit();
-    }
-    for (int i = threadIdx.x; i < kChunk; i += K::kThreads) {
-      const bool valid = i < n;
-      w_inter[i] = valid ? pass.inter * pw[pass.reverse ? n - 1 - i : i + 1] : 0.f;
-      w_update[i] = valid ? pass.update * pw[pass.reverse ? i + 1 : n - 1 - i] : 0.f;
-    }
+    const float* w_inter = weights + (step & 1) * 2 * kChunk;
+    const float* w_update = w_inter + kChunk;
     cp_async_wait<1>();  // this chunk's rows have landed (the next chunk's may still fly)
-    __syncthreads();
+    __syncthreads();     // ... for every thread, with its weights; chunk step - 1 (its stage, A, weights) is consumed
+    issue(step + 2, stage == 0 ? K::kStages - 1 : stage - 1);  // into chunk step - 1's stage
+    set_weights(step + 1);
+    stage = stage == K::kStages - 1 ? 0 : stage + 1;
 
-    if (!pass.state_only) {
+    if constexpr (!kStateOnly) {
       // A (64 x 64) in tiles of 16 x 8: warp -> row tiles mt = warp % kRowWarps + kRowWarps i, column tiles
       // [kNPer * (warp / kRowWarps), + kNPer).
       {
