@@ -2,10 +2,12 @@
 // dispatch of the fused update, and checkpoint state in/out (see adamw.h).
 #include "optim/adamw.h"
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 
 #include "kernels/dispatch.h"
+#include "parallel/communicator.h"
 
 namespace loom {
 
@@ -39,7 +41,8 @@ void AdamWConfig::validate() const {
   LOOM_CHECK(weight_decay >= 0.0) << "AdamW: weight_decay " << weight_decay << " must be >= 0";
 }
 
-AdamW::AdamW(std::vector<Parameter> params, const AdamWConfig& config) : params_(std::move(params)), config_(config) {
+AdamW::AdamW(std::vector<Parameter> params, const AdamWConfig& config, Communicator* shard_group)
+    : params_(std::move(params)), config_(config) {
   config_.validate();
   std::map<const VariableImpl*, std::string> seen;
   slots_.reserve(params_.size());
@@ -54,14 +57,81 @@ AdamW::AdamW(std::vector<Parameter> params, const AdamWConfig& config) : params_
     LOOM_CHECK(is_floating(data.dtype())) << "AdamW: parameter '" << p.name << "' has dtype " << data.dtype();
     LOOM_CHECK(data.is_contiguous()) << "AdamW: parameter '" << p.name << "' " << shape_str(data.shape())
                                      << " must be contiguous (updated in place)";
-    DType state_dtype = optimizer_state_dtype(data.dtype());
     Slot s;
     s.param_dtype = data.dtype();
-    s.exp_avg = Tensor::zeros(data.shape(), state_dtype, data.device());
-    s.exp_avg_sq = Tensor::zeros(data.shape(), state_dtype, data.device());
-    if (is_16bit(data.dtype())) s.master = data.to(DType::f32);
+    s.separate_master = is_16bit(data.dtype());
+    s.piece_len = data.numel();
     slots_.push_back(std::move(s));
   }
+  if (shard_group != nullptr && shard_group->size() > 1) {
+    shard_ = shard_group;
+    shard_state();
+    return;
+  }
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Tensor& data = params_[i].var.data();
+    Slot& s = slots_[i];
+    const DType state_dtype = optimizer_state_dtype(data.dtype());
+    s.exp_avg = Tensor::zeros(data.shape(), state_dtype, data.device());
+    s.exp_avg_sq = Tensor::zeros(data.shape(), state_dtype, data.device());
+    if (s.separate_master) s.master = data.to(DType::f32);
+  }
+}
+
+void AdamW::shard_state() {
+  LOOM_CHECK(!params_.empty()) << "AdamW: ZeRO-1 over group '" << shard_->name() << "' needs parameters";
+  const Tensor& first = params_.front().var.data();
+  for (const Parameter& p : params_)
+    LOOM_CHECK(p.var.data().dtype() == first.dtype() && p.var.data().device() == first.device())
+        << "AdamW: ZeRO-1 needs one dtype and device for all parameters: '" << p.name << "' is "
+        << p.var.data().dtype() << " on " << p.var.data().device() << ", '" << params_.front().name << "' "
+        << first.dtype() << " on " << first.device();
+  offsets_.clear();
+  total_ = 0;
+  for (const Parameter& p : params_) {
+    offsets_.push_back(total_);
+    total_ += p.var.data().numel();
+  }
+  const int64_t ranks = shard_->size();
+  slice_len_ = std::max<int64_t>(1, (total_ + ranks - 1) / ranks);
+  slice_begin_ = shard_->rank() * slice_len_;
+  const int64_t slice_end = std::min(total_, slice_begin_ + slice_len_);
+  const DType state_dtype = optimizer_state_dtype(first.dtype());
+  flat_avg_ = Tensor::zeros({slice_len_}, state_dtype, first.device());
+  flat_avg_sq_ = Tensor::zeros({slice_len_}, state_dtype, first.device());
+  const bool masters = is_16bit(first.dtype());
+  if (masters) flat_master_ = Tensor::zeros({slice_len_}, DType::f32, first.device());
+  send_ = Tensor::zeros({slice_len_}, first.dtype(), first.device());
+  gathered_ = Tensor::zeros({ranks * slice_len_}, first.dtype(), first.device());
+  for (size_t i = 0; i < params_.size(); ++i) {
+    Slot& s = slots_[i];
+    const int64_t begin = std::max(slice_begin_, offsets_[i]);
+    const int64_t end = std::min(slice_end, offsets_[i] + params_[i].var.data().numel());
+    s.piece_begin = begin - offsets_[i];
+    s.piece_len = std::max<int64_t>(0, end - begin);
+    if (s.piece_len == 0) continue;
+    const int64_t at = begin - slice_begin_;
+    s.exp_avg = flat_avg_.narrow(0, at, s.piece_len);
+    s.exp_avg_sq = flat_avg_sq_.narrow(0, at, s.piece_len);
+    if (masters) {
+      s.master = flat_master_.narrow(0, at, s.piece_len);
+      s.master.copy_(flat(params_[i].var.data()).narrow(0, s.piece_begin, s.piece_len));
+    }
+  }
+}
+
+Tensor AdamW::gather_flat(const Tensor& local, Stream& stream) const {
+  Tensor out = Tensor::empty({shard_->size() * slice_len_}, local.dtype(), local.device());
+  shard_->all_gather(out, local, stream);
+  return out;
+}
+
+int64_t AdamW::state_elements() const {
+  if (shard_ != nullptr) return slice_len_ * (flat_master_.defined() ? 3 : 2);
+  int64_t n = 0;
+  for (const Slot& s : slots_)
+    n += s.exp_avg.numel() + s.exp_avg_sq.numel() + (s.master.defined() ? s.master.numel() : 0);
+  return n;
 }
 
 void AdamW::step(double lr) {
@@ -96,22 +166,38 @@ void AdamW::step(double lr, Stream& stream) {
                                              << shape_str(data.shape());
     LOOM_CHECK(grad.device() == data.device()) << "AdamW::step: gradient of '" << p.name << "' is on "
                                                << grad.device() << ", the parameter on " << data.device();
-    // One span per parameter; `compute` is undefined when the parameter is its
-    // own master, else the kernel writes the rounded compute copy (bf16 on
-    // CUDA) in the same pass as the update of the fp32 master.
+    if (s.piece_len == 0) continue;  // sharded: no piece of it on this rank
+    // One span per parameter (its piece when sharded); `compute` is undefined
+    // when the parameter is its own master, else the kernel writes the rounded
+    // compute copy (bf16 on CUDA) in the same pass as the update of the fp32 master.
+    auto piece = [&](const Tensor& t) { return flat(t).narrow(0, s.piece_begin, s.piece_len); };
     dispatch::AdamWSpan span;
     span.weight_decay = p.attrs.weight_decay ? config_.weight_decay : 0.0;
-    span.grad = flat(grad.contiguous());
+    span.grad = piece(grad.contiguous());
     span.exp_avg = flat(s.exp_avg);
     span.exp_avg_sq = flat(s.exp_avg_sq);
-    span.param = s.master.defined() ? flat(s.master) : flat(data);
-    if (s.master.defined()) span.compute = flat(data);
+    span.param = s.master.defined() ? flat(s.master) : piece(data);
+    if (s.master.defined()) span.compute = piece(data);
     spans.push_back(std::move(span));
   }
   // The fused update of every parameter on their device (kernels/dispatch.h):
   // one launch per dtype combination on CUDA, one kernel call per span on CPU.
   dispatch::adamw_step_many(spans, scalars, stream);
   ++step_;
+  if (shard_ == nullptr) return;
+  // ZeRO-1: every rank's updated slice of the compute weights to every rank.
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Slot& s = slots_[i];
+    if (s.piece_len == 0) continue;
+    send_.narrow(0, offsets_[i] + s.piece_begin - slice_begin_, s.piece_len)
+        .copy_(flat(params_[i].var.data()).narrow(0, s.piece_begin, s.piece_len));
+  }
+  shard_->all_gather(gathered_, send_, stream);
+  for (size_t i = 0; i < params_.size(); ++i) {
+    Tensor data = params_[i].var.data();
+    Tensor whole = flat(data);
+    whole.copy_(gathered_.narrow(0, offsets_[i], data.numel()));
+  }
 }
 
 void AdamW::zero_grad() {
@@ -120,34 +206,54 @@ void AdamW::zero_grad() {
 
 StateDict AdamW::state_dict() const {
   StateDict state;
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const std::string& name = params_[i].name;
-    state[name + kExpAvg] = slots_[i].exp_avg;
-    state[name + kExpAvgSq] = slots_[i].exp_avg_sq;
-    if (slots_[i].master.defined()) state[name + kMaster] = slots_[i].master;
+  if (shard_ != nullptr) {
+    // Gathered over the group into the unsharded names and shapes.
+    Stream& stream = Stream::default_for(flat_avg_.device());
+    const Tensor avg = gather_flat(flat_avg_, stream), avg_sq = gather_flat(flat_avg_sq_, stream);
+    const Tensor masters = flat_master_.defined() ? gather_flat(flat_master_, stream) : Tensor();
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const std::string& name = params_[i].name;
+      const Shape& shape = params_[i].var.data().shape();
+      const int64_t n = params_[i].var.data().numel();
+      state[name + kExpAvg] = avg.narrow(0, offsets_[i], n).view(shape).clone();
+      state[name + kExpAvgSq] = avg_sq.narrow(0, offsets_[i], n).view(shape).clone();
+      if (masters.defined()) state[name + kMaster] = masters.narrow(0, offsets_[i], n).view(shape).clone();
+    }
+  } else {
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const std::string& name = params_[i].name;
+      state[name + kExpAvg] = slots_[i].exp_avg;
+      state[name + kExpAvgSq] = slots_[i].exp_avg_sq;
+      if (slots_[i].master.defined()) state[name + kMaster] = slots_[i].master;
+    }
   }
   state[kStep] = Tensor::scalar(static_cast<double>(step_), DType::i64);
   return state;
 }
 
 void AdamW::load_state_dict(const StateDict& state) {
-  // Expected key -> the tensor it loads into.
-  std::map<std::string, Tensor> targets;
+  // Expected key -> (parameter index, its state tensor here: whole, or this rank's piece when sharded).
+  struct Target {
+    size_t param;
+    Tensor tensor;  // undefined: sharded with no piece on this rank
+  };
+  std::map<std::string, Target> targets;
   for (size_t i = 0; i < params_.size(); ++i) {
     const std::string& name = params_[i].name;
-    targets[name + kExpAvg] = slots_[i].exp_avg;
-    targets[name + kExpAvgSq] = slots_[i].exp_avg_sq;
-    if (slots_[i].master.defined()) targets[name + kMaster] = slots_[i].master;
+    targets[name + kExpAvg] = {i, slots_[i].exp_avg};
+    targets[name + kExpAvgSq] = {i, slots_[i].exp_avg_sq};
+    if (slots_[i].separate_master) targets[name + kMaster] = {i, slots_[i].master};
   }
   std::vector<std::string> missing, unexpected, misshaped;
   for (const auto& [key, target] : targets) {
     auto it = state.find(key);
+    const Shape& expected = params_[target.param].var.data().shape();
     if (it == state.end()) {
       missing.push_back(key);
-    } else if (!it->second.defined() || it->second.shape() != target.shape()) {
+    } else if (!it->second.defined() || it->second.shape() != expected) {
       misshaped.push_back(key + " (checkpoint " +
                           (it->second.defined() ? shape_str(it->second.shape()) : std::string("undefined")) +
-                          ", expected " + shape_str(target.shape()) + ")");
+                          ", expected " + shape_str(expected) + ")");
     }
   }
   auto step_it = state.find(kStep);
@@ -167,19 +273,31 @@ void AdamW::load_state_dict(const StateDict& state) {
   double step = step_it->second.item();
   LOOM_CHECK(step >= 0.0 && step == std::floor(step) && step < 9.0e15)
       << "AdamW::load_state_dict: step " << step << " is not a non-negative integer";
-  for (auto& [key, target] : targets) target.copy_(state.at(key));
+  for (auto& [key, target] : targets) {
+    if (!target.tensor.defined()) continue;
+    const Slot& s = slots_[target.param];
+    const Tensor& src = state.at(key);
+    if (shard_ == nullptr) target.tensor.copy_(src);
+    else target.tensor.copy_(flat(src.contiguous()).narrow(0, s.piece_begin, s.piece_len));
+  }
   step_ = static_cast<int64_t>(step);
-  // The master is the source of truth: refresh the compute weights from it.
+  // The master is the source of truth: refresh the compute weights from it
+  // (sharded: every rank from the whole master it was given).
   for (size_t i = 0; i < params_.size(); ++i) {
-    if (!slots_[i].master.defined()) continue;
+    if (!slots_[i].separate_master) continue;
     Tensor data = params_[i].var.data();
-    data.copy_(slots_[i].master);
+    data.copy_(shard_ == nullptr ? slots_[i].master : state.at(params_[i].name + kMaster).to(DType::f32));
   }
 }
 
 void AdamW::reload_masters_from_params() {
-  for (size_t i = 0; i < params_.size(); ++i)
-    if (slots_[i].master.defined()) slots_[i].master.copy_(params_[i].var.data());
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Slot& s = slots_[i];
+    if (!s.master.defined()) continue;
+    Tensor master = s.master;
+    if (shard_ == nullptr) master.copy_(params_[i].var.data());
+    else master.copy_(flat(params_[i].var.data()).narrow(0, s.piece_begin, s.piece_len));
+  }
 }
 
 size_t AdamW::index_of(const std::string& name) const {
@@ -196,6 +314,6 @@ const Tensor& AdamW::master(const std::string& name) const {
 }
 const Tensor& AdamW::exp_avg(const std::string& name) const { return slot(name).exp_avg; }
 const Tensor& AdamW::exp_avg_sq(const std::string& name) const { return slot(name).exp_avg_sq; }
-bool AdamW::has_separate_master(const std::string& name) const { return slot(name).master.defined(); }
+bool AdamW::has_separate_master(const std::string& name) const { return slot(name).separate_master; }
 
 }  // namespace loom

@@ -33,10 +33,12 @@ std::string save_checkpoint(const RunConfig& config, const Module& model, const 
   world.barrier();
   std::filesystem::path tmp = checkpoint_tmp_dir(root, counters.step);
   // Replicated state: world rank 0 holds the dp-coordinate-0 copy (cp = ep = 1 here).
+  // (A sharded optimizer gathers its state: every rank calls state_dict.)
   std::map<std::string, Tensor> tensors;
+  StateDict optim_state = optimizer.state_dict();
   if (world.rank() == 0) {
     for (const auto& [name, t] : model.state_dict()) tensors[kModelPrefix + name] = t;
-    for (const auto& [name, t] : optimizer.state_dict()) tensors[kOptimPrefix + name] = t;
+    for (const auto& [name, t] : optim_state) tensors[kOptimPrefix + name] = t;
   }
   nlohmann::json rank_meta = {{"rank", world.rank()}, {"world_size", world.size()},
                               {"holds_state", world.rank() == 0}};

@@ -257,8 +257,6 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
   // ---- mesh and device ----
   LOOM_CHECK(config.parallel.ep == 1) << "parallel.ep = " << config.parallel.ep
                                       << ": expert parallelism is not available yet (use ep = 1)";
-  LOOM_CHECK(!config.optim.zero) << "optim.zero = true: ZeRO-1 optimizer-state sharding is not available yet "
-                                    "(use optim.zero = false)";
   // -- device placement (CUDA): this rank's device (node-local rank -> GPU); the mesh routes CUDA tensors to NCCL --
   LOOM_CHECK(config.train.device == "cpu" || cuda_is_available())
       << "train.device = \"" << config.train.device << "\" but CUDA is not usable here: " << cuda_unavailable_reason();
@@ -339,7 +337,11 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
   adamw.beta2 = config.optim.beta2;
   adamw.eps = config.optim.eps;
   adamw.weight_decay = config.optim.weight_decay;
-  AdamW optimizer(params, adamw);
+  // optim.zero: ZeRO-1, the optimizer state sharded over the dp group (replicated over cp).
+  AdamW optimizer(params, adamw, config.optim.zero ? &dp : nullptr);
+  if (optimizer.sharded())
+    log << fmt::format("optimizer: ZeRO-1 over {} dp ranks, {} state elements on this rank\n", dp_size,
+                       optimizer.state_elements());
   LrSchedule schedule = schedule_from(config);
   std::unique_ptr<GradReducer> reducer;
   if (cp_size > 1) {
