@@ -1,5 +1,6 @@
 // loom-train's loop under sequence parallelism: a few steps of a hybrid model
-// at cp = 2 (and dp 1) give the same losses and gradient norms as cp = 1, the
+// at cp = 2 (and dp 1) give the same losses and gradient norms as cp = 1,
+// ZeRO-1 at dp 2 x cp 2 equals the replicated optimizer bitwise, the
 // metrics carry the step's bytes per layer type, and a sequence length the
 // layout cannot split is rejected with the numbers.
 #include <gtest/gtest.h>
@@ -75,6 +76,25 @@ TEST(CpTraining, TwoRanksEqualOneRank) {
   }
   pair->barrier();
   if (pair->rank() == 0) fs::remove_all(dir);
+}
+
+// ZeRO-1 under dp 2 x cp 2: the optimizer state sharded over each dp group
+// (replicated over cp) gives bitwise the losses and gradient norms of the
+// replicated optimizer.
+TEST(CpTraining, ZeroOneUnderDataTimesContextParallelEqualsReplicated) {
+  LOOM_SP_GROUP(quad, 4);
+  const std::string dir = shared_dir(*quad, "zero");
+  std::ostringstream sink;
+  TrainSummary plain = run_training(cp_run(dir, "dp2cp2", {"parallel.cp=2"}), *quad, sink);
+  TrainSummary zero = run_training(cp_run(dir, "dp2cp2_zero", {"parallel.cp=2", "optim.zero=true"}), *quad, sink);
+  if (quad->rank() == 0) EXPECT_NE(sink.str().find("ZeRO-1 over 2 dp ranks"), std::string::npos) << sink.str();
+  ASSERT_EQ(zero.losses.size(), 4u);
+  for (size_t i = 0; i < zero.losses.size(); ++i) {
+    EXPECT_EQ(zero.losses[i], plain.losses[i]) << "step " << i + 1;
+    EXPECT_EQ(zero.grad_norms[i], plain.grad_norms[i]) << "step " << i + 1;
+  }
+  quad->barrier();
+  if (quad->rank() == 0) fs::remove_all(dir);
 }
 
 TEST(CpTraining, SequenceLengthTheLayoutCannotSplitIsAnError) {
