@@ -55,16 +55,21 @@ __device__ __forceinline__ void load_chunk_rows(__nv_bfloat16* stage, const __nv
                                                 bool vectors) {
   using K = HeadKernel<kD, kStateOnly>;
   if (vectors) {
-    constexpr int kVecs = kD / 8;
+    // Thread -> 16-byte column c of rows r0, r0 + kRowStep, ...: one 64-bit offset per chunk.
+    constexpr int kVecs = kD / 8, kRowStep = K::kThreads / kVecs;
+    static_assert(K::kThreads % kVecs == 0 && kChunk % kRowStep == 0);
+    const int r0 = threadIdx.x / kVecs, c = (threadIdx.x % kVecs) * 8;
+    const int64_t row_elems = ps.H * ps.D;
+    const int64_t base = ((b * ps.T + t0 + r0) * ps.H + h) * ps.D + c;
 #pragma unroll
     for (int m = K::kFirst; m < 3; ++m) {
-      __nv_bfloat16* dst = stage + (m - K::kFirst) * kChunk * K::kLd;
-      for (int e = threadIdx.x; e < kChunk * kVecs; e += K::kThreads) {
-        const int r = e / kVecs, c = (e % kVecs) * 8;
-        const bool valid = src[m] != nullptr && r < n;
-        const void* from = valid ? static_cast<const void*>(src[m] + ((b * ps.T + t0 + r) * ps.H + h) * ps.D + c)
+      __nv_bfloat16* dst = stage + (m - K::kFirst) * kChunk * K::kLd + r0 * K::kLd + c;
+#pragma unroll
+      for (int i = 0; i < kChunk / kRowStep; ++i) {
+        const bool valid = src[m] != nullptr && r0 + i * kRowStep < n;
+        const void* from = valid ? static_cast<const void*>(src[m] + base + i * kRowStep * row_elems)
                                  : static_cast<const void*>(ps.powers);  // read nothing
-        cp_async16(dst + r * K::kLd + c, from, valid);
+        cp_async16(dst + i * kRowStep * K::kLd, from, valid);
       }
     }
   } else {
@@ -262,7 +267,8 @@ __global__ void __launch_bounds__(HeadKernel<kD, kStateOnly>::kThreads, HeadKern
           mma_bf16(acc[mt][1], a, bb[2], bb[3]);
         }
       }
-      auto* out = static_cast<__nv_bfloat16*>(pass.out);
+      const int64_t row_elems = ps.H * ps.D;
+      __nv_bfloat16* out_row0 = static_cast<__nv_bfloat16*>(pass.out) + ((b * ps.T + t0) * ps.H + h) * ps.D;
 #pragma unroll
       for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
@@ -273,7 +279,7 @@ __global__ void __launch_bounds__(HeadKernel<kD, kStateOnly>::kThreads, HeadKern
             const int64_t col = c0 + 8 * hh + 2 * t4;
             if (i >= n) continue;
             const float o0 = acc[mt][hh][2 * half], o1 = acc[mt][hh][2 * half + 1];
-            __nv_bfloat16* dst = out + ((b * ps.T + t0 + i) * ps.H + h) * ps.D + col;
+            __nv_bfloat16* dst = out_row0 + i * row_elems + col;
             if (col + 1 < ps.D && ps.D % 2 == 0) {
               *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(o0, o1);
             } else {
