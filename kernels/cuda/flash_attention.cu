@@ -717,29 +717,44 @@ __global__ void __launch_bounds__(kThreads, 1)
       const bf16* dot_s = sm.dos + stage * kTileElems<kD>;
       const float* ls = sm.lse + stage * kTile;
       const float* ds = sm.delta + stage * kTile;
-      float st[8][4] = {}, dpt[8][4] = {};                 // rows: this warp's 16 keys; columns: the 64 queries
-      mma_rows_by_rows<kD>(st, sm.ks, row0, qt_s);    // S^T = K Q^T
-      mma_rows_by_rows<kD>(dpt, sm.vs, row0, dot_s);  // dP^T = V dO^T
+      // Rows: this warp's 16 keys; columns: the 64 queries. P^T is finished and
+      // used (dV) before dP^T is formed, so its bf16 fragments are dead by then
+      // (at D 128 both accumulators and all four fragment sets do not fit in registers).
+      float st[8][4] = {};
+      mma_rows_by_rows<kD>(st, sm.ks, row0, qt_s);  // S^T = K Q^T
       const bool masked = !plan.plain(half, qt);
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int qc = 8 * nt + 2 * t4 + e;
-          const float l2 = lse_exp2(ls[qc]), dl = ds[qc];
+          const float l2 = lse_exp2(ls[qc]);
 #pragma unroll
           for (int hr = 0; hr < 2; ++hr) {
             const int kr = row0 + g + 8 * hr;
             float p = fast_exp2(fmaf(st[nt][2 * hr + e], scale_log2, -l2));
             if (masked && hidden(m, sm.qpos[stage], qc, nq, *sm.kpos, kr, nk)) p = 0.f;
             st[nt][2 * hr + e] = p;
-            dpt[nt][2 * hr + e] = p * (dpt[nt][2 * hr + e] - dl);  // dS^T
           }
         }
-      uint32_t pf[4][4], dsf[4][4];
-      c_to_a(pf, st);
+      {
+        uint32_t pf[4][4];
+        c_to_a(pf, st);
+        mma_frags_by_tile<kD>(acc_dv, pf, dot_s);  // dV += P^T dO
+      }
+      float dpt[8][4] = {};
+      mma_rows_by_rows<kD>(dpt, sm.vs, row0, dot_s);  // dP^T = V dO^T
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float dl = ds[8 * nt + 2 * t4 + e];
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr)
+            dpt[nt][2 * hr + e] = st[nt][2 * hr + e] * (dpt[nt][2 * hr + e] - dl);  // dS^T
+        }
+      uint32_t dsf[4][4];
       c_to_a(dsf, dpt);
-      mma_frags_by_tile<kD>(acc_dv, pf, dot_s);  // dV += P^T dO
       mma_frags_by_tile<kD>(acc_dk, dsf, qt_s);  // dK += dS^T Q
     }
     __syncthreads();

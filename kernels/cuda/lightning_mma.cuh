@@ -14,10 +14,11 @@
 // x, y, z are bf16 (exact operands). The operands formed in fp32 (A, the
 // state, w_update z) are rounded to bf16 once; the state itself stays fp32
 // (the rounding enters each use, it does not accumulate along the sequence).
-// tests/cuda/lightning_test.cpp derives its bound from this. Three smem stages:
-// chunk c + 2 is copied in (cp.async) while chunk c is computed, so a chunk
-// takes two barriers (one in a state-only pass, which also skips x, A and the
-// output and keeps to 128 registers so two blocks share a multiprocessor).
+// tests/cuda/lightning_test.cpp derives its bound from this. Loads are
+// cp.async, one chunk ahead for y and z and half a chunk for x (see
+// HeadKernel), two barriers per chunk (one in a state-only pass, which skips
+// x, A and the output). Two blocks share a multiprocessor (128 registers,
+// under half the shared memory): 16 warps per SM.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -34,52 +35,52 @@ struct HeadKernel {
   static_assert(kD % 16 == 0 && kD <= kMaxHeadDim, "head dims 16, 32, ..., 128");
   static constexpr int kWarps = kD / 16;
   static constexpr int kThreads = 32 * kWarps;
-  // A state-only pass keeps its registers to 128 so that two blocks share a multiprocessor.
-  static constexpr int kMinBlocks = kStateOnly ? 2 : 1;
-  static constexpr int kLd = kD + 8;             // bf16 row stride of x, y, z (16-byte rows, conflict-free ldmatrix)
-  static constexpr int kLdA = kChunk + 8;        // of A
-  static constexpr int kFirst = kStateOnly ? 1 : 0;  // the tensors a stage holds: x (not state-only), y, z
-  static constexpr int kStages = 3;              // chunk c + 2 loads while chunk c is computed
-  static constexpr int kStage = (3 - kFirst) * kChunk * kLd;
+  // Registers kept to 128 and shared memory to under half a multiprocessor, so
+  // two blocks (two heads or segments) share one: 16 warps per SM.
+  static constexpr int kMinBlocks = 2;
+  static constexpr int kLd = kD + 8;       // bf16 row stride of x, y, z (16-byte rows, conflict-free ldmatrix)
+  static constexpr int kLdA = kChunk + 8;  // of A
+  // Stages of (y, z): a state-only pass keeps three (chunk c + 2 loads while c
+  // is computed); an output pass two, plus one x buffer refilled once x is
+  // consumed (mid-chunk), to stay under half the shared memory.
+  static constexpr int kYzStages = kStateOnly ? 3 : 2;
+  static constexpr int kYz = 2 * kChunk * kLd;
+  static constexpr int kX = kStateOnly ? 0 : kChunk * kLd;
   // + fp32 decay powers (kChunk + 1) and two buffers of the row weights (w_inter, w_update: 2 x kChunk each).
-  static constexpr size_t kBytes = 2 * (kStages * kStage + (kStateOnly ? 0 : kChunk * kLdA)) + 4 * (kChunk + 1) +
-                                   4 * 2 * 2 * kChunk;
+  static constexpr size_t kBytes = 2 * (kX + kYzStages * kYz + (kStateOnly ? 0 : kChunk * kLdA)) +
+                                   4 * (kChunk + 1) + 4 * 2 * 2 * kChunk;
 };
 
-// One chunk's rows [t0, t0 + n) of x, y, z into a stage (zeros past n and for
-// null tensors): cp.async when the rows are whole 16-byte vectors (D == kD,
-// 16-byte aligned tensors), synchronous element loads otherwise.
-template <int kD, bool kStateOnly>
-__device__ __forceinline__ void load_chunk_rows(__nv_bfloat16* stage, const __nv_bfloat16* const (&src)[3],
-                                                const PassSet& ps, int64_t b, int64_t h, int64_t t0, int n,
-                                                bool vectors) {
-  using K = HeadKernel<kD, kStateOnly>;
+// Rows [t0, t0 + n) of one head of src into dst (kChunk rows, row stride
+// kD + 8; zeros past n and for a null src): cp.async when the rows are whole
+// 16-byte vectors (D == kD, 16-byte aligned tensors), synchronous element
+// loads otherwise. The caller commits the group.
+template <int kD, int kThreads>
+__device__ __forceinline__ void load_rows(__nv_bfloat16* dst, const __nv_bfloat16* src, const PassSet& ps, int64_t b,
+                                          int64_t h, int64_t t0, int n, bool vectors) {
+  constexpr int kLd = kD + 8;
   if (vectors) {
-    constexpr int kVecs = kD / 8;
+    // Thread -> 16-byte column c of rows r0, r0 + kRowStep, ...: one 64-bit offset per call.
+    constexpr int kVecs = kD / 8, kRowStep = kThreads / kVecs;
+    static_assert(kThreads % kVecs == 0 && kChunk % kRowStep == 0);
+    const int r0 = threadIdx.x / kVecs, c = (threadIdx.x % kVecs) * 8;
+    const int64_t row_elems = ps.H * ps.D;
+    const int64_t base = ((b * ps.T + t0 + r0) * ps.H + h) * ps.D + c;
 #pragma unroll
-    for (int m = K::kFirst; m < 3; ++m) {
-      __nv_bfloat16* dst = stage + (m - K::kFirst) * kChunk * K::kLd;
-      for (int e = threadIdx.x; e < kChunk * kVecs; e += K::kThreads) {
-        const int r = e / kVecs, c = (e % kVecs) * 8;
-        const bool valid = src[m] != nullptr && r < n;
-        const void* from = valid ? static_cast<const void*>(src[m] + ((b * ps.T + t0 + r) * ps.H + h) * ps.D + c)
-                                 : static_cast<const void*>(ps.powers);  // read nothing
-        cp_async16(dst + r * K::kLd + c, from, valid);
-      }
+    for (int i = 0; i < kChunk / kRowStep; ++i) {
+      const bool valid = src != nullptr && r0 + i * kRowStep < n;
+      const void* from = valid ? static_cast<const void*>(src + base + i * kRowStep * row_elems)
+                               : static_cast<const void*>(ps.powers);  // read nothing
+      cp_async16(dst + (r0 + i * kRowStep) * kLd + c, from, valid);
     }
   } else {
-#pragma unroll
-    for (int m = K::kFirst; m < 3; ++m) {
-      __nv_bfloat16* dst = stage + (m - K::kFirst) * kChunk * K::kLd;
-      for (int e = threadIdx.x; e < kChunk * kD; e += K::kThreads) {
-        const int r = e / kD, c = e % kD;
-        __nv_bfloat16 value = __float2bfloat16_rn(0.f);
-        if (src[m] != nullptr && r < n && c < ps.D) value = src[m][((b * ps.T + t0 + r) * ps.H + h) * ps.D + c];
-        dst[r * K::kLd + c] = value;
-      }
+    for (int e = threadIdx.x; e < kChunk * kD; e += kThreads) {
+      const int r = e / kD, c = e % kD;
+      __nv_bfloat16 value = __float2bfloat16_rn(0.f);
+      if (src != nullptr && r < n && c < ps.D) value = src[((b * ps.T + t0 + r) * ps.H + h) * ps.D + c];
+      dst[r * kLd + c] = value;
     }
   }
-  cp_async_commit();  // an empty group on the synchronous path keeps the group count uniform
 }
 
 // bf16 pair (lo, hi halves) times (w0, w1), rounded back to bf16.
@@ -95,8 +96,9 @@ __global__ void __launch_bounds__(HeadKernel<kD, kStateOnly>::kThreads, HeadKern
   constexpr int kLd = K::kLd, kLdA = K::kLdA, kWarps = K::kWarps;
   constexpr int kNt = kD / 8;  // 8-wide tiles of the state's D (y) dimension
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __nv_bfloat16* stages = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // kStages x ([x,] y, z) (kChunk, kLd)
-  __nv_bfloat16* as = stages + K::kStages * K::kStage;                   // (kChunk, kLdA), not state-only
+  __nv_bfloat16* xbuf = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // (kChunk, kLd), output passes
+  __nv_bfloat16* yz = xbuf + K::kX;                                   // kYzStages x (y, z) (kChunk, kLd)
+  __nv_bfloat16* as = yz + K::kYzStages * K::kYz;                     // (kChunk, kLdA), output passes
   float* pw = reinterpret_cast<float*>(as + (kStateOnly ? 0 : kChunk * kLdA));  // (kChunk + 1)
   float* weights = pw + kChunk + 1;  // 2 buffers x (w_inter, w_update) (kChunk each)
 
@@ -138,16 +140,26 @@ __global__ void __launch_bounds__(HeadKernel<kD, kStateOnly>::kThreads, HeadKern
   };
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   const bool vectors = ps.D == kD && aligned(src[0]) && aligned(src[1]) && aligned(src[2]);
-  // Chunk `step` into `stage`, or an empty group past the end (one group per step).
-  auto issue = [&](int64_t step, int stage) {
+  // One cp.async group each (empty past the end): chunk `step`'s y and z into stage `stage`, its x into xbuf.
+  auto load_yz = [&](int64_t step, int stage) {
     if (step < chunks) {
       int64_t t0;
       int n;
       chunk_at(step, t0, n);
-      load_chunk_rows<kD, kStateOnly>(stages + stage * K::kStage, src, ps, b, h, t0, n, vectors);
-    } else {
-      cp_async_commit();
+      __nv_bfloat16* dst = yz + stage * K::kYz;
+      load_rows<kD, K::kThreads>(dst, src[1], ps, b, h, t0, n, vectors);
+      load_rows<kD, K::kThreads>(dst + kChunk * kLd, src[2], ps, b, h, t0, n, vectors);
     }
+    cp_async_commit();
+  };
+  auto load_x = [&](int64_t step) {
+    if (step < chunks) {
+      int64_t t0;
+      int n;
+      chunk_at(step, t0, n);
+      load_rows<kD, K::kThreads>(xbuf, src[0], ps, b, h, t0, n, vectors);
+    }
+    cp_async_commit();
   };
   // Row weights of chunk `step` into buffer step % 2 (zero past n): w_inter(i) = inter p[i + 1]
   // (reverse: p[n - 1 - i]), w_update(j) = update p[n - 1 - j] (reverse: p[j + 1]).
@@ -163,26 +175,33 @@ __global__ void __launch_bounds__(HeadKernel<kD, kStateOnly>::kThreads, HeadKern
       w[kChunk + i] = valid ? pass.update * pw[pass.reverse ? i + 1 : n - 1 - i] : 0.f;
     }
   };
-  issue(0, 0);
-  issue(1, 1);
+  load_yz(0, 0);
+  if constexpr (kStateOnly) load_yz(1, 1);
+  else load_x(0);
   __syncthreads();  // pw
   set_weights(0);
 
-  int stage = 0;  // = step % kStages
+  int stage = 0;  // this chunk's (y, z) stage
   for (int64_t step = 0; step < chunks; ++step) {
     int64_t t0;
     int n;
     chunk_at(step, t0, n);
-    const __nv_bfloat16* xs = stages + stage * K::kStage;  // unused when state-only
-    const __nv_bfloat16* ys = xs + (kStateOnly ? 0 : kChunk * kLd);
+    const __nv_bfloat16* xs = xbuf;
+    const __nv_bfloat16* ys = yz + stage * K::kYz;
     const __nv_bfloat16* zs = ys + kChunk * kLd;
     const float* w_inter = weights + (step & 1) * 2 * kChunk;
     const float* w_update = w_inter + kChunk;
-    cp_async_wait<1>();  // this chunk's rows have landed (the next chunk's may still fly)
-    __syncthreads();     // ... for every thread, with its weights; chunk step - 1 (its stage, A, weights) is consumed
-    issue(step + 2, stage == 0 ? K::kStages - 1 : stage - 1);  // into chunk step - 1's stage
+    if constexpr (kStateOnly) {
+      cp_async_wait<1>();  // this chunk's rows have landed (the next chunk's may still fly)
+      __syncthreads();     // ... for every thread; chunk step - 1 (its stage, weights) is consumed
+      load_yz(step + 2, stage == 0 ? K::kYzStages - 1 : stage - 1);  // into chunk step - 1's stage
+    } else {
+      cp_async_wait<0>();  // this chunk's y, z (loaded a chunk ago) and x (loaded mid-chunk) have landed
+      __syncthreads();     // ... for every thread; chunk step - 1 (its stage, A, weights) is consumed
+      load_yz(step + 1, stage ^ 1);
+    }
     set_weights(step + 1);
-    stage = stage == K::kStages - 1 ? 0 : stage + 1;
+    stage = stage == K::kYzStages - 1 ? 0 : stage + 1;
 
     if constexpr (!kStateOnly) {
       // A (64 x 64) in tiles of 16 x 8: warp -> row tiles mt = warp % kRowWarps + kRowWarps i, column tiles
@@ -249,7 +268,8 @@ __global__ void __launch_bounds__(HeadKernel<kD, kStateOnly>::kThreads, HeadKern
           acc[mt][hh][2] *= w1, acc[mt][hh][3] *= w1;
         }
       }
-      __syncthreads();  // A is complete
+      __syncthreads();  // A is complete and x consumed
+      load_x(step + 1);
 #pragma unroll
       for (int k0 = 0; k0 < kChunk; k0 += 16) {
         uint32_t bb[4];
@@ -262,7 +282,8 @@ __global__ void __launch_bounds__(HeadKernel<kD, kStateOnly>::kThreads, HeadKern
           mma_bf16(acc[mt][1], a, bb[2], bb[3]);
         }
       }
-      auto* out = static_cast<__nv_bfloat16*>(pass.out);
+      const int64_t row_elems = ps.H * ps.D;
+      __nv_bfloat16* out_row0 = static_cast<__nv_bfloat16*>(pass.out) + ((b * ps.T + t0) * ps.H + h) * ps.D;
 #pragma unroll
       for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
@@ -273,7 +294,7 @@ __global__ void __launch_bounds__(HeadKernel<kD, kStateOnly>::kThreads, HeadKern
             const int64_t col = c0 + 8 * hh + 2 * t4;
             if (i >= n) continue;
             const float o0 = acc[mt][hh][2 * half], o1 = acc[mt][hh][2 * half + 1];
-            __nv_bfloat16* dst = out + ((b * ps.T + t0 + i) * ps.H + h) * ps.D + col;
+            __nv_bfloat16* dst = out_row0 + i * row_elems + col;
             if (col + 1 < ps.D && ps.D % 2 == 0) {
               *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(o0, o1);
             } else {
