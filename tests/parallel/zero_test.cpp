@@ -32,7 +32,8 @@ std::vector<Parameter> make_params(DType dtype, uint64_t seed) {
   std::vector<Parameter> params;
   for (size_t i = 0; i < kShapes.size(); ++i) {
     Parameter p;
-    p.name = "p" + std::to_string(i);
+    p.name = std::string(1, 'p');  // appended, not "p" + to_string (a GCC 12 -Wrestrict false positive)
+    p.name += std::to_string(i);
     p.var = Variable(testing::random_tensor(kShapes[i], seed + i, DType::f32).to(dtype), true);
     p.attrs.weight_decay = i % 2 == 0;
     params.push_back(p);
