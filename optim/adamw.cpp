@@ -101,8 +101,7 @@ void AdamW::shard_state() {
   flat_avg_sq_ = Tensor::zeros({slice_len_}, state_dtype, first.device());
   const bool masters = is_16bit(first.dtype());
   if (masters) flat_master_ = Tensor::zeros({slice_len_}, DType::f32, first.device());
-  send_ = Tensor::zeros({slice_len_}, first.dtype(), first.device());
-  gathered_ = Tensor::zeros({ranks * slice_len_}, first.dtype(), first.device());
+  set_gather_chunk(gather_chunk_);
   for (size_t i = 0; i < params_.size(); ++i) {
     Slot& s = slots_[i];
     const int64_t begin = std::max(slice_begin_, offsets_[i]);
@@ -117,6 +116,32 @@ void AdamW::shard_state() {
       s.master = flat_master_.narrow(0, at, s.piece_len);
       s.master.copy_(flat(params_[i].var.data()).narrow(0, s.piece_begin, s.piece_len));
     }
+  }
+}
+
+void AdamW::set_gather_chunk(int64_t elements) {
+  LOOM_CHECK(elements > 0) << "AdamW: gather chunk " << elements << " must be > 0";
+  gather_chunk_ = elements;
+  if (shard_ == nullptr) return;
+  const Tensor& first = params_.front().var.data();
+  const int64_t chunk = std::min(gather_chunk_, slice_len_);
+  send_ = Tensor::zeros({chunk}, first.dtype(), first.device());
+  gathered_ = Tensor::zeros({shard_->size() * chunk}, first.dtype(), first.device());
+}
+
+void AdamW::copy_flat_range(int64_t begin, Tensor& buf, bool to_buf) const {
+  const int64_t end = begin + buf.numel();
+  // The first parameter ending after `begin` (offsets ascend).
+  size_t i = static_cast<size_t>(std::upper_bound(offsets_.begin(), offsets_.end(), begin) - offsets_.begin());
+  i = i == 0 ? 0 : i - 1;
+  for (; i < params_.size() && offsets_[i] < end; ++i) {
+    const Tensor& data = params_[i].var.data();
+    const int64_t lo = std::max(begin, offsets_[i]), hi = std::min(end, offsets_[i] + data.numel());
+    if (hi <= lo) continue;
+    Tensor param_part = flat(data).narrow(0, lo - offsets_[i], hi - lo);
+    Tensor buf_part = buf.narrow(0, lo - begin, hi - lo);
+    if (to_buf) buf_part.copy_(param_part);
+    else param_part.copy_(buf_part);
   }
 }
 
@@ -185,18 +210,18 @@ void AdamW::step(double lr, Stream& stream) {
   dispatch::adamw_step_many(spans, scalars, stream);
   ++step_;
   if (shard_ == nullptr) return;
-  // ZeRO-1: every rank's updated slice of the compute weights to every rank.
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const Slot& s = slots_[i];
-    if (s.piece_len == 0) continue;
-    send_.narrow(0, offsets_[i] + s.piece_begin - slice_begin_, s.piece_len)
-        .copy_(flat(params_[i].var.data()).narrow(0, s.piece_begin, s.piece_len));
-  }
-  shard_->all_gather(gathered_, send_, stream);
-  for (size_t i = 0; i < params_.size(); ++i) {
-    Tensor data = params_[i].var.data();
-    Tensor whole = flat(data);
-    whole.copy_(gathered_.narrow(0, offsets_[i], data.numel()));
+  // ZeRO-1: every rank's updated slice of the compute weights to every rank, in
+  // rounds of at most gather_chunk_ elements per rank (bounded buffers).
+  const int64_t ranks = shard_->size();
+  for (int64_t j0 = 0; j0 < slice_len_; j0 += send_.numel()) {
+    const int64_t c = std::min(send_.numel(), slice_len_ - j0);
+    Tensor send = send_.narrow(0, 0, c), out = gathered_.narrow(0, 0, ranks * c);
+    copy_flat_range(slice_begin_ + j0, send, true);  // past the last parameter: whatever the buffer holds
+    shard_->all_gather(out, send, stream);
+    for (int64_t q = 0; q < ranks; ++q) {
+      Tensor part = out.narrow(0, q * c, c);
+      copy_flat_range(q * slice_len_ + j0, part, false);
+    }
   }
 }
 
@@ -207,10 +232,12 @@ void AdamW::zero_grad() {
 StateDict AdamW::state_dict() const {
   StateDict state;
   if (shard_ != nullptr) {
-    // Gathered over the group into the unsharded names and shapes.
-    Stream& stream = Stream::default_for(flat_avg_.device());
-    const Tensor avg = gather_flat(flat_avg_, stream), avg_sq = gather_flat(flat_avg_sq_, stream);
-    const Tensor masters = flat_master_.defined() ? gather_flat(flat_master_, stream) : Tensor();
+    // Gathered over the group into the unsharded names and shapes, in host
+    // memory (the whole state would not fit beside the model on a device).
+    Stream& stream = Stream::default_for(Device::cpu());
+    auto host = [](const Tensor& t) { return t.device().is_cpu() ? t : t.to(Device::cpu()); };
+    const Tensor avg = gather_flat(host(flat_avg_), stream), avg_sq = gather_flat(host(flat_avg_sq_), stream);
+    const Tensor masters = flat_master_.defined() ? gather_flat(host(flat_master_), stream) : Tensor();
     for (size_t i = 0; i < params_.size(); ++i) {
       const std::string& name = params_[i].name;
       const Shape& shape = params_[i].var.data().shape();

@@ -81,8 +81,8 @@ class AdamW {
   // "<name>.master" (only for parameters with a separate master) and a scalar
   // i64 "step". The tensors are the live state (shared storage, like
   // Module::state_dict); clone them to keep a snapshot while training goes on.
-  // Sharded: gathered copies in the same names and shapes, and a collective of
-  // the group (every rank calls it).
+  // Sharded: gathered copies in the same names and shapes, in host memory,
+  // and a collective of the group (every rank calls it).
   StateDict state_dict() const;
   // Copies state by name (dtype converted). Missing, unexpected and mis-shaped
   // keys are all reported in one error and nothing is copied then. Loaded
@@ -107,6 +107,9 @@ class AdamW {
   // state elements (moments and masters) this rank holds.
   bool sharded() const { return shard_ != nullptr; }
   int64_t state_elements() const;
+  // Sharded: the updated weights are all-gathered in rounds of at most this
+  // many elements per rank (default 4M), so the buffers stay bounded.
+  void set_gather_chunk(int64_t elements);
 
  private:
   struct Slot {
@@ -122,6 +125,9 @@ class AdamW {
   void shard_state();  // lays out the flattened space and this rank's slice
   // The flat (1-D) shard buffer of one kind gathered over the group: (P * slice).
   Tensor gather_flat(const Tensor& local, Stream& stream) const;
+  // Flattened parameter space [begin, begin + buf.numel()) <-> buf (to_buf: parameters -> buf); the
+  // part past the last parameter is left alone.
+  void copy_flat_range(int64_t begin, Tensor& buf, bool to_buf) const;
   const Slot& slot(const std::string& name) const;
   size_t index_of(const std::string& name) const;
 
@@ -137,7 +143,9 @@ class AdamW {
   Communicator* shard_ = nullptr;
   std::vector<int64_t> offsets_;
   int64_t total_ = 0, slice_begin_ = 0, slice_len_ = 0;
-  Tensor flat_avg_, flat_avg_sq_, flat_master_, send_, gathered_;
+  Tensor flat_avg_, flat_avg_sq_, flat_master_;
+  int64_t gather_chunk_ = int64_t{1} << 22;
+  Tensor send_, gathered_;  // (min(chunk, slice)) and (P x that): one round of the weights' all-gather
 };
 
 // The dtype of the optimizer state for a parameter dtype: f64 for f64, else f32.

@@ -6,7 +6,8 @@
 // only its slice of the state, and mixed parameter dtypes are refused by name.
 // Parameter sizes make slices cut through parameters and leave some ranks no
 // piece of a parameter (sizes 1 and 2 at 3 ranks); one parameter has no
-// gradient in one step (skipped, its moments kept).
+// gradient in one step (skipped, its moments kept). The weights' all-gather
+// also runs in small rounds that cut through parameters.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -68,11 +69,14 @@ void expect_same_state(const StateDict& got, const StateDict& want) {
   }
 }
 
-void check_sharded_equals_unsharded(DType dtype) {
-  SCOPED_TRACE(::testing::Message() << dtype << " at " << world().size() << " ranks");
+// gather_chunk > 0: the weights' all-gather in rounds of that many elements per rank (several rounds, rounds
+// cutting through parameters).
+void check_sharded_equals_unsharded(DType dtype, int64_t gather_chunk) {
+  SCOPED_TRACE(::testing::Message() << dtype << " at " << world().size() << " ranks, gather chunk " << gather_chunk);
   std::vector<Parameter> ref = make_params(dtype, 10), sharded = make_params(dtype, 10);
   AdamW plain(ref, adamw_config());
   AdamW zero(sharded, adamw_config(), &world());
+  if (gather_chunk > 0) zero.set_gather_chunk(gather_chunk);
   EXPECT_EQ(zero.sharded(), world().size() > 1);
   for (int step = 0; step < 3; ++step) {
     set_grads(ref, step, dtype);
@@ -98,6 +102,7 @@ void check_sharded_equals_unsharded(DType dtype) {
     data.copy_(ref[i].var.data());
   }
   AdamW loaded(resumed, adamw_config(), &world());
+  if (gather_chunk > 0) loaded.set_gather_chunk(gather_chunk);
   loaded.load_state_dict(plain.state_dict());
   set_grads(ref, 3, dtype);
   set_grads(resumed, 3, dtype);
@@ -109,8 +114,10 @@ void check_sharded_equals_unsharded(DType dtype) {
 }
 
 TEST(ZeroOne, ShardedAdamWEqualsUnshardedBitwise) {
-  check_sharded_equals_unsharded(DType::f32);
-  check_sharded_equals_unsharded(DType::bf16);  // fp32 masters, bf16 compute weights
+  check_sharded_equals_unsharded(DType::f32, 0);
+  check_sharded_equals_unsharded(DType::f32, 5);
+  check_sharded_equals_unsharded(DType::bf16, 0);  // fp32 masters, bf16 compute weights
+  check_sharded_equals_unsharded(DType::bf16, 3);
 }
 
 TEST(ZeroOne, MixedParameterDtypesAreRefusedByName) {
