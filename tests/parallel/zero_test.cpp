@@ -92,8 +92,11 @@ void check_sharded_equals_unsharded(DType dtype, int64_t gather_chunk) {
   int64_t total = 0;
   for (const Shape& s : kShapes) total += shape_numel(s);
   const int64_t kinds = dtype == DType::bf16 ? 3 : 2, slice = (total + world().size() - 1) / world().size();
-  if (world().size() > 1) EXPECT_EQ(zero.state_elements(), kinds * slice);
-  else EXPECT_EQ(zero.state_elements(), kinds * total);
+  if (world().size() > 1) {
+    EXPECT_EQ(zero.state_elements(), kinds * slice);
+  } else {
+    EXPECT_EQ(zero.state_elements(), kinds * total);
+  }
 
   // Unsharded state into a fresh sharded optimizer (parameters as they are now): the next step agrees.
   std::vector<Parameter> resumed = make_params(dtype, 99);  // other values: the load must overwrite the masters
@@ -124,8 +127,11 @@ TEST(ZeroOne, MixedParameterDtypesAreRefusedByName) {
   std::vector<Parameter> params = make_params(DType::f32, 10);
   params[3].var = Variable(params[3].var.data().to(DType::f64), true);
   const std::string message = error_message([&] { AdamW bad(params, adamw_config(), &world()); });
-  if (world().size() > 1) EXPECT_NE(message.find("'p3' is f64"), std::string::npos) << message;
-  else EXPECT_EQ(message, "");  // one rank: nothing is sharded, mixed dtypes are fine
+  if (world().size() > 1) {
+    EXPECT_NE(message.find("'p3' is f64"), std::string::npos) << message;
+  } else {
+    EXPECT_EQ(message, "");  // one rank: nothing is sharded, mixed dtypes are fine
+  }
 }
 
 }  // namespace

@@ -193,8 +193,9 @@ TEST(Training, ZeroOneEqualsTheReplicatedOptimizerBitwise) {
   TrainSummary plain = run_training(tiny_run(data, dir, "plain"), world, sink);
   RunConfig zero_config = tiny_run(data, dir, "zero", {"optim.zero=true"});
   TrainSummary zero = run_training(zero_config, world, sink);
-  if (world.rank() == 0 && world.size() > 1)
+  if (world.rank() == 0 && world.size() > 1) {
     EXPECT_NE(sink.str().find("ZeRO-1 over " + std::to_string(world.size()) + " dp ranks"), std::string::npos);
+  }
   ASSERT_EQ(zero.losses.size(), plain.losses.size());
   for (size_t i = 0; i < plain.losses.size(); ++i) {
     EXPECT_EQ(zero.losses[i], plain.losses[i]) << "step " << i + 1;
