@@ -96,13 +96,7 @@ bool cudnn_candidate(AttentionKernel kernel, cpu::MaskForm form, const S2Pattern
 }
 
 // best: which of cuDNN and flash runs a shape, decided by timing both on its first call.
-struct ChoiceKey {
-  int device;
-  bool backward;
-  int64_t diagonal, B, T, S, H, Hkv, D;
-  auto tie() const { return std::tie(device, backward, diagonal, B, T, S, H, Hkv, D); }
-  bool operator<(const ChoiceKey& o) const { return tie() < o.tie(); }
-};
+using ChoiceKey = AttentionShape;
 std::mutex choices_mutex;
 std::map<ChoiceKey, bool> choices;  // true: cuDNN
 
@@ -158,10 +152,6 @@ bool run_cudnn_or_best(AttentionKernel kernel, const ChoiceKey& key, const std::
   return has_plan;  // written by the winner; without a plan nothing is written
 }
 
-ChoiceKey choice_key(const Tensor& q, const Tensor& k, bool backward, int64_t diagonal) {
-  return ChoiceKey{q.device().index, backward, diagonal, q.size(0), q.size(1), k.size(1), q.size(2), k.size(2),
-                   q.size(3)};
-}
 
 }  // namespace
 
@@ -191,7 +181,7 @@ void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& 
   if (flash && aligned16(lse.raw_data()) && cudnn_candidate(kernel, form, s2, q, k, v, false)) {
     const int64_t diagonal = causal ? std::min(form.offset, n.S) : n.S;
     auto run_cudnn = [&] { return cudnn_attention_forward(out, lse, q, k, v, diagonal, scale, s); };
-    if (run_cudnn_or_best(kernel, choice_key(q, k, false, diagonal), run_cudnn, run_flash, s)) return;
+    if (run_cudnn_or_best(kernel, attention_shape(q, k, false, diagonal), run_cudnn, run_flash, s)) return;
   }
   if (flash) return run_flash();
   detail::launch_attention_forward(q.dtype(), out.raw_data(), lse.data<float>(), q.raw_data(), k.raw_data(),
@@ -232,7 +222,7 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
       cudnn_candidate(kernel, form, s2, q, k, v, true)) {
     const int64_t diagonal = causal ? std::min(form.offset, n.S) : n.S;
     auto run_cudnn = [&] { return cudnn_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, diagonal, scale, s); };
-    if (run_cudnn_or_best(kernel, choice_key(q, k, true, diagonal), run_cudnn, run_flash, s)) return;
+    if (run_cudnn_or_best(kernel, attention_shape(q, k, true, diagonal), run_cudnn, run_flash, s)) return;
   }
   if (flash) return run_flash();
   detail::launch_attention_backward(q.dtype(), dq.raw_data(), dk.raw_data(), dv.raw_data(),

@@ -435,13 +435,7 @@ void build_backward(Graph& g, const Shape4& n, int64_t diagonal) {
   g.pointwise(CUDNN_POINTWISE_IDENTITY, dq_accum, nullptr, nullptr, dq);
 }
 
-struct Key {
-  int device;
-  bool backward;
-  int64_t diagonal, B, T, S, H, Hkv, D;
-  auto tie() const { return std::tie(device, backward, diagonal, B, T, S, H, Hkv, D); }
-  bool operator<(const Key& o) const { return tie() < o.tie(); }
-};
+using Key = AttentionShape;
 
 struct Cache {
   std::mutex mutex;
@@ -503,8 +497,7 @@ std::pair<std::shared_ptr<Graph>, cudnnHandle_t> plan_for(const Key& key) {
 }
 
 Key key_of(const Tensor& q, const Tensor& k, bool backward, int64_t diagonal) {
-  diagonal = std::min(diagonal, k.size(1));  // every unmasked diagonal is one plan
-  return Key{q.device().index, backward, diagonal, q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
+  return attention_shape(q, k, backward, std::min(diagonal, k.size(1)));  // every unmasked diagonal is one plan
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }

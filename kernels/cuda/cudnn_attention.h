@@ -10,12 +10,29 @@
 // (cuDNN accumulates dQ with atomics). Plans are built once per shape and kept.
 #pragma once
 
+#include <cstdint>
 #include <string>
+#include <tuple>
 
 #include "framework/stream.h"
 #include "framework/tensor.h"
 
 namespace loom::cuda {
+
+// What identifies an attention call's shape for a per-shape cache (cuDNN's
+// plans here, the timed cuDNN/native choice in attention.cpp): device,
+// direction, mask diagonal and the sizes of q (B, T, H, D) and k (B, S, Hkv, D).
+struct AttentionShape {
+  int device;
+  bool backward;
+  int64_t diagonal, B, T, S, H, Hkv, D;
+  auto tie() const { return std::tie(device, backward, diagonal, B, T, S, H, Hkv, D); }
+  bool operator<(const AttentionShape& o) const { return tie() < o.tie(); }
+};
+inline AttentionShape attention_shape(const Tensor& q, const Tensor& k, bool backward, int64_t diagonal) {
+  return AttentionShape{q.device().index, backward, diagonal, q.size(0), q.size(1), k.size(1), q.size(2), k.size(2),
+                        q.size(3)};
+}
 
 // True when loom was built with cuDNN and the library loads at version 9.x or later.
 bool cudnn_attention_available();
