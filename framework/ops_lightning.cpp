@@ -1,7 +1,8 @@
 // lightning_attention: validates its inputs (naming the values), makes them
-// contiguous, runs the kernel on q's device (kernels/dispatch.h) and records one node. The backward saves only
-// the inputs (q, k, v, initial_state, decays): the kernel recomputes the
-// states, which is cheaper than keeping one (D, D) state per block.
+// contiguous, runs the kernel on q's device (kernels/dispatch.h) and records one node. The backward saves
+// the inputs (q, k, v, initial_state, decays) and, on CUDA, the state entering
+// each segment of the kernel's sequence split (a few per head, not one per
+// chunk), so the backward recomputes no forward-order state.
 #include "framework/ops_lightning.h"
 #include "framework/op_checks.h"
 
@@ -61,10 +62,12 @@ LightningResult lightning_attention(const Variable& q, const Variable& k, const 
   Tensor out = Tensor::empty(q.shape(), q.dtype(), q.device());            // (B, T, H, D)
   Tensor final_state = Tensor::empty(state_shape, stats_dtype(q.dtype()), q.device());  // (B, H, D, D), fp32 for 16-bit q
   Stream& stream = Stream::default_for(qc.device());
-  dispatch::lightning_forward(out, final_state, qc, kc, vc, s0, lambdas, out_scale, block_size, stream);
+  Tensor saved;  // the segments' entering states of the CUDA kernels (bounded, not growing with T), or none
+  dispatch::lightning_forward(out, final_state, qc, kc, vc, s0, lambdas, out_scale, block_size, stream, &saved);
 
   bool want_ds0 = initial_state.defined();
-  auto backward = [qc, kc, vc, s0, lambdas, out_scale, block_size, want_ds0](const std::vector<Tensor>& grads) {
+  auto backward = [qc, kc, vc, s0, lambdas, out_scale, block_size, want_ds0,
+                   saved](const std::vector<Tensor>& grads) {
     if (!grads[0].defined() && !grads[1].defined()) return std::vector<Tensor>(4);
     Tensor dout = grads[0].defined() ? grads[0].contiguous() : Tensor();  // (B, T, H, D) or none
     Tensor dsf = grads[1].defined() ? grads[1].contiguous() : Tensor();   // (B, H, D, D) or none
@@ -73,7 +76,7 @@ LightningResult lightning_attention(const Variable& q, const Variable& k, const 
     Tensor dv = Tensor::empty(qc.shape(), qc.dtype(), qc.device());  // (B, T, H, D)
     Tensor ds0 = want_ds0 ? Tensor::empty(s0.shape(), s0.dtype(), s0.device()) : Tensor();  // (B, H, D, D) or none
     dispatch::lightning_backward(dq, dk, dv, ds0, dout, dsf, qc, kc, vc, s0, lambdas, out_scale, block_size,
-                                 Stream::default_for(qc.device()));
+                                 Stream::default_for(qc.device()), saved);
     return std::vector<Tensor>{dq, dk, dv, ds0};
   };
   std::vector<Variable> outputs =

@@ -252,25 +252,28 @@ void attention_merge(Tensor& out_acc, Tensor& lse_acc, const Tensor& part_out, c
 }
 void lightning_forward(Tensor& out, Tensor& final_state, const Tensor& q, const Tensor& k, const Tensor& v,
                        const Tensor& initial_state, const Tensor& decay_lambdas, double out_scale,
-                       int64_t block_size, Stream& s) {
+                       int64_t block_size, Stream& s, Tensor* saved_states) {
   // decay_lambdas stay on the host on every device (the kernels form the decay powers there).
-  if (on_cpu("lightning_attention", {&out, &final_state, &q, &k, &v, &initial_state}, s))
+  if (on_cpu("lightning_attention", {&out, &final_state, &q, &k, &v, &initial_state}, s)) {
+    if (saved_states != nullptr) *saved_states = Tensor();
     return cpu::lightning_forward(out, final_state, q, k, v, initial_state, decay_lambdas, out_scale, block_size, s);
+  }
   WITH_CUDA("lightning_attention", s,
                       cuda::lightning_forward(out, final_state, q, k, v, initial_state, decay_lambdas, out_scale,
-                                              block_size, s));
+                                              block_size, s, saved_states));
 }
 void lightning_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dinitial_state, const Tensor& dout,
                         const Tensor& dfinal_state, const Tensor& q, const Tensor& k, const Tensor& v,
                         const Tensor& initial_state, const Tensor& decay_lambdas, double out_scale,
-                        int64_t block_size, Stream& s) {
+                        int64_t block_size, Stream& s, const Tensor& saved_states) {
   if (on_cpu("lightning_attention_backward",
              {&dq, &dk, &dv, &dinitial_state, &dout, &dfinal_state, &q, &k, &v, &initial_state}, s))
     return cpu::lightning_backward(dq, dk, dv, dinitial_state, dout, dfinal_state, q, k, v, initial_state,
                                    decay_lambdas, out_scale, block_size, s);
   WITH_CUDA("lightning_attention_backward", s,
                       cuda::lightning_backward(dq, dk, dv, dinitial_state, dout, dfinal_state, q, k, v,
-                                               initial_state, decay_lambdas, out_scale, block_size, s));
+                                               initial_state, decay_lambdas, out_scale, block_size, s,
+                                               saved_states));
 }
 
 // ---- MoE dispatch ----

@@ -87,13 +87,16 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
 // f32 and part_out may be bf16 (part of the "attention" family).
 void attention_merge(Tensor& out_acc, Tensor& lse_acc, const Tensor& part_out, const Tensor& part_lse,
                      int64_t row_start, Stream& s);
+// saved_states: what the CUDA backward can reuse of the forward (kernels/cuda/
+// lightning.h); the CPU kernels save nothing (it comes back undefined) and
+// recompute.
 void lightning_forward(Tensor& out, Tensor& final_state, const Tensor& q, const Tensor& k, const Tensor& v,
                        const Tensor& initial_state, const Tensor& decay_lambdas, double out_scale,
-                       int64_t block_size, Stream& s);
+                       int64_t block_size, Stream& s, Tensor* saved_states = nullptr);
 void lightning_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dinitial_state, const Tensor& dout,
                         const Tensor& dfinal_state, const Tensor& q, const Tensor& k, const Tensor& v,
                         const Tensor& initial_state, const Tensor& decay_lambdas, double out_scale,
-                        int64_t block_size, Stream& s);
+                        int64_t block_size, Stream& s, const Tensor& saved_states = Tensor());
 
 // ---- MoE dispatch (kernels/cpu/moe.h) ----
 void index_select_rows(Tensor& out, const Tensor& x, const Tensor& index, Stream& s);

@@ -1,9 +1,10 @@
-// loom-bench-lightning [--max-t N] [--reps N]
+// loom-bench-lightning [--min-t N] [--max-t N] [--reps N]
 // Times the CUDA lightning attention kernels (kernels/cuda/lightning.h) at the
-// PERF.md shape: B = 1, H = 16, D = 128, bf16, T from 4K up to --max-t
-// (default 1M), per-head decays from the TransNormer schedule (layer 1 of 24).
+// PERF.md shape: B = 1, H = 16, D = 128, bf16, T from --min-t (default 4K) times 4 up
+// to --max-t (default 1M), per-head decays from the TransNormer schedule (layer 1 of 24).
 // Per T: forward and forward + backward tokens/s (median of --reps CUDA-event
-// timings after one warm-up), the bandwidth floor of each (q, k, v, o read or
+// timings after one warm-up; the backward reuses the segment states the forward
+// saved, as in training), the bandwidth floor of each (q, k, v, o read or
 // written once forward; q, k, v, dout read and dq, dk, dv written backward, at
 // the device-to-device copy rate measured in the same run) and the peak
 // device memory of Storage allocations during the timed calls. Inputs are
@@ -76,7 +77,7 @@ double copy_gbps(Stream& s) {
   return 2.0 * bytes / (ms * 1e-3) / 1e9;
 }
 
-int run(int64_t max_t, int reps) {
+int run(int64_t min_t, int64_t max_t, int reps) {
   if (!cuda_is_available()) {
     std::printf("loom-bench-lightning: no usable GPU (%s); nothing to time.\n", cuda_unavailable_reason().c_str());
     return 0;
@@ -92,7 +93,7 @@ int run(int64_t max_t, int reps) {
               static_cast<long long>(H), static_cast<long long>(D), gbps, reps);
   std::printf("%9s %12s %12s %10s %14s %14s %10s %10s\n", "T", "fwd ms", "fwd+bwd ms", "fwd Mtok/s",
               "fwd+bwd Mtok/s", "fwd floor", "fb floor", "peak GiB");
-  for (int64_t T = 4096; T <= max_t; T *= 4) {
+  for (int64_t T = min_t; T <= max_t; T *= 4) {
     Tensor q = random_bf16(T, H, D, 1, s), k = random_bf16(T, H, D, 2, s), v = random_bf16(T, H, D, 3, s);
     Tensor dout = random_bf16(T, H, D, 4, s);
     Tensor out = Tensor::empty(q.shape(), DType::bf16, gpu());
@@ -101,10 +102,11 @@ int run(int64_t max_t, int reps) {
     Tensor s0;  // zero initial state
     s.synchronize();
     reset_peak_memory(gpu());
-    auto forward = [&] { cuda::lightning_forward(out, sf, q, k, v, s0, decay, so, 64, s); };
+    Tensor saved;  // the segments' entering states, as training keeps them for the backward
+    auto forward = [&] { cuda::lightning_forward(out, sf, q, k, v, s0, decay, so, 64, s, &saved); };
     auto both = [&] {
       forward();
-      cuda::lightning_backward(dq, dk, dv, ds0, dout, dsf, q, k, v, s0, decay, so, 64, s);
+      cuda::lightning_backward(dq, dk, dv, ds0, dout, dsf, q, k, v, s0, decay, so, 64, s, saved);
     };
     const double fwd = time_ms(s, reps, forward);
     const double fb = time_ms(s, reps, both);
@@ -121,7 +123,7 @@ int run(int64_t max_t, int reps) {
 
 #else
 
-int run(int64_t, int) {
+int run(int64_t, int64_t, int) {
   std::printf("loom-bench-lightning: built without CUDA (no nvcc at configure time); nothing to time.\n");
   return 0;
 }
@@ -132,13 +134,14 @@ int run(int64_t, int) {
 
 int main(int argc, char** argv) {
   CLI::App app{"loom-bench-lightning: lightning attention kernel timings (B 1, H 16, D 128, bf16)"};
-  int64_t max_t = int64_t{1} << 20;
+  int64_t min_t = 4096, max_t = int64_t{1} << 20;
   int reps = 10;
+  app.add_option("--min-t", min_t, "smallest T")->check(CLI::Range(int64_t{1}, int64_t{1} << 22));
   app.add_option("--max-t", max_t, "largest T (4K, 16K, ... up to it)")->check(CLI::Range(int64_t{4096}, int64_t{1} << 22));
   app.add_option("--reps", reps, "timed repetitions per row (median reported)")->check(CLI::Range(1, 1000));
   CLI11_PARSE(app, argc, argv);
   try {
-    return run(max_t, reps);
+    return run(min_t, max_t, reps);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "loom-bench-lightning: %s\n", e.what());
     return 1;

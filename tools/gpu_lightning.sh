@@ -2,9 +2,9 @@
 # The lightning kernels in one GPU call: build, the lightning parity tests and
 # the bf16 training tests, compute-sanitizer memcheck and racecheck on the small
 # odd-head-dim cases (both load paths: cp.async rows and element loads),
-# loom-bench-lightning, and an ncu pass over the T = 64K launches (forward
-# state-only and output passes, the backward's). Logs go to $OUT (or
-# ./gpu-out), at most 7 files. Parts after the bench are skipped once the call
+# loom-bench-lightning, and an ncu pass over every lightning launch of one
+# forward and one forward + backward at each T of NCU_T (default 65536). Logs go to $OUT (or
+# ./gpu-out), at most 7 files (8 with two NCU_T). Parts after the bench are skipped once the call
 # has run LIMIT seconds (default 400). FLASH_NCU=1 adds an ncu pass over the
 # flash backward kernels at T = 16K.
 set -u
@@ -23,23 +23,24 @@ timeout 120 $B/loom-bench-lightning --reps 10 > "$OUT/bench.log" 2>&1
 echo "bench rc $? $(el)"; cat "$OUT/bench.log"
 small='CudaLightning.MatchesTheCpuTwinOnBatchesMixedDecaysAndOddHeadDims'
 if [ $((SECONDS - T0)) -lt "$LIMIT" ]; then
-  for tool in memcheck racecheck; do
+  for tool in ${SANITIZERS:-memcheck racecheck}; do
     timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 $B/loom_cuda_tests --gtest_filter="$small" \
       >> "$OUT/sanitizer.log" 2>&1
     echo "$tool rc $? $(el)"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|hazard" "$OUT/sanitizer.log" | tail -2
   done
 fi
-if [ $((SECONDS - T0)) -lt "$LIMIT" ]; then
-  # Per T the bench makes 18 chunk-kernel launches; 36..45 are T = 64K's first forward (state-only, output)
-  # and its first forward + backward (forward pair, backward state-only, backward output).
-  timeout 150 ncu --clock-control none -k regex:lightning_mma_kernel --launch-skip 36 --launch-count 10 \
+for t in ${NCU_T:-65536}; do
+  [ $((SECONDS - T0)) -lt "$LIMIT" ] || break
+  # One forward and one forward + backward at T = t (warm-up + 1 repetition each): every lightning launch
+  # (chunk passes and scans), 20 in all.
+  timeout 150 ncu --clock-control none -k regex:lightning --launch-count 20 \
     --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
-    --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis $B/loom-bench-lightning --max-t 65536 \
-    --reps 2 > "$OUT/ncu-lightning.txt" 2>&1
-  echo "ncu rc $? $(el)"
-  grep -E "lightning_mma_kernel|  Duration|Compute \(SM\) Throughput|DRAM Throughput|Achieved Occupancy|pipeline \(" \
-    "$OUT/ncu-lightning.txt" | cut -c1-120 | head -60
-fi
+    --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis $B/loom-bench-lightning --min-t "$t" \
+    --max-t "$t" --reps 1 > "$OUT/ncu-lightning-$t.txt" 2>&1
+  echo "ncu T $t rc $? $(el)"
+  grep -E "lightning_(mma|scan)|  Duration|Compute \(SM\) Throughput|DRAM Throughput|Achieved Occupancy|Issue Slots Busy|pipeline \(" \
+    "$OUT/ncu-lightning-$t.txt" | cut -c1-120 | head -120
+done
 if [ -n "${FLASH_NCU:-}" ] && [ $((SECONDS - T0)) -lt "$LIMIT" ]; then
   timeout 120 ncu --clock-control none -k regex:flash_backward --launch-skip 0 --launch-count 4 \
     --section SpeedOfLight --section WarpStateStats --section Occupancy --section ComputeWorkloadAnalysis \

@@ -229,18 +229,24 @@ __global__ void lightning_scan_kernel(float* entering, float* final_out, const f
   if (final_out != nullptr) final_out[base] = state;
 }
 
-// Calls f(kernel, threads, dynamic smem bytes, column tiles) with the chunk kernel for dtype, D and
-// whether the passes are state-only.
+// Calls f(kernel, threads, dynamic smem bytes, column tiles) with the chunk kernel for dtype, D,
+// whether the passes are state-only and (bf16) whether their rows load as 16-byte vectors.
 template <typename F>
-void with_chunk_kernel(DType dtype, int64_t D, bool state_only, F&& f) {
+void with_chunk_kernel(DType dtype, int64_t D, bool state_only, bool vectors, F&& f) {
   auto with_dim = [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
+    auto head = [&](auto only, auto vec) {
+      constexpr bool kOnly = decltype(only)::value, kVec = decltype(vec)::value;
+      f(lightning_mma_kernel<kD, kOnly, kVec>, HeadKernel<kD, kOnly>::kThreads, HeadKernel<kD, kOnly>::kBytes, 1);
+    };
+    using True = std::true_type;
+    using False = std::false_type;
     if (dtype == DType::f32) {
       f(lightning_chunk_kernel<float, kD>, kThreads, chunk_smem<kD>(), static_cast<int>((D + kCols - 1) / kCols));
     } else if (state_only) {
-      f(lightning_mma_kernel<kD, true>, HeadKernel<kD, true>::kThreads, HeadKernel<kD, true>::kBytes, 1);
+      vectors ? head(True{}, True{}) : head(True{}, False{});
     } else {
-      f(lightning_mma_kernel<kD, false>, HeadKernel<kD, false>::kThreads, HeadKernel<kD, false>::kBytes, 1);
+      vectors ? head(False{}, True{}) : head(False{}, False{});
     }
   };
   if (D <= 16) with_dim(std::integral_constant<int, 16>{});
@@ -249,11 +255,22 @@ void with_chunk_kernel(DType dtype, int64_t D, bool state_only, F&& f) {
   else with_dim(std::integral_constant<int, 128>{});
 }
 
+// The rows of every pass load as whole 16-byte vectors: D is the kernel's head dim (16, 32, 64 or
+// 128; other D are zero-padded up to it) and every tensor is 16-byte aligned.
+bool vector_rows(const PassSet& ps, int passes) {
+  if (ps.D != 16 && ps.D != 32 && ps.D != 64 && ps.D != 128) return false;
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  for (int p = 0; p < passes; ++p)
+    if (!aligned(ps.pass[p].x) || !aligned(ps.pass[p].y) || !aligned(ps.pass[p].z)) return false;
+  return true;
+}
+
 // Launches `passes` passes of ps over ps.segments segments (all state-only or none).
 void launch_passes(DType dtype, PassSet& ps, int passes, Stream& s) {
   if (ps.B == 0 || ps.H == 0 || ps.D == 0) return;
   for (int p = 1; p < passes; ++p) LOOM_CHECK(ps.pass[p].state_only == ps.pass[0].state_only);
-  with_chunk_kernel(dtype, ps.D, ps.pass[0].state_only, [&](auto kernel, int threads, size_t smem, int tiles) {
+  with_chunk_kernel(dtype, ps.D, ps.pass[0].state_only, vector_rows(ps, passes),
+                    [&](auto kernel, int threads, size_t smem, int tiles) {
     ps.tiles = tiles;
     dim3 grid(static_cast<unsigned>(tiles * passes), static_cast<unsigned>(ps.H),
               static_cast<unsigned>(ps.B * ps.segments));
@@ -281,18 +298,39 @@ void check_tensor(const Tensor& t, const Shape& shape, DType dtype, const Stream
   LOOM_CHECK(t.dtype() == dtype) << op << ": " << name << " dtype " << t.dtype() << ", expected " << dtype;
 }
 
+// ps.segments = count segments of ceil(chunks / count) chunks each.
+void set_segments(PassSet& ps, int64_t chunks, int64_t count) {
+  ps.seg_len = std::max<int64_t>(1, (chunks + count - 1) / count) * kChunk;
+  ps.segments = static_cast<int>(count);
+  LOOM_CHECK(ps.H <= 65535 && ps.B * count <= 65535)
+      << "lightning: H = " << ps.H << " and B * segments = " << ps.B << " * " << count
+      << " must each be <= 65535 (grid limits)";
+}
+
 // Segments for `passes` passes of (B, H, D) over T tokens. The blocks of a
 // launch all walk about the same number of chunks, so the count is chosen for
 // whole waves of the output passes: the fewest segments whose blocks fill at least 95% of the
 // waves they take (else the best fill), with segments of at least 8 chunks
 // (the state load, store and scan are amortized over them). One segment skips
-// the state-only pass and the scan.
-void plan_segments(PassSet& ps, int passes, DType dtype, const Stream& s) {
+// the state-only pass and the scan. `given` > 0 takes that count instead (the
+// forward's, whose saved states the backward reuses). Segments of `s` count are
+// ceil(chunks / s) chunks long (the last one shorter), so the count alone
+// fixes every boundary.
+void plan_segments(PassSet& ps, int passes, DType dtype, const Stream& s, int64_t given) {
+  const int64_t chunks = (ps.T + kChunk - 1) / kChunk;
+  if (given > 0) {
+    const int64_t per = std::max<int64_t>(1, (chunks + given - 1) / given);
+    LOOM_CHECK(given == std::max<int64_t>(1, (chunks + per - 1) / per))
+        << "lightning: saved states of " << given << " segments do not fit T = " << ps.T << " (" << chunks
+        << " chunks of " << kChunk << " tokens): they come from another sequence";
+    set_segments(ps, chunks, given);
+    return;
+  }
   int sms = 0;
   LOOM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, s.device().index));
   int resident = 1;
   int64_t tiles = 1;
-  with_chunk_kernel(dtype, std::max<int64_t>(ps.D, 1), false, [&](auto kernel, int threads, size_t smem, int t) {
+  with_chunk_kernel(dtype, std::max<int64_t>(ps.D, 1), false, true, [&](auto kernel, int threads, size_t smem, int t) {
     LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     LOOM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem));
     tiles = t;
@@ -310,12 +348,10 @@ void plan_segments(PassSet& ps, int passes, DType dtype, const Stream& s) {
     if (fill > best + 1e-9) best = fill, segments = n;
     if (fill >= 0.95) break;
   }
-  const int64_t chunks = (ps.T + kChunk - 1) / kChunk;
-  ps.seg_len = std::max<int64_t>(1, (chunks + segments - 1) / segments) * kChunk;
-  ps.segments = static_cast<int>(std::max<int64_t>(1, (ps.T + ps.seg_len - 1) / ps.seg_len));
-  LOOM_CHECK(ps.H <= 65535 && ps.B * ps.segments <= 65535)
-      << "lightning: H = " << ps.H << " and B * segments = " << ps.B << " * " << ps.segments
-      << " must each be <= 65535 (grid limits)";
+  // Segments of ceil(chunks / n) chunks number s = ceil(chunks / that) <= n; those s segments are
+  // ceil(chunks / s) chunks long (the same count again).
+  const int64_t per = std::max<int64_t>(1, (chunks + segments - 1) / segments);
+  set_segments(ps, chunks, std::max<int64_t>(1, (chunks + per - 1) / per));
 }
 
 // Checks q, k, v, the decays and the scalars; plans the segments and returns
@@ -323,7 +359,7 @@ void plan_segments(PassSet& ps, int passes, DType dtype, const Stream& s) {
 // gamma_h^seg_len and gamma_h^(length of the last segment).
 std::unique_ptr<Storage> check_inputs(PassSet& ps, int passes, const Tensor& q, const Tensor& k, const Tensor& v,
                                       const Tensor& initial_state, const Tensor& decay_lambdas, double out_scale,
-                                      int64_t block_size, Stream& s, const char* op) {
+                                      int64_t block_size, Stream& s, const char* op, int64_t given_segments = 0) {
   check_device_tensor(q, s, op, "q");
   LOOM_CHECK(q.dim() == 4) << op << ": q shape " << shape_str(q.shape()) << " must be (B, T, H, D)";
   LOOM_CHECK(q.dtype() == DType::bf16 || q.dtype() == DType::f32) << op << ": dtype " << q.dtype()
@@ -348,7 +384,7 @@ std::unique_ptr<Storage> check_inputs(PassSet& ps, int passes, const Tensor& q, 
   LOOM_CHECK(std::isfinite(out_scale)) << op << ": out_scale = " << out_scale << " is not finite";
   LOOM_CHECK(block_size >= 0) << op << ": block_size = " << block_size << " must be >= 0";
   ps.B = B, ps.T = T, ps.H = H, ps.D = D;
-  plan_segments(ps, passes, q.dtype(), s);
+  plan_segments(ps, passes, q.dtype(), s, given_segments);
   const int64_t last_len = T - (ps.segments - 1) * ps.seg_len;
   // gamma^m = exp(-lambda m) in double, as the CPU twin forms it.
   const size_t table = static_cast<size_t>(std::max<int64_t>(H, 1)) * (kChunk + 1);
@@ -378,7 +414,7 @@ Pass local_state_pass(const void* y, const void* z, float* local, bool reverse, 
 
 void lightning_forward(Tensor& out, Tensor& final_state, const Tensor& q, const Tensor& k, const Tensor& v,
                        const Tensor& initial_state, const Tensor& decay_lambdas, double out_scale,
-                       int64_t block_size, Stream& s) {
+                       int64_t block_size, Stream& s, Tensor* saved_states) {
   const char* op = "lightning_forward";
   PassSet ps{};
   std::unique_ptr<Storage> powers =
@@ -386,6 +422,7 @@ void lightning_forward(Tensor& out, Tensor& final_state, const Tensor& q, const 
   const int64_t B = q.size(0), H = q.size(2), D = q.size(3);
   check_tensor(out, q.shape(), q.dtype(), s, op, "out");
   check_tensor(final_state, {B, H, D, D}, DType::f32, s, op, "final_state");
+  if (saved_states != nullptr) *saved_states = Tensor();
   const float so = static_cast<float>(out_scale);
   const float* s0 = initial_state.defined() ? initial_state.data<float>() : nullptr;
   if (ps.segments == 1) {
@@ -396,25 +433,44 @@ void lightning_forward(Tensor& out, Tensor& final_state, const Tensor& q, const 
   }
   const int64_t state_elems = B * H * D * D;
   const size_t bytes = sizeof(float) * static_cast<size_t>(ps.segments * state_elems);
-  Storage local(bytes, q.device(), &s), entering(bytes, q.device(), &s);  // (segments, B, H, D, D)
+  Storage local(bytes, q.device(), &s);  // (segments, B, H, D, D)
+  // The segments' entering states: a tensor kept for the backward when asked for, else scratch.
+  Tensor entering;
+  std::unique_ptr<Storage> scratch;
+  if (saved_states != nullptr) entering = Tensor::empty({ps.segments, B, H, D, D}, DType::f32, q.device());
+  else scratch = std::make_unique<Storage>(bytes, q.device(), &s);
   auto* local_s = static_cast<float*>(local.data());
-  auto* entering_s = static_cast<float*>(entering.data());
+  float* entering_s = saved_states != nullptr ? entering.data<float>() : static_cast<float*>(scratch->data());
   ps.pass[0] = local_state_pass(k.raw_data(), v.raw_data(), local_s, false, 1.f);
   launch_passes(q.dtype(), ps, 1, s);
   launch_scan(entering_s, final_state.data<float>(), local_s, s0, segment_decays(ps), ps, false, s);
   ps.pass[0] = Pass{out.raw_data(), q.raw_data(), k.raw_data(), v.raw_data(), entering_s, state_elems, false,
                     nullptr, false, false, so, so, 1.f};
   launch_passes(q.dtype(), ps, 1, s);
+  if (saved_states != nullptr) *saved_states = std::move(entering);
 }
 
 void lightning_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dinitial_state, const Tensor& dout,
                         const Tensor& dfinal_state, const Tensor& q, const Tensor& k, const Tensor& v,
                         const Tensor& initial_state, const Tensor& decay_lambdas, double out_scale,
-                        int64_t block_size, Stream& s) {
+                        int64_t block_size, Stream& s, const Tensor& saved_states) {
   const char* op = "lightning_backward";
+  int64_t given = 0;
+  if (saved_states.defined()) {
+    check_device_tensor(saved_states, s, op, "saved_states");
+    LOOM_CHECK(q.dim() == 4) << op << ": q shape " << shape_str(q.shape()) << " must be (B, T, H, D)";
+    const Shape expect{saved_states.dim() == 5 ? saved_states.size(0) : 0, q.size(0), q.size(2), q.size(3),
+                       q.size(3)};
+    LOOM_CHECK(saved_states.dim() == 5 && saved_states.size(0) >= 2 && saved_states.shape() == expect &&
+               saved_states.dtype() == DType::f32)
+        << op << ": saved_states " << shape_str(saved_states.shape()) << " " << saved_states.dtype()
+        << " must be f32 (segments >= 2, B, H, D, D) from lightning_forward on this q";
+    given = saved_states.size(0);
+  }
   PassSet ps{};
   std::unique_ptr<Storage> powers =
-      check_inputs(ps, 3, q, k, v, initial_state, decay_lambdas, out_scale, block_size, s, op);
+      check_inputs(ps, 3, q, k, v, initial_state, decay_lambdas, out_scale, block_size, s, op,
+                   given);
   const int64_t B = q.size(0), H = q.size(2), D = q.size(3);
   const Shape state_shape{B, H, D, D};
   check_tensor(dq, q.shape(), q.dtype(), s, op, "dq");
@@ -437,17 +493,26 @@ void lightning_backward(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dinitial_sta
   }
   const int64_t state_elems = B * H * D * D;
   const size_t bytes = sizeof(float) * static_cast<size_t>(ps.segments * state_elems);
-  // (segments, B, H, D, D) each: local and entering S (forward order), G (reverse order).
-  Storage local_s(bytes, q.device(), &s), entering_s(bytes, q.device(), &s);
+  // (segments, B, H, D, D) each: entering S (forward order; the forward's when saved, else recomputed from
+  // its local states), local and entering G (reverse order).
   Storage local_g(bytes, q.device(), &s), entering_g(bytes, q.device(), &s);
-  auto* ls = static_cast<float*>(local_s.data());
-  auto* es = static_cast<float*>(entering_s.data());
+  std::unique_ptr<Storage> local_s, entering_s;
+  const float* es = given > 0 ? saved_states.data<float>() : nullptr;
   auto* lg = static_cast<float*>(local_g.data());
   auto* eg = static_cast<float*>(entering_g.data());
-  ps.pass[0] = local_state_pass(k.raw_data(), v.raw_data(), ls, false, 1.f);
-  ps.pass[1] = local_state_pass(q.raw_data(), g, lg, true, so);
-  launch_passes(q.dtype(), ps, 2, s);
-  launch_scan(es, nullptr, ls, s0, segment_decays(ps), ps, false, s);
+  int passes = 0;
+  if (es == nullptr) {
+    local_s = std::make_unique<Storage>(bytes, q.device(), &s);
+    entering_s = std::make_unique<Storage>(bytes, q.device(), &s);
+    ps.pass[passes++] = local_state_pass(k.raw_data(), v.raw_data(), static_cast<float*>(local_s->data()), false, 1.f);
+  }
+  ps.pass[passes++] = local_state_pass(q.raw_data(), g, lg, true, so);
+  launch_passes(q.dtype(), ps, passes, s);
+  if (es == nullptr) {
+    launch_scan(static_cast<float*>(entering_s->data()), nullptr, static_cast<const float*>(local_s->data()), s0,
+                segment_decays(ps), ps, false, s);
+    es = static_cast<const float*>(entering_s->data());
+  }
   launch_scan(eg, ds0, lg, gf, segment_decays(ps), ps, true, s);
   ps.pass[0] = Pass{dq.raw_data(), g, v.raw_data(), k.raw_data(), es, state_elems, true, nullptr, false, false, so, so,
                     1.f};

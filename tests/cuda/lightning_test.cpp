@@ -4,7 +4,8 @@
 // 64-token chunk), D = 16, 64, 128 and an odd 40, no decay and strong decay
 // (per head), non-zero initial state and dS_final, outputs poisoned with NaN;
 // long T (1100, 4097, 20000) that the kernels split into segments.
-// Also: two calls chained through the state equal one call (outputs, final
+// Every backward runs twice: recomputing the forward-order states and reusing
+// the ones the forward saved. Also: two calls chained through the state equal one call (outputs, final
 // state, and all gradients with dS flowing back between the calls), T = 0, and
 // named argument errors.
 // Tolerance, f32 storage: the GPU sums in fp32 in another order (chunked vs
@@ -150,16 +151,26 @@ void check_case(int64_t B, int64_t T, int64_t H, int64_t D, const std::vector<do
   Tensor qg = up(in.q, dtype), kg = up(in.k, dtype), vg = up(in.v, dtype), dog = up(in.dout, dtype);
   Tensor s0g = in.s0.to(gpu()), dsfg = in.dsf.to(gpu());
   Tensor out = poisoned(shape, dtype), sf = poisoned(state, DType::f32);
-  cuda::lightning_forward(out, sf, qg, kg, vg, s0g, in.lambdas, so, 64, gpu_stream());
+  Tensor saved;
+  cuda::lightning_forward(out, sf, qg, kg, vg, s0g, in.lambdas, so, 64, gpu_stream(), &saved);
   EXPECT_TRUE(check(out, out_ref, out_sq, dtype)) << "out";
   EXPECT_TRUE(check(sf, sf_ref, sf_sq, DType::f32)) << "final_state";
-  Tensor dq = poisoned(shape, dtype), dk = poisoned(shape, dtype), dv = poisoned(shape, dtype);
-  Tensor ds0 = poisoned(state, DType::f32);
-  cuda::lightning_backward(dq, dk, dv, ds0, dog, dsfg, qg, kg, vg, s0g, in.lambdas, so, 64, gpu_stream());
-  EXPECT_TRUE(check(dq, dq_ref, dq_sq, dtype)) << "dq";
-  EXPECT_TRUE(check(dk, dk_ref, dk_sq, dtype)) << "dk";
-  EXPECT_TRUE(check(dv, dv_ref, dv_sq, dtype)) << "dv";
-  EXPECT_TRUE(check(ds0, ds0_ref, ds0_sq, DType::f32)) << "dinitial_state";
+  // From 1024 tokens (two segments of the 512-token minimum) these small B H split the sequence.
+  if (T >= 1024) {
+    EXPECT_TRUE(saved.defined()) << "no segment states saved";
+  }
+  // The backward recomputing its states, then (when the forward saved them) reusing the forward's.
+  for (int run = 0; run < (saved.defined() ? 2 : 1); ++run) {
+    SCOPED_TRACE(run == 0 ? "states recomputed" : "the forward's states");
+    Tensor dq = poisoned(shape, dtype), dk = poisoned(shape, dtype), dv = poisoned(shape, dtype);
+    Tensor ds0 = poisoned(state, DType::f32);
+    cuda::lightning_backward(dq, dk, dv, ds0, dog, dsfg, qg, kg, vg, s0g, in.lambdas, so, 64, gpu_stream(),
+                             run == 0 ? Tensor() : saved);
+    EXPECT_TRUE(check(dq, dq_ref, dq_sq, dtype)) << "dq";
+    EXPECT_TRUE(check(dk, dk_ref, dk_sq, dtype)) << "dk";
+    EXPECT_TRUE(check(dv, dv_ref, dv_sq, dtype)) << "dv";
+    EXPECT_TRUE(check(ds0, ds0_ref, ds0_sq, DType::f32)) << "dinitial_state";
+  }
 }
 
 TEST(CudaLightning, MatchesTheRecurrentCpuTwin) {
@@ -300,6 +311,20 @@ TEST(CudaLightning, BadArgumentsAreNamed) {
   Tensor wide = Tensor::zeros({1, 4, 2, 192}, DType::bf16, gpu());
   expect_error([&] { cuda::lightning_forward(wide, sf, wide, wide, wide, Tensor(), good, 1.0, 64, gpu_stream()); },
                "D = 192");
+  // Saved segment states from another sequence length, or of the wrong shape.
+  const Shape long_shape{1, 4096, 2, 64};
+  Tensor ql = Tensor::zeros(long_shape, DType::bf16, gpu()), outl = Tensor::zeros(long_shape, DType::bf16, gpu());
+  Tensor saved;
+  cuda::lightning_forward(outl, sf, ql, ql, ql, Tensor(), good, 1.0, 64, gpu_stream(), &saved);
+  ASSERT_TRUE(saved.defined());
+  Tensor dq = Tensor::zeros(shape, DType::bf16, gpu()), dk = dq.clone(), dv = dq.clone(), none;
+  expect_error([&] { cuda::lightning_backward(dq, dk, dv, none, q, Tensor(), q, q, q, Tensor(), good, 1.0, 64,
+                                              gpu_stream(), saved); },
+               "do not fit T = 4");
+  Tensor flat = Tensor::zeros({2, 2, 64, 64}, DType::f32, gpu());
+  expect_error([&] { cuda::lightning_backward(dq, dk, dv, none, q, Tensor(), q, q, q, Tensor(), good, 1.0, 64,
+                                              gpu_stream(), flat); },
+               "saved_states (2, 2, 64, 64)");
 }
 
 }  // namespace
