@@ -185,6 +185,8 @@ void register_run_keys(ConfigSchema& s) {
   s.add(LOOM_CONFIG_FIELD(train.sample_tokens), "tokens generated per sample").min(1);
   s.add(LOOM_CONFIG_FIELD(train.prompt), "prompt of the text samples");
   s.add(LOOM_CONFIG_FIELD(train.activation_checkpointing), "recompute block activations in backward to save memory");
+  s.add(LOOM_CONFIG_FIELD(train.deterministic),
+        "bitwise-repeatable kernels: the flash backward without atomics, cuDNN forward only (slower)");
   s.add(LOOM_CONFIG_FIELD(train.eval_lengths),
         "context lengths of the task accuracy evaluation when data.task != text ([] = data.seq_len)")
       .satisfies(

@@ -157,6 +157,7 @@ struct TrainConfig {
   int64_t sample_tokens = 64;
   std::string prompt = "The hacker";
   bool activation_checkpointing = false;
+  bool deterministic = false;  // kernels that repeat bitwise (kernels/dispatch.h: set_deterministic)
   std::vector<std::string> eval_lengths;  // task evaluation context lengths ([] = data.seq_len)
 
   bool operator==(const TrainConfig&) const = default;

@@ -33,13 +33,19 @@ using cpu::BinaryOp;
 //   interim  the CUDA-core kernels everywhere (fp32 math)
 //   auto     per shape and direction, cuDNN or native, whichever ran faster
 //            when both were timed on the shape's first call (native where
-//            cuDNN does not take the call); use native for a deterministic
-//            backward
+//            cuDNN does not take the call)
 // CPU tensors always run the CPU twin.
 enum class AttentionBackend { automatic, native, cudnn, interim };
 AttentionBackend attention_backend_from_name(const std::string& name);  // throws naming the value
 void set_attention_backend(AttentionBackend backend);  // default automatic
 AttentionBackend attention_backend();
+// train.deterministic: kernels whose results repeat bitwise from run to run.
+// Off (default), the native flash backward is one fused pass that adds dQ with
+// atomics and auto may take cuDNN's backward (also atomic); on, the flash
+// backward runs its two kernels without atomics and cuDNN only forward. The
+// CPU kernels are deterministic either way.
+void set_deterministic(bool deterministic);
+bool deterministic();
 
 // ---- matrix products (kernels/cpu/matmul.h) ----
 void gemm(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, double alpha, double beta,

@@ -233,8 +233,9 @@ void bench_memory_bound(Bench& b, const ModelShape& m) {
 // and cuDNN backends), forward and forward + backward; then S2 (block 64, 16
 // local blocks, vert_stride 8) against dense flash at 32K and 128K. FLOPs by
 // the usual convention: forward 4 D per visible (query, key) pair per head,
-// backward 2.5x the forward (the deterministic backward does 7 of the 5
-// products' worth: see kernels/NOTES.md); S2 rows count the dense pairs, so
+// backward 2.5x the forward (the fused flash backward does those 5 products
+// per tile pair, the deterministic one, "flash det", 7: see kernels/NOTES.md);
+// S2 rows count the dense pairs, so
 // their TFLOP/s over dense's is the speedup.
 // `only_t`: run only the shapes of that sequence length (0: all).
 void bench_attention(Bench& b, int64_t only_t) {
@@ -247,10 +248,13 @@ void bench_attention(Bench& b, int64_t only_t) {
     cuda::AttentionKernel kernel;
     int64_t T;
     bool s2;
+    bool deterministic = false;  // the two-kernel flash backward (train.deterministic)
   };
   const Run runs[] = {{"flash", cuda::AttentionKernel::flash, 4096, false},
                       {"flash", cuda::AttentionKernel::flash, 16384, false},
                       {"flash", cuda::AttentionKernel::flash, 32768, false},
+                      {"flash det", cuda::AttentionKernel::flash, 16384, false, true},
+                      {"flash det", cuda::AttentionKernel::flash, 32768, false, true},
                       {"cudnn", cuda::AttentionKernel::cudnn, 4096, false},
                       {"cudnn", cuda::AttentionKernel::cudnn, 16384, false},
                       {"cudnn", cuda::AttentionKernel::cudnn, 32768, false},
@@ -276,11 +280,13 @@ void bench_attention(Bench& b, int64_t only_t) {
       cuda::attention_forward(out, lse, q, k, v, pos, pos, scale, true, s2, s, r.kernel, cpu::MaskForm::diagonal(0));
     };
     b.compute("attention", std::string(r.label) + " fwd", shape_text, fwd_flops, forward);
+    cuda::set_deterministic_attention(r.deterministic);
     b.compute("attention", std::string(r.label) + " fwd+bwd", shape_text, 3.5 * fwd_flops, [&] {
       forward();
       cuda::attention_backward(dq, dk, dv, dout, Tensor(), q, k, v, out, lse, pos, pos, scale, true, s2, s,
                                r.kernel, cpu::MaskForm::diagonal(0));
     });
+    cuda::set_deterministic_attention(false);
   }
 }
 

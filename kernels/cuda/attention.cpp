@@ -4,10 +4,12 @@
 #include "kernels/cuda/attention.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <tuple>
 
@@ -88,6 +90,8 @@ bool cudnn_candidate(AttentionKernel kernel, cpu::MaskForm form, const S2Pattern
                      const Tensor& v, bool backward) {
   if (kernel != AttentionKernel::cudnn && kernel != AttentionKernel::best) return false;
   if (s2.enabled() || !form.is_diagonal()) return false;
+  // cuDNN's backward accumulates dQ with atomics: a deterministic run leaves it to the flash kernels.
+  if (backward && deterministic_attention()) return false;
   if (kernel == AttentionKernel::cudnn) {
     LOOM_CHECK(cudnn_attention_available()) << "attention: model.attention_backend = cudnn but cuDNN is not "
                                             << "available (" << cudnn_attention_version() << ")";
@@ -155,6 +159,13 @@ bool run_cudnn_or_best(AttentionKernel kernel, const ChoiceKey& key, const std::
 
 }  // namespace
 
+namespace {
+std::atomic<bool> g_deterministic{false};
+}  // namespace
+
+void set_deterministic_attention(bool deterministic) { g_deterministic = deterministic; }
+bool deterministic_attention() { return g_deterministic; }
+
 bool flash_attention_applies(const Tensor& q, const Tensor& k, const Tensor& v) {
   return q.defined() && k.defined() && v.defined() && q.dim() == 4 &&
          detail::flash_attention_supports(q.dtype(), q.size(3)) && aligned16(q.raw_data()) &&
@@ -210,9 +221,14 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
                      aligned16(dv.raw_data());
   auto run_flash = [&] {
     Storage scratch = scratch_i64(detail::flash_attention_scratch(n), q, s);
+    // The fused backward's fp32 dQ (B, T, H, D); none for the deterministic kernels.
+    std::unique_ptr<Storage> dq_acc;
+    if (!deterministic_attention())
+      dq_acc = std::make_unique<Storage>(static_cast<size_t>(std::max<int64_t>(1, q.numel())) * sizeof(float),
+                                         q.device(), &s);
     detail::launch_flash_attention_backward(dq.raw_data(), dk.raw_data(), dv.raw_data(),
                                             static_cast<float*>(delta.data()), static_cast<int64_t*>(scratch.data()),
-                                            dout.raw_data(), dlse.defined() ? dlse.data<float>() : nullptr,
+                                            dq_acc ? static_cast<float*>(dq_acc->data()) : nullptr, dout.raw_data(), dlse.defined() ? dlse.data<float>() : nullptr,
                                             q.raw_data(), k.raw_data(), v.raw_data(), out.raw_data(),
                                             lse.data<float>(), n, mask, static_cast<float>(scale),
                                             static_cast<cudaStream_t>(s.handle()));

@@ -25,6 +25,13 @@ namespace loom::cuda {
 // does not take the call or has no engine).
 enum class AttentionKernel { interim, flash, cudnn, best };
 
+// The flash backward is fused by default (dK, dV and, with atomics, dQ in one
+// pass: faster, but dQ's rounding varies from run to run). Deterministic, it
+// runs separate dQ and dK dV kernels without atomics (bitwise reproducible).
+// Process-wide; the trainer sets it from train.deterministic.
+void set_deterministic_attention(bool deterministic);
+bool deterministic_attention();
+
 // True when the flash kernels take these operands: bf16, D = 64 or 128, every
 // pointer 16-byte aligned (and, for the backward, dout defined).
 bool flash_attention_applies(const Tensor& q, const Tensor& k, const Tensor& v);

@@ -11,7 +11,10 @@
 //            softmax in fp32 (exp2 domain), P reused from the S accumulators
 //            as the A operand (mma.cuh).
 //   backward the interim kernels' delta pre-pass (rowsum(dO * O) - dlse),
-//            then two deterministic passes without atomics: dQ per 128-query
+//            then either the fused pass (dK, dV per 128-key block as below,
+//            which also adds each query tile's dS K into an fp32 dQ with
+//            atomics; dQ's rounding varies from run to run) or, deterministic,
+//            two passes without atomics: dQ per 128-query
 //            block over key tiles (S, dP = dO V^T, dQ += dS K), and dK, dV per
 //            128-key block over the 64-query tiles of every head of its GQA
 //            group (S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q),
@@ -27,6 +30,7 @@
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/mma.cuh"
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -607,15 +611,41 @@ __global__ void __launch_bounds__(kThreads, 1)
   store_rows<kD>(dq + blk.q_offset, blk.q_stride, row0, nq, acc_dq, scale);
 }
 
+// *p += a, *(p + 1) += b as one vector atomic where the device has it (sm_90).
+__device__ __forceinline__ void add_pair(float* p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+#endif
+}
+
+// dq (bf16) <- dq_acc (fp32), n elements.
+__global__ void flash_dq_store_kernel(bf16* __restrict__ dq, const float* __restrict__ dq_acc, int64_t n) {
+  for (int64_t i = 2 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x); i < n;
+       i += 2 * static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float2 f = *reinterpret_cast<const float2*>(dq_acc + i);  // n is even: D is 64 or 128
+    *reinterpret_cast<__nv_bfloat162*>(dq + i) = __floats2bfloat162_rn(f.x, f.y);
+  }
+}
+
 // ---- dK, dV: one block per (128-key block, kv head, batch); warp -> 16 keys;
 // loops over the 64-query tiles of every query head of the GQA group.
+
+// Row stride of the dS^T tile (keys x 64 queries, bf16) the fused backward shares for dQ.
+constexpr int kLdS = kTile + 8;
 
 template <int kD>
 struct KeySmem {
   static constexpr size_t kBase = sizeof(bf16) * (2 * kTileElems<kD, kBlockRows> + 4 * kTileElems<kD>) +
                                   sizeof(RowPos<kBlockRows>) + 2 * sizeof(RowPos<kTile>) +
                                   2 * 2 * kTile * sizeof(float);
-  static size_t bytes(int64_t query_tiles) { return kBase + plan_bytes(query_tiles); }
+  static constexpr size_t kDsBytes = sizeof(bf16) * kBlockRows * kLdS;
+  // With dq_acc (the fused backward) the plan is followed by the dS^T tile.
+  static size_t bytes(int64_t query_tiles, bool fused_dq) {
+    return kBase + plan_bytes(query_tiles) + (fused_dq ? kDsBytes : 0);
+  }
 
   bf16* ks;   // 128 rows
   bf16* vs;   // 128 rows
@@ -626,8 +656,9 @@ struct KeySmem {
   float* lse;           // 2 stages x 64 (natural log; -inf: the row sees nothing)
   float* delta;         // 2 stages x 64
   uint32_t* plan;
+  bf16* ds;  // (128 keys, kLdS): dS^T of the current query tile (fused backward), after the plan
 
-  __device__ explicit KeySmem(unsigned char* raw) {
+  __device__ KeySmem(unsigned char* raw, int64_t query_tiles) {
     ks = reinterpret_cast<bf16*>(raw);
     vs = ks + kTileElems<kD, kBlockRows>;
     qs = vs + kTileElems<kD, kBlockRows>;
@@ -637,17 +668,24 @@ struct KeySmem {
     lse = reinterpret_cast<float*>(qpos + 2);
     delta = lse + 2 * kTile;
     plan = reinterpret_cast<uint32_t*>(delta + 2 * kTile);
+    ds = reinterpret_cast<bf16*>(reinterpret_cast<unsigned char*>(plan) + plan_bytes(query_tiles));
   }
 };
 
-template <int kD>
+// kFusedDq: also dQ, each query tile's dS K over this block's 128 keys added
+// (scaled) into dq_acc (B, T, H, D) fp32 with atomics (the fused backward: 5
+// products per tile pair instead of the 7 of the dQ and dK dV kernels; the
+// order of the additions, so dQ's rounding, varies from run to run).
+template <int kD, bool kFusedDq>
 __global__ void __launch_bounds__(kThreads, 1)
-    flash_backward_dkdv_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, const bf16* __restrict__ dout,
-                               const float* __restrict__ lse, const float* __restrict__ delta,
-                               const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
-                               AttentionDims n, AttentionMask m, TileBounds tb, float scale) {
+    flash_backward_dkdv_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
+                               const bf16* __restrict__ dout, const float* __restrict__ lse,
+                               const float* __restrict__ delta, const bf16* __restrict__ q,
+                               const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n,
+                               AttentionMask m, TileBounds tb, float scale) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const KeySmem<kD> sm(smem_raw);
+  const int64_t k_tiles = (n.S + kTile - 1) / kTile, q_tiles = (n.T + kTile - 1) / kTile;
+  const KeySmem<kD> sm(smem_raw, q_tiles);
   const int64_t kb = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const int64_t group = n.H / n.Hkv;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
@@ -655,7 +693,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t j0 = kb * kBlockRows;
   const int nk = rows_from(n.S, j0, kBlockRows);
   const int64_t q_stride = n.H * n.D, kv_stride = n.Hkv * n.D;
-  const int64_t k_tiles = (n.S + kTile - 1) / kTile, q_tiles = (n.T + kTile - 1) / kTile;
 
   load_rows_async<kD, kBlockRows>(sm.ks, k + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, nk);
   load_rows_async<kD, kBlockRows>(sm.vs, v + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, nk);
@@ -756,6 +793,48 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint32_t dsf[4][4];
       c_to_a(dsf, dpt);
       mma_frags_by_tile<kD>(acc_dk, dsf, qt_s);  // dK += dS^T Q
+      if constexpr (kFusedDq) {
+        // This warp's 16 rows of dS^T (keys x queries, the bf16 values dK used) into the shared tile:
+        // dsf[kk][j] holds key row g + 8 (j & 1), query columns 16 kk + 8 (j >> 1) + 2 t4, + 1.
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            *reinterpret_cast<uint32_t*>(sm.ds + (row0 + g + 8 * (j & 1)) * kLdS + 16 * kk + 8 * (j >> 1) + 2 * t4) =
+                dsf[kk][j];
+      }
+    }
+    if constexpr (kFusedDq) {
+      __syncthreads();  // the dS^T rows of every warp that met the tile are in place
+      // dQ (64 queries x D) += dS K over the block's keys of the halves that met the tile: warp ->
+      // query rows [16 (warp % 4), + 16), columns [(warp / 4) D / 2, + D / 2).
+      const int mt = warp % 4, c0 = (warp / 4) * (kD / 2);
+      float acc[kD / 16][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < kBlockRows / 16; ++kk) {
+        if (!plan.meet(kk / 4, qt)) continue;  // that half's rows were not written (uniform over the block)
+        uint32_t a[4];
+        ldsm_a_kmajor(a, sm.ds, kLdS, 16 * mt, 16 * kk);  // A[m = query][k = key] = dS^T[key][query]
+#pragma unroll
+        for (int np = 0; np < kD / 32; ++np) {
+          uint32_t bb[4];
+          ldsm_b2_kmajor(bb, sm.ks, kLd<kD>, c0 + 16 * np, 16 * kk);  // B[k = key][n = d] = K[key][d]
+          mma_bf16(acc[2 * np], a, bb[0], bb[1]);
+          mma_bf16(acc[2 * np + 1], a, bb[2], bb[3]);
+        }
+      }
+      if (plan.meet(0, qt) || plan.meet(1, qt)) {
+        const int64_t h = hk * group + unit / q_tiles, i0 = qt * kTile;
+        const int nq = rows_from(n.T, i0, kTile);
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int r = 16 * mt + g + 8 * hr;
+          if (r >= nq) continue;
+          float* row = dq_acc + ((b * n.T + i0 + r) * n.H + h) * n.D + c0 + 2 * t4;
+#pragma unroll
+          for (int nt = 0; nt < kD / 16; ++nt) add_pair(row + 8 * nt, scale * acc[nt][2 * hr], scale * acc[nt][2 * hr + 1]);
+        }
+      }
     }
     __syncthreads();
     first = false;
@@ -841,16 +920,20 @@ void launch_flash_attention_forward(void* out, float* lse, const void* q, const 
   });
 }
 
-void launch_flash_attention_backward(void* dq, void* dk, void* dv, float* delta, int64_t* scratch, const void* dout,
-                                     const float* dlse, const void* q, const void* k, const void* v,
-                                     const void* out, const float* lse, const AttentionDims& n,
+void launch_flash_attention_backward(void* dq, void* dk, void* dv, float* delta, int64_t* scratch, float* dq_acc,
+                                     const void* dout, const float* dlse, const void* q, const void* k,
+                                     const void* v, const void* out, const float* lse, const AttentionDims& n,
                                      const AttentionMask& mask, float scale, cudaStream_t stream) {
   if (n.B == 0 || n.H == 0) return;
   launch_attention_delta(DType::bf16, delta, dout, out, dlse, n, stream);
   const TileBounds tb = compute_bounds(scratch, n, mask, stream);
+  const bool fused = dq_acc != nullptr;
+  const int64_t dq_elems = n.B * n.T * n.H * n.D;
+  if (fused && dq_elems > 0)
+    LOOM_CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, static_cast<size_t>(dq_elems) * sizeof(float), stream));
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
-    if (n.T > 0) {
+    if (n.T > 0 && !fused) {
       auto kernel = flash_backward_dq_kernel<kD>;
       const size_t smem = QuerySmem<kD, 2>::bytes(tiles_of(n.S));
       set_smem(kernel, smem);
@@ -861,17 +944,23 @@ void launch_flash_attention_backward(void* dq, void* dk, void* dv, float* delta,
       LOOM_CUDA_CHECK(cudaGetLastError());
     }
     if (n.S > 0) {
-      auto kernel = flash_backward_dkdv_kernel<kD>;
-      const size_t smem = KeySmem<kD>::bytes(tiles_of(n.T));
+      auto kernel = fused ? flash_backward_dkdv_kernel<kD, true> : flash_backward_dkdv_kernel<kD, false>;
+      const size_t smem = KeySmem<kD>::bytes(tiles_of(n.T), fused);
       set_smem(kernel, smem);
       dim3 grid(blocks_of(n.S), static_cast<unsigned>(n.Hkv), static_cast<unsigned>(n.B));
-      kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv),
+      kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc,
                                                static_cast<const bf16*>(dout), lse, delta,
                                                static_cast<const bf16*>(q), static_cast<const bf16*>(k),
                                                static_cast<const bf16*>(v), n, mask, tb, scale);
       LOOM_CUDA_CHECK(cudaGetLastError());
     }
   });
+  if (fused && dq_elems > 0) {
+    const int64_t pairs = dq_elems / 2;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((pairs + 255) / 256, 4096));
+    flash_dq_store_kernel<<<blocks, 256, 0, stream>>>(static_cast<bf16*>(dq), dq_acc, dq_elems);
+    LOOM_CUDA_CHECK(cudaGetLastError());
+  }
 }
 
 }  // namespace loom::cuda::detail

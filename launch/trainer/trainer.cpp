@@ -262,6 +262,7 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
       << "train.device = \"" << config.train.device << "\" but CUDA is not usable here: " << cuda_unavailable_reason();
   const Device device = select_device(config.train.device, world);
   dispatch::set_attention_backend(dispatch::attention_backend_from_name(config.model.attention_backend));
+  dispatch::set_deterministic(config.train.deterministic);
   MeshSizes sizes;
   sizes.dp = static_cast<int>(config.parallel.dp);
   sizes.cp = static_cast<int>(config.parallel.cp);

@@ -157,6 +157,15 @@ RoundingBounds rounding_bounds(const Case& c, const Tensor& q, const Tensor& k, 
                                        << bd[worst] << " (error / tolerance " << worst_ratio << ")";
 }
 
+// Sets cuda::deterministic_attention for a scope.
+struct DeterministicScope {
+  explicit DeterministicScope(bool on) : previous(cuda::deterministic_attention()) {
+    cuda::set_deterministic_attention(on);
+  }
+  ~DeterministicScope() { cuda::set_deterministic_attention(previous); }
+  bool previous;
+};
+
 // Which implementation check_case runs: the flash kernels, or cuDNN called
 // directly (so a silent fallback cannot pass for it; no lse gradient there).
 enum class Engine { flash, cudnn_forward, cudnn };
@@ -202,22 +211,29 @@ void check_case(const Case& c, uint64_t seed, Engine engine = Engine::flash) {
   Tensor dq_ref = Tensor::empty(q_shape), dk_ref = Tensor::empty(kv_shape), dv_ref = Tensor::empty(kv_shape);
   cpu::attention_backward(dq_ref, dk_ref, dv_ref, dout, dlse, q, k, v, out_f32, lse_f32, qp, kp, scale, c.causal, s2,
                           cpu_stream());
-  Tensor dq = poisoned(q_shape, bf), dk = poisoned(kv_shape, bf), dv = poisoned(kv_shape, bf);
   Tensor doutg = dout.to(bf).to(gpu()), dlseg = dlse.to(gpu());
-  if (engine == Engine::flash) {
-    cuda::attention_backward(dq, dk, dv, doutg, dlseg, qg, kg, vg, out, lse, qpg, kpg, scale, c.causal, s2,
-                             gpu_stream(), cuda::AttentionKernel::flash);
-  } else if (engine == Engine::cudnn) {
-    ASSERT_TRUE(cuda::cudnn_attention_backward(dq, dk, dv, doutg, qg, kg, vg, out, lse, diagonal, scale, gpu_stream()))
-        << cuda::cudnn_attention_last_error();
-  }
   const RoundingBounds bound =
       rounding_bounds(c, q, k, v, dout, dlse, out, lse_f32, qp, kp, s2, scale, engine != Engine::flash);
   EXPECT_TRUE(within_rounding(out, out_ref, bound.out)) << "out";
   if (engine == Engine::cudnn_forward) return;
-  EXPECT_TRUE(within_rounding(dq, dq_ref, bound.dq, bound.dq_abs)) << "dq";
-  EXPECT_TRUE(within_rounding(dk, dk_ref, bound.dk, bound.dk_abs)) << "dk";
-  EXPECT_TRUE(within_rounding(dv, dv_ref, bound.dv, bound.dv_abs)) << "dv";
+  // The flash backward both ways: fused (dQ by atomics) and deterministic (two kernels).
+  for (bool deterministic : {false, true}) {
+    if (engine != Engine::flash && deterministic) break;
+    SCOPED_TRACE(deterministic ? "deterministic backward" : "fused backward");
+    Tensor dq = poisoned(q_shape, bf), dk = poisoned(kv_shape, bf), dv = poisoned(kv_shape, bf);
+    if (engine == Engine::flash) {
+      const DeterministicScope scope(deterministic);
+      cuda::attention_backward(dq, dk, dv, doutg, dlseg, qg, kg, vg, out, lse, qpg, kpg, scale, c.causal, s2,
+                               gpu_stream(), cuda::AttentionKernel::flash);
+    } else {
+      ASSERT_TRUE(
+          cuda::cudnn_attention_backward(dq, dk, dv, doutg, qg, kg, vg, out, lse, diagonal, scale, gpu_stream()))
+          << cuda::cudnn_attention_last_error();
+    }
+    EXPECT_TRUE(within_rounding(dq, dq_ref, bound.dq, bound.dq_abs)) << "dq";
+    EXPECT_TRUE(within_rounding(dk, dk_ref, bound.dk, bound.dk_abs)) << "dk";
+    EXPECT_TRUE(within_rounding(dv, dv_ref, bound.dv, bound.dv_abs)) << "dv";
+  }
 }
 
 TEST(CudaFlashAttention, MatchesTheCpuTwinOverLengthsHeadDimsGroupsAndMasks) {
@@ -263,15 +279,23 @@ TEST(CudaFlashAttention, BackwardIsDeterministic) {
   Tensor out = poisoned(q_shape, bf), lse = poisoned({1, 4, 300}, DType::f32);
   cuda::attention_forward(out, lse, q, k, v, pos, pos, 0.09, true, S2Pattern{}, gpu_stream(),
                           cuda::AttentionKernel::flash);
-  Tensor dq[2], dk[2], dv[2];
-  for (int run = 0; run < 2; ++run) {
-    dq[run] = poisoned(q_shape, bf), dk[run] = poisoned(kv_shape, bf), dv[run] = poisoned(kv_shape, bf);
-    cuda::attention_backward(dq[run], dk[run], dv[run], dout, Tensor(), q, k, v, out, lse, pos, pos, 0.09, true,
-                             S2Pattern{}, gpu_stream(), cuda::AttentionKernel::flash);
+  // Deterministic: every gradient bitwise equal across runs. Fused: dK and dV still are (each is summed
+  // in one block's registers in a fixed order); dQ's atomic additions may come in another order.
+  for (bool deterministic : {true, false}) {
+    SCOPED_TRACE(deterministic ? "deterministic backward" : "fused backward");
+    const DeterministicScope scope(deterministic);
+    Tensor dq[2], dk[2], dv[2];
+    for (int run = 0; run < 2; ++run) {
+      dq[run] = poisoned(q_shape, bf), dk[run] = poisoned(kv_shape, bf), dv[run] = poisoned(kv_shape, bf);
+      cuda::attention_backward(dq[run], dk[run], dv[run], dout, Tensor(), q, k, v, out, lse, pos, pos, 0.09, true,
+                               S2Pattern{}, gpu_stream(), cuda::AttentionKernel::flash);
+    }
+    if (deterministic) {
+      EXPECT_TENSOR_CLOSE(download(dq[1]), download(dq[0]), 0, 0);
+    }
+    EXPECT_TENSOR_CLOSE(download(dk[1]), download(dk[0]), 0, 0);
+    EXPECT_TENSOR_CLOSE(download(dv[1]), download(dv[0]), 0, 0);
   }
-  EXPECT_TENSOR_CLOSE(download(dq[1]), download(dq[0]), 0, 0);
-  EXPECT_TENSOR_CLOSE(download(dk[1]), download(dk[0]), 0, 0);
-  EXPECT_TENSOR_CLOSE(download(dv[1]), download(dv[0]), 0, 0);
 }
 
 TEST(CudaFlashAttention, DispatchRunsTheKernelsTheBackendNames) {
