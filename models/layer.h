@@ -43,9 +43,26 @@ struct SequenceContext {
   Tensor positions;  // (T) i64: global position of each local token (RoPE, causal masks)
   SequenceParallel cp;
   // Auxiliary losses (e.g. load balancing) added to the training loss by the
-  // model owner, and scalar statistics for metrics.jsonl ("layer3.moe.max_load" ...).
+  // model owner, and scalar statistics for metrics.jsonl ("layer3.moe.max_load" ...):
+  // host values in `stats`; values still on the device in `deferred_stats`, read
+  // (value.item() * factor) once the step is done, so the forward never waits
+  // for the GPU to report one.
+  struct DeferredStat {
+    Tensor value;  // one element, any device
+    double factor = 1;
+    double read() const { return value.item() * factor; }
+  };
   std::vector<Variable> aux_losses;
   std::map<std::string, double> stats;
+  std::map<std::string, DeferredStat> deferred_stats;
+
+  // Every statistic by name, deferred ones read now (a host wait on the GPU).
+  std::map<std::string, double> all_stats() const {
+    std::map<std::string, double> out = stats;
+    for (const auto& [name, d] : deferred_stats) out[name] = d.read();
+    return out;
+  }
+  double stat(const std::string& name) const { return all_stats().at(name); }
 };
 
 // Routers (MoE experts, MoH heads) choose by comparing their scores, so their
