@@ -19,6 +19,7 @@
 namespace loom {
 
 struct DecoderConfig;
+struct SpAttentionStats;  // parallel/sp_attention.h
 
 // Sequence (context) parallelism: the sequence is split over the `comm` group
 // as `layout` says; this rank holds layout->chunks(comm->rank()). Inactive
@@ -28,6 +29,9 @@ struct SequenceParallel {
   Communicator* comm = nullptr;      // the cp group
   std::string softmax = "ring";      // parallel.cp_softmax for S layers: ring | allgather
   CommStats* stats = nullptr;        // over `comm`: bytes per layer type (null: not counted)
+  // S layers' sequence-parallel attention: traffic, work and (CUDA, when asked)
+  // ring hop timings added here (null: not counted); must outlive the backward.
+  SpAttentionStats* attention_stats = nullptr;
 
   bool active() const { return comm != nullptr && comm->size() > 1; }
   int size() const { return active() ? comm->size() : 1; }
