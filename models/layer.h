@@ -66,7 +66,11 @@ struct SequenceContext {
     for (const auto& [name, d] : deferred_stats) out[name] = d.read();
     return out;
   }
-  double stat(const std::string& name) const { return all_stats().at(name); }
+  // One statistic by name (a deferred one read now; throws when there is none).
+  double stat(const std::string& name) const {
+    const auto host = stats.find(name);
+    return host != stats.end() ? host->second : deferred_stats.at(name).read();
+  }
 };
 
 // Routers (MoE experts, MoH heads) choose by comparing their scores, so their
