@@ -12,7 +12,11 @@
 // ranks start together after a barrier; CUDA work is waited for), median of
 // --reps after one warm-up. Bytes: what this rank sends per forward + backward
 // through the cp group (LASP-2's state all-gathers, ring hops or the
-// all-gather of K, V). Rank 0 prints one table row.
+// all-gather of K, V). Rank 0 prints one table row; for the ring on CUDA also
+// where one forward + backward's hop time went on rank 0 (compute, transfer,
+// the transfer time compute had to wait for, and the share of the transfer
+// hidden behind compute: 1 - exposed / transfer), from CUDA events read after
+// that call (not during the timed ones).
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
@@ -29,6 +33,7 @@
 #include "parallel/comm_stats.h"
 #include "parallel/mesh.h"
 #include "parallel/mpi_context.h"
+#include "parallel/sp_attention.h"
 #include "parallel/token_layout.h"
 
 namespace loom {
@@ -94,6 +99,8 @@ int run(const Options& o, MpiContext& mpi) {
   base.cp.comm = &cp;
   base.cp.softmax = o.softmax;
   base.cp.stats = &stats;
+  SpAttentionStats attention;  // S layers: hop timings of one call (ring on CUDA)
+  base.cp.attention_stats = &attention;
   base.positions = layout->positions(world.rank());
   const Shape shape{o.batch, o.tokens_per_rank, o.d_model};
   Generator data_gen(99 + static_cast<uint64_t>(world.rank()));
@@ -121,7 +128,11 @@ int run(const Options& o, MpiContext& mpi) {
   double f = 0, t = 0;
   call(true, f, t);  // warm-up (plans, workspaces, the NCCL communicators)
   stats.reset();
+  attention = SpAttentionStats{};
+  attention.time_ring_hops = device.is_cuda();
   call(true, f, t);
+  const SpAttentionStats measured = attention;
+  attention.time_ring_hops = false;
   const std::map<std::string, double> sent = stats.bytes();
   double bytes = 0;
   for (const auto& [key, b] : sent) bytes += b;
@@ -145,6 +156,18 @@ int run(const Options& o, MpiContext& mpi) {
                 "MB sent/rank");
     std::printf("%4d %10.3f %12.3f %14.0f %18.0f %16.3f\n", P, fwd_ms, both_ms, tokens / (fwd_ms * 1e-3),
                 tokens / (both_ms * 1e-3), bytes / 1e6);
+    if (o.layer == "S" && o.softmax == "ring") {
+      auto hops = [](const char* pass, const RingHopTimes& h) {
+        if (h.hops == 0) return;
+        std::printf("ring %s, rank 0: %lld hops, compute %.3f ms, transfer %.3f ms, exposed %.3f ms, hidden %.1f%%\n",
+                    pass, static_cast<long long>(h.hops), h.compute_ms, h.transfer_ms, h.exposed_ms,
+                    h.transfer_ms > 0 ? 100.0 * (1.0 - h.exposed_ms / h.transfer_ms) : 100.0);
+      };
+      if (measured.forward_hops.hops + measured.backward_hops.hops == 0)
+        std::printf("ring hop timing: CUDA only (none on %s)\n", device.str().c_str());
+      hops("forward", measured.forward_hops);
+      hops("backward", measured.backward_hops);
+    }
   }
   return 0;
 }

@@ -75,9 +75,10 @@ Variable DecoderLM::forward(const Tensor& ids, SequenceContext& ctx) const {
       Tensor positions = ctx.positions;
       SequenceParallel cp = ctx.cp;  // recomputation repeats the layer's collectives on every rank alike
       std::map<std::string, double>* stats = &ctx.stats;
+      std::map<std::string, SequenceContext::DeferredStat>* deferred = &ctx.deferred_stats;
       auto first_run = std::make_shared<bool>(true);
       std::vector<Variable> outs = checkpoint(
-          [b, positions, cp, stats, first_run](const std::vector<Variable>& in) {
+          [b, positions, cp, stats, deferred, first_run](const std::vector<Variable>& in) {
             SequenceContext local;
             local.positions = positions;
             local.cp = cp;
@@ -85,6 +86,7 @@ Variable DecoderLM::forward(const Tensor& ids, SequenceContext& ctx) const {
             result.insert(result.end(), local.aux_losses.begin(), local.aux_losses.end());
             if (*first_run) {
               for (const auto& [key, value] : local.stats) (*stats)[key] = value;
+              for (const auto& [key, value] : local.deferred_stats) (*deferred)[key] = value;
               *first_run = false;
             }
             return result;

@@ -19,6 +19,7 @@
 namespace loom {
 
 struct DecoderConfig;
+struct SpAttentionStats;  // parallel/sp_attention.h
 
 // Sequence (context) parallelism: the sequence is split over the `comm` group
 // as `layout` says; this rank holds layout->chunks(comm->rank()). Inactive
@@ -28,6 +29,9 @@ struct SequenceParallel {
   Communicator* comm = nullptr;      // the cp group
   std::string softmax = "ring";      // parallel.cp_softmax for S layers: ring | allgather
   CommStats* stats = nullptr;        // over `comm`: bytes per layer type (null: not counted)
+  // S layers' sequence-parallel attention: traffic, work and (CUDA, when asked)
+  // ring hop timings added here (null: not counted); must outlive the backward.
+  SpAttentionStats* attention_stats = nullptr;
 
   bool active() const { return comm != nullptr && comm->size() > 1; }
   int size() const { return active() ? comm->size() : 1; }
@@ -43,9 +47,30 @@ struct SequenceContext {
   Tensor positions;  // (T) i64: global position of each local token (RoPE, causal masks)
   SequenceParallel cp;
   // Auxiliary losses (e.g. load balancing) added to the training loss by the
-  // model owner, and scalar statistics for metrics.jsonl ("layer3.moe.max_load" ...).
+  // model owner, and scalar statistics for metrics.jsonl ("layer3.moe.max_load" ...):
+  // host values in `stats`; values still on the device in `deferred_stats`, read
+  // (value.item() * factor) once the step is done, so the forward never waits
+  // for the GPU to report one.
+  struct DeferredStat {
+    Tensor value;  // one element, any device
+    double factor = 1;
+    double read() const { return value.item() * factor; }
+  };
   std::vector<Variable> aux_losses;
   std::map<std::string, double> stats;
+  std::map<std::string, DeferredStat> deferred_stats;
+
+  // Every statistic by name, deferred ones read now (a host wait on the GPU).
+  std::map<std::string, double> all_stats() const {
+    std::map<std::string, double> out = stats;
+    for (const auto& [name, d] : deferred_stats) out[name] = d.read();
+    return out;
+  }
+  // One statistic by name (a deferred one read now; throws when there is none).
+  double stat(const std::string& name) const {
+    const auto host = stats.find(name);
+    return host != stats.end() ? host->second : deferred_stats.at(name).read();
+  }
 };
 
 // Routers (MoE experts, MoH heads) choose by comparing their scores, so their

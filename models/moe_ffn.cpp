@@ -219,8 +219,8 @@ Variable MoeFFN::forward(const Variable& x, SequenceContext& ctx) const {
   if (options_.z_coef > 0) ctx.aux_losses.push_back(cast(scale(z, options_.z_coef), x.dtype()));
   const std::string prefix = "layer" + std::to_string(layer_) + ".moe.";
   double max_load = static_cast<double>(*std::max_element(plan.load.begin(), plan.load.end()));
-  ctx.stats[prefix + "aux"] = aux.item();
-  ctx.stats[prefix + "z"] = z.item() * cp;  // this rank's mean (stats are averaged over ranks)
+  ctx.deferred_stats[prefix + "aux"] = {aux.data(), 1.0};
+  ctx.deferred_stats[prefix + "z"] = {z.data(), static_cast<double>(cp)};  // this rank's mean (stats average over ranks)
   ctx.stats[prefix + "max_load"] = max_load / (static_cast<double>(N * k) / static_cast<double>(E));
   ctx.stats[prefix + "dropped"] = static_cast<double>(plan.dropped) / static_cast<double>(N * k);
 

@@ -111,11 +111,11 @@ Variable SoftmaxAttention::forward(const Variable& x, SequenceContext& ctx) cons
     // by ring (K,V travel) or all-gather (LASP-2H); positions are global.
     Communicator& group = ctx.cp.group("S");
     if (ctx.cp.softmax == "ring") {
-      o = ring_attention(q, k, v, options, *ctx.cp.layout, group).out;
+      o = ring_attention(q, k, v, options, *ctx.cp.layout, group, ctx.cp.attention_stats).out;
     } else {
       LOOM_CHECK(ctx.cp.softmax == "allgather") << "parallel.cp_softmax = \"" << ctx.cp.softmax
                                                 << "\" is not one of ring, allgather";
-      o = allgather_attention(q, k, v, options, *ctx.cp.layout, group).out;
+      o = allgather_attention(q, k, v, options, *ctx.cp.layout, group, ctx.cp.attention_stats).out;
     }
   } else {
     o = attention(q, k, v, options).out;

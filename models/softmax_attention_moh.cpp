@@ -73,7 +73,7 @@ Variable SoftmaxAttention::moh_gate(const Variable& x, SequenceContext& ctx) con
   Variable mean_p = cp > 1 ? scale(sum_over_sequence(sum(p, 0), ctx, "S"), 1.0 / tokens) : mean(p, 0);  // (E)
   Variable aux = scale(sum(mul(mean_p, f)), static_cast<double>(routed));  // ()
   std::string prefix = "layer" + std::to_string(layer_) + ".moh.";
-  ctx.stats[prefix + "aux"] = aux.item();  // CPU value; a GPU run reads it with the step's other metrics
+  ctx.deferred_stats[prefix + "aux"] = {aux.data(), 1.0};
   for (int64_t i = 0; i < routed; ++i)     // share of the B*T*k routed slots per routed head (1/E if balanced)
     ctx.stats[prefix + "head" + std::to_string(shared + i) + ".load"] = static_cast<double>(counts[i]) / (n * k);
   if (options_.moh.aux_coef > 0)

@@ -24,8 +24,8 @@ namespace loom::cuda {
 // saved_states, when given, gets what the backward can reuse: the state entering
 // each segment the sequence was cut into, f32 (segments, B, H, D, D), or
 // undefined when the call used one segment. Its size does not grow with T: the
-// segment count is planned to fill the GPU about once (B H segments near one or
-// two waves of blocks: ~17 MiB at D 128 on an H100), at most 8 waves.
+// segment count is planned to fill the GPU about once (B H segments near a wave
+// of blocks: 16 MiB for B 1, H 16, D 128 on an H100), at most 8 waves.
 void lightning_forward(Tensor& out, Tensor& final_state, const Tensor& q, const Tensor& k, const Tensor& v,
                        const Tensor& initial_state, const Tensor& decay_lambdas, double out_scale,
                        int64_t block_size, Stream& s, Tensor* saved_states = nullptr);

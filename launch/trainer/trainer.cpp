@@ -203,14 +203,28 @@ class TrainStream {
 };
 
 // Per-step sums of what the layers report besides the loss (averaged at log time).
+// Values still on the device are kept until settle(), called once the step's
+// losses have been read: no host wait between micro-batches.
 struct StepExtras {
   double aux = 0;                        // sum over micro-batches of sum(ctx.aux_losses)
-  std::map<std::string, double> stats;  // sums over micro-batches of ctx.stats
+  std::map<std::string, double> stats;  // sums over micro-batches of ctx.stats and ctx.deferred_stats
 
   void add(const SequenceContext& ctx) {
-    for (const Variable& a : ctx.aux_losses) aux += a.data().item();
+    for (const Variable& a : ctx.aux_losses) pending_aux_.push_back(a.data());
     for (const auto& [name, value] : ctx.stats) stats[name] += value;
+    for (const auto& [name, d] : ctx.deferred_stats) pending_stats_.emplace_back(name, d);
   }
+  // Reads the pending values in the order they came (the same sums as reading them at once).
+  void settle() {
+    for (const Tensor& a : pending_aux_) aux += a.item();
+    for (const auto& [name, d] : pending_stats_) stats[name] += d.read();
+    pending_aux_.clear();
+    pending_stats_.clear();
+  }
+
+ private:
+  std::vector<Tensor> pending_aux_;
+  std::vector<std::pair<std::string, SequenceContext::DeferredStat>> pending_stats_;
 };
 
 // Stats averaged over micro-batches and the ranks of `dp` (the dp_cp group under cp: every
@@ -445,6 +459,7 @@ TrainSummary run_training(const RunConfig& config, MpiCommunicator& world, std::
     if (reducer) reducer->finish();
     // Host sync (CUDA): the step's loss is needed on the host to log it and to skip non-finite steps.
     for (const Tensor& l : micro_losses) loss_sum += l.item();
+    extras.settle();
     const double micro_batches = static_cast<double>(config.train.grad_accum);
     // One all-reduce for the total and the aux part; "loss" below is the LM loss alone.
     // Under cp: the shares' mean over dp_cp times cp = the dp mean of whole-sequence losses.

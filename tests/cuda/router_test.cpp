@@ -59,8 +59,8 @@ TEST(CudaRouter, MohRoutesABf16NearTieByF32Logits) {
   NoGradGuard no_grad;
   Tensor y = m.forward(Variable(near_tie_input(3, 8)), ctx).data();
   EXPECT_EQ(y.dtype(), DType::bf16);
-  EXPECT_EQ(ctx.stats.at("layer0.moh.head1.load"), 0.0);  // the lower index: what a bf16 tie would pick
-  EXPECT_EQ(ctx.stats.at("layer0.moh.head2.load"), 1.0);
+  EXPECT_EQ(ctx.stat("layer0.moh.head1.load"), 0.0);  // the lower index: what a bf16 tie would pick
+  EXPECT_EQ(ctx.stat("layer0.moh.head2.load"), 1.0);
   ASSERT_EQ(ctx.aux_losses.size(), 1u);
   EXPECT_EQ(ctx.aux_losses[0].dtype(), DType::bf16);
 }

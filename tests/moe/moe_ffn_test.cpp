@@ -58,8 +58,8 @@ TEST(MoeFFN, OneExpertEqualsTheDenseSwiGlu) {
   sum(ym).backward();
   sum(yd).backward();
   EXPECT_TENSOR_CLOSE(xm.grad(), xd.grad(), 1e-12, 1e-14);
-  EXPECT_NEAR(c1.stats.at("layer0.moe.max_load"), 1.0, 1e-15);
-  EXPECT_NEAR(c1.stats.at("layer0.moe.aux"), 1.0, 1e-15);  // E f P = 1 * 1 * 1
+  EXPECT_NEAR(c1.stat("layer0.moe.max_load"), 1.0, 1e-15);
+  EXPECT_NEAR(c1.stat("layer0.moe.aux"), 1.0, 1e-15);  // E f P = 1 * 1 * 1
 }
 
 // Router = identity (C = E = 2), so the logits are the inputs.
@@ -78,11 +78,11 @@ TEST(MoeFFN, AuxAndZLossesMatchHandComputedValues) {
   // aux = E sum f P = 2 * 5/8 = 1.25.
   // lse = (ln 4, ln 2) -> z = ((2 ln 2)^2 + (ln 2)^2) / 2 = 2.5 ln^2 2 = 1.2011325347955035.
   const double ln2 = std::log(2.0);
-  EXPECT_NEAR(ctx.stats.at("layer3.moe.aux"), 1.25, 1e-14);
-  EXPECT_NEAR(ctx.stats.at("layer3.moe.z"), 2.5 * ln2 * ln2, 1e-14);
-  EXPECT_NEAR(ctx.stats.at("layer3.moe.z"), 1.2011325347955035, 1e-14);
-  EXPECT_NEAR(ctx.stats.at("layer3.moe.max_load"), 2.0, 1e-15);  // loads (2, 0), mean 1
-  EXPECT_EQ(ctx.stats.at("layer3.moe.dropped"), 0.0);
+  EXPECT_NEAR(ctx.stat("layer3.moe.aux"), 1.25, 1e-14);
+  EXPECT_NEAR(ctx.stat("layer3.moe.z"), 2.5 * ln2 * ln2, 1e-14);
+  EXPECT_NEAR(ctx.stat("layer3.moe.z"), 1.2011325347955035, 1e-14);
+  EXPECT_NEAR(ctx.stat("layer3.moe.max_load"), 2.0, 1e-15);  // loads (2, 0), mean 1
+  EXPECT_EQ(ctx.stat("layer3.moe.dropped"), 0.0);
   ASSERT_EQ(ctx.aux_losses.size(), 2u);
   EXPECT_NEAR(ctx.aux_losses[0].item(), 0.0125, 1e-15);
   EXPECT_NEAR(ctx.aux_losses[1].item(), 0.001 * 2.5 * ln2 * ln2, 1e-15);
@@ -93,7 +93,7 @@ TEST(MoeFFN, AuxAndZLossesMatchHandComputedValues) {
   SequenceContext ctx2;
   quiet.forward(Variable(input({1, 0, 0, 1}, 2, 2)), ctx2);
   EXPECT_TRUE(ctx2.aux_losses.empty());
-  EXPECT_EQ(ctx2.stats.count("layer0.moe.aux"), 1u);
+  EXPECT_EQ(ctx2.all_stats().count("layer0.moe.aux"), 1u);
 }
 
 TEST(MoeFFN, CapacityDropsTheLowestScoringSlots) {
@@ -109,8 +109,8 @@ TEST(MoeFFN, CapacityDropsTheLowestScoringSlots) {
   Tensor x = input({1, 0, 3, 0, 2, 0, 4, 0}, 4, 2);
   SequenceContext ctx;
   Variable y = moe.forward(Variable(x), ctx);
-  EXPECT_EQ(ctx.stats.at("layer0.moe.dropped"), 0.5);
-  EXPECT_EQ(ctx.stats.at("layer0.moe.max_load"), 2.0);  // 4 slots on expert 0, mean 2
+  EXPECT_EQ(ctx.stat("layer0.moe.dropped"), 0.5);
+  EXPECT_EQ(ctx.stat("layer0.moe.max_load"), 2.0);  // 4 slots on expert 0, mean 2
   for (int64_t t : {0, 2}) EXPECT_EQ(row(y.data(), t, 2), (std::vector<double>{0, 0})) << "token " << t;
   for (int64_t t : {1, 3}) {
     std::vector<double> xt = row(x, t, 2);
@@ -224,7 +224,7 @@ TEST(MoeFFN, BiasUpdatesMoveLoadsTowardBalance) {
   auto max_load = [&] {
     SequenceContext ctx;
     moe.forward(Variable(input(x, 8, 4)), ctx);
-    return ctx.stats.at("layer0.moe.max_load");
+    return ctx.stat("layer0.moe.max_load");
   };
   double first = max_load(), last = first;
   moe.update_balance_bias();

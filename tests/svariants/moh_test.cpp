@@ -56,7 +56,7 @@ TEST(MohAttention, UniformRouterWithAllHeadsEqualsPlainAttention) {
     EXPECT_TENSOR_CLOSE(r.y, testing::run_mixer(plain, x, pos).y, 1e-12, 1e-13) << "shared " << shared;
     // Every head routed for every token: f_i = 1, p_i = 1/E, aux = E · Σ_i (1/E)·1 = E (= k here;
     // in general a perfectly balanced router gives k, since Σ_i f_i = k).
-    EXPECT_NEAR(r.ctx.stats.at("layer0.moh.aux"), static_cast<double>(4 - shared), 1e-12);
+    EXPECT_NEAR(r.ctx.stat("layer0.moh.aux"), static_cast<double>(4 - shared), 1e-12);
   }
 }
 
@@ -84,9 +84,9 @@ TEST(MohAttention, AuxLossMatchesHandComputation) {
   }
   double expected = 2 * (pbar[0] * f[0] + pbar[1] * f[1]);
   testing::MixerRun r = testing::run_mixer(m, x, default_positions(3));
-  EXPECT_NEAR(r.ctx.stats.at("layer1.moh.aux"), expected, 1e-12);
-  EXPECT_NEAR(r.ctx.stats.at("layer1.moh.head1.load"), 1.0 / 3, 1e-12);  // routed head 0 = head 1 of the layer
-  EXPECT_NEAR(r.ctx.stats.at("layer1.moh.head2.load"), 2.0 / 3, 1e-12);
+  EXPECT_NEAR(r.ctx.stat("layer1.moh.aux"), expected, 1e-12);
+  EXPECT_NEAR(r.ctx.stat("layer1.moh.head1.load"), 1.0 / 3, 1e-12);  // routed head 0 = head 1 of the layer
+  EXPECT_NEAR(r.ctx.stat("layer1.moh.head2.load"), 2.0 / 3, 1e-12);
   ASSERT_EQ(r.ctx.aux_losses.size(), 1u);
   EXPECT_NEAR(r.ctx.aux_losses[0].item(), 0.1 * expected / 2, 1e-14);
 }
@@ -122,7 +122,7 @@ TEST(MohAttention, DecoderLossIncludesTheAuxLosses) {
   SequenceContext ctx;
   double loss = model.loss(ids, targets, ctx).item();
   ASSERT_EQ(ctx.aux_losses.size(), 2u);
-  double aux = ctx.stats.at("layer0.moh.aux") + ctx.stats.at("layer1.moh.aux");
+  double aux = ctx.stat("layer0.moh.aux") + ctx.stat("layer1.moh.aux");
   SequenceContext plain_ctx;
   Variable logits = model.forward(ids, plain_ctx);
   double ce = cross_entropy(reshape(logits, {10, 11}), targets.reshape({10})).item();

@@ -93,6 +93,34 @@ TEST(TaskTraining, RecallRunWritesAccuracyRecordsPerLength) {
   world.barrier();
 }
 
+// Statistics the routers leave on the device (MoE aux and z, MoH aux) are read
+// after each step and still reach metrics.jsonl, with the host-side ones (loads).
+TEST(TaskTraining, RouterStatisticsReachTheMetrics) {
+  MpiCommunicator& world = mpi_context().world();
+  std::string dir = task_temp_dir(world, "routers");
+  std::ostringstream out;
+  TrainSummary s = run_training(tiny_task_run(dir, "routers",
+                                              {"model.ffn=moe", "model.moe.experts=4", "model.moe.topk=2",
+                                               "model.S.heads=moh", "model.S.moh.shared=1", "model.S.moh.topk=2"}),
+                                world, out);
+  for (double aux : s.aux_losses) EXPECT_TRUE(std::isfinite(aux) && aux > 0.0) << aux;
+  if (world.rank() == 0) {
+    std::vector<nlohmann::json> records = read_metrics(dir + "/routers/metrics.jsonl");
+    int steps = 0;
+    for (const nlohmann::json& r : records) {
+      if (!r.contains("loss")) continue;
+      ++steps;
+      for (const char* key : {"layer0.moe.aux", "layer1.moe.z", "layer1.moh.aux", "layer0.moh.head1.load"}) {
+        ASSERT_TRUE(r["stats"].contains(key)) << key << " missing: " << r.dump();
+        const double v = r["stats"][key].get<double>();
+        EXPECT_TRUE(std::isfinite(v) && v > 0.0) << key << " = " << v;
+      }
+    }
+    EXPECT_EQ(steps, 6);
+  }
+  world.barrier();
+}
+
 TEST(TaskTraining, ResumeContinuesTheTaskStream) {
   MpiCommunicator& world = mpi_context().world();
   std::string dir = task_temp_dir(world, "resume");
