@@ -2,7 +2,8 @@
 # The attention kernels in one GPU call: build, the flash and interim parity
 # tests (and the bf16 router and training tests), the attention and mixer benchmarks beside
 # PyTorch SDPA, compute-sanitizer on the small flash tests, and an ncu pass of
-# the forward kernel at T = 16K. LIGHTNING=1 also runs the lightning tests
+# the kernel NCU_K names (a regex; default the forward) at T = 16K, and where
+# the flash kernels spill (tools/sass_spills.sh). LIGHTNING=1 also runs the lightning tests
 # (plain and under memcheck) and loom-bench-lightning. Logs go to $OUT (or
 # ./gpu-out). SEQ=T times the attention rows of that length only; memcheck,
 # the mixer bench and ncu are skipped once the call has run LIMIT seconds
@@ -14,6 +15,7 @@ cmake -S . -B $B -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a > "$O
 cmake --build $B -j"$(nproc)" --target loom_cuda_tests loom-bench loom-bench-lightning > "$OUT/build.log" 2>&1 \
   || { grep -B2 -A8 -E "error|Error" "$OUT/build.log" | head -60; exit 1; }
 echo "built $(el)"; nvidia-smi -L
+bash tools/sass_spills.sh $B/kernels/CMakeFiles/loom_kernels.dir/cuda/flash_attention.cu.o flash_ 2>&1 | head -20
 timeout 150 $B/loom_cuda_tests --gtest_filter='CudaFlashAttention*:CudaAttention*:CudaRouter*:CudaCudnn*' > "$OUT/flash.log" 2>&1
 echo "attention tests rc $? $(el)"
 grep -E "^\[ +(OK|FAILED|PASSED) " "$OUT/flash.log"; grep -B3 -A6 "Failure" "$OUT/flash.log" | head -40
@@ -45,9 +47,9 @@ if [ $((SECONDS - T0)) -lt "$LIMIT" ]; then
   echo "mixer rc $? $(el)"; grep -A6 "== mixer" "$OUT/mixer.log"
 fi
 if [ $((SECONDS - T0)) -lt "$LIMIT" ]; then
-  timeout 90 ncu --clock-control none -k regex:flash_forward_kernel --launch-skip 2 --launch-count 1 \
+  timeout 90 ncu --clock-control none -k "regex:${NCU_K:-flash_forward_kernel}" --launch-skip 2 --launch-count 1 \
     --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
     --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section InstructionStats \
-    --section SourceCounters $B/loom-bench --families attention --seq 16384 --reps 10 > "$OUT/ncu-fwd.txt" 2>&1
+    --section SourceCounters $B/loom-bench --families attention --seq 16384 --reps 10 > "$OUT/ncu.txt" 2>&1
   echo "ncu rc $? $(el)"
 fi
