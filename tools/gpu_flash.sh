@@ -50,6 +50,7 @@ if [ $((SECONDS - T0)) -lt "$LIMIT" ]; then
   timeout 90 ncu --clock-control none -k "regex:${NCU_K:-flash_forward_kernel}" --launch-skip 2 --launch-count 1 \
     --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
     --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section InstructionStats \
-    --section SourceCounters $B/loom-bench --families attention --seq 16384 --reps 10 > "$OUT/ncu.txt" 2>&1
+    --section SourceCounters --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+    $B/loom-bench --families attention --seq 16384 --reps 10 > "$OUT/ncu.txt" 2>&1
   echo "ncu rc $? $(el)"
 fi
