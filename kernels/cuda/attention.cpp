@@ -228,7 +228,8 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
                                          q.device(), &s);
     detail::launch_flash_attention_backward(dq.raw_data(), dk.raw_data(), dv.raw_data(),
                                             static_cast<float*>(delta.data()), static_cast<int64_t*>(scratch.data()),
-                                            dq_acc ? static_cast<float*>(dq_acc->data()) : nullptr, dout.raw_data(), dlse.defined() ? dlse.data<float>() : nullptr,
+                                            dq_acc ? static_cast<float*>(dq_acc->data()) : nullptr, dout.raw_data(),
+                                            dlse.defined() ? dlse.data<float>() : nullptr,
                                             q.raw_data(), k.raw_data(), v.raw_data(), out.raw_data(),
                                             lse.data<float>(), n, mask, static_cast<float>(scale),
                                             static_cast<cudaStream_t>(s.handle()));
