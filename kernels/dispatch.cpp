@@ -52,7 +52,6 @@ namespace loom::dispatch {
 namespace {
 
 std::atomic<AttentionBackend> g_attention_backend{AttentionBackend::automatic};
-std::atomic<bool> g_deterministic{false};
 
 [[maybe_unused]] [[noreturn]] void no_cuda_kernel(const char* op, Device device) {
   LOOM_FAIL() << op << ": tensors on " << device << " but loom was built without CUDA (LOOM_CUDA=OFF); "
@@ -98,12 +97,12 @@ AttentionBackend attention_backend_from_name(const std::string& name) {
 void set_attention_backend(AttentionBackend backend) { g_attention_backend.store(backend); }
 AttentionBackend attention_backend() { return g_attention_backend.load(); }
 void set_deterministic(bool deterministic) {
-  g_deterministic.store(deterministic);
 #ifdef LOOM_WITH_CUDA
-  cuda::set_deterministic_attention(deterministic);
+  cuda::set_deterministic_attention(deterministic);  // the one flag (the CPU kernels always are)
+#else
+  (void)deterministic;
 #endif
 }
-bool deterministic() { return g_deterministic.load(); }
 
 #ifdef LOOM_WITH_CUDA
 namespace {

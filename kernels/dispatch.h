@@ -45,7 +45,6 @@ AttentionBackend attention_backend();
 // backward runs its two kernels without atomics and cuDNN only forward. The
 // CPU kernels are deterministic either way.
 void set_deterministic(bool deterministic);
-bool deterministic();
 
 // ---- matrix products (kernels/cpu/matmul.h) ----
 void gemm(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, double alpha, double beta,
