@@ -118,4 +118,14 @@ Tensor topk_indices(const Tensor& scores, int64_t k) {
   return out;
 }
 
+Tensor topk_mask(const Tensor& scores, int64_t k) {
+  LOOM_CHECK(scores.defined() && scores.dim() == 2)
+      << "topk_mask: scores must be an (N, E) tensor, got "
+      << (scores.defined() ? shape_str(scores.shape()) : std::string("undefined"));
+  Tensor sc = scores.contiguous();
+  Tensor out = Tensor::empty(sc.shape(), sc.dtype(), sc.device());  // (N, E)
+  dispatch::topk_mask_rows(out, sc, k, Stream::default_for(sc.device()));
+  return out;
+}
+
 }  // namespace loom

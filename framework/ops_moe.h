@@ -33,4 +33,9 @@ Variable logsumexp(const Variable& x);
 // descending, ties to the lower column. Not differentiable (selection only).
 Tensor topk_indices(const Tensor& scores, int64_t k);
 
+// scores (N, E) floating -> (N, E) in scores' dtype: 1 at the k largest scores of
+// each row (ties to the lower column; NaN ranks after every number), 0 elsewhere.
+// Stays on the scores' device (no host sync on CUDA). Not differentiable.
+Tensor topk_mask(const Tensor& scores, int64_t k);
+
 }  // namespace loom

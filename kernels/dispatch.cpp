@@ -316,6 +316,10 @@ void topk_rows(Tensor& indices, const Tensor& scores, int64_t k, Stream& s) {
   if (on_cpu("topk", {&indices, &scores}, s)) return cpu::topk_rows(indices, scores, k, s);
   WITH_CUDA("topk", s, cuda::topk_rows(indices, scores, k, s));
 }
+void topk_mask_rows(Tensor& mask, const Tensor& scores, int64_t k, Stream& s) {
+  if (on_cpu("topk_mask", {&mask, &scores}, s)) return cpu::topk_mask_rows(mask, scores, k, s);
+  WITH_CUDA("topk_mask", s, cuda::topk_mask_rows(mask, scores, k, s));
+}
 
 // ---- optimizer and clipping ----
 void adamw_step(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor& compute, const Tensor& grad,

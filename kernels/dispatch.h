@@ -113,6 +113,7 @@ void grouped_linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const s
 void grouped_linear_backward(Tensor& grad_x, Tensor& grad_w, const Tensor& grad_y, const Tensor& x, const Tensor& w,
                              const std::vector<int64_t>& offsets, Stream& s);
 void topk_rows(Tensor& indices, const Tensor& scores, int64_t k, Stream& s);
+void topk_mask_rows(Tensor& mask, const Tensor& scores, int64_t k, Stream& s);
 
 // ---- optimizer and clipping (kernels/cpu/adamw.h, grad_norm.h) ----
 void adamw_step(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor& compute, const Tensor& grad,

@@ -236,7 +236,10 @@ void bench_memory_bound(Bench& b, const ModelShape& m) {
 // backward 2.5x the forward (the fused flash backward does those 5 products
 // per tile pair, the deterministic one, "flash det", 7: see kernels/NOTES.md);
 // S2 rows count the dense pairs, so
-// their TFLOP/s over dense's is the speedup.
+// their TFLOP/s over dense's is the speedup. "flash moh rows" is the MoH row
+// packing measurement: 3/4 of the queries (every fourth position dropped, as a
+// head with 75% of the tokens routed to it sees) against all keys, counted as
+// dense too.
 // `only_t`: run only the shapes of that sequence length (0: all).
 void bench_attention(Bench& b, int64_t only_t) {
   Stream& s = b.stream();
@@ -249,6 +252,7 @@ void bench_attention(Bench& b, int64_t only_t) {
     int64_t T;
     bool s2;
     bool deterministic = false;  // the two-kernel flash backward (train.deterministic)
+    bool packed = false;         // queries: 3/4 of the positions (MoH row packing)
   };
   const Run runs[] = {{"flash", cuda::AttentionKernel::flash, 4096, false},
                       {"flash", cuda::AttentionKernel::flash, 16384, false},
@@ -260,31 +264,43 @@ void bench_attention(Bench& b, int64_t only_t) {
                       {"cudnn", cuda::AttentionKernel::cudnn, 32768, false},
                       {"interim", cuda::AttentionKernel::interim, 4096, false},
                       {"interim", cuda::AttentionKernel::interim, 16384, false},
+                      {"flash moh rows", cuda::AttentionKernel::flash, 16384, false, false, true},
+                      {"flash moh rows", cuda::AttentionKernel::flash, 32768, false, false, true},
                       {"flash s2", cuda::AttentionKernel::flash, 32768, true},
                       {"flash", cuda::AttentionKernel::flash, 131072, false},
                       {"cudnn", cuda::AttentionKernel::cudnn, 131072, false},
                       {"flash s2", cuda::AttentionKernel::flash, 131072, true}};
   for (const Run& r : runs) {
     if (only_t > 0 && r.T != only_t) continue;
-    const Shape shape{1, r.T, H, D};
-    Tensor q = filled(shape, bf, 0.1, s), k = filled(shape, bf, 0.1, s), v = filled(shape, bf, 0.1, s);
-    Tensor out = filled(shape, bf, 0, s), dout = filled(shape, bf, 0.1, s);
-    Tensor dq = filled(shape, bf, 0, s), dk = filled(shape, bf, 0, s), dv = filled(shape, bf, 0, s);
-    Tensor lse = filled({1, H, r.T}, DType::f32, 0, s);
+    const int64_t Tq = r.packed ? r.T - r.T / 4 : r.T;
+    const Shape shape{1, r.T, H, D}, q_shape{1, Tq, H, D};
+    Tensor q = filled(q_shape, bf, 0.1, s), k = filled(shape, bf, 0.1, s), v = filled(shape, bf, 0.1, s);
+    Tensor out = filled(q_shape, bf, 0, s), dout = filled(q_shape, bf, 0.1, s);
+    Tensor dq = filled(q_shape, bf, 0, s), dk = filled(shape, bf, 0, s), dv = filled(shape, bf, 0, s);
+    Tensor lse = filled({1, H, Tq}, DType::f32, 0, s);
     Tensor pos = Tensor::arange(r.T).to(gpu());
+    Tensor q_pos = pos;
+    cpu::MaskForm form = cpu::MaskForm::diagonal(0);
+    if (r.packed) {
+      std::vector<int64_t> kept;
+      for (int64_t i = 0; i < r.T; ++i)
+        if (i % 4 != 3) kept.push_back(i);
+      q_pos = Tensor::from_vector(kept, {Tq}).to(gpu());
+      form = cpu::MaskForm::positions();
+    }
     const S2Pattern s2 = r.s2 ? S2Pattern{64, 16, 8} : S2Pattern{};
     const double pairs = 0.5 * static_cast<double>(r.T) * static_cast<double>(r.T + 1);
     const double fwd_flops = 4.0 * static_cast<double>(D * H) * pairs;
     const std::string shape_text = "1x" + std::to_string(r.T) + "x16x128 causal";
     auto forward = [&] {
-      cuda::attention_forward(out, lse, q, k, v, pos, pos, scale, true, s2, s, r.kernel, cpu::MaskForm::diagonal(0));
+      cuda::attention_forward(out, lse, q, k, v, q_pos, pos, scale, true, s2, s, r.kernel, form);
     };
     b.compute("attention", std::string(r.label) + " fwd", shape_text, fwd_flops, forward);
     cuda::set_deterministic_attention(r.deterministic);
     b.compute("attention", std::string(r.label) + " fwd+bwd", shape_text, 3.5 * fwd_flops, [&] {
       forward();
-      cuda::attention_backward(dq, dk, dv, dout, Tensor(), q, k, v, out, lse, pos, pos, scale, true, s2, s,
-                               r.kernel, cpu::MaskForm::diagonal(0));
+      cuda::attention_backward(dq, dk, dv, dout, Tensor(), q, k, v, out, lse, q_pos, pos, scale, true, s2, s,
+                               r.kernel, form);
     });
     cuda::set_deterministic_attention(false);
   }

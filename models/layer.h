@@ -52,9 +52,15 @@ struct SequenceContext {
   // (value.item() * factor) once the step is done, so the forward never waits
   // for the GPU to report one.
   struct DeferredStat {
-    Tensor value;  // one element, any device
+    Tensor value;  // any device; the statistic is factor times its element `index` (flattened)
     double factor = 1;
-    double read() const { return value.item() * factor; }
+    int64_t index = 0;
+    // Statistics taken from one tensor share its host copy: the first read fetches it (one wait).
+    std::shared_ptr<std::vector<double>> host = std::make_shared<std::vector<double>>();
+    double read() const {
+      if (host->empty()) *host = value.to_vector<double>();
+      return (*host)[static_cast<size_t>(index)] * factor;
+    }
   };
   std::vector<Variable> aux_losses;
   std::map<std::string, double> stats;

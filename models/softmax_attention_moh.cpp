@@ -4,49 +4,25 @@
 //   (h_s > 1; else 1), [α1, α2] = 2 · softmax(W_h x), gate = [α1·g_s, α2·g_r],
 // and the load-balance loss aux = E · Σ_i mean_t(p_ti) · mean_t(1[i ∈ routed_t]).
 // The top-k choice is a constant mask (not differentiable); gradients flow
-// through p of the selected entries. The reference scales all heads' outputs;
-// packing the selected (token, head) rows comes with the CUDA kernels.
-#include <algorithm>
-#include <numeric>
+// through p of the selected entries. Everything stays on the router's device
+// (the mask, the counts, the loads: deferred statistics), so the forward waits
+// on no host read. Every head's attention runs and is scaled by the gate
+// (kernels/NOTES.md: packing the selected rows measured against that).
 #include <string>
 
 #include "framework/ops.h"
+#include "framework/ops_moe.h"
 #include "models/softmax_attention.h"
 
 namespace loom {
-
-namespace {
-
-// 0/1 mask (N, E) of the k largest entries of each row of p (N, E); ties go to
-// the lower index, so the choice is deterministic. Also counts per column.
-Tensor topk_mask(const Tensor& p, int64_t k, std::vector<int64_t>& counts) {
-  int64_t n = p.size(0), e = p.size(1);
-  std::vector<double> probs = p.contiguous().to_vector<double>();
-  std::vector<double> mask(static_cast<size_t>(n * e), 0.0);
-  std::vector<int64_t> order(static_cast<size_t>(e));
-  counts.assign(static_cast<size_t>(e), 0);
-  for (int64_t r = 0; r < n; ++r) {
-    const double* row = probs.data() + r * e;
-    std::iota(order.begin(), order.end(), 0);
-    std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                      [row](int64_t a, int64_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); });
-    for (int64_t i = 0; i < k; ++i) {
-      mask[static_cast<size_t>(r * e + order[i])] = 1.0;
-      ++counts[static_cast<size_t>(order[i])];
-    }
-  }
-  return Tensor::from_vector(mask, {n, e}).to(p.dtype());
-}
-
-}  // namespace
 
 Variable SoftmaxAttention::moh_gate(const Variable& x, SequenceContext& ctx) const {
   int64_t b = x.size(0), t = x.size(1), n = b * t;
   int64_t shared = options_.moh.shared, routed = n_heads_ - shared, k = options_.moh.topk;
   // The router runs in f32 (f64 models: f64), the gate returns in x's dtype (layer.h: router_logits).
   Variable p = reshape(softmax(router_logits(*router_proj_, x), -1), {n, routed});  // (B*T, E)
-  std::vector<int64_t> counts;
-  Variable chosen(topk_mask(p.data(), k, counts));              // (B*T, E) constant 0/1
+  Tensor mask = topk_mask(p.data(), k);                        // (B*T, E) constant 0/1, on p's device
+  Variable chosen(mask);
   Variable kept = mul(p, chosen);                               // (B*T, E)
   Variable g_r = scale(div(kept, sum(kept, 1, true)), static_cast<double>(k));  // (B*T, E)
   Variable gate = g_r;                                          // (B*T, H) when there is no shared head
@@ -64,18 +40,17 @@ Variable SoftmaxAttention::moh_gate(const Variable& x, SequenceContext& ctx) con
   // summed over the cp group, P differentiably); each rank adds aux / cp.
   const int cp = ctx.cp.size();
   const double tokens = static_cast<double>(n) * cp;
-  Tensor routed_counts = Tensor::empty({routed}, DType::f64);
-  for (int64_t i = 0; i < routed; ++i) routed_counts.data<double>()[i] = static_cast<double>(counts[i]);
+  Tensor counts = sum(chosen, 0).data();  // (E) tokens routed to each head here (exact below 2^24 in f32)
+  Tensor routed_counts = counts.clone();
   sum_over_sequence(routed_counts, ctx, "S");
-  std::vector<double> fractions = routed_counts.to_vector<double>();
-  for (double& fr : fractions) fr /= tokens;
-  Variable f(Tensor::from_vector(fractions, {routed}).to(p.dtype()));  // (E) constant
+  Variable f(scale(Variable(routed_counts), 1.0 / tokens).data());  // (E) constant: fractions of the sequence
   Variable mean_p = cp > 1 ? scale(sum_over_sequence(sum(p, 0), ctx, "S"), 1.0 / tokens) : mean(p, 0);  // (E)
   Variable aux = scale(sum(mul(mean_p, f)), static_cast<double>(routed));  // ()
   std::string prefix = "layer" + std::to_string(layer_) + ".moh.";
   ctx.deferred_stats[prefix + "aux"] = {aux.data(), 1.0};
-  for (int64_t i = 0; i < routed; ++i)     // share of the B*T*k routed slots per routed head (1/E if balanced)
-    ctx.stats[prefix + "head" + std::to_string(shared + i) + ".load"] = static_cast<double>(counts[i]) / (n * k);
+  for (int64_t i = 0; i < routed; ++i)  // share of the B*T*k routed slots per routed head (1/E if balanced)
+    ctx.deferred_stats[prefix + "head" + std::to_string(shared + i) + ".load"] = {
+        counts, 1.0 / static_cast<double>(n * k), i};
   if (options_.moh.aux_coef > 0)
     ctx.aux_losses.push_back(
         cast(scale(aux, options_.moh.aux_coef / static_cast<double>(moh_layers_ * cp)), x.dtype()));

@@ -191,4 +191,31 @@ void topk_rows(Tensor& indices, const Tensor& scores, int64_t k, Stream& s) {
   });
 }
 
+void topk_mask_rows(Tensor& mask, const Tensor& scores, int64_t k, Stream& s) {
+  (void)s;
+  check_matrix(scores, "topk_mask_rows");
+  int64_t n = scores.size(0), e = scores.size(1);
+  LOOM_CHECK(k >= 1 && k <= e) << "topk_mask_rows: k = " << k << " must lie in [1, " << e << "]";
+  LOOM_CHECK(mask.is_contiguous() && mask.dtype() == scores.dtype() && mask.shape() == scores.shape())
+      << "topk_mask_rows: mask must be contiguous " << scores.dtype() << " " << shape_str(scores.shape()) << ", got "
+      << mask.dtype() << " " << shape_str(mask.shape());
+  LOOM_DISPATCH_FLOAT(scores.dtype(), T, [&] {
+    const T* in = scores.data<T>();
+    T* out = mask.data<T>();
+    std::vector<int64_t> order(e);
+    for (int64_t i = 0; i < n; ++i) {
+      const T* row = in + i * e;
+      std::iota(order.begin(), order.end(), int64_t{0});
+      // Numbers before NaN, then descending score, then ascending column (the CUDA kernel's order).
+      std::partial_sort(order.begin(), order.begin() + k, order.end(), [row](int64_t a, int64_t b) {
+        const bool an = std::isnan(static_cast<double>(row[a])), bn = std::isnan(static_cast<double>(row[b]));
+        if (an != bn) return bn;
+        return (!an && row[a] > row[b]) || ((an || row[a] == row[b]) && a < b);
+      });
+      std::fill_n(out + i * e, e, T(0));
+      for (int64_t j = 0; j < k; ++j) out[i * e + order[j]] = T(1);
+    }
+  });
+}
+
 }  // namespace loom::cpu

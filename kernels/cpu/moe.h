@@ -37,4 +37,10 @@ void grouped_linear_backward(Tensor& grad_x, Tensor& grad_w, const Tensor& grad_
 // in descending order; equal scores go to the lower column first. k <= E.
 void topk_rows(Tensor& indices, const Tensor& scores, int64_t k, Stream& s);
 
+// mask (N, E, scores' dtype) = 1 at the k largest entries of each row of
+// scores (N, E), 0 elsewhere; equal scores go to the lower column, and a NaN
+// ranks after every number (it is picked only when fewer than k numbers remain;
+// no error: the caller's loss carries the NaN). k in [1, E].
+void topk_mask_rows(Tensor& mask, const Tensor& scores, int64_t k, Stream& s);
+
 }  // namespace loom::cpu

@@ -159,6 +159,52 @@ __global__ void topk_kernel(int64_t* __restrict__ indices, unsigned long long* _
   }
 }
 
+// a ranks before b in topk_mask_rows' order: numbers before NaN, larger value, then lower column.
+__device__ __forceinline__ bool ranks_before_nan_last(float av, int ai, float bv, int bi) {
+  const bool an = isnan(av), bn = isnan(bv);
+  if (an != bn) return bn;
+  return (!an && av > bv) || ((an || av == bv) && ai < bi);
+}
+
+// One warp per row: k rounds find the k-th entry in that order (column -1: none yet), then
+// every entry ranked up to it is marked. No flag, no host sync.
+template <typename T>
+__global__ void topk_mask_kernel(T* __restrict__ mask, const T* __restrict__ scores, int64_t rows, int cols,
+                                 int64_t k) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const T* sr = scores + row * cols;
+  float kth_v = 0.f;
+  int kth_i = -1;
+  for (int64_t r = 0; r < k; ++r) {
+    float best_v = 0.f;
+    int best_i = -1;
+    for (int j = lane; j < cols; j += 32) {
+      const float v = to_float(sr[j]);
+      if ((kth_i < 0 || ranks_before_nan_last(kth_v, kth_i, v, j)) &&
+          (best_i < 0 || ranks_before_nan_last(v, j, best_v, best_i))) {
+        best_v = v;
+        best_i = j;
+      }
+    }
+    for (int o = 16; o > 0; o /= 2) {
+      const float ov = __shfl_xor_sync(kFull, best_v, o);
+      const int oi = __shfl_xor_sync(kFull, best_i, o);
+      if (oi >= 0 && (best_i < 0 || ranks_before_nan_last(ov, oi, best_v, best_i))) {
+        best_v = ov;
+        best_i = oi;
+      }
+    }
+    kth_v = best_v;
+    kth_i = best_i;
+  }
+  for (int j = lane; j < cols; j += 32) {
+    const bool picked = j == kth_i || ranks_before_nan_last(to_float(sr[j]), j, kth_v, kth_i);
+    mask[row * cols + j] = from_float<T>(picked ? 1.f : 0.f);
+  }
+}
+
 template <typename Fn>
 void dispatch_dtype(DType dtype, const char* op, Fn&& fn) {
   if (dtype == DType::f32) fn(float{});
@@ -385,6 +431,25 @@ void topk_rows(Tensor& indices, const Tensor& scores, int64_t k, Stream& s) {
     const int64_t at = static_cast<int64_t>(first_nan);
     LOOM_FAIL() << op << ": score (" << at / cols << ", " << at % cols << ") is NaN";
   }
+}
+
+void topk_mask_rows(Tensor& mask, const Tensor& scores, int64_t k, Stream& s) {
+  const char* op = "topk_mask_rows";
+  check_matrix(scores, s, op, "scores");
+  check_device_tensor(mask, s, op, "mask");
+  const int64_t rows = scores.size(0), cols = scores.size(1);
+  LOOM_CHECK(k >= 1 && k <= cols) << op << ": k = " << k << " must lie in [1, " << cols << "]";
+  LOOM_CHECK(cols < (int64_t{1} << 31)) << op << ": " << cols << " columns must fit int32";
+  LOOM_CHECK(mask.dtype() == scores.dtype() && mask.shape() == scores.shape())
+      << op << ": mask must be " << scores.dtype() << " " << shape_str(scores.shape()) << ", got " << mask.dtype()
+      << " " << shape_str(mask.shape());
+  if (rows == 0) return;
+  dispatch_dtype(scores.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    topk_mask_kernel<T><<<row_warps_blocks(rows), kThreads, 0, raw(s)>>>(
+        static_cast<T*>(mask.raw_data()), static_cast<const T*>(scores.raw_data()), rows, static_cast<int>(cols), k);
+    LOOM_CUDA_CHECK(cudaGetLastError());
+  });
 }
 
 }  // namespace loom::cuda

@@ -133,6 +133,32 @@ TEST(CudaMoe, TopkMatchesTheCpuTwinIncludingTies) {
   }
 }
 
+TEST(CudaMoe, TopkMaskMatchesTheCpuTwinIncludingTiesAndNans) {
+  LOOM_SKIP_WITHOUT_GPU();
+  uint64_t seed = 900;
+  for (DType dtype : {DType::bf16, DType::f32})
+    for (auto [n, e, k] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {3, 8, 2}, {17, 64, 8}, {65, 65, 65},
+                           {130, 130, 3}, {5, 7, 7}, {4096, 12, 8}}) {
+      SCOPED_TRACE(::testing::Message() << dtype << " N " << n << " E " << e << " k " << k);
+      // A coarse grid (frequent ties), -inf in some places and NaN in others.
+      Tensor scores = testing::random_indices({n, e}, 5, seed++).to(DType::f32);
+      float* p = scores.data<float>();
+      for (int64_t i = 0; i < n * e; i += 7) p[i] = -INFINITY;
+      for (int64_t i = 3; i < n * e; i += 11) p[i] = NAN;
+      Tensor ref = Tensor::empty({n, e}, DType::f32);  // the grid is exact in bf16: one reference
+      cpu::topk_mask_rows(ref, scores, k, cpu_stream());
+      Tensor mask = Tensor::full({n, e}, -7, dtype, gpu());
+      cuda::topk_mask_rows(mask, scores.to(dtype).to(gpu()), k, gpu_stream());
+      const std::vector<double> got = mask.to(Device::cpu()).to_vector<double>(), want = ref.to_vector<double>();
+      EXPECT_EQ(got, want);
+      for (int64_t i = 0; i < n; ++i) {  // k marks per row
+        double marks = 0;
+        for (int64_t j = 0; j < e; ++j) marks += got[static_cast<size_t>(i * e + j)];
+        ASSERT_EQ(marks, static_cast<double>(k)) << "row " << i;
+      }
+    }
+}
+
 TEST(CudaMoe, GroupedLinearMatchesTheCpuTwinWithEmptyExperts) {
   LOOM_SKIP_WITHOUT_GPU();
   uint64_t seed = 900;

@@ -104,5 +104,29 @@ TEST(OpsMoe, TopKIsDescendingWithTiesToTheLowerColumn) {
   EXPECT_THROW(topk_indices(nan, 1), Error);
 }
 
+TEST(OpsMoe, TopKMaskMarksTheTopKWithTiesToTheLowerColumnAndNanLast) {
+  const double nan = std::nan("");
+  Tensor s = Tensor::from_vector(std::vector<double>{0.1, 0.5, 0.5, 0.2, 3, 1, 2, 3, nan, -INFINITY, nan, 0}, {3, 4});
+  for (DType dt : {DType::f64, DType::f32}) {
+    Tensor m = topk_mask(s.to(dt), 2);
+    EXPECT_EQ(m.dtype(), dt);
+    // Row 0: the tie at 0.5 both picked; row 1: 3 (column 0) and 3 (column 3);
+    // row 2: the numbers before the NaNs, 0 then -inf.
+    EXPECT_EQ(m.to_vector<double>(), (std::vector<double>{0, 1, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1})) << dt;
+  }
+  // k = 3: row 0 takes 0.2 next; row 1 the 2; row 2 the first NaN (lower column).
+  EXPECT_EQ(topk_mask(s, 3).to_vector<double>(), (std::vector<double>{0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 0, 1}));
+  EXPECT_EQ(topk_mask(s, 1).to_vector<double>(), (std::vector<double>{0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1}));
+  EXPECT_THROW(topk_mask(s, 5), Error);
+  EXPECT_THROW(topk_mask(s, 0), Error);
+  // The mask marks what topk_indices picks (no NaN): random rows with coarse ties.
+  Tensor r = testing::random_indices({40, 12}, 4, 31).to(DType::f64);
+  std::vector<int64_t> idx = topk_indices(r, 5).to_vector<int64_t>();
+  std::vector<double> want(40 * 12, 0.0);
+  for (int64_t i = 0; i < 40; ++i)
+    for (int64_t j = 0; j < 5; ++j) want[static_cast<size_t>(i * 12 + idx[static_cast<size_t>(i * 5 + j)])] = 1;
+  EXPECT_EQ(topk_mask(r, 5).to_vector<double>(), want);
+}
+
 }  // namespace
 }  // namespace loom
