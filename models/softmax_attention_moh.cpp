@@ -9,6 +9,7 @@
 // on no host read. Every head's attention runs and is scaled by the gate
 // (kernels/NOTES.md: packing the selected rows measured against that).
 #include <string>
+#include <vector>
 
 #include "framework/ops.h"
 #include "framework/ops_moe.h"
@@ -20,18 +21,24 @@ Variable SoftmaxAttention::moh_gate(const Variable& x, SequenceContext& ctx) con
   int64_t b = x.size(0), t = x.size(1), n = b * t;
   int64_t shared = options_.moh.shared, routed = n_heads_ - shared, k = options_.moh.topk;
   // The router runs in f32 (f64 models: f64), the gate returns in x's dtype (layer.h: router_logits).
-  Variable p = reshape(softmax(router_logits(*router_proj_, x), -1), {n, routed});  // (B*T, E)
+  // Its (up to) three projections are one product: x cast once, the weights stacked (bias-free).
+  const DType rd = router_dtype(x.dtype());
+  const int64_t hs = shared > 1 ? shared : 0;  // shared-router columns
+  std::vector<Variable> weights{cast(router_proj_->weight(), rd)};
+  if (hs > 0) weights.push_back(cast(shared_router_proj_->weight(), rd));
+  if (shared > 0) weights.push_back(cast(mix_proj_->weight(), rd));
+  Variable logits = linear(reshape(cast(x, rd), {n, x.size(2)}),
+                           weights.size() == 1 ? weights[0] : concat(weights, 0));  // (B*T, E [+ h_s] [+ 2])
+  Variable p = softmax(narrow(logits, 1, 0, routed), -1);                          // (B*T, E)
   Tensor mask = topk_mask(p.data(), k);                        // (B*T, E) constant 0/1, on p's device
   Variable chosen(mask);
   Variable kept = mul(p, chosen);                               // (B*T, E)
   Variable g_r = scale(div(kept, sum(kept, 1, true)), static_cast<double>(k));  // (B*T, E)
   Variable gate = g_r;                                          // (B*T, H) when there is no shared head
   if (shared > 0) {
-    Variable g_s = shared > 1
-                       ? scale(softmax(reshape(router_logits(*shared_router_proj_, x), {n, shared}), -1),
-                               static_cast<double>(shared))      // (B*T, h_s)
-                       : Variable(Tensor::ones({n, 1}, p.dtype()));  // (B*T, 1)
-    Variable alpha = scale(softmax(reshape(router_logits(*mix_proj_, x), {n, 2}), -1), 2.0);  // (B*T, 2)
+    Variable g_s = hs > 0 ? scale(softmax(narrow(logits, 1, routed, hs), -1), static_cast<double>(hs))  // (B*T, h_s)
+                          : Variable(Tensor::ones({n, 1}, p.dtype()));                                // (B*T, 1)
+    Variable alpha = scale(softmax(narrow(logits, 1, routed + hs, 2), -1), 2.0);  // (B*T, 2)
     gate = concat({mul(narrow(alpha, 1, 0, 1), g_s), mul(narrow(alpha, 1, 1, 1), g_r)}, 1);  // (B*T, H)
   }
 

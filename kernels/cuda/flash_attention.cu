@@ -32,7 +32,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string>
 
 namespace loom::cuda::detail {
 
@@ -59,11 +61,11 @@ constexpr int kTileElems = kRows * kLd<kD>;
 
 // dst (kRows x kD, row stride kLd) <- `rows` rows of src (row stride `stride`
 // elements); rows past `rows` are zero.
-template <int kD, int kRows>
+template <int kD, int kRows, int kT = kThreads>
 __device__ __forceinline__ void load_rows_async(bf16* dst, const bf16* src, int64_t stride, int rows) {
   constexpr int kVecs = kD / 8;  // 16-byte vectors per row
 #pragma unroll
-  for (int e = threadIdx.x; e < kRows * kVecs; e += kThreads) {
+  for (int e = threadIdx.x; e < kRows * kVecs; e += kT) {
     const int r = e / kVecs, c = (e % kVecs) * 8;
     const bool valid = r < rows;
     cp_async16(dst + r * kLd<kD> + c, valid ? src + r * stride + c : src, valid);
@@ -71,10 +73,10 @@ __device__ __forceinline__ void load_rows_async(bf16* dst, const bf16* src, int6
 }
 
 // dst[r] <- src[start + r] for r < kRows (past `count`: zero); 4- or 8-byte elements.
-template <int kRows, typename T>
+template <int kRows, int kT = kThreads, typename T>
 __device__ __forceinline__ void load_vec_async(T* dst, const T* src, int64_t start, int64_t count) {
   static_assert(sizeof(T) == 4 || sizeof(T) == 8);
-  for (int r = threadIdx.x; r < kRows; r += kThreads) {
+  for (int r = threadIdx.x; r < kRows; r += kT) {
     const bool valid = start + r < count;
     const T* from = valid ? src + start + r : src;
     if constexpr (sizeof(T) == 8) cp_async8(dst + r, from, valid);
@@ -171,9 +173,9 @@ struct RowPos {
   bool strided[kRows];
 };
 
-template <int kRows>
+template <int kRows, int kT = kThreads>
 __device__ __forceinline__ void fill_s2(RowPos<kRows>& rp, const AttentionMask& m, int64_t hk) {
-  for (int r = threadIdx.x; r < kRows; r += kThreads) {
+  for (int r = threadIdx.x; r < kRows; r += kT) {
     const int64_t J = rp.pos[r] / m.s2_block;
     rp.blk[r] = J;
     rp.strided[r] = s2_strided(m, J, hk);
@@ -236,13 +238,13 @@ struct TilePlan {
 
 __host__ __device__ constexpr int64_t plan_words(int64_t count) { return (count + 31) / 32; }
 
-// Builds the plan (one ballot per 32 tiles); fn(half, t, meet, plain) decides a tile.
+// Builds the plan (one ballot per 32 tiles) with kT threads; fn(half, t, meet, plain) decides a tile.
 // Ends with a barrier.
-template <typename Decide>
+template <int kT = kThreads, typename Decide>
 __device__ __forceinline__ TilePlan build_plan(uint32_t* bits, int64_t count, Decide decide) {
   TilePlan plan{bits, count, plan_words(count)};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t w = warp; w < plan.words; w += kWarps) {
+  for (int64_t w = warp; w < plan.words; w += kT / 32) {
     const int64_t t = 32 * w + lane;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -636,34 +638,34 @@ __global__ void flash_dq_store_kernel(bf16* __restrict__ dq, const float* __rest
 // Row stride of the dS^T tile (keys x 64 queries, bf16) the fused backward shares for dQ.
 constexpr int kLdS = kTile + 8;
 
-template <int kD>
+template <int kD, int kKeys>
 struct KeySmem {
-  static constexpr size_t kBase = sizeof(bf16) * (2 * kTileElems<kD, kBlockRows> + 4 * kTileElems<kD>) +
-                                  sizeof(RowPos<kBlockRows>) + 2 * sizeof(RowPos<kTile>) +
+  static constexpr size_t kBase = sizeof(bf16) * (2 * kTileElems<kD, kKeys> + 4 * kTileElems<kD>) +
+                                  sizeof(RowPos<kKeys>) + 2 * sizeof(RowPos<kTile>) +
                                   2 * 2 * kTile * sizeof(float);
-  static constexpr size_t kDsBytes = sizeof(bf16) * kBlockRows * kLdS;
-  // With dq_acc (the fused backward) the plan is followed by the dS^T tile.
-  static size_t bytes(int64_t query_tiles, bool fused_dq) {
-    return kBase + plan_bytes(query_tiles) + (fused_dq ? kDsBytes : 0);
+  static constexpr size_t kDsBytes = sizeof(bf16) * kKeys * kLdS;
+  // With its own dS^T tile (the fused backward with 8 warps) the plan is followed by it.
+  static size_t bytes(int64_t query_tiles, bool ds_tile) {
+    return kBase + plan_bytes(query_tiles) + (ds_tile ? kDsBytes : 0);
   }
 
-  bf16* ks;   // 128 rows
-  bf16* vs;   // 128 rows
+  bf16* ks;   // kKeys rows
+  bf16* vs;   // kKeys rows
   bf16* qs;   // 2 stages x 64 rows
   bf16* dos;  // 2 stages x 64 rows
-  RowPos<kBlockRows>* kpos;
+  RowPos<kKeys>* kpos;
   RowPos<kTile>* qpos;  // 2 stages
   float* lse;           // 2 stages x 64 (natural log; -inf: the row sees nothing)
   float* delta;         // 2 stages x 64
   uint32_t* plan;
-  bf16* ds;  // (128 keys, kLdS): dS^T of the current query tile (fused backward), after the plan
+  bf16* ds;  // (kKeys, kLdS): dS^T of the current query tile (fused backward), after the plan
 
   __device__ KeySmem(unsigned char* raw, int64_t query_tiles) {
     ks = reinterpret_cast<bf16*>(raw);
-    vs = ks + kTileElems<kD, kBlockRows>;
-    qs = vs + kTileElems<kD, kBlockRows>;
+    vs = ks + kTileElems<kD, kKeys>;
+    qs = vs + kTileElems<kD, kKeys>;
     dos = qs + 2 * kTileElems<kD>;
-    kpos = reinterpret_cast<RowPos<kBlockRows>*>(dos + 2 * kTileElems<kD>);
+    kpos = reinterpret_cast<RowPos<kKeys>*>(dos + 2 * kTileElems<kD>);
     qpos = reinterpret_cast<RowPos<kTile>*>(kpos + 1);
     lse = reinterpret_cast<float*>(qpos + 2);
     delta = lse + 2 * kTile;
@@ -676,31 +678,40 @@ struct KeySmem {
 // (scaled) into dq_acc (B, T, H, D) fp32 with atomics (the fused backward: 5
 // products per tile pair instead of the 7 of the dQ and dK dV kernels; the
 // order of the additions, so dQ's rounding, varies from run to run).
-template <int kD, bool kFusedDq>
-__global__ void __launch_bounds__(kThreads, 1)
+//
+// kW warps per block (16 keys each): 8 (128 keys, one block per SM) or 4 (64
+// keys, two blocks per SM: one block's barriers and loads overlap the other's
+// products; twice the dQ atomics). With 4 warps the dS^T tile takes the
+// current stage's dO rows (dead once dP^T and dV are formed; one more barrier)
+// so that two blocks fit in shared memory.
+template <int kD, bool kFusedDq, int kW>
+__global__ void __launch_bounds__(32 * kW, 8 / kW)
     flash_backward_dkdv_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                                const bf16* __restrict__ dout, const float* __restrict__ lse,
                                const float* __restrict__ delta, const bf16* __restrict__ q,
                                const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n,
                                AttentionMask m, TileBounds tb, float scale) {
+  constexpr int kT = 32 * kW, kKeys = 16 * kW, kHalves = kW / 4;  // halves: 64-key tiles of the block
+  constexpr bool kDsInDo = kW == 4;
+  static_assert(kW == 4 || kW == 8);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t k_tiles = (n.S + kTile - 1) / kTile, q_tiles = (n.T + kTile - 1) / kTile;
-  const KeySmem<kD> sm(smem_raw, q_tiles);
+  const KeySmem<kD, kKeys> sm(smem_raw, q_tiles);
   const int64_t kb = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const int64_t group = n.H / n.Hkv;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const int half = warp / 4, row0 = 16 * warp;  // this warp's 64-key tile of the block and first key
-  const int64_t j0 = kb * kBlockRows;
-  const int nk = rows_from(n.S, j0, kBlockRows);
+  const int64_t j0 = kb * kKeys;
+  const int nk = rows_from(n.S, j0, kKeys);
   const int64_t q_stride = n.H * n.D, kv_stride = n.Hkv * n.D;
 
-  load_rows_async<kD, kBlockRows>(sm.ks, k + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, nk);
-  load_rows_async<kD, kBlockRows>(sm.vs, v + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, nk);
-  if (m.q_pos != nullptr) load_vec_async<kBlockRows>(sm.kpos->pos, m.k_pos, j0, n.S);
+  load_rows_async<kD, kKeys, kT>(sm.ks, k + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, nk);
+  load_rows_async<kD, kKeys, kT>(sm.vs, v + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, nk);
+  if (m.q_pos != nullptr) load_vec_async<kKeys, kT>(sm.kpos->pos, m.k_pos, j0, n.S);
   cp_async_commit();
-  const TilePlan plan = build_plan(sm.plan, q_tiles, [&](int hf, int64_t qt, bool& meet, bool& plain) {
-    const int64_t kt = 2 * kb + hf;
-    if (kt >= k_tiles) return;
+  const TilePlan plan = build_plan<kT>(sm.plan, q_tiles, [&](int hf, int64_t qt, bool& meet, bool& plain) {
+    const int64_t kt = kHalves * kb + hf;
+    if (hf >= kHalves || kt >= k_tiles) return;
     meet = tiles_meet(m, tb, qt, kt, hk);
     plain = tiles_unmasked(m, tb, qt, kt, n, hk);
   });
@@ -719,11 +730,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t h = hk * group + unit / q_tiles, i0 = (unit % q_tiles) * kTile;
     const int nq = rows_from(n.T, i0, kTile);
     const int64_t at = ((b * n.T + i0) * n.H + h) * n.D;
-    load_rows_async<kD, kTile>(sm.qs + stage * kTileElems<kD>, q + at, q_stride, nq);
-    load_rows_async<kD, kTile>(sm.dos + stage * kTileElems<kD>, dout + at, q_stride, nq);
-    if (m.q_pos != nullptr) load_vec_async<kTile>(sm.qpos[stage].pos, m.q_pos, i0, n.T);
-    load_vec_async<kTile>(sm.lse + stage * kTile, lse + (b * n.H + h) * n.T, i0, n.T);
-    load_vec_async<kTile>(sm.delta + stage * kTile, delta + (b * n.H + h) * n.T, i0, n.T);
+    load_rows_async<kD, kTile, kT>(sm.qs + stage * kTileElems<kD>, q + at, q_stride, nq);
+    load_rows_async<kD, kTile, kT>(sm.dos + stage * kTileElems<kD>, dout + at, q_stride, nq);
+    if (m.q_pos != nullptr) load_vec_async<kTile, kT>(sm.qpos[stage].pos, m.q_pos, i0, n.T);
+    load_vec_async<kTile, kT>(sm.lse + stage * kTile, lse + (b * n.H + h) * n.T, i0, n.T);
+    load_vec_async<kTile, kT>(sm.delta + stage * kTile, delta + (b * n.H + h) * n.T, i0, n.T);
   };
 
   const float scale_log2 = scale * kLog2e;
@@ -741,13 +752,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     const int64_t qt = unit % q_tiles;
     if (m.s2_block > 0) {
-      const bool tile_masked = !(plan.plain(0, qt) && plan.plain(1, qt));
+      const bool tile_masked = !(plan.plain(0, qt) && (kHalves < 2 || plan.plain(1, qt)));
       if (first || tile_masked) {
-        if (first) fill_s2(*sm.kpos, m, hk);
-        if (tile_masked) fill_s2(sm.qpos[stage], m, hk);
+        if (first) fill_s2<kKeys, kT>(*sm.kpos, m, hk);
+        if (tile_masked) fill_s2<kTile, kT>(sm.qpos[stage], m, hk);
         __syncthreads();
       }
     }
+    // With kDsInDo the dS^T tile is this stage's dO rows, written after every warp is done with them.
+    bf16* const ds_tile = kDsInDo ? sm.dos + stage * kTileElems<kD> : sm.ds;
+    constexpr int kLdDs = kDsInDo ? kLd<kD> : kLdS;
+    uint32_t dsf[4][4];
     if (plan.meet(half, qt)) {
       const int nq = rows_from(n.T, qt * kTile, kTile);
       const bf16* qt_s = sm.qs + stage * kTileElems<kD>;
@@ -790,40 +805,43 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int hr = 0; hr < 2; ++hr)
             dpt[nt][2 * hr + e] = st[nt][2 * hr + e] * (dpt[nt][2 * hr + e] - dl);  // dS^T
         }
-      uint32_t dsf[4][4];
       c_to_a(dsf, dpt);
       mma_frags_by_tile<kD>(acc_dk, dsf, qt_s);  // dK += dS^T Q
-      if constexpr (kFusedDq) {
+    }
+    if constexpr (kFusedDq) {
+      if constexpr (kDsInDo) __syncthreads();  // every warp is done with this stage's dO
+      if (plan.meet(half, qt)) {
         // This warp's 16 rows of dS^T (keys x queries, the bf16 values dK used) into the shared tile:
         // dsf[kk][j] holds key row g + 8 (j & 1), query columns 16 kk + 8 (j >> 1) + 2 t4, + 1.
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
           for (int j = 0; j < 4; ++j)
-            *reinterpret_cast<uint32_t*>(sm.ds + (row0 + g + 8 * (j & 1)) * kLdS + 16 * kk + 8 * (j >> 1) + 2 * t4) =
-                dsf[kk][j];
+            *reinterpret_cast<uint32_t*>(ds_tile + (row0 + g + 8 * (j & 1)) * kLdDs + 16 * kk + 8 * (j >> 1) +
+                                         2 * t4) = dsf[kk][j];
       }
-    }
-    if constexpr (kFusedDq) {
       __syncthreads();  // the dS^T rows of every warp that met the tile are in place
       // dQ (64 queries x D) += dS K over the block's keys of the halves that met the tile: warp ->
-      // query rows [16 (warp % 4), + 16), columns [(warp / 4) D / 2, + D / 2).
-      const int mt = warp % 4, c0 = (warp / 4) * (kD / 2);
-      float acc[kD / 16][4] = {};
+      // query rows [16 (warp % 4), + 16), column halves (warp / 4) (8 warps) or both (4 warps).
+      const int mt = warp % 4;
+      const bool any = plan.meet(0, qt) || (kHalves > 1 && plan.meet(1, qt));
+#pragma unroll 1
+      for (int ch = warp / 4; ch < 2 && any; ch += kW / 4) {
+        const int c0 = ch * (kD / 2);
+        float acc[kD / 16][4] = {};
 #pragma unroll
-      for (int kk = 0; kk < kBlockRows / 16; ++kk) {
-        if (!plan.meet(kk / 4, qt)) continue;  // that half's rows were not written (uniform over the block)
-        uint32_t a[4];
-        ldsm_a_kmajor(a, sm.ds, kLdS, 16 * mt, 16 * kk);  // A[m = query][k = key] = dS^T[key][query]
+        for (int kk = 0; kk < kKeys / 16; ++kk) {
+          if (!plan.meet(kk / 4, qt)) continue;  // that half's rows were not written (uniform over the block)
+          uint32_t a[4];
+          ldsm_a_kmajor(a, ds_tile, kLdDs, 16 * mt, 16 * kk);  // A[m = query][k = key] = dS^T[key][query]
 #pragma unroll
-        for (int np = 0; np < kD / 32; ++np) {
-          uint32_t bb[4];
-          ldsm_b2_kmajor(bb, sm.ks, kLd<kD>, c0 + 16 * np, 16 * kk);  // B[k = key][n = d] = K[key][d]
-          mma_bf16(acc[2 * np], a, bb[0], bb[1]);
-          mma_bf16(acc[2 * np + 1], a, bb[2], bb[3]);
+          for (int np = 0; np < kD / 32; ++np) {
+            uint32_t bb[4];
+            ldsm_b2_kmajor(bb, sm.ks, kLd<kD>, c0 + 16 * np, 16 * kk);  // B[k = key][n = d] = K[key][d]
+            mma_bf16(acc[2 * np], a, bb[0], bb[1]);
+            mma_bf16(acc[2 * np + 1], a, bb[2], bb[3]);
+          }
         }
-      }
-      if (plan.meet(0, qt) || plan.meet(1, qt)) {
         const int64_t h = hk * group + unit / q_tiles, i0 = qt * kTile;
         const int nq = rows_from(n.T, i0, kTile);
 #pragma unroll
@@ -864,6 +882,16 @@ void dispatch_flash_head_dim(int64_t D, Fn&& fn) {
   if (D == 64) fn(std::integral_constant<int, 64>{});
   else if (D == 128) fn(std::integral_constant<int, 128>{});
   else LOOM_FAIL() << "flash attention (CUDA): head dim D = " << D << " is not 64 or 128";
+}
+
+// Warps per block of the fused dK dV kernel: 8 unless LOOM_FLASH_BWD_WARPS=4 (an
+// experiment switch while the two are measured; read once).
+int backward_warps() {
+  static const int warps = [] {
+    const char* e = std::getenv("LOOM_FLASH_BWD_WARPS");
+    return e != nullptr && std::string(e) == "4" ? 4 : 8;
+  }();
+  return warps;
 }
 
 int64_t tiles_of(int64_t rows) { return (rows + kTile - 1) / kTile; }
@@ -944,11 +972,16 @@ void launch_flash_attention_backward(void* dq, void* dk, void* dv, float* delta,
       LOOM_CUDA_CHECK(cudaGetLastError());
     }
     if (n.S > 0) {
-      auto kernel = fused ? flash_backward_dkdv_kernel<kD, true> : flash_backward_dkdv_kernel<kD, false>;
-      const size_t smem = KeySmem<kD>::bytes(tiles_of(n.T), fused);
+      const bool four = fused && backward_warps() == 4;
+      auto kernel = !fused ? flash_backward_dkdv_kernel<kD, false, 8>
+                           : (four ? flash_backward_dkdv_kernel<kD, true, 4> : flash_backward_dkdv_kernel<kD, true, 8>);
+      const size_t smem = four ? KeySmem<kD, 64>::bytes(tiles_of(n.T), false)
+                               : KeySmem<kD, kBlockRows>::bytes(tiles_of(n.T), fused);
       set_smem(kernel, smem);
-      dim3 grid(blocks_of(n.S), static_cast<unsigned>(n.Hkv), static_cast<unsigned>(n.B));
-      kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc,
+      const int64_t keys = four ? 64 : kBlockRows;
+      dim3 grid(static_cast<unsigned>((n.S + keys - 1) / keys), static_cast<unsigned>(n.Hkv),
+                static_cast<unsigned>(n.B));
+      kernel<<<grid, four ? 128 : kThreads, smem, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc,
                                                static_cast<const bf16*>(dout), lse, delta,
                                                static_cast<const bf16*>(q), static_cast<const bf16*>(k),
                                                static_cast<const bf16*>(v), n, mask, tb, scale);
