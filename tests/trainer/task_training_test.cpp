@@ -93,8 +93,8 @@ TEST(TaskTraining, RecallRunWritesAccuracyRecordsPerLength) {
   world.barrier();
 }
 
-// Statistics the routers leave on the device (MoE aux and z, MoH aux) are read
-// after each step and still reach metrics.jsonl, with the host-side ones (loads).
+// Statistics the routers leave on the device (MoE aux and z, MoH aux and
+// loads) are read after each step and still reach metrics.jsonl.
 TEST(TaskTraining, RouterStatisticsReachTheMetrics) {
   MpiCommunicator& world = mpi_context().world();
   std::string dir = task_temp_dir(world, "routers");
