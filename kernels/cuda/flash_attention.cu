@@ -850,7 +850,8 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
           if (r >= nq) continue;
           float* row = dq_acc + ((b * n.T + i0 + r) * n.H + h) * n.D + c0 + 2 * t4;
 #pragma unroll
-          for (int nt = 0; nt < kD / 16; ++nt) add_pair(row + 8 * nt, scale * acc[nt][2 * hr], scale * acc[nt][2 * hr + 1]);
+          for (int nt = 0; nt < kD / 16; ++nt)
+            add_pair(row + 8 * nt, scale * acc[nt][2 * hr], scale * acc[nt][2 * hr + 1]);
         }
       }
     }
