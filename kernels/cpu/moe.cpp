@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 namespace loom::cpu {
@@ -165,56 +166,69 @@ void grouped_linear_backward(Tensor& grad_x, Tensor& grad_w, const Tensor& grad_
   }
 }
 
+namespace {
+
+// Shared checks of the two top-k entries; returns (rows, columns).
+std::pair<int64_t, int64_t> check_topk(const Tensor& scores, int64_t k, const char* op) {
+  check_matrix(scores, op);
+  const int64_t n = scores.size(0), e = scores.size(1);
+  LOOM_CHECK(k >= 1 && k <= e) << op << ": k = " << k << " must lie in [1, " << e << "]";
+  return {n, e};
+}
+
+// For each row i of in (n, e): the row's k first columns under `before(row, a, b)`
+// (a strict weak order) into order[0, k), then fn(i, order).
+template <typename T, typename Before, typename Fn>
+void for_each_top_k(const T* in, int64_t n, int64_t e, int64_t k, Before before, Fn fn) {
+  std::vector<int64_t> order(static_cast<size_t>(e));
+  for (int64_t i = 0; i < n; ++i) {
+    const T* row = in + i * e;
+    std::iota(order.begin(), order.end(), int64_t{0});
+    std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                      [&](int64_t a, int64_t b) { return before(row, a, b); });
+    fn(i, order);
+  }
+}
+
+}  // namespace
+
 void topk_rows(Tensor& indices, const Tensor& scores, int64_t k, Stream& s) {
   (void)s;
-  check_matrix(scores, "topk_rows");
-  int64_t n = scores.size(0), e = scores.size(1);
-  LOOM_CHECK(k >= 1 && k <= e) << "topk_rows: k = " << k << " must lie in [1, " << e << "]";
+  const auto [n, e] = check_topk(scores, k, "topk_rows");
   LOOM_CHECK(indices.is_contiguous() && indices.dtype() == DType::i64 && indices.shape() == (Shape{n, k}))
       << "topk_rows: indices must be contiguous i64 (" << n << ", " << k << "), got " << indices.dtype() << " "
       << shape_str(indices.shape());
   LOOM_DISPATCH_FLOAT(scores.dtype(), T, [&] {
     const T* in = scores.data<T>();
+    for (int64_t i = 0; i < n * e; ++i)
+      LOOM_CHECK(!std::isnan(static_cast<double>(in[i]))) << "topk_rows: score (" << i / e << ", " << i % e
+                                                           << ") is NaN";
     int64_t* out = indices.data<int64_t>();
-    std::vector<int64_t> order(e);
-    for (int64_t i = 0; i < n; ++i) {
-      const T* row = in + i * e;
-      for (int64_t j = 0; j < e; ++j)
-        LOOM_CHECK(!std::isnan(static_cast<double>(row[j]))) << "topk_rows: score (" << i << ", " << j << ") is NaN";
-      std::iota(order.begin(), order.end(), int64_t{0});
-      // Descending score, then ascending column: a strict weak order, so the result is deterministic.
-      std::partial_sort(order.begin(), order.begin() + k, order.end(), [row](int64_t a, int64_t b) {
-        return row[a] > row[b] || (row[a] == row[b] && a < b);
-      });
-      std::copy_n(order.begin(), k, out + i * k);
-    }
+    // Descending score, then ascending column: a strict weak order, so the result is deterministic.
+    for_each_top_k(
+        in, n, e, k, [](const T* row, int64_t a, int64_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); },
+        [&](int64_t i, const std::vector<int64_t>& order) { std::copy_n(order.begin(), k, out + i * k); });
   });
 }
 
 void topk_mask_rows(Tensor& mask, const Tensor& scores, int64_t k, Stream& s) {
   (void)s;
-  check_matrix(scores, "topk_mask_rows");
-  int64_t n = scores.size(0), e = scores.size(1);
-  LOOM_CHECK(k >= 1 && k <= e) << "topk_mask_rows: k = " << k << " must lie in [1, " << e << "]";
+  const auto [n, e] = check_topk(scores, k, "topk_mask_rows");
   LOOM_CHECK(mask.is_contiguous() && mask.dtype() == scores.dtype() && mask.shape() == scores.shape())
       << "topk_mask_rows: mask must be contiguous " << scores.dtype() << " " << shape_str(scores.shape()) << ", got "
       << mask.dtype() << " " << shape_str(mask.shape());
   LOOM_DISPATCH_FLOAT(scores.dtype(), T, [&] {
-    const T* in = scores.data<T>();
     T* out = mask.data<T>();
-    std::vector<int64_t> order(e);
-    for (int64_t i = 0; i < n; ++i) {
-      const T* row = in + i * e;
-      std::iota(order.begin(), order.end(), int64_t{0});
-      // Numbers before NaN, then descending score, then ascending column (the CUDA kernel's order).
-      std::partial_sort(order.begin(), order.begin() + k, order.end(), [row](int64_t a, int64_t b) {
-        const bool an = std::isnan(static_cast<double>(row[a])), bn = std::isnan(static_cast<double>(row[b]));
-        if (an != bn) return bn;
-        return (!an && row[a] > row[b]) || ((an || row[a] == row[b]) && a < b);
-      });
+    // Numbers before NaN, then descending score, then ascending column (the CUDA kernel's order).
+    auto before = [](const T* row, int64_t a, int64_t b) {
+      const bool an = std::isnan(static_cast<double>(row[a])), bn = std::isnan(static_cast<double>(row[b]));
+      if (an != bn) return bn;
+      return (!an && row[a] > row[b]) || ((an || row[a] == row[b]) && a < b);
+    };
+    for_each_top_k(scores.data<T>(), n, e, k, before, [&](int64_t i, const std::vector<int64_t>& order) {
       std::fill_n(out + i * e, e, T(0));
-      for (int64_t j = 0; j < k; ++j) out[i * e + order[j]] = T(1);
-    }
+      for (int64_t j = 0; j < k; ++j) out[i * e + order[static_cast<size_t>(j)]] = T(1);
+    });
   });
 }
 

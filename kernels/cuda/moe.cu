@@ -401,13 +401,22 @@ void grouped_linear_backward(Tensor& grad_x, Tensor& grad_w, const Tensor& grad_
   }
 }
 
-void topk_rows(Tensor& indices, const Tensor& scores, int64_t k, Stream& s) {
-  const char* op = "topk_rows";
+namespace {
+// The checks both top-k entries share: scores a device matrix, out on its device, k in [1, cols].
+void check_topk(const Tensor& scores, const Tensor& out, int64_t k, const Stream& s, const char* op,
+                const char* out_name) {
   check_matrix(scores, s, op, "scores");
-  check_device_tensor(indices, s, op, "indices");
-  const int64_t rows = scores.size(0), cols = scores.size(1);
+  check_device_tensor(out, s, op, out_name);
+  const int64_t cols = scores.size(1);
   LOOM_CHECK(k >= 1 && k <= cols) << op << ": k = " << k << " must lie in [1, " << cols << "]";
   LOOM_CHECK(cols < (int64_t{1} << 31)) << op << ": " << cols << " columns must fit int32";
+}
+}  // namespace
+
+void topk_rows(Tensor& indices, const Tensor& scores, int64_t k, Stream& s) {
+  const char* op = "topk_rows";
+  check_topk(scores, indices, k, s, op, "indices");
+  const int64_t rows = scores.size(0), cols = scores.size(1);
   LOOM_CHECK(indices.dtype() == DType::i64 && indices.shape() == (Shape{rows, k}))
       << op << ": indices must be i64 (" << rows << ", " << k << "), got " << indices.dtype() << " "
       << shape_str(indices.shape());
@@ -435,11 +444,8 @@ void topk_rows(Tensor& indices, const Tensor& scores, int64_t k, Stream& s) {
 
 void topk_mask_rows(Tensor& mask, const Tensor& scores, int64_t k, Stream& s) {
   const char* op = "topk_mask_rows";
-  check_matrix(scores, s, op, "scores");
-  check_device_tensor(mask, s, op, "mask");
+  check_topk(scores, mask, k, s, op, "mask");
   const int64_t rows = scores.size(0), cols = scores.size(1);
-  LOOM_CHECK(k >= 1 && k <= cols) << op << ": k = " << k << " must lie in [1, " << cols << "]";
-  LOOM_CHECK(cols < (int64_t{1} << 31)) << op << ": " << cols << " columns must fit int32";
   LOOM_CHECK(mask.dtype() == scores.dtype() && mask.shape() == scores.shape())
       << op << ": mask must be " << scores.dtype() << " " << shape_str(scores.shape()) << ", got " << mask.dtype()
       << " " << shape_str(mask.shape());
