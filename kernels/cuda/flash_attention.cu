@@ -684,7 +684,9 @@ struct KeySmem {
 // products; twice the dQ atomics). With 4 warps the dS^T tile takes the
 // current stage's dO rows (dead once dP^T and dV are formed; one more barrier)
 // so that two blocks fit in shared memory.
-template <int kD, bool kFusedDq, int kW>
+// kEndBarrier: keep the per-unit end barrier the 8-warp fused kernel does not need (its
+// previous form, kept for the A/B measurement: LOOM_FLASH_BWD_WARPS=8b).
+template <int kD, bool kFusedDq, int kW, bool kEndBarrier = false>
 __global__ void __launch_bounds__(32 * kW, 8 / kW)
     flash_backward_dkdv_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                                const bf16* __restrict__ dout, const float* __restrict__ lse,
@@ -855,7 +857,10 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
         }
       }
     }
-    __syncthreads();
+    // Before the next unit's loads refill this stage. The 8-warp fused kernel needs no barrier
+    // here: every warp finished reading this stage's rows before the dS^T barrier, and the next
+    // dS^T is written only after the next unit's first barrier (all warps done with this dQ).
+    if constexpr (!kFusedDq || kDsInDo || kEndBarrier) __syncthreads();
     first = false;
     unit = next;
     stage ^= 1;
@@ -885,14 +890,16 @@ void dispatch_flash_head_dim(int64_t D, Fn&& fn) {
   else LOOM_FAIL() << "flash attention (CUDA): head dim D = " << D << " is not 64 or 128";
 }
 
-// Warps per block of the fused dK dV kernel: 8 unless LOOM_FLASH_BWD_WARPS=4 (an
-// experiment switch while the two are measured; read once).
-int backward_warps() {
-  static const int warps = [] {
+// The fused dK dV kernel's form: 8 warps unless LOOM_FLASH_BWD_WARPS is 4 (4 warps, two
+// blocks per SM) or 8b (8 warps with the end barrier of the previous form). An experiment
+// switch while the forms are measured; read once. Returns 4, 8 or 9 (8b).
+int backward_form() {
+  static const int form = [] {
     const char* e = std::getenv("LOOM_FLASH_BWD_WARPS");
-    return e != nullptr && std::string(e) == "4" ? 4 : 8;
+    const std::string v = e != nullptr ? e : "";
+    return v == "4" ? 4 : v == "8b" ? 9 : 8;
   }();
-  return warps;
+  return form;
 }
 
 int64_t tiles_of(int64_t rows) { return (rows + kTile - 1) / kTile; }
@@ -973,9 +980,11 @@ void launch_flash_attention_backward(void* dq, void* dk, void* dv, float* delta,
       LOOM_CUDA_CHECK(cudaGetLastError());
     }
     if (n.S > 0) {
-      const bool four = fused && backward_warps() == 4;
+      const bool four = fused && backward_form() == 4;
       auto kernel = !fused ? flash_backward_dkdv_kernel<kD, false, 8>
-                           : (four ? flash_backward_dkdv_kernel<kD, true, 4> : flash_backward_dkdv_kernel<kD, true, 8>);
+                    : four ? flash_backward_dkdv_kernel<kD, true, 4>
+                    : backward_form() == 9 ? flash_backward_dkdv_kernel<kD, true, 8, true>
+                                           : flash_backward_dkdv_kernel<kD, true, 8>;
       const size_t smem = four ? KeySmem<kD, 64>::bytes(tiles_of(n.T), false)
                                : KeySmem<kD, kBlockRows>::bytes(tiles_of(n.T), fused);
       set_smem(kernel, smem);
