@@ -1,4 +1,5 @@
 // loom-bench [--json out.json] [--reps N] [--families gemm,memory,optimizer,attention,mixer] [--seq T]
+//            [--rows TEXT]
 // Times the CUDA kernels at the shapes of the recipes (launch/recipes: d 128,
 // 4 heads, F 384, byte vocab, 8 x 128 tokens) and of a 1.3B model (d 2048,
 // 16 heads of 128, SwiGLU F 5632, vocab 32000, 16K tokens per step), one
@@ -18,6 +19,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "framework/autograd.h"
@@ -64,7 +66,8 @@ struct Row {
 
 class Bench {
  public:
-  Bench(Stream& s, int reps) : s_(s), reps_(reps) {}
+  // `rows`: time only the rows whose name contains it (empty: all).
+  Bench(Stream& s, int reps, std::string rows) : s_(s), reps_(reps), rows_filter_(std::move(rows)) {}
 
   // Median time in ms of fn() over reps_ runs after 3 warm-ups.
   double time_ms(const std::function<void()>& fn) {
@@ -84,11 +87,16 @@ class Bench {
 
   void memory(const std::string& family, const std::string& name, const std::string& shape, double bytes,
               const std::function<void()>& fn) {
+    if (!selected(name)) return;
     rows_.push_back({family, name, shape, time_ms(fn), bytes, 0});
   }
   void compute(const std::string& family, const std::string& name, const std::string& shape, double flops,
                const std::function<void()>& fn) {
+    if (!selected(name)) return;
     rows_.push_back({family, name, shape, time_ms(fn), 0, flops});
+  }
+  bool selected(const std::string& name) const {
+    return rows_filter_.empty() || name.find(rows_filter_) != std::string::npos;
   }
 
   void print(double copy_gbps) const {
@@ -125,6 +133,7 @@ class Bench {
  private:
   Stream& s_;
   int reps_;
+  std::string rows_filter_;
   std::vector<Row> rows_;
 };
 
@@ -418,13 +427,14 @@ bool wanted(const std::string& families, const std::string& family) {
   return ("," + families + ",").find("," + family + ",") != std::string::npos;
 }
 
-int run(const std::string& json_path, int reps, const std::string& families, int64_t only_t) {
+int run(const std::string& json_path, int reps, const std::string& families, int64_t only_t,
+        const std::string& rows) {
   if (!cuda_is_available()) {
     std::printf("loom-bench: no usable GPU (%s); nothing to time.\n", cuda_unavailable_reason().c_str());
     return 0;
   }
   Stream& s = Stream::default_for(gpu());
-  Bench b(s, reps);
+  Bench b(s, reps, rows);
   const double copy_gbps = copy_bandwidth(b);
   std::printf("loom-bench: device-to-device copy %.1f GB/s (read + write), median of %d; GEMM peak %.0f TFLOP/s\n",
               copy_gbps, reps, kPeakTflops);
@@ -453,7 +463,7 @@ int run(const std::string& json_path, int reps, const std::string& families, int
 
 #else
 
-int run(const std::string&, int, const std::string&, int64_t) {
+int run(const std::string&, int, const std::string&, int64_t, const std::string&) {
   std::printf("loom-bench: built without CUDA (no nvcc at configure time); nothing to time.\n");
   return 0;
 }
@@ -474,9 +484,11 @@ int main(int argc, char** argv) {
   int64_t only_t = 0;
   app.add_option("--seq", only_t, "attention, mixer: time only the shapes of this sequence length (default: all; mixer 16K)")
       ->check(CLI::PositiveNumber);
+  std::string rows;
+  app.add_option("--rows", rows, "time only the rows whose name contains this text (e.g. 'moh'; default: all)");
   CLI11_PARSE(app, argc, argv);
   try {
-    return run(json_path, reps, families, only_t);
+    return run(json_path, reps, families, only_t, rows);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "loom-bench: %s\n", e.what());
     return 1;

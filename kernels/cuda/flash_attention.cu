@@ -32,9 +32,7 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
-#include <string>
 
 namespace loom::cuda::detail {
 
@@ -345,6 +343,14 @@ __device__ __forceinline__ void store_rows(bf16* dst, int64_t stride, int row0, 
 
 // ---------------------------------------------------------------- query-block kernels (forward, dQ)
 
+// A block's (row block, head): the grid is (heads, blocks, B), heads varying fastest, so every head's longest blocks start before any head's shortest and
+// the last wave holds the shortest (measured at 32K against (blocks, heads, B): S2
+// fwd+bwd 18.5 against 20.9 ms, dense even; kernels/NOTES.md).
+struct BlockSlot {
+  int64_t block, head;
+};
+__device__ __forceinline__ BlockSlot block_slot() { return {blockIdx.y, blockIdx.x}; }
+
 // The 128-query block, head and batch of a forward or dQ block, and where its
 // rows and its kv head's rows start (element offsets into q-like and k-like tensors).
 struct QueryBlock {
@@ -355,9 +361,11 @@ struct QueryBlock {
 
 __device__ __forceinline__ QueryBlock query_block(const AttentionDims& n) {
   QueryBlock blk;
-  // Causal rows late in the sequence see the most keys: those blocks are scheduled first.
-  blk.qb = gridDim.x - 1 - blockIdx.x;
-  blk.h = blockIdx.y;
+  // Causal rows late in the sequence see the most keys: those blocks are scheduled first,
+  // every head's before the next (heads vary fastest: the last wave holds the shortest blocks).
+  const BlockSlot slot = block_slot();
+  blk.qb = gridDim.y - 1 - slot.block;
+  blk.h = slot.head;
   blk.b = blockIdx.z;
   blk.hk = blk.h / (n.H / n.Hkv);
   blk.i0 = blk.qb * kBlockRows;
@@ -683,10 +691,11 @@ struct KeySmem {
 // keys, two blocks per SM: one block's barriers and loads overlap the other's
 // products; twice the dQ atomics). With 4 warps the dS^T tile takes the
 // current stage's dO rows (dead once dP^T and dV are formed; one more barrier)
-// so that two blocks fit in shared memory.
-// kEndBarrier: keep the per-unit end barrier the 8-warp fused kernel does not need (its
-// previous form, kept for the A/B measurement: LOOM_FLASH_BWD_WARPS=8b).
-template <int kD, bool kFusedDq, int kW, bool kEndBarrier = false>
+// so that two blocks fit in shared memory. The launch takes 4 warps when S2 blocks are
+// narrower than 128 keys (a strided S2 column would leave half of an 8-warp block idle on
+// most query tiles; measured at 32K: 4 warps 18.5 ms against 8 warps 23.0, while dense
+// causal is faster with 8: 84.5 against 97.6; kernels/NOTES.md).
+template <int kD, bool kFusedDq, int kW>
 __global__ void __launch_bounds__(32 * kW, 8 / kW)
     flash_backward_dkdv_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                                const bf16* __restrict__ dout, const float* __restrict__ lse,
@@ -699,7 +708,8 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t k_tiles = (n.S + kTile - 1) / kTile, q_tiles = (n.T + kTile - 1) / kTile;
   const KeySmem<kD, kKeys> sm(smem_raw, q_tiles);
-  const int64_t kb = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const BlockSlot slot = block_slot();  // low key blocks (the longest under causal) first
+  const int64_t kb = slot.block, hk = slot.head, b = blockIdx.z;
   const int64_t group = n.H / n.Hkv;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const int half = warp / 4, row0 = 16 * warp;  // this warp's 64-key tile of the block and first key
@@ -860,7 +870,7 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
     // Before the next unit's loads refill this stage. The 8-warp fused kernel needs no barrier
     // here: every warp finished reading this stage's rows before the dS^T barrier, and the next
     // dS^T is written only after the next unit's first barrier (all warps done with this dQ).
-    if constexpr (!kFusedDq || kDsInDo || kEndBarrier) __syncthreads();
+    if constexpr (!kFusedDq || kDsInDo) __syncthreads();
     first = false;
     unit = next;
     stage ^= 1;
@@ -890,16 +900,12 @@ void dispatch_flash_head_dim(int64_t D, Fn&& fn) {
   else LOOM_FAIL() << "flash attention (CUDA): head dim D = " << D << " is not 64 or 128";
 }
 
-// The fused dK dV kernel's form: 8 warps unless LOOM_FLASH_BWD_WARPS is 4 (4 warps, two
-// blocks per SM) or 8b (8 warps with the end barrier of the previous form). An experiment
-// switch while the forms are measured; read once. Returns 4, 8 or 9 (8b).
-int backward_form() {
-  static const int form = [] {
-    const char* e = std::getenv("LOOM_FLASH_BWD_WARPS");
-    const std::string v = e != nullptr ? e : "";
-    return v == "4" ? 4 : v == "8b" ? 9 : 8;
-  }();
-  return form;
+// The grid of `blocks` row blocks of `heads` heads (block_slot): heads varying fastest.
+dim3 flash_grid(int64_t blocks, int64_t heads, int64_t batch) {
+  LOOM_CHECK(blocks <= 65535 && heads < (int64_t{1} << 31) && batch <= 65535)
+      << "flash attention (CUDA): " << blocks << " row blocks, " << heads << " heads, batch " << batch
+      << " exceed the grid (at most 65535 row blocks of 64 or 128 rows and 65535 sequences per call)";
+  return dim3(static_cast<unsigned>(heads), static_cast<unsigned>(blocks), static_cast<unsigned>(batch));
 }
 
 int64_t tiles_of(int64_t rows) { return (rows + kTile - 1) / kTile; }
@@ -948,7 +954,7 @@ void launch_flash_attention_forward(void* out, float* lse, const void* q, const 
     auto kernel = flash_forward_kernel<kD>;
     const size_t smem = QuerySmem<kD, 1>::bytes(tiles_of(n.S));
     set_smem(kernel, smem);
-    dim3 grid(blocks_of(n.T), static_cast<unsigned>(n.H), static_cast<unsigned>(n.B));
+    const dim3 grid = flash_grid(blocks_of(n.T), n.H, n.B);
     kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(out), lse, static_cast<const bf16*>(q),
                                              static_cast<const bf16*>(k), static_cast<const bf16*>(v), n, mask, tb,
                                              scale);
@@ -973,24 +979,22 @@ void launch_flash_attention_backward(void* dq, void* dk, void* dv, float* delta,
       auto kernel = flash_backward_dq_kernel<kD>;
       const size_t smem = QuerySmem<kD, 2>::bytes(tiles_of(n.S));
       set_smem(kernel, smem);
-      dim3 grid(blocks_of(n.T), static_cast<unsigned>(n.H), static_cast<unsigned>(n.B));
+      const dim3 grid = flash_grid(blocks_of(n.T), n.H, n.B);
       kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(dq), static_cast<const bf16*>(dout), lse, delta,
                                                static_cast<const bf16*>(q), static_cast<const bf16*>(k),
                                                static_cast<const bf16*>(v), n, mask, tb, scale);
       LOOM_CUDA_CHECK(cudaGetLastError());
     }
     if (n.S > 0) {
-      const bool four = fused && backward_form() == 4;
+      const bool four = fused && mask.s2_block > 0 && mask.s2_block % kBlockRows != 0;
       auto kernel = !fused ? flash_backward_dkdv_kernel<kD, false, 8>
                     : four ? flash_backward_dkdv_kernel<kD, true, 4>
-                    : backward_form() == 9 ? flash_backward_dkdv_kernel<kD, true, 8, true>
-                                           : flash_backward_dkdv_kernel<kD, true, 8>;
+                           : flash_backward_dkdv_kernel<kD, true, 8>;
       const size_t smem = four ? KeySmem<kD, 64>::bytes(tiles_of(n.T), false)
                                : KeySmem<kD, kBlockRows>::bytes(tiles_of(n.T), fused);
       set_smem(kernel, smem);
       const int64_t keys = four ? 64 : kBlockRows;
-      dim3 grid(static_cast<unsigned>((n.S + keys - 1) / keys), static_cast<unsigned>(n.Hkv),
-                static_cast<unsigned>(n.B));
+      const dim3 grid = flash_grid((n.S + keys - 1) / keys, n.Hkv, n.B);
       kernel<<<grid, four ? 128 : kThreads, smem, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc,
                                                static_cast<const bf16*>(dout), lse, delta,
                                                static_cast<const bf16*>(q), static_cast<const bf16*>(k),

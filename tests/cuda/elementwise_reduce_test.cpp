@@ -42,7 +42,10 @@ TEST(CudaElementwise, BinaryOpsMatchTheCpuTwin) {
   };
   const Case cases[] = {{{1}, {1}},         {{3, 7}, {3, 7}},  {{17, 65}, {17, 65}}, {{4099}, {4099}},
                         {{5, 1, 7}, {3, 1}}, {{2, 3, 65}, {65}}, {{1}, {17, 65}},      {{}, {3, 5}},
-                        {{4, 1, 9}, {1, 6, 1}}};
+                        {{4, 1, 9}, {1, 6, 1}},
+                        // Inner dims of 8k elements: the strided kernel by packs (aligned runs) with b one
+                        // element per row, b a broadcast row, a one element per row, both broadcast outside.
+                        {{6, 4, 16}, {6, 4, 1}}, {{3, 24}, {24}}, {{4, 1}, {4, 16}}, {{5, 1, 8}, {1, 3, 8}}};
   uint64_t seed = 500;
   for (DType dtype : kDtypes) {
     for (const Case& c : cases) {
@@ -253,7 +256,10 @@ TEST(CudaReduce, SumDimMatchesTheCpuTwinAndIsReproducible) {
   };
   const Case cases[] = {{{3, 5, 7}, 0},    {{3, 5, 7}, 1},     {{3, 5, 7}, 2},      {{17, 65}, 0},
                         {{17, 65}, 1},     {{2, 4096, 8}, 1},  {{1000, 64}, 0},     {{5, 100003}, 1},
-                        {{3, 70000}, 0},   {{0, 5}, 0},        {{1, 1}, 1},         {{9, 3, 1024}, 1}};
+                        {{3, 70000}, 0},   {{0, 5}, 0},        {{1, 1}, 1},         {{9, 3, 1024}, 1},
+                        // Last-dim sums: a warp per segment up to 1024 elements (vector and element
+                        // loads), a block per segment past it.
+                        {{2000, 128}, 1},  {{7, 1024}, 1},     {{4, 1025}, 1},      {{33, 3, 5}, 2}};
   uint64_t seed = 1000;
   for (DType dtype : kDtypes) {
     for (const Case& c : cases) {

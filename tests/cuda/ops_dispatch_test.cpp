@@ -63,6 +63,33 @@ TEST(CudaTensor, StridedCopiesAndCastsMatchTheHost) {
   EXPECT_EQ(wide.to(kGpu).to(Device::cpu()).to_vector<int64_t>(), wide.to_vector<int64_t>());
 }
 
+// Dense row-major sides take the element-for-element kernel: casts between every
+// floating pair (bf16/f16/f32 through float alone), a source that starts past
+// its buffer's first element (a row slice), a destination row slice, and
+// size-1 dims with any stride, all bitwise the host conversion.
+TEST(CudaTensor, DenseCastsAndCopiesMatchTheHost) {
+  LOOM_SKIP_WITHOUT_GPU();
+  Tensor base = testing::random_tensor({5, 4099}, 3, DType::f64, 70.0);  // past bf16/f16 precision, within f16 range
+  const DType floats[] = {DType::f64, DType::f32, DType::bf16, DType::f16};
+  for (DType from : floats) {
+    Tensor host_src = base.to(from);
+    Tensor gpu_src = host_src.to(kGpu);
+    for (DType to : floats) {
+      SCOPED_TRACE(::testing::Message() << from << " -> " << to);
+      EXPECT_TRUE(same_values(gpu_src.to(to), host_src.to(to), 0, 0)) << "whole tensor";
+      // Rows 2..4 of the source (offset 2 * 4099) into rows 1..3 of a poisoned destination.
+      Tensor dst = Tensor::full({5, 4099}, NAN, to, kGpu);
+      dst.narrow(0, 1, 3).copy_(gpu_src.narrow(0, 2, 3));
+      Tensor expected = Tensor::full({5, 4099}, NAN, to);
+      expected.narrow(0, 1, 3).copy_(host_src.narrow(0, 2, 3));
+      EXPECT_TRUE(same_values(dst, expected, 0, 0)) << "row slices (rows 0 and 4 stay NaN)";
+      // A size-1 dim with an unusual stride is still dense.
+      Tensor row = gpu_src.narrow(0, 3, 1).unsqueeze(1);  // (1, 1, 4099)
+      EXPECT_TRUE(same_values(row.to(to), host_src.narrow(0, 3, 1).unsqueeze(1).to(to), 0, 0)) << "size-1 dims";
+    }
+  }
+}
+
 TEST(CudaTensor, CopiesIntoStridedDestinationsAndAcrossDevices) {
   LOOM_SKIP_WITHOUT_GPU();
   Tensor src = testing::random_tensor({7, 9}, 2, DType::f32);
