@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Branch moh-device-routing, final GPU call: build; every CUDA test (cuDNN's
-# left out: untouched) and the CUDA placement tests of the tensor/nn suites (the
-# dense copy path, the strided kernel by packs, the warp-per-segment sums, the
-# flash grid in heads-fastest order, the 4-warp backward under S2); memcheck on
-# the new kernels; the mixer bench and an ncu kernel breakdown of its gated and
-# MoH variants; attention at 32K beside PyTorch SDPA; S2 against dense cuDNN at
-# 128K. Logs under $OUT (default /tmp/o).
+# Attention and mixer check in one GPU call (issue 7): build; every CUDA test
+# (cuDNN's left out: run tools/gpu_flash.sh for those) and the CUDA placement
+# tests of the tensor/nn suites; memcheck on the element-wise, reduction and
+# copy kernels; the mixer bench and a per-kernel breakdown of its plain,
+# headwise-gate and MoH variants (ncu; read with tools/kernel_breakdown.py);
+# attention at 32K beside PyTorch SDPA; S2 against dense cuDNN at 128K.
+# About 5 minutes on an H100. Logs under $OUT (default /tmp/o).
 set -u; O=${OUT:-/tmp/o}; mkdir -p $O; B=build-gpu; T0=$SECONDS
 el() { echo "+$((SECONDS - T0))s"; }
 cmake -S . -B $B -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a > $O/configure.log 2>&1 || { tail -20 $O/configure.log; exit 1; }
@@ -25,6 +25,7 @@ $B/loom-bench --families mixer --reps 10 > $O/mixer.log 2>&1; echo "mixer rc $? 
 for v in plain headwise moh; do
   timeout 60 ncu --clock-control none --metrics gpu__time_duration.sum --csv --launch-skip 40 --launch-count 400 \
     $B/loom-bench --families mixer --reps 10 --rows "$v" > $O/mix-$v.csv 2>&1; echo "ncu $v rc $?"
+  python3 tools/kernel_breakdown.py $O/mix-$v.csv | head -12
 done
 echo "profiles $(el)"
 $B/loom-bench --families attention --seq 32768 --reps 10 --json $O/b32.json > $O/b32.log 2>&1; echo "b32 rc $?"
