@@ -343,9 +343,10 @@ __device__ __forceinline__ void store_rows(bf16* dst, int64_t stride, int row0, 
 
 // ---------------------------------------------------------------- query-block kernels (forward, dQ)
 
-// A block's (row block, head): the grid is (heads, blocks, B), heads varying fastest, so every head's longest blocks start before any head's shortest and
-// the last wave holds the shortest (measured at 32K against (blocks, heads, B): S2
-// fwd+bwd 18.5 against 20.9 ms, dense even; kernels/NOTES.md).
+// A block's (row block, head): the grid is (heads, blocks, B), heads varying fastest,
+// so every head's longest blocks start before any head's shortest and the last wave
+// holds the shortest (measured at 32K against (blocks, heads, B): S2 fwd+bwd 18.5
+// against 20.9 ms, dense even; kernels/NOTES.md).
 struct BlockSlot {
   int64_t block, head;
 };
