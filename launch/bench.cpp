@@ -281,6 +281,8 @@ void bench_attention(Bench& b, int64_t only_t) {
                       {"flash s2", cuda::AttentionKernel::flash, 131072, true}};
   for (const Run& r : runs) {
     if (only_t > 0 && r.T != only_t) continue;
+    const std::string label = r.label;
+    if (!b.selected(label + " fwd") && !b.selected(label + " fwd+bwd")) continue;  // --rows: no setup either
     const int64_t Tq = r.packed ? r.T - r.T / 4 : r.T;
     const Shape shape{1, r.T, H, D}, q_shape{1, Tq, H, D};
     Tensor q = filled(q_shape, bf, 0.1, s), k = filled(shape, bf, 0.1, s), v = filled(shape, bf, 0.1, s);
@@ -304,9 +306,9 @@ void bench_attention(Bench& b, int64_t only_t) {
     auto forward = [&] {
       cuda::attention_forward(out, lse, q, k, v, q_pos, pos, scale, true, s2, s, r.kernel, form);
     };
-    b.compute("attention", std::string(r.label) + " fwd", shape_text, fwd_flops, forward);
+    b.compute("attention", label + " fwd", shape_text, fwd_flops, forward);
     cuda::set_deterministic_attention(r.deterministic);
-    b.compute("attention", std::string(r.label) + " fwd+bwd", shape_text, 3.5 * fwd_flops, [&] {
+    b.compute("attention", label + " fwd+bwd", shape_text, 3.5 * fwd_flops, [&] {
       forward();
       cuda::attention_backward(dq, dk, dv, dout, Tensor(), q, k, v, out, lse, q_pos, pos, scale, true, s2, s,
                                r.kernel, form);
@@ -336,6 +338,8 @@ void bench_mixer(Bench& b, int64_t only_t) {
   const double attention_flops = 4.0 * 128 * 16 * 0.5 * static_cast<double>(T) * static_cast<double>(T + 1);
   const double proj_flops = 2.0 * static_cast<double>(T) * 2048 * (4 * 2048);
   for (const Variant& v : variants) {
+    const std::string name = std::string("S ") + v.name + " fwd+bwd";
+    if (!b.selected(name)) continue;  // --rows: no setup either
     c.softmax.gate = v.gate;
     c.softmax.heads = v.heads;
     c.softmax.moh.shared = 4;  // MoH: 4 shared + top-8 of 12 routed = 75% of the heads active
@@ -347,7 +351,7 @@ void bench_mixer(Bench& b, int64_t only_t) {
     Tensor x = filled({1, T, 2048}, DType::bf16, 0.1, b.stream());
     Tensor r = filled({1, T, 2048}, DType::bf16, 0.01, b.stream());
     Tensor pos = Tensor::arange(T, DType::i64).to(gpu());
-    b.compute("mixer", std::string("S ") + v.name + " fwd+bwd", "1x" + std::to_string(T) + " d2048 16x128",
+    b.compute("mixer", name, "1x" + std::to_string(T) + " d2048 16x128",
               3.0 * proj_flops + 3.5 * attention_flops, [&] {
                 SequenceContext ctx;
                 ctx.positions = pos;

@@ -8,6 +8,7 @@
 // (the mask, the counts, the loads: deferred statistics), so the forward waits
 // on no host read. Every head's attention runs and is scaled by the gate
 // (kernels/NOTES.md: packing the selected rows measured against that).
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -55,9 +56,12 @@ Variable SoftmaxAttention::moh_gate(const Variable& x, SequenceContext& ctx) con
   Variable aux = scale(sum(mul(mean_p, f)), static_cast<double>(routed));  // ()
   std::string prefix = "layer" + std::to_string(layer_) + ".moh.";
   ctx.deferred_stats[prefix + "aux"] = {aux.data(), 1.0};
-  for (int64_t i = 0; i < routed; ++i)  // share of the B*T*k routed slots per routed head (1/E if balanced)
+  // Share of the B*T*k routed slots per routed head (1/E if balanced); the heads share one
+  // host copy of the counts, so reading them all waits once.
+  const auto counts_host = std::make_shared<std::vector<double>>();
+  for (int64_t i = 0; i < routed; ++i)
     ctx.deferred_stats[prefix + "head" + std::to_string(shared + i) + ".load"] = {
-        counts, 1.0 / static_cast<double>(n * k), i};
+        counts, 1.0 / static_cast<double>(n * k), i, counts_host};
   if (options_.moh.aux_coef > 0)
     ctx.aux_losses.push_back(
         cast(scale(aux, options_.moh.aux_coef / static_cast<double>(moh_layers_ * cp)), x.dtype()));

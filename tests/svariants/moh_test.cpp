@@ -85,6 +85,9 @@ TEST(MohAttention, AuxLossMatchesHandComputation) {
   double expected = 2 * (pbar[0] * f[0] + pbar[1] * f[1]);
   testing::MixerRun r = testing::run_mixer(m, x, default_positions(3));
   EXPECT_NEAR(r.ctx.stat("layer1.moh.aux"), expected, 1e-12);
+  // The heads' loads come from one counts tensor and share its host copy (one wait for all).
+  EXPECT_EQ(r.ctx.deferred_stats.at("layer1.moh.head1.load").host,
+            r.ctx.deferred_stats.at("layer1.moh.head2.load").host);
   EXPECT_NEAR(r.ctx.stat("layer1.moh.head1.load"), 1.0 / 3, 1e-12);  // routed head 0 = head 1 of the layer
   EXPECT_NEAR(r.ctx.stat("layer1.moh.head2.load"), 2.0 / 3, 1e-12);
   ASSERT_EQ(r.ctx.aux_losses.size(), 1u);
