@@ -27,6 +27,13 @@ Variable operator*(const Variable& a, const Variable& b);
 Variable matmul(const Variable& a, const Variable& b);
 // x (..., In) @ weight (Out, In)^T + bias (Out) -> (..., Out); bias may be undefined.
 Variable linear(const Variable& x, const Variable& weight, const Variable& bias = {});
+// x (..., In) @ weight (Out, In)^T -> (..., Out) in weight's dtype (f32 or f64), bias-free:
+// the routers' logits. For 16-bit x on CUDA with an f32 weight the product runs on x's
+// dtype (the weight rounded to it: exact when it is a cast of a 16-bit parameter) with
+// fp32 accumulation and output, so x is never widened; the backward rounds the f32
+// gradient to x's dtype for its two products (dx in x's dtype, dweight in f32).
+// Otherwise it is linear(cast(x, weight's dtype), weight).
+Variable linear_wide_out(const Variable& x, const Variable& weight);
 
 // ---- reductions ----
 Variable sum(const Variable& x);                                     // all elements -> shape ()

@@ -201,4 +201,54 @@ Variable linear(const Variable& x, const Variable& weight, const Variable& bias)
       });
 }
 
+Variable linear_wide_out(const Variable& x, const Variable& weight) {
+  const Tensor& tx = float_input("linear_wide_out", x, "x");
+  const Tensor& tw = float_input("linear_wide_out", weight, "weight");
+  LOOM_CHECK(tw.dtype() == DType::f32 || tw.dtype() == DType::f64)
+      << "linear_wide_out: weight must be f32 or f64, got " << tw.dtype();
+  if (!(is_16bit_float(tx.dtype()) && tx.device().is_cuda() && tw.dtype() == DType::f32))
+    return linear(cast(x, tw.dtype()), weight);
+  LOOM_CHECK(tw.dim() == 2 && tx.dim() >= 1 && tx.size(-1) == tw.size(1))
+      << "linear_wide_out: x " << shape_str(tx.shape()) << " and weight " << shape_str(tw.shape())
+      << " (Out, In) do not match";
+  check_device("linear_wide_out", tw, "weight", tx.device());
+  const int64_t in = tw.size(1), out_features = tw.size(0);
+  int64_t rows = 1;  // N: x's leading dims flattened
+  for (int64_t d = 0; d + 1 < tx.dim(); ++d) rows *= tx.size(d);
+  Tensor x_rows = tx.reshape({rows, in});  // (N, In)
+  Tensor w_low = tw.to(tx.dtype());        // (Out, In), x's dtype
+  Tensor y_rows = Tensor::empty({rows, out_features}, DType::f32, tx.device());  // (N, Out)
+  Stream& s = stream_for(tx);
+  Operand ox = as_operand(x_rows, false), ow = as_operand(w_low, true);
+  dispatch::gemm(y_rows, ox.stored, ow.stored, ox.trans, ow.trans, 1.0, 0.0, s);
+  Shape out_shape = tx.shape();
+  out_shape.back() = out_features;
+
+  const bool need_x = x.requires_grad(), need_w = weight.requires_grad();
+  Tensor saved_x = need_w ? x_rows : Tensor(), saved_w = need_x ? w_low : Tensor();
+  const Shape sx = tx.shape();
+  return make_output(
+      y_rows.view(out_shape), {x, weight}, "linear_wide_out",
+      [need_x, need_w, saved_x, saved_w, sx, rows, in, out_features](const std::vector<Tensor>& grads)
+          -> std::vector<Tensor> {
+        if (!grads[0].defined()) return {Tensor(), Tensor()};
+        const DType low = need_x ? saved_w.dtype() : saved_x.dtype();
+        Tensor g_rows = grads[0].reshape({rows, out_features}).to(low);  // (N, Out), x's dtype
+        Stream& s = stream_for(g_rows);
+        Tensor gx, gw;
+        if (need_x) {  // dL/dx = g @ W, in x's dtype
+          Tensor gx_rows = Tensor::empty({rows, in}, low, g_rows.device());  // (N, In)
+          Operand og = as_operand(g_rows, false), ow = as_operand(saved_w, false);
+          dispatch::gemm(gx_rows, og.stored, ow.stored, og.trans, ow.trans, 1.0, 0.0, s);
+          gx = gx_rows.view(sx);
+        }
+        if (need_w) {  // dL/dW = g^T @ x, fp32 from the accumulator
+          gw = Tensor::empty({out_features, in}, DType::f32, g_rows.device());  // (Out, In)
+          Operand og = as_operand(g_rows, true), ox = as_operand(saved_x, false);
+          dispatch::gemm(gw, og.stored, ox.stored, og.trans, ox.trans, 1.0, 0.0, s);
+        }
+        return {gx, gw};
+      });
+}
+
 }  // namespace loom

@@ -84,9 +84,12 @@ struct SequenceContext {
 // differences below 2^-8 of their size to ties, which top-k then breaks by index.
 inline DType router_dtype(DType compute) { return compute == DType::f64 ? DType::f64 : DType::f32; }
 // proj(x) in router_dtype(x's dtype); gradients return in the dtypes of x and the weights.
+// Bias-free routers with 16-bit x on CUDA multiply in x's dtype with fp32 accumulation
+// and output (linear_wide_out: the same logits without an f32 copy of x).
 inline Variable router_logits(const Linear& proj, const Variable& x) {
   const DType d = router_dtype(x.dtype());
-  return linear(cast(x, d), cast(proj.weight(), d), proj.bias().defined() ? cast(proj.bias(), d) : Variable());
+  if (!proj.bias().defined()) return linear_wide_out(x, cast(proj.weight(), d));
+  return linear(cast(x, d), cast(proj.weight(), d), cast(proj.bias(), d));
 }
 
 // Under active cp: the sum over the cp group of this rank's partial `x`

@@ -21,15 +21,16 @@ namespace loom {
 Variable SoftmaxAttention::moh_gate(const Variable& x, SequenceContext& ctx) const {
   int64_t b = x.size(0), t = x.size(1), n = b * t;
   int64_t shared = options_.moh.shared, routed = n_heads_ - shared, k = options_.moh.topk;
-  // The router runs in f32 (f64 models: f64), the gate returns in x's dtype (layer.h: router_logits).
-  // Its (up to) three projections are one product: x cast once, the weights stacked (bias-free).
+  // The router's logits are f32 (f64 models: f64), the gate returns in x's dtype (layer.h:
+  // router_logits). Its (up to) three projections are one product, the weights stacked
+  // (bias-free); 16-bit x on CUDA is multiplied as it is with fp32 accumulation (linear_wide_out).
   const DType rd = router_dtype(x.dtype());
   const int64_t hs = shared > 1 ? shared : 0;  // shared-router columns
   std::vector<Variable> weights{cast(router_proj_->weight(), rd)};
   if (hs > 0) weights.push_back(cast(shared_router_proj_->weight(), rd));
   if (shared > 0) weights.push_back(cast(mix_proj_->weight(), rd));
-  Variable logits = linear(reshape(cast(x, rd), {n, x.size(2)}),
-                           weights.size() == 1 ? weights[0] : concat(weights, 0));  // (B*T, E [+ h_s] [+ 2])
+  Variable logits = linear_wide_out(reshape(x, {n, x.size(2)}),
+                                    weights.size() == 1 ? weights[0] : concat(weights, 0));  // (B*T, E [+ h_s] [+ 2])
   Variable p = softmax(narrow(logits, 1, 0, routed), -1);                          // (B*T, E)
   Tensor mask = topk_mask(p.data(), k);                        // (B*T, E) constant 0/1, on p's device
   Variable chosen(mask);

@@ -40,6 +40,49 @@ std::vector<double> near_tie_router(int64_t c) {
   return w;
 }
 
+// linear_wide_out on bf16 x and an f32 weight holding bf16 values: the logits
+// equal the f32 product of the widened x (the same exact products, summed in
+// f32); dx = bf16(g) @ W rounded to bf16, dW = bf16(g)^T @ x in f32, against
+// f64 references on the host. Also the fallback: f32 x takes linear's path.
+TEST(CudaRouter, WideOutputLinearMatchesTheWidenedProduct) {
+  LOOM_SKIP_WITHOUT_GPU();
+  const int64_t n = 300, in = 72, out = 18;
+  Tensor x = testing::random_tensor({3, n / 3, in}, 51, DType::f32).to(DType::bf16);  // (3, 100, 72)
+  Tensor w = testing::random_tensor({out, in}, 52, DType::f32, 0.2).to(DType::bf16).to(DType::f32);
+  Tensor g = testing::random_tensor({3, n / 3, out}, 53, DType::f32);
+  Variable xv(x.to(gpu()), true), wv(w.to(gpu()), true);
+  Variable y = linear_wide_out(xv, wv);
+  ASSERT_EQ(y.dtype(), DType::f32);
+  ASSERT_EQ(y.shape(), (Shape{3, n / 3, out}));
+  {
+    NoGradGuard no_grad;
+    Tensor ref = linear(cast(Variable(x.to(gpu())), DType::f32), Variable(w.to(gpu()))).data();
+    EXPECT_TENSOR_CLOSE(y.data().to(Device::cpu()), ref.to(Device::cpu()), 1e-6, 1e-6) << "logits";
+  }
+  y.backward(g.to(gpu()));
+  // f64 references from the rounded gradient.
+  const std::vector<double> xs = x.to(DType::f64).to_vector<double>(), ws = w.to(DType::f64).to_vector<double>();
+  const std::vector<double> gs = g.to(DType::bf16).to(DType::f64).to_vector<double>();
+  std::vector<double> dx(static_cast<size_t>(n * in), 0.0), dw(static_cast<size_t>(out * in), 0.0);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t i = 0; i < in; ++i) {
+        dx[r * in + i] += gs[r * out + o] * ws[o * in + i];
+        dw[o * in + i] += gs[r * out + o] * xs[r * in + i];
+      }
+  Tensor dx_ref = Tensor::from_vector(dx, {3, n / 3, in});
+  EXPECT_EQ(xv.grad().dtype(), DType::f32) << "a bf16 leaf's gradient buffer";
+  EXPECT_TENSOR_CLOSE(xv.grad().to(Device::cpu()).to(DType::f64), dx_ref, 4e-3, 1e-6)
+      << "dx: the f32-accumulated product rounded to bf16 (one bf16 ulp)";
+  EXPECT_TENSOR_CLOSE(wv.grad().to(Device::cpu()).to(DType::f64), Tensor::from_vector(dw, {out, in}), 1e-5, 1e-5)
+      << "dW in f32";
+  // f32 x: linear's path (widening is a no-op), same values as linear.
+  Tensor x32 = x.to(DType::f32).to(gpu());
+  NoGradGuard no_grad;
+  EXPECT_TENSOR_CLOSE(linear_wide_out(Variable(x32), Variable(w.to(gpu()))).data().to(Device::cpu()),
+                      linear(Variable(x32), Variable(w.to(gpu()))).data().to(Device::cpu()), 0.0, 0.0);
+}
+
 TEST(CudaRouter, MohRoutesABf16NearTieByF32Logits) {
   LOOM_SKIP_WITHOUT_GPU();
   DecoderConfig c;

@@ -139,5 +139,21 @@ TEST(Linear, ErrorsNameShapes) {
   EXPECT_ERROR_MENTIONS(linear(x, Variable(Tensor::zeros({5, 17}, DType::f32))), "linear", "f64", "f32");
 }
 
+// On the CPU (f32/f64 arithmetic) linear_wide_out is linear of x widened to the
+// weight's dtype: values, gradients (x's back in x's dtype), and a named error
+// for a 16-bit weight. (The 16-bit CUDA product: CudaRouter.WideOutputLinear...)
+TEST(LinearWideOut, OnTheCpuIsLinearOfTheWidenedInput) {
+  Tensor x = random_tensor({2, 3, 17}, 40, DType::f32), w = random_tensor({5, 17}, 41);  // x f32, w f64
+  Variable xv(x, true), wv(w, true);
+  Variable y = linear_wide_out(xv, wv);
+  EXPECT_EQ(y.dtype(), DType::f64);
+  EXPECT_TENSOR_CLOSE(y.data(), reference_matmul(x.to(DType::f64), w.transpose(0, 1).contiguous()), 1e-12, 1e-12);
+  y.backward(Tensor::ones({2, 3, 5}, DType::f64));
+  EXPECT_EQ(xv.grad().dtype(), DType::f32);
+  EXPECT_GRADCHECK([](const std::vector<Variable>& in) { return std::vector<Variable>{linear_wide_out(in[0], in[1])}; },
+                   {non_contiguous(random_tensor({3, 5, 17}, 42)), random_tensor({4, 17}, 43)});
+  EXPECT_ERROR_MENTIONS(linear_wide_out(Variable(x), Variable(w.to(DType::bf16))), "linear_wide_out", "bf16");
+}
+
 }  // namespace
 }  // namespace loom
