@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <functional>
 #include <map>
 #include <memory>
@@ -90,8 +91,18 @@ bool cudnn_candidate(AttentionKernel kernel, cpu::MaskForm form, const S2Pattern
                      const Tensor& v, bool backward) {
   if (kernel != AttentionKernel::cudnn && kernel != AttentionKernel::best) return false;
   if (s2.enabled() || !form.is_diagonal()) return false;
-  // cuDNN's backward accumulates dQ with atomics: a deterministic run leaves it to the flash kernels.
-  if (backward && deterministic_attention()) return false;
+  // cuDNN's backward accumulates dQ with atomics: a deterministic run leaves it to the flash kernels
+  // (said once on stderr when the backend was asked for by name).
+  if (backward && deterministic_attention()) {
+    static std::once_flag said;
+    if (kernel == AttentionKernel::cudnn)
+      std::call_once(said, [] {
+        std::fprintf(stderr, "loom: model.attention_backend = cudnn under train.deterministic: cuDNN runs the "
+                             "attention forward only; the backward runs the native deterministic kernels (cuDNN's "
+                             "backward adds dQ with atomics)\n");
+      });
+    return false;
+  }
   if (kernel == AttentionKernel::cudnn) {
     LOOM_CHECK(cudnn_attention_available()) << "attention: model.attention_backend = cudnn but cuDNN is not "
                                             << "available (" << cudnn_attention_version() << ")";
