@@ -32,7 +32,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string>
 
 namespace loom::cuda::detail {
 
@@ -292,10 +294,13 @@ __device__ __forceinline__ void mma_frags_by_rows(float (&acc)[8][4], const uint
     }
 }
 
-// The same with A read from rows row0.. of a row-major smem tile (as).
-template <int kD>
+// The same with A read from rows row0.. of a row-major smem tile (as). kUnroll: k steps
+// unrolled (all by default; 1 keeps the loop, a quarter of the code: the fused dK dV
+// kernel stalls on instruction fetch, LOOM_FLASH_BWD_ROLL=1 measures whether a smaller
+// loop body helps).
+template <int kD, int kUnroll = kD / 16>
 __device__ __forceinline__ void mma_rows_by_rows(float (&acc)[8][4], const bf16* as, int row0, const bf16* bs) {
-#pragma unroll
+#pragma unroll(kUnroll)
   for (int kk = 0; kk < kD / 16; ++kk) {
     uint32_t a[4];
     ldsm_a(a, as, kLd<kD>, row0, 16 * kk);
@@ -696,7 +701,7 @@ struct KeySmem {
 // narrower than 128 keys (a strided S2 column would leave half of an 8-warp block idle on
 // most query tiles; measured at 32K: 4 warps 18.5 ms against 8 warps 23.0, while dense
 // causal is faster with 8: 84.5 against 97.6; kernels/NOTES.md).
-template <int kD, bool kFusedDq, int kW>
+template <int kD, bool kFusedDq, int kW, bool kRoll = false>
 __global__ void __launch_bounds__(32 * kW, 8 / kW)
     flash_backward_dkdv_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                                const bf16* __restrict__ dout, const float* __restrict__ lse,
@@ -786,7 +791,8 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
       // used (dV) before dP^T is formed, so its bf16 fragments are dead by then
       // (at D 128 both accumulators and all four fragment sets do not fit in registers).
       float st[8][4] = {};
-      mma_rows_by_rows<kD>(st, sm.ks, row0, qt_s);  // S^T = K Q^T
+      constexpr int kUnroll = kRoll ? 1 : kD / 16;
+      mma_rows_by_rows<kD, kUnroll>(st, sm.ks, row0, qt_s);  // S^T = K Q^T
       const bool masked = !plan.plain(half, qt);
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
@@ -808,7 +814,7 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
         mma_frags_by_tile<kD>(acc_dv, pf, dot_s);  // dV += P^T dO
       }
       float dpt[8][4] = {};
-      mma_rows_by_rows<kD>(dpt, sm.vs, row0, dot_s);  // dP^T = V dO^T
+      mma_rows_by_rows<kD, kUnroll>(dpt, sm.vs, row0, dot_s);  // dP^T = V dO^T
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -842,7 +848,7 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
       for (int ch = warp / 4; ch < 2 && any; ch += kW / 4) {
         const int c0 = ch * (kD / 2);
         float acc[kD / 16][4] = {};
-#pragma unroll
+#pragma unroll(kRoll ? 1 : kKeys / 16)
         for (int kk = 0; kk < kKeys / 16; ++kk) {
           if (!plan.meet(kk / 4, qt)) continue;  // that half's rows were not written (uniform over the block)
           uint32_t a[4];
@@ -899,6 +905,16 @@ void dispatch_flash_head_dim(int64_t D, Fn&& fn) {
   if (D == 64) fn(std::integral_constant<int, 64>{});
   else if (D == 128) fn(std::integral_constant<int, 128>{});
   else LOOM_FAIL() << "flash attention (CUDA): head dim D = " << D << " is not 64 or 128";
+}
+
+// LOOM_FLASH_BWD_ROLL=1: the 8-warp fused dK dV kernel with its k loops kept (kRoll), an
+// experiment switch until the same-run A/B decides (branch moh-router-wide); read once.
+bool roll_backward() {
+  static const bool roll = [] {
+    const char* e = std::getenv("LOOM_FLASH_BWD_ROLL");
+    return e != nullptr && std::string(e) == "1";
+  }();
+  return roll;
 }
 
 // The grid of `blocks` row blocks of `heads` heads (block_slot): heads varying fastest.
@@ -990,7 +1006,8 @@ void launch_flash_attention_backward(void* dq, void* dk, void* dv, float* delta,
       const bool four = fused && mask.s2_block > 0 && mask.s2_block % kBlockRows != 0;
       auto kernel = !fused ? flash_backward_dkdv_kernel<kD, false, 8>
                     : four ? flash_backward_dkdv_kernel<kD, true, 4>
-                           : flash_backward_dkdv_kernel<kD, true, 8>;
+                    : roll_backward() ? flash_backward_dkdv_kernel<kD, true, 8, true>
+                                      : flash_backward_dkdv_kernel<kD, true, 8>;
       const size_t smem = four ? KeySmem<kD, 64>::bytes(tiles_of(n.T), false)
                                : KeySmem<kD, kBlockRows>::bytes(tiles_of(n.T), fused);
       set_smem(kernel, smem);
