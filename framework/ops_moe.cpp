@@ -128,4 +128,25 @@ Tensor topk_mask(const Tensor& scores, int64_t k) {
   return out;
 }
 
+Variable moh_gate(const Variable& p, const Tensor& mask, const Variable& z, int64_t shared, int64_t k) {
+  const Tensor& tp = float_input("moh_gate", p, "p");
+  LOOM_CHECK(tp.dim() == 2) << "moh_gate: p must be (N, E), got " << shape_str(tp.shape());
+  LOOM_CHECK(shared == 0 || z.defined()) << "moh_gate: " << shared << " shared heads need z (N, h_s + 2)";
+  Tensor pc = tp.contiguous(), mc = mask.defined() ? mask.contiguous() : Tensor();
+  Tensor zc = shared > 0 ? float_input("moh_gate", z, "z").contiguous() : Tensor();
+  Tensor gate = Tensor::empty({pc.size(0), shared + pc.size(1)}, pc.dtype(), pc.device());  // (N, shared + E)
+  dispatch::moh_gate_rows(gate, pc, mc, zc, shared, k, Stream::default_for(pc.device()));
+  const bool need_z = shared > 0 && z.requires_grad();
+  return make_output(gate, {p, shared > 0 ? z : Variable()}, "MohGate",
+                     [pc, mc, zc, shared, k, need_z](const std::vector<Tensor>& grads) -> std::vector<Tensor> {
+                       if (!grads[0].defined()) return {Tensor(), Tensor()};
+                       Tensor dg = grads[0].contiguous();
+                       Tensor dp = Tensor::empty(pc.shape(), pc.dtype(), pc.device());  // (N, E)
+                       Tensor dz = shared > 0 ? Tensor::empty(zc.shape(), zc.dtype(), zc.device()) : Tensor();
+                       dispatch::moh_gate_rows_backward(dp, dz, dg, pc, mc, zc, shared, k,
+                                                        Stream::default_for(pc.device()));
+                       return {dp, need_z ? dz : Tensor()};
+                     });
+}
+
 }  // namespace loom

@@ -38,4 +38,12 @@ Tensor topk_indices(const Tensor& scores, int64_t k);
 // Stays on the scores' device (no host sync on CUDA). Not differentiable.
 Tensor topk_mask(const Tensor& scores, int64_t k);
 
+// MoH's head gate (ALGORITHMS.md §8; the row rule in kernels/moh_gate_row.h): p (N, E)
+// the routed heads' probabilities, mask (N, E) their top-k selection (a constant),
+// z (N, h_s + 2) the shared-router logits (h_s = shared > 1 ? shared : 0) then the two
+// mix logits, undefined when shared == 0 -> (N, shared + E):
+// [2 softmax(z_a)_0 · g_s, 2 softmax(z_a)_1 · k (p ∘ mask) / Σ (p ∘ mask)].
+// One kernel each way instead of a dozen small ops; backward to p and z.
+Variable moh_gate(const Variable& p, const Tensor& mask, const Variable& z, int64_t shared, int64_t k);
+
 }  // namespace loom

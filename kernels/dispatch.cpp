@@ -320,6 +320,17 @@ void topk_mask_rows(Tensor& mask, const Tensor& scores, int64_t k, Stream& s) {
   if (on_cpu("topk_mask", {&mask, &scores}, s)) return cpu::topk_mask_rows(mask, scores, k, s);
   WITH_CUDA("topk_mask", s, cuda::topk_mask_rows(mask, scores, k, s));
 }
+void moh_gate_rows(Tensor& gate, const Tensor& p, const Tensor& mask, const Tensor& z, int64_t shared, int64_t k,
+                   Stream& s) {
+  if (on_cpu("moh_gate", {&gate, &p, &mask}, s)) return cpu::moh_gate_rows(gate, p, mask, z, shared, k, s);
+  WITH_CUDA("moh_gate", s, cuda::moh_gate_rows(gate, p, mask, z, shared, k, s));
+}
+void moh_gate_rows_backward(Tensor& dp, Tensor& dz, const Tensor& dgate, const Tensor& p, const Tensor& mask,
+                            const Tensor& z, int64_t shared, int64_t k, Stream& s) {
+  if (on_cpu("moh_gate_backward", {&dp, &dgate, &p, &mask}, s))
+    return cpu::moh_gate_rows_backward(dp, dz, dgate, p, mask, z, shared, k, s);
+  WITH_CUDA("moh_gate_backward", s, cuda::moh_gate_rows_backward(dp, dz, dgate, p, mask, z, shared, k, s));
+}
 
 // ---- optimizer and clipping ----
 void adamw_step(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor& compute, const Tensor& grad,

@@ -114,6 +114,10 @@ void grouped_linear_backward(Tensor& grad_x, Tensor& grad_w, const Tensor& grad_
                              const std::vector<int64_t>& offsets, Stream& s);
 void topk_rows(Tensor& indices, const Tensor& scores, int64_t k, Stream& s);
 void topk_mask_rows(Tensor& mask, const Tensor& scores, int64_t k, Stream& s);
+void moh_gate_rows(Tensor& gate, const Tensor& p, const Tensor& mask, const Tensor& z, int64_t shared, int64_t k,
+                   Stream& s);
+void moh_gate_rows_backward(Tensor& dp, Tensor& dz, const Tensor& dgate, const Tensor& p, const Tensor& mask,
+                            const Tensor& z, int64_t shared, int64_t k, Stream& s);
 
 // ---- optimizer and clipping (kernels/cpu/adamw.h, grad_norm.h) ----
 void adamw_step(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor& compute, const Tensor& grad,

@@ -34,15 +34,8 @@ Variable SoftmaxAttention::moh_gate(const Variable& x, SequenceContext& ctx) con
   Variable p = softmax(narrow(logits, 1, 0, routed), -1);                          // (B*T, E)
   Tensor mask = topk_mask(p.data(), k);                        // (B*T, E) constant 0/1, on p's device
   Variable chosen(mask);
-  Variable kept = mul(p, chosen);                               // (B*T, E)
-  Variable g_r = scale(div(kept, sum(kept, 1, true)), static_cast<double>(k));  // (B*T, E)
-  Variable gate = g_r;                                          // (B*T, H) when there is no shared head
-  if (shared > 0) {
-    Variable g_s = hs > 0 ? scale(softmax(narrow(logits, 1, routed, hs), -1), static_cast<double>(hs))  // (B*T, h_s)
-                          : Variable(Tensor::ones({n, 1}, p.dtype()));                                // (B*T, 1)
-    Variable alpha = scale(softmax(narrow(logits, 1, routed + hs, 2), -1), 2.0);  // (B*T, 2)
-    gate = concat({mul(narrow(alpha, 1, 0, 1), g_s), mul(narrow(alpha, 1, 1, 1), g_r)}, 1);  // (B*T, H)
-  }
+  // g_r, g_s, α and their product in one op (framework/ops_moe.h: moh_gate).
+  Variable gate = loom::moh_gate(p, mask, shared > 0 ? narrow(logits, 1, routed, hs + 2) : Variable(), shared, k);  // (B*T, H)
 
   // Load balance: E · Σ_i mean_t(p_ti) · f_i with f_i the fraction of tokens routed to head i.
   // Under cp both means are over the whole sequence (counts and probabilities

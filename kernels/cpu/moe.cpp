@@ -6,6 +6,7 @@
 #include "kernels/cpu/rows.h"
 
 #include "kernels/cpu/matmul.h"
+#include "kernels/moh_gate_row.h"
 
 #include <algorithm>
 #include <cmath>
@@ -229,6 +230,34 @@ void topk_mask_rows(Tensor& mask, const Tensor& scores, int64_t k, Stream& s) {
       std::fill_n(out + i * e, e, T(0));
       for (int64_t j = 0; j < k; ++j) out[i * e + order[static_cast<size_t>(j)]] = T(1);
     });
+  });
+}
+
+void moh_gate_rows(Tensor& gate, const Tensor& p, const Tensor& mask, const Tensor& z, int64_t shared, int64_t k,
+                   Stream& s) {
+  (void)s;
+  moh::check_gate_operands(gate, p, mask, z, shared, k, "moh_gate_rows");
+  const int64_t n = p.size(0), e = p.size(1), zc = shared > 0 ? z.size(1) : 0;
+  LOOM_DISPATCH_FLOAT(p.dtype(), T, [&] {
+    for (int64_t i = 0; i < n; ++i)
+      moh::gate_row(gate.data<T>() + i * (shared + e), p.data<T>() + i * e, mask.data<T>() + i * e,
+                    shared > 0 ? z.data<T>() + i * zc : nullptr, e, shared, k);
+  });
+}
+
+void moh_gate_rows_backward(Tensor& dp, Tensor& dz, const Tensor& dgate, const Tensor& p, const Tensor& mask,
+                            const Tensor& z, int64_t shared, int64_t k, Stream& s) {
+  (void)s;
+  moh::check_gate_operands(dgate, p, mask, z, shared, k, "moh_gate_rows_backward");
+  LOOM_CHECK(dp.is_contiguous() && dp.shape() == p.shape() && dp.dtype() == p.dtype() &&
+             (shared == 0 || (dz.is_contiguous() && dz.shape() == z.shape() && dz.dtype() == z.dtype())))
+      << "moh_gate_rows_backward: dp must be like p " << shape_str(p.shape()) << " and dz like z";
+  const int64_t n = p.size(0), e = p.size(1), zc = shared > 0 ? z.size(1) : 0;
+  LOOM_DISPATCH_FLOAT(p.dtype(), T, [&] {
+    for (int64_t i = 0; i < n; ++i)
+      moh::gate_row_backward(dp.data<T>() + i * e, shared > 0 ? dz.data<T>() + i * zc : nullptr,
+                             dgate.data<T>() + i * (shared + e), p.data<T>() + i * e, mask.data<T>() + i * e,
+                             shared > 0 ? z.data<T>() + i * zc : nullptr, e, shared, k);
   });
 }
 

@@ -43,4 +43,13 @@ void topk_rows(Tensor& indices, const Tensor& scores, int64_t k, Stream& s);
 // no error: the caller's loss carries the NaN). k in [1, E].
 void topk_mask_rows(Tensor& mask, const Tensor& scores, int64_t k, Stream& s);
 
+// MoH's head gate per row (kernels/moh_gate_row.h): gate (N, shared + E) from the routed
+// probabilities p (N, E), their top-k mask and z (N, h_s + 2: shared-router then mix
+// logits; unused when shared == 0); f32 or f64.
+void moh_gate_rows(Tensor& gate, const Tensor& p, const Tensor& mask, const Tensor& z, int64_t shared, int64_t k,
+                   Stream& s);
+// Its backward: dp (N, E) and dz (like z; untouched when shared == 0) from dgate (N, shared + E).
+void moh_gate_rows_backward(Tensor& dp, Tensor& dz, const Tensor& dgate, const Tensor& p, const Tensor& mask,
+                            const Tensor& z, int64_t shared, int64_t k, Stream& s);
+
 }  // namespace loom::cpu

@@ -7,11 +7,13 @@
 // offsets are a host-side routing plan, so no device count has to be read here.
 #include <cub/device/device_radix_sort.cuh>
 
+#include <initializer_list>
 #include <limits>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/moe.h"
+#include "kernels/moh_gate_row.h"
 
 namespace loom::cuda {
 
@@ -203,6 +205,35 @@ __global__ void topk_mask_kernel(T* __restrict__ mask, const T* __restrict__ sco
     const bool picked = j == kth_i || ranks_before_nan_last(to_float(sr[j]), j, kth_v, kth_i);
     mask[row * cols + j] = from_float<T>(picked ? 1.f : 0.f);
   }
+}
+
+// A thread per row of the MoH gate (rows are a few dozen values: the row math
+// of kernels/moh_gate_row.h as it is).
+template <typename T>
+__global__ void moh_gate_kernel(T* __restrict__ gate, const T* __restrict__ p, const T* __restrict__ mask,
+                                const T* __restrict__ z, int64_t rows, int64_t e, int64_t zc, int64_t shared,
+                                int64_t k) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows) return;
+  moh::gate_row(gate + i * (shared + e), p + i * e, mask + i * e, z != nullptr ? z + i * zc : nullptr, e, shared, k);
+}
+
+template <typename T>
+__global__ void moh_gate_backward_kernel(T* __restrict__ dp, T* __restrict__ dz, const T* __restrict__ dgate,
+                                         const T* __restrict__ p, const T* __restrict__ mask,
+                                         const T* __restrict__ z, int64_t rows, int64_t e, int64_t zc,
+                                         int64_t shared, int64_t k) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows) return;
+  moh::gate_row_backward(dp + i * e, dz != nullptr ? dz + i * zc : nullptr, dgate + i * (shared + e), p + i * e,
+                         mask + i * e, z != nullptr ? z + i * zc : nullptr, e, shared, k);
+}
+
+template <typename Fn>
+void dispatch_f32_f64(DType dtype, const char* op, Fn&& fn) {
+  if (dtype == DType::f32) fn(float{});
+  else if (dtype == DType::f64) fn(double{});
+  else LOOM_FAIL() << op << ": dtype " << dtype << " is not supported on CUDA (f32, f64)";
 }
 
 template <typename Fn>
@@ -454,6 +485,50 @@ void topk_mask_rows(Tensor& mask, const Tensor& scores, int64_t k, Stream& s) {
     using T = decltype(tag);
     topk_mask_kernel<T><<<row_warps_blocks(rows), kThreads, 0, raw(s)>>>(
         static_cast<T*>(mask.raw_data()), static_cast<const T*>(scores.raw_data()), rows, static_cast<int>(cols), k);
+    LOOM_CUDA_CHECK(cudaGetLastError());
+  });
+}
+
+void moh_gate_rows(Tensor& gate, const Tensor& p, const Tensor& mask, const Tensor& z, int64_t shared, int64_t k,
+                   Stream& s) {
+  const char* op = "moh_gate_rows";
+  moh::check_gate_operands(gate, p, mask, z, shared, k, op);
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&gate, &p, &mask})
+    check_device_tensor(*t, s, op, "operand");
+  if (shared > 0) check_device_tensor(z, s, op, "z");
+  const int64_t rows = p.size(0), e = p.size(1), zc = shared > 0 ? z.size(1) : 0;
+  if (rows == 0) return;
+  dispatch_f32_f64(p.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    moh_gate_kernel<T><<<static_cast<unsigned>((rows + kThreads - 1) / kThreads), kThreads, 0, raw(s)>>>(
+        static_cast<T*>(gate.raw_data()), static_cast<const T*>(p.raw_data()), static_cast<const T*>(mask.raw_data()),
+        shared > 0 ? static_cast<const T*>(z.raw_data()) : nullptr, rows, e, zc, shared, k);
+    LOOM_CUDA_CHECK(cudaGetLastError());
+  });
+}
+
+void moh_gate_rows_backward(Tensor& dp, Tensor& dz, const Tensor& dgate, const Tensor& p, const Tensor& mask,
+                            const Tensor& z, int64_t shared, int64_t k, Stream& s) {
+  const char* op = "moh_gate_rows_backward";
+  moh::check_gate_operands(dgate, p, mask, z, shared, k, op);
+  LOOM_CHECK(dp.is_contiguous() && dp.shape() == p.shape() && dp.dtype() == p.dtype() &&
+             (shared == 0 || (dz.is_contiguous() && dz.shape() == z.shape() && dz.dtype() == z.dtype())))
+      << op << ": dp must be like p " << shape_str(p.shape()) << " and dz like z";
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&dp, &dgate, &p, &mask})
+    check_device_tensor(*t, s, op, "operand");
+  if (shared > 0) {
+    check_device_tensor(z, s, op, "z");
+    check_device_tensor(dz, s, op, "dz");
+  }
+  const int64_t rows = p.size(0), e = p.size(1), zc = shared > 0 ? z.size(1) : 0;
+  if (rows == 0) return;
+  dispatch_f32_f64(p.dtype(), op, [&](auto tag) {
+    using T = decltype(tag);
+    moh_gate_backward_kernel<T><<<static_cast<unsigned>((rows + kThreads - 1) / kThreads), kThreads, 0, raw(s)>>>(
+        static_cast<T*>(dp.raw_data()), shared > 0 ? static_cast<T*>(dz.raw_data()) : nullptr,
+        static_cast<const T*>(dgate.raw_data()), static_cast<const T*>(p.raw_data()),
+        static_cast<const T*>(mask.raw_data()), shared > 0 ? static_cast<const T*>(z.raw_data()) : nullptr, rows, e,
+        zc, shared, k);
     LOOM_CUDA_CHECK(cudaGetLastError());
   });
 }

@@ -46,4 +46,11 @@ void topk_rows(Tensor& indices, const Tensor& scores, int64_t k, Stream& s);
 // no error and no host sync: the caller's loss carries the NaN). k in [1, E].
 void topk_mask_rows(Tensor& mask, const Tensor& scores, int64_t k, Stream& s);
 
+// MoH's head gate per row and its backward (the CPU twins' contract, kernels/cpu/moe.h):
+// a thread per row, f32 or f64.
+void moh_gate_rows(Tensor& gate, const Tensor& p, const Tensor& mask, const Tensor& z, int64_t shared, int64_t k,
+                   Stream& s);
+void moh_gate_rows_backward(Tensor& dp, Tensor& dz, const Tensor& dgate, const Tensor& p, const Tensor& mask,
+                            const Tensor& z, int64_t shared, int64_t k, Stream& s);
+
 }  // namespace loom::cuda

@@ -133,6 +133,45 @@ TEST(CudaMoe, TopkMatchesTheCpuTwinIncludingTies) {
   }
 }
 
+// The MoH gate kernels (a thread per row) against the CPU twin (the same row
+// functions, kernels/moh_gate_row.h; the device's expf and fused multiply-adds
+// differ by a few roundings): f32 within 1e-5, f64 within 1e-13, with 0, 1 and 5
+// shared heads; outputs start as NaN, so every element must be written.
+TEST(CudaMoe, MohGateMatchesTheCpuTwin) {
+  LOOM_SKIP_WITHOUT_GPU();
+  const int64_t n = 1000, e = 12, k = 4;
+  for (DType dtype : {DType::f32, DType::f64})
+    for (int64_t shared : {0, 1, 5}) {
+      SCOPED_TRACE(::testing::Message() << dtype << " shared " << shared);
+      const int64_t zc = shared > 0 ? (shared > 1 ? shared : 0) + 2 : 0;
+      Tensor logits = testing::random_tensor({n, e}, 300 + shared, DType::f64);
+      std::vector<double> pv = logits.to_vector<double>();
+      for (int64_t i = 0; i < n; ++i) {  // rows of probabilities
+        double sum = 0;
+        for (int64_t j = 0; j < e; ++j) sum += (pv[i * e + j] = std::exp(pv[i * e + j]));
+        for (int64_t j = 0; j < e; ++j) pv[i * e + j] /= sum;
+      }
+      Tensor p = Tensor::from_vector(pv, {n, e}).to(dtype);
+      Tensor mask = Tensor::empty({n, e}, dtype);
+      cpu::topk_mask_rows(mask, p, k, cpu_stream());
+      Tensor z = shared > 0 ? testing::random_tensor({n, zc}, 400 + shared, DType::f64).to(dtype) : Tensor();
+      Tensor dgate = testing::random_tensor({n, shared + e}, 500 + shared, DType::f64).to(dtype);
+      Tensor gate_ref = Tensor::empty({n, shared + e}, dtype), dp_ref = Tensor::empty({n, e}, dtype);
+      Tensor dz_ref = shared > 0 ? Tensor::empty({n, zc}, dtype) : Tensor();
+      cpu::moh_gate_rows(gate_ref, p, mask, z, shared, k, cpu_stream());
+      cpu::moh_gate_rows_backward(dp_ref, dz_ref, dgate, p, mask, z, shared, k, cpu_stream());
+      Tensor pg = p.to(gpu()), mg = mask.to(gpu()), zg = shared > 0 ? z.to(gpu()) : Tensor();
+      Tensor gate = Tensor::full({n, shared + e}, NAN, dtype, gpu()), dp = Tensor::full({n, e}, NAN, dtype, gpu());
+      Tensor dz = shared > 0 ? Tensor::full({n, zc}, NAN, dtype, gpu()) : Tensor();
+      cuda::moh_gate_rows(gate, pg, mg, zg, shared, k, gpu_stream());
+      cuda::moh_gate_rows_backward(dp, dz, dgate.to(gpu()), pg, mg, zg, shared, k, gpu_stream());
+      const double tol = dtype == DType::f32 ? 1e-5 : 1e-13;
+      EXPECT_TENSOR_CLOSE(gate.to(Device::cpu()), gate_ref, tol, tol) << "gate";
+      EXPECT_TENSOR_CLOSE(dp.to(Device::cpu()), dp_ref, tol, tol) << "dp";
+      if (shared > 0) EXPECT_TENSOR_CLOSE(dz.to(Device::cpu()), dz_ref, tol, tol) << "dz";
+    }
+}
+
 TEST(CudaMoe, TopkMaskMatchesTheCpuTwinIncludingTiesAndNans) {
   LOOM_SKIP_WITHOUT_GPU();
   uint64_t seed = 900;

@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
+#include <string>
 
 #include "framework/ops.h"
 #include "framework/ops_moe.h"
@@ -126,6 +128,65 @@ TEST(OpsMoe, TopKMaskMarksTheTopKWithTiesToTheLowerColumnAndNanLast) {
   for (int64_t i = 0; i < 40; ++i)
     for (int64_t j = 0; j < 5; ++j) want[static_cast<size_t>(i * 12 + idx[static_cast<size_t>(i * 5 + j)])] = 1;
   EXPECT_EQ(topk_mask(r, 5).to_vector<double>(), want);
+}
+
+#define EXPECT_THAT_TEXT(text, part) EXPECT_NE((text).find(part), std::string::npos) << (text)
+
+// The composed ops MoH ran before moh_gate (models/softmax_attention_moh.cpp), as the oracle.
+Variable composed_moh_gate(const Variable& p, const Tensor& mask, const Variable& z, int64_t shared, int64_t k) {
+  Variable kept = mul(p, Variable(mask));
+  Variable g_r = scale(div(kept, sum(kept, 1, true)), static_cast<double>(k));
+  if (shared == 0) return g_r;
+  const int64_t hs = shared > 1 ? shared : 0, n = p.size(0);
+  Variable g_s = hs > 0 ? scale(softmax(narrow(z, 1, 0, hs), -1), static_cast<double>(hs))
+                        : Variable(Tensor::ones({n, 1}, p.dtype()));
+  Variable alpha = scale(softmax(narrow(z, 1, hs, 2), -1), 2.0);
+  return concat({mul(narrow(alpha, 1, 0, 1), g_s), mul(narrow(alpha, 1, 1, 1), g_r)}, 1);
+}
+
+// moh_gate equals the composed ops (values and both gradients) with 0, 1 and 3
+// shared heads, and passes finite differences on p and z (the mask constant).
+TEST(OpsMoe, MohGateMatchesTheComposedOpsAndFiniteDifferences) {
+  const int64_t n = 9, e = 6, k = 2;
+  for (int64_t shared : {0, 1, 3}) {
+    SCOPED_TRACE(::testing::Message() << "shared " << shared);
+    const int64_t zc = shared > 0 ? (shared > 1 ? shared : 0) + 2 : 0;
+    Tensor p = softmax(Variable(testing::random_tensor({n, e}, 60 + shared)), -1).data();  // rows sum to 1
+    Tensor mask = topk_mask(p, k);
+    Tensor z = shared > 0 ? testing::random_tensor({n, zc}, 70 + shared) : Tensor();
+    Tensor dgate = testing::random_tensor({n, shared + e}, 80 + shared);
+    Variable p1(p, true), z1 = shared > 0 ? Variable(z, true) : Variable();
+    Variable p2(p, true), z2 = shared > 0 ? Variable(z, true) : Variable();
+    Variable fused = moh_gate(p1, mask, z1, shared, k), ref = composed_moh_gate(p2, mask, z2, shared, k);
+    EXPECT_TENSOR_CLOSE(fused.data(), ref.data(), 1e-13, 1e-14) << "gate";
+    fused.backward(dgate);
+    ref.backward(dgate);
+    EXPECT_TENSOR_CLOSE(p1.grad(), p2.grad(), 1e-12, 1e-13) << "dp";
+    if (shared > 0) EXPECT_TENSOR_CLOSE(z1.grad(), z2.grad(), 1e-12, 1e-13) << "dz";
+    if (shared > 0)
+      EXPECT_GRADCHECK(
+          [&](const std::vector<Variable>& in) { return std::vector<Variable>{moh_gate(in[0], mask, in[1], shared, k)}; },
+          {p, z});
+    else
+      EXPECT_GRADCHECK(
+          [&](const std::vector<Variable>& in) { return std::vector<Variable>{moh_gate(in[0], mask, Variable(), 0, k)}; },
+          {p});
+  }
+  // Named errors: z missing for shared heads, a z of the wrong width, k past E.
+  Tensor p = softmax(Variable(testing::random_tensor({3, 4}, 90)), -1).data();
+  Tensor mask = topk_mask(p, 2);
+  auto message = [](const std::function<void()>& fn) {
+    try {
+      fn();
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  EXPECT_THAT_TEXT(message([&] { moh_gate(Variable(p), mask, Variable(), 2, 2); }), "2 shared heads");
+  EXPECT_THAT_TEXT(message([&] { moh_gate(Variable(p), mask, Variable(testing::random_tensor({3, 3}, 91)), 2, 2); }),
+                   "(3, 4)");
+  EXPECT_THAT_TEXT(message([&] { moh_gate(Variable(p), mask, Variable(), 0, 5); }), "k = 5");
 }
 
 }  // namespace
