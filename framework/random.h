@@ -7,13 +7,8 @@
 #include <array>
 #include <cstdint>
 
+#include "framework/host_device.h"
 #include "framework/tensor.h"
-
-#if defined(__CUDACC__)
-#define LOOM_HOST_DEVICE __host__ __device__
-#else
-#define LOOM_HOST_DEVICE
-#endif
 
 namespace loom {
 

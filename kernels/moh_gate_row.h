@@ -15,13 +15,8 @@
 #include <type_traits>
 
 #include "framework/error.h"
+#include "framework/host_device.h"
 #include "framework/tensor.h"
-
-#if defined(__CUDACC__)
-#define LOOM_HOST_DEVICE __host__ __device__
-#else
-#define LOOM_HOST_DEVICE
-#endif
 
 namespace loom::moh {
 

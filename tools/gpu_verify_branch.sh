@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Branch moh-router-wide in one GPU call (~4 min): build; the router, MoE,
+# Branch moh-router-wide in one GPU call (~6 min): build; the router, MoE,
 # reduction, element-wise, tensor, autograd, cuDNN and training tests (the
-# routers' bf16 product with f32 output, the warp-per-output partial sums, the
-# deterministic-cuDNN message); the mixer bench (MoH over plain, same call) and
-# an ncu breakdown of the MoH variant; the flash parity tests with the rolled
-# fused dK dV kernel (LOOM_FLASH_BWD_ROLL=1) and its A/B against the unrolled one
-# at 32K (alternated twice). Merge if the tests pass; keep linear_wide_out only if
-# MoH's router kernels got cheaper; keep the rolled loops only if they win (then
-# drop the switch). About 6 minutes. Logs under $OUT (default /tmp/o).
+# routers' bf16 product with f32 output, the moh_gate kernels, the
+# warp-per-output partial sums, the deterministic-cuDNN message); the mixer
+# bench (MoH over plain, same call) and an ncu breakdown of the MoH variant;
+# the flash parity tests with the rolled fused dK dV kernel
+# (LOOM_FLASH_BWD_ROLL=1) and its A/B against the unrolled one at 32K
+# (alternated twice). Merge if the tests pass and MoH's kernels got cheaper;
+# keep the rolled loops only if they win (then drop the switch).
+# Logs under $OUT (default /tmp/o).
 set -u; O=${OUT:-/tmp/o}; mkdir -p $O; B=build-gpu; T0=$SECONDS
 cmake -S . -B $B -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a > $O/configure.log 2>&1 || { tail -20 $O/configure.log; exit 1; }
 cmake --build $B -j16 --target loom_cuda_tests loom-bench > $O/build.log 2>&1 || { grep -B2 -A8 error $O/build.log | head -60; exit 1; }
