@@ -168,7 +168,9 @@ TEST(CudaMoe, MohGateMatchesTheCpuTwin) {
       const double tol = dtype == DType::f32 ? 1e-5 : 1e-13;
       EXPECT_TENSOR_CLOSE(gate.to(Device::cpu()), gate_ref, tol, tol) << "gate";
       EXPECT_TENSOR_CLOSE(dp.to(Device::cpu()), dp_ref, tol, tol) << "dp";
-      if (shared > 0) EXPECT_TENSOR_CLOSE(dz.to(Device::cpu()), dz_ref, tol, tol) << "dz";
+      if (shared > 0) {
+        EXPECT_TENSOR_CLOSE(dz.to(Device::cpu()), dz_ref, tol, tol) << "dz";
+      }
     }
 }
 

@@ -162,15 +162,16 @@ TEST(OpsMoe, MohGateMatchesTheComposedOpsAndFiniteDifferences) {
     fused.backward(dgate);
     ref.backward(dgate);
     EXPECT_TENSOR_CLOSE(p1.grad(), p2.grad(), 1e-12, 1e-13) << "dp";
-    if (shared > 0) EXPECT_TENSOR_CLOSE(z1.grad(), z2.grad(), 1e-12, 1e-13) << "dz";
-    if (shared > 0)
+    if (shared > 0) {
+      EXPECT_TENSOR_CLOSE(z1.grad(), z2.grad(), 1e-12, 1e-13) << "dz";
       EXPECT_GRADCHECK(
           [&](const std::vector<Variable>& in) { return std::vector<Variable>{moh_gate(in[0], mask, in[1], shared, k)}; },
           {p, z});
-    else
+    } else {
       EXPECT_GRADCHECK(
           [&](const std::vector<Variable>& in) { return std::vector<Variable>{moh_gate(in[0], mask, Variable(), 0, k)}; },
           {p});
+    }
   }
   // Named errors: z missing for shared heads, a z of the wrong width, k past E.
   Tensor p = softmax(Variable(testing::random_tensor({3, 4}, 90)), -1).data();
