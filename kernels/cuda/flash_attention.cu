@@ -27,8 +27,8 @@
 // (diagonal, tails, S2 block edges). Every load of the main loops (rows,
 // positions, lse, delta) is asynchronous.
 #include "kernels/cuda/attention_launch.h"
-#include "kernels/cuda/common.cuh"
-#include "kernels/cuda/mma.cuh"
+#include "kernels/cuda/flash_common.cuh"
+#include "kernels/cuda/wgmma_check.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -40,59 +40,7 @@ namespace loom::cuda::detail {
 
 namespace {
 
-using namespace ::loom::cuda::mma;
-using bf16 = __nv_bfloat16;
-
-constexpr int kTile = 64;                 // rows of a streamed tile; granularity of the position bounds
-constexpr int kWarps = 8;                 // per block of the main kernels
-constexpr int kThreads = 32 * kWarps;
-constexpr int kBlockRows = 16 * kWarps;   // query rows (forward, dQ) or keys (dK dV) per block: 2 tiles
-constexpr int kBoundsThreads = 128;       // bounds pre-pass: one warp per tile
-constexpr float kLog2e = 1.4426950408889634f;
-
-// Row stride of a bf16 tile in shared memory: 16-byte aligned rows and
-// conflict-free ldmatrix (row offsets step 4 banks).
-template <int kD>
-constexpr int kLd = kD + 8;
-template <int kD, int kRows = kTile>
-constexpr int kTileElems = kRows * kLd<kD>;
-
-// ---------------------------------------------------------------- async copies
-
-// dst (kRows x kD, row stride kLd) <- `rows` rows of src (row stride `stride`
-// elements); rows past `rows` are zero.
-template <int kD, int kRows, int kT = kThreads>
-__device__ __forceinline__ void load_rows_async(bf16* dst, const bf16* src, int64_t stride, int rows) {
-  constexpr int kVecs = kD / 8;  // 16-byte vectors per row
-#pragma unroll
-  for (int e = threadIdx.x; e < kRows * kVecs; e += kT) {
-    const int r = e / kVecs, c = (e % kVecs) * 8;
-    const bool valid = r < rows;
-    cp_async16(dst + r * kLd<kD> + c, valid ? src + r * stride + c : src, valid);
-  }
-}
-
-// dst[r] <- src[start + r] for r < kRows (past `count`: zero); 4- or 8-byte elements.
-template <int kRows, int kT = kThreads, typename T>
-__device__ __forceinline__ void load_vec_async(T* dst, const T* src, int64_t start, int64_t count) {
-  static_assert(sizeof(T) == 4 || sizeof(T) == 8);
-  for (int r = threadIdx.x; r < kRows; r += kT) {
-    const bool valid = start + r < count;
-    const T* from = valid ? src + start + r : src;
-    if constexpr (sizeof(T) == 8) cp_async8(dst + r, from, valid);
-    else cp_async4(dst + r, from, valid);
-  }
-}
-
-// ---------------------------------------------------------------- masks
-
-// Position bounds of 64-row tiles (valid rows only), from the bounds pre-pass.
-struct TileBounds {
-  const int64_t* q_lo = nullptr;  // (ceil(T / 64)) or null when there is no mask
-  const int64_t* q_hi = nullptr;
-  const int64_t* k_lo = nullptr;  // (ceil(S / 64))
-  const int64_t* k_hi = nullptr;
-};
+using namespace flash;
 
 // lo[t], hi[t] = min, max of pos[64 t, min(64 t + 64, count)); one warp per tile.
 __global__ void __launch_bounds__(kBoundsThreads)
@@ -121,241 +69,6 @@ __global__ void __launch_bounds__(kBoundsThreads)
     hi[tile] = mx;
   }
 }
-
-__device__ __forceinline__ bool s2_strided(const AttentionMask& m, int64_t J, int64_t hk) {
-  return (J + hk * m.s2_offset) % m.s2_stride == 0;
-}
-
-// False when no (query, key) pair of query tile qt and key tile kt can be
-// visible to kv head hk (the tile pair is skipped). Conservative: true may
-// still mean every pair is hidden (per-element masking decides).
-__device__ __forceinline__ bool tiles_meet(const AttentionMask& m, const TileBounds& tb, int64_t qt, int64_t kt,
-                                           int64_t hk) {
-  if (m.q_pos == nullptr) return true;
-  const int64_t q_lo = tb.q_lo[qt], q_hi = tb.q_hi[qt], k_lo = tb.k_lo[kt], k_hi = tb.k_hi[kt];
-  if (m.causal && k_lo > q_hi) return false;
-  if (m.s2_block > 0) {
-    const int64_t i_lo = q_lo / m.s2_block, i_hi = q_hi / m.s2_block;
-    const int64_t j_lo = k_lo / m.s2_block, j_hi = k_hi / m.s2_block;
-    if (j_lo > i_hi) return false;  // every key block after every query block
-    if (i_lo - j_hi >= m.s2_local && j_hi - j_lo + 1 < m.s2_stride) {  // all outside the local window
-      bool strided = false;  // some key block of the range on kv head hk's strided shard
-      for (int64_t J = j_lo; J <= j_hi && !strided; ++J) strided = s2_strided(m, J, hk);
-      if (!strided) return false;
-    }
-  }
-  return true;
-}
-
-// True when every (query, key) pair of the two tiles is visible and both tiles
-// are full: per-element masking can be skipped. Under S2 that needs each tile
-// inside one S2 block and that block pair visible.
-__device__ __forceinline__ bool tiles_unmasked(const AttentionMask& m, const TileBounds& tb, int64_t qt, int64_t kt,
-                                               const AttentionDims& n, int64_t hk) {
-  if ((qt + 1) * kTile > n.T || (kt + 1) * kTile > n.S) return false;
-  if (m.q_pos == nullptr) return true;
-  const int64_t q_lo = tb.q_lo[qt], k_hi = tb.k_hi[kt];
-  if (m.causal && k_hi > q_lo) return false;
-  if (m.s2_block > 0) {
-    const int64_t I = q_lo / m.s2_block, J = tb.k_lo[kt] / m.s2_block;
-    if (tb.q_hi[qt] / m.s2_block != I || k_hi / m.s2_block != J || J > I) return false;
-    return I - J < m.s2_local || s2_strided(m, J, hk);
-  }
-  return true;
-}
-
-// Positions of a block's or a tile's rows in shared memory (blk and strided
-// filled by fill_s2, only under S2).
-template <int kRows>
-struct RowPos {
-  int64_t pos[kRows];
-  int64_t blk[kRows];
-  bool strided[kRows];
-};
-
-template <int kRows, int kT = kThreads>
-__device__ __forceinline__ void fill_s2(RowPos<kRows>& rp, const AttentionMask& m, int64_t hk) {
-  for (int r = threadIdx.x; r < kRows; r += kT) {
-    const int64_t J = rp.pos[r] / m.s2_block;
-    rp.blk[r] = J;
-    rp.strided[r] = s2_strided(m, J, hk);
-  }
-}
-
-// The CPU twin's rule for query row qr of qp and key row kr of kp.
-template <int kQ, int kK>
-__device__ __forceinline__ bool visible(const AttentionMask& m, const RowPos<kQ>& qp, int qr, const RowPos<kK>& kp,
-                                        int kr) {
-  if (m.q_pos == nullptr) return true;
-  if (m.causal && kp.pos[kr] > qp.pos[qr]) return false;
-  if (m.s2_block > 0) {
-    const int64_t I = qp.blk[qr], J = kp.blk[kr];
-    if (J > I) return false;
-    if (I - J < m.s2_local) return true;
-    return kp.strided[kr];
-  }
-  return true;
-}
-
-// Element (query row qr, key row kr) of a tile pair that needs per-element
-// masking is hidden: outside the valid rows (nq, nk) or not visible.
-template <int kQ, int kK>
-__device__ __forceinline__ bool hidden(const AttentionMask& m, const RowPos<kQ>& qp, int qr, int nq,
-                                       const RowPos<kK>& kp, int kr, int nk) {
-  return qr >= nq || kr >= nk || !visible(m, qp, qr, kp, kr);
-}
-
-// Valid rows of the `rows`-row block or tile starting at `start` of `count` rows.
-__device__ __forceinline__ int rows_from(int64_t count, int64_t start, int rows) {
-  return static_cast<int>(count - start < rows ? count - start : rows);
-}
-
-// ---------------------------------------------------------------- tile plan
-
-// Bit masks, in shared memory, over the `count` tiles a block walks: meet[h]
-// (tile pair can be visible for half h of the block's rows) and plain[h] (no
-// per-element mask needed), h = 0, 1 for the block's two 64-row tiles.
-struct TilePlan {
-  uint32_t* bits;  // 4 x words: meet0, meet1, plain0, plain1
-  int64_t count, words;
-
-  __device__ bool meet(int half, int64_t t) const { return (bits[half * words + t / 32] >> (t % 32)) & 1u; }
-  __device__ bool plain(int half, int64_t t) const {
-    return (bits[(2 + half) * words + t / 32] >> (t % 32)) & 1u;
-  }
-  // The first tile >= from that either half meets (count when none).
-  __device__ int64_t next(int64_t from) const {
-    if (from >= count) return count;
-    int64_t w = from / 32;
-    uint32_t word = (bits[w] | bits[words + w]) & (~0u << (from % 32));
-    while (word == 0) {
-      if (++w >= words) return count;
-      word = bits[w] | bits[words + w];
-    }
-    return 32 * w + __ffs(word) - 1;
-  }
-};
-
-__host__ __device__ constexpr int64_t plan_words(int64_t count) { return (count + 31) / 32; }
-
-// Builds the plan (one ballot per 32 tiles) with kT threads; fn(half, t, meet, plain) decides a tile.
-// Ends with a barrier.
-template <int kT = kThreads, typename Decide>
-__device__ __forceinline__ TilePlan build_plan(uint32_t* bits, int64_t count, Decide decide) {
-  TilePlan plan{bits, count, plan_words(count)};
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t w = warp; w < plan.words; w += kT / 32) {
-    const int64_t t = 32 * w + lane;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      bool meet = false, plain = false;
-      if (t < count) decide(half, t, meet, plain);
-      const uint32_t m = __ballot_sync(0xffffffffu, meet), p = __ballot_sync(0xffffffffu, meet && plain);
-      if (lane == 0) {
-        bits[half * plan.words + w] = m;
-        bits[(2 + half) * plan.words + w] = p;
-      }
-    }
-  }
-  __syncthreads();
-  return plan;
-}
-
-__host__ __device__ constexpr size_t plan_bytes(int64_t count) { return 4 * sizeof(uint32_t) * plan_words(count); }
-
-// ---------------------------------------------------------------- warp products
-
-__device__ __forceinline__ uint32_t pack2(float a, float b) { return pack_bf16(__floats2bfloat162_rn(a, b)); }
-
-// The A fragments (16 x 16 k-steps) of a 16 x 64 fp32 C tile held as acc[8][4].
-__device__ __forceinline__ void c_to_a(uint32_t (&a)[4][4], const float (&c)[8][4]) {
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    a[kk][0] = pack2(c[2 * kk][0], c[2 * kk][1]);
-    a[kk][1] = pack2(c[2 * kk][2], c[2 * kk][3]);
-    a[kk][2] = pack2(c[2 * kk + 1][0], c[2 * kk + 1][1]);
-    a[kk][3] = pack2(c[2 * kk + 1][2], c[2 * kk + 1][3]);
-  }
-}
-
-// acc (16 x 64) += A B with A = 16 x kD fragments in registers and
-// B[d][j] = bs[j][d] (64 rows of a row-major smem tile, n-major).
-template <int kD>
-__device__ __forceinline__ void mma_frags_by_rows(float (&acc)[8][4], const uint32_t (&a)[kD / 16][4],
-                                                  const bf16* bs) {
-#pragma unroll
-  for (int kk = 0; kk < kD / 16; ++kk)
-#pragma unroll
-    for (int np = 0; np < 4; ++np) {
-      uint32_t b[4];
-      ldsm_b2_nmajor(b, bs, kLd<kD>, 16 * np, 16 * kk);
-      mma_bf16(acc[2 * np], a[kk], b[0], b[1]);
-      mma_bf16(acc[2 * np + 1], a[kk], b[2], b[3]);
-    }
-}
-
-// The same with A read from rows row0.. of a row-major smem tile (as). kUnroll: k steps
-// unrolled (all by default; 1 keeps the loop, a quarter of the code: the fused dK dV
-// kernel stalls on instruction fetch, LOOM_FLASH_BWD_ROLL=1 measures whether a smaller
-// loop body helps).
-template <int kD, int kUnroll = kD / 16>
-__device__ __forceinline__ void mma_rows_by_rows(float (&acc)[8][4], const bf16* as, int row0, const bf16* bs) {
-#pragma unroll(kUnroll)
-  for (int kk = 0; kk < kD / 16; ++kk) {
-    uint32_t a[4];
-    ldsm_a(a, as, kLd<kD>, row0, 16 * kk);
-#pragma unroll
-    for (int np = 0; np < 4; ++np) {
-      uint32_t b[4];
-      ldsm_b2_nmajor(b, bs, kLd<kD>, 16 * np, 16 * kk);
-      mma_bf16(acc[2 * np], a, b[0], b[1]);
-      mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
-    }
-  }
-}
-
-// acc (16 x kD) += A (16 x 64, as fragments) B with B = bs (64 x kD row-major smem tile, k-major).
-template <int kD>
-__device__ __forceinline__ void mma_frags_by_tile(float (&acc)[kD / 8][4], const uint32_t (&a)[4][4],
-                                                  const bf16* bs) {
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-    for (int np = 0; np < kD / 16; ++np) {
-      uint32_t b[4];
-      ldsm_b2_kmajor(b, bs, kLd<kD>, 16 * np, 16 * kk);
-      mma_bf16(acc[2 * np], a[kk], b[0], b[1]);
-      mma_bf16(acc[2 * np + 1], a[kk], b[2], b[3]);
-    }
-}
-
-// Stores a 16 x kD fp32 accumulator (rows row0.., times `mult`) as bf16 rows of
-// dst (row stride `stride` elements); rows at or past `rows` are skipped.
-template <int kD>
-__device__ __forceinline__ void store_rows(bf16* dst, int64_t stride, int row0, int rows, const float (&acc)[kD / 8][4],
-                                           float mult) {
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int r = row0 + g + 8 * half;
-    if (r >= rows) continue;
-#pragma unroll
-    for (int nt = 0; nt < kD / 8; ++nt)
-      *reinterpret_cast<__nv_bfloat162*>(dst + r * stride + 8 * nt + 2 * t) =
-          __floats2bfloat162_rn(mult * acc[nt][2 * half], mult * acc[nt][2 * half + 1]);
-  }
-}
-
-// ---------------------------------------------------------------- query-block kernels (forward, dQ)
-
-// A block's (row block, head): the grid is (heads, blocks, B), heads varying fastest,
-// so every head's longest blocks start before any head's shortest and the last wave
-// holds the shortest (measured at 32K against (blocks, heads, B): S2 fwd+bwd 18.5
-// against 20.9 ms, dense even; kernels/NOTES.md).
-struct BlockSlot {
-  int64_t block, head;
-};
-__device__ __forceinline__ BlockSlot block_slot() { return {blockIdx.y, blockIdx.x}; }
 
 // The 128-query block, head and batch of a forward or dQ block, and where its
 // rows and its kv head's rows start (element offsets into q-like and k-like tensors).
@@ -565,8 +278,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---------------------------------------------------------------- backward
 
-// lse in the exp2 domain, +inf for a row that sees nothing (its p is 0).
-__device__ __forceinline__ float lse_exp2(float l) { return l == -INFINITY ? INFINITY : l * kLog2e; }
 
 // ---- dQ: one block per (128-query block, head, batch); warp -> 16 query rows.
 
@@ -627,15 +338,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   store_rows<kD>(dq + blk.q_offset, blk.q_stride, row0, nq, acc_dq, scale);
 }
 
-// *p += a, *(p + 1) += b as one vector atomic where the device has it (sm_90).
-__device__ __forceinline__ void add_pair(float* p, float a, float b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
-#else
-  atomicAdd(p, a);
-  atomicAdd(p + 1, b);
-#endif
-}
 
 // dq (bf16) <- dq_acc (fp32), n elements.
 __global__ void flash_dq_store_kernel(bf16* __restrict__ dq, const float* __restrict__ dq_acc, int64_t n) {
@@ -712,58 +414,35 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
   constexpr bool kDsInDo = kW == 4;
   static_assert(kW == 4 || kW == 8);
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int64_t k_tiles = (n.S + kTile - 1) / kTile, q_tiles = (n.T + kTile - 1) / kTile;
-  const KeySmem<kD, kKeys> sm(smem_raw, q_tiles);
-  const BlockSlot slot = block_slot();  // low key blocks (the longest under causal) first
-  const int64_t kb = slot.block, hk = slot.head, b = blockIdx.z;
-  const int64_t group = n.H / n.Hkv;
+  const KeyBlock kb(n, kKeys);
+  const KeySmem<kD, kKeys> sm(smem_raw, kb.q_tiles);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const int half = warp / 4, row0 = 16 * warp;  // this warp's 64-key tile of the block and first key
-  const int64_t j0 = kb * kKeys;
-  const int nk = rows_from(n.S, j0, kKeys);
-  const int64_t q_stride = n.H * n.D, kv_stride = n.Hkv * n.D;
+  const int nk = kb.nk;
+  const int64_t q_tiles = kb.q_tiles, units = kb.units;
 
-  load_rows_async<kD, kKeys, kT>(sm.ks, k + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, nk);
-  load_rows_async<kD, kKeys, kT>(sm.vs, v + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, nk);
-  if (m.q_pos != nullptr) load_vec_async<kKeys, kT>(sm.kpos->pos, m.k_pos, j0, n.S);
+  load_rows_async<kD, kKeys, kT>(sm.ks, k + kb.kv_offset, kb.kv_stride, nk);
+  load_rows_async<kD, kKeys, kT>(sm.vs, v + kb.kv_offset, kb.kv_stride, nk);
+  if (m.q_pos != nullptr) load_vec_async<kKeys, kT>(sm.kpos->pos, m.k_pos, kb.j0, n.S);
   cp_async_commit();
-  const TilePlan plan = build_plan<kT>(sm.plan, q_tiles, [&](int hf, int64_t qt, bool& meet, bool& plain) {
-    const int64_t kt = kHalves * kb + hf;
-    if (hf >= kHalves || kt >= k_tiles) return;
-    meet = tiles_meet(m, tb, qt, kt, hk);
-    plain = tiles_unmasked(m, tb, qt, kt, n, hk);
-  });
-
-  // Units: (query head of the group, query tile), in that order; the next one either half meets.
-  const int64_t units = group * q_tiles;
-  auto next_unit = [&](int64_t from) {
-    while (from < units) {
-      const int64_t qt = plan.next(from % q_tiles);
-      if (qt < q_tiles) return from - from % q_tiles + qt;
-      from += q_tiles - from % q_tiles;  // the next head's first tile
-    }
-    return units;
-  };
+  const TilePlan plan = kb.plan<kT, kHalves>(sm.plan, n, m, tb);
   auto issue = [&](int64_t unit, int stage) {
-    const int64_t h = hk * group + unit / q_tiles, i0 = (unit % q_tiles) * kTile;
-    const int nq = rows_from(n.T, i0, kTile);
-    const int64_t at = ((b * n.T + i0) * n.H + h) * n.D;
-    load_rows_async<kD, kTile, kT>(sm.qs + stage * kTileElems<kD>, q + at, q_stride, nq);
-    load_rows_async<kD, kTile, kT>(sm.dos + stage * kTileElems<kD>, dout + at, q_stride, nq);
-    if (m.q_pos != nullptr) load_vec_async<kTile, kT>(sm.qpos[stage].pos, m.q_pos, i0, n.T);
-    load_vec_async<kTile, kT>(sm.lse + stage * kTile, lse + (b * n.H + h) * n.T, i0, n.T);
-    load_vec_async<kTile, kT>(sm.delta + stage * kTile, delta + (b * n.H + h) * n.T, i0, n.T);
+    const int nq = rows_from(n.T, (unit % q_tiles) * kTile, kTile);
+    const int64_t at = kb.q_offset(unit, n);
+    load_rows_async<kD, kTile, kT>(sm.qs + stage * kTileElems<kD>, q + at, kb.q_stride, nq);
+    load_rows_async<kD, kTile, kT>(sm.dos + stage * kTileElems<kD>, dout + at, kb.q_stride, nq);
+    kb.issue_vectors<kT>(sm.qpos[stage], sm.lse + stage * kTile, sm.delta + stage * kTile, lse, delta, unit, n, m);
   };
 
   const float scale_log2 = scale * kLog2e;
   float acc_dk[kD / 8][4] = {}, acc_dv[kD / 8][4] = {};
-  int64_t unit = next_unit(0);
+  int64_t unit = kb.next(plan, 0);
   if (unit < units) issue(unit, 0);
   cp_async_commit();
   int stage = 0;
   bool first = true;
   while (unit < units) {
-    const int64_t next = next_unit(unit + 1);
+    const int64_t next = kb.next(plan, unit + 1);
     if (next < units) issue(next, stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
@@ -772,8 +451,8 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
     if (m.s2_block > 0) {
       const bool tile_masked = !(plan.plain(0, qt) && (kHalves < 2 || plan.plain(1, qt)));
       if (first || tile_masked) {
-        if (first) fill_s2<kKeys, kT>(*sm.kpos, m, hk);
-        if (tile_masked) fill_s2<kTile, kT>(sm.qpos[stage], m, hk);
+        if (first) fill_s2<kKeys, kT>(*sm.kpos, m, kb.hk);
+        if (tile_masked) fill_s2<kTile, kT>(sm.qpos[stage], m, kb.hk);
         __syncthreads();
       }
     }
@@ -793,21 +472,7 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
       float st[8][4] = {};
       constexpr int kUnroll = kRoll ? 1 : kD / 16;
       mma_rows_by_rows<kD, kUnroll>(st, sm.ks, row0, qt_s);  // S^T = K Q^T
-      const bool masked = !plan.plain(half, qt);
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int qc = 8 * nt + 2 * t4 + e;
-          const float l2 = lse_exp2(ls[qc]);
-#pragma unroll
-          for (int hr = 0; hr < 2; ++hr) {
-            const int kr = row0 + g + 8 * hr;
-            float p = fast_exp2(fmaf(st[nt][2 * hr + e], scale_log2, -l2));
-            if (masked && hidden(m, sm.qpos[stage], qc, nq, *sm.kpos, kr, nk)) p = 0.f;
-            st[nt][2 * hr + e] = p;
-          }
-        }
+      key_rows_probabilities(st, ls, scale_log2, !plan.plain(half, qt), m, sm.qpos[stage], nq, *sm.kpos, row0, nk);
       {
         uint32_t pf[4][4];
         c_to_a(pf, st);
@@ -815,15 +480,7 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
       }
       float dpt[8][4] = {};
       mma_rows_by_rows<kD, kUnroll>(dpt, sm.vs, row0, dot_s);  // dP^T = V dO^T
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float dl = ds[8 * nt + 2 * t4 + e];
-#pragma unroll
-          for (int hr = 0; hr < 2; ++hr)
-            dpt[nt][2 * hr + e] = st[nt][2 * hr + e] * (dpt[nt][2 * hr + e] - dl);  // dS^T
-        }
+      key_rows_score_grad(dpt, st, ds);  // dS^T
       c_to_a(dsf, dpt);
       mma_frags_by_tile<kD>(acc_dk, dsf, qt_s);  // dK += dS^T Q
     }
@@ -861,17 +518,8 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
             mma_bf16(acc[2 * np + 1], a, bb[2], bb[3]);
           }
         }
-        const int64_t h = hk * group + unit / q_tiles, i0 = qt * kTile;
-        const int nq = rows_from(n.T, i0, kTile);
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          const int r = 16 * mt + g + 8 * hr;
-          if (r >= nq) continue;
-          float* row = dq_acc + ((b * n.T + i0 + r) * n.H + h) * n.D + c0 + 2 * t4;
-#pragma unroll
-          for (int nt = 0; nt < kD / 16; ++nt)
-            add_pair(row + 8 * nt, scale * acc[nt][2 * hr], scale * acc[nt][2 * hr + 1]);
-        }
+        add_rows(dq_acc + kb.q_offset(unit, n) + c0, kb.q_stride, 16 * mt, rows_from(n.T, qt * kTile, kTile), acc,
+                 scale);
       }
     }
     // Before the next unit's loads refill this stage. The 8-warp fused kernel needs no barrier
@@ -883,29 +531,13 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
     stage ^= 1;
   }
   cp_async_wait<0>();
-  store_rows<kD>(dk + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, row0, nk, acc_dk, scale);
-  store_rows<kD>(dv + ((b * n.S + j0) * n.Hkv + hk) * n.D, kv_stride, row0, nk, acc_dv, 1.f);
+  store_rows<kD>(dk + kb.kv_offset, kb.kv_stride, row0, nk, acc_dk, scale);
+  store_rows<kD>(dv + kb.kv_offset, kb.kv_stride, row0, nk, acc_dv, 1.f);
 }
 
 // ---------------------------------------------------------------- launches
 
-template <typename Kernel>
-void set_smem(Kernel kernel, size_t bytes) {
-  int device = 0, limit = 0;
-  LOOM_CUDA_CHECK(cudaGetDevice(&device));
-  LOOM_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  LOOM_CHECK(bytes <= static_cast<size_t>(limit))
-      << "flash attention (CUDA): a block needs " << bytes << " bytes of shared memory (its tile plan grows with "
-      << "the sequence), the device allows " << limit << "; split the sequence (parallel.cp) or use the interim kernels";
-  LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-}
 
-template <typename Fn>
-void dispatch_flash_head_dim(int64_t D, Fn&& fn) {
-  if (D == 64) fn(std::integral_constant<int, 64>{});
-  else if (D == 128) fn(std::integral_constant<int, 128>{});
-  else LOOM_FAIL() << "flash attention (CUDA): head dim D = " << D << " is not 64 or 128";
-}
 
 // LOOM_FLASH_BWD_ROLL=1: the 8-warp fused dK dV kernel with its k loops kept (kRoll), an
 // experiment switch until the same-run A/B decides (branch moh-router-wide); read once.
@@ -917,16 +549,17 @@ bool roll_backward() {
   return roll;
 }
 
-// The grid of `blocks` row blocks of `heads` heads (block_slot): heads varying fastest.
-dim3 flash_grid(int64_t blocks, int64_t heads, int64_t batch) {
-  LOOM_CHECK(blocks <= 65535 && heads < (int64_t{1} << 31) && batch <= 65535)
-      << "flash attention (CUDA): " << blocks << " row blocks, " << heads << " heads, batch " << batch
-      << " exceed the grid (at most 65535 row blocks of 64 or 128 rows and 65535 sequences per call)";
-  return dim3(static_cast<unsigned>(heads), static_cast<unsigned>(blocks), static_cast<unsigned>(batch));
+// The fused dK dV pass on warpgroup products where the build and device have them;
+// LOOM_FLASH_BWD_WGMMA=0 takes the mma.sync kernel (the same-run A/B; read once).
+bool sm90_backward() {
+  static const bool off = [] {
+    const char* e = std::getenv("LOOM_FLASH_BWD_WGMMA");
+    return e != nullptr && std::string(e) == "0";
+  }();
+  return !off && wgmma_available();
 }
 
-int64_t tiles_of(int64_t rows) { return (rows + kTile - 1) / kTile; }
-unsigned blocks_of(int64_t rows) { return static_cast<unsigned>((rows + kBlockRows - 1) / kBlockRows); }
+
 
 // The tile bounds of q and k positions into `scratch` (2 * (T tiles + S tiles) i64).
 TileBounds compute_bounds(int64_t* scratch, const AttentionDims& n, const AttentionMask& m, cudaStream_t stream) {
@@ -1002,8 +635,10 @@ void launch_flash_attention_backward(void* dq, void* dk, void* dv, float* delta,
                                                static_cast<const bf16*>(v), n, mask, tb, scale);
       LOOM_CUDA_CHECK(cudaGetLastError());
     }
-    if (n.S > 0) {
-      const bool four = fused && mask.s2_block > 0 && mask.s2_block % kBlockRows != 0;
+    const bool four = fused && mask.s2_block > 0 && mask.s2_block % kBlockRows != 0;
+    if (n.S > 0 && fused && !four && sm90_backward()) {
+      launch_flash_dkdv_sm90(dk, dv, dq_acc, dout, lse, delta, q, k, v, n, mask, tb, scale, stream);
+    } else if (n.S > 0) {
       auto kernel = !fused ? flash_backward_dkdv_kernel<kD, false, 8>
                     : four ? flash_backward_dkdv_kernel<kD, true, 4>
                     : roll_backward() ? flash_backward_dkdv_kernel<kD, true, 8, true>

@@ -1,0 +1,264 @@
+// The fused flash-attention dK dV kernel on warpgroup products (wgmma, sm_90a):
+// the same work as flash_attention.cu's 8-warp fused kernel (one block per
+// (128-key block, kv head, batch), walking the 64-query tiles of every head of
+// the GQA group; dQ added into fp32 with atomics), with two warpgroups of 64
+// keys each. Products read their operands from shared memory through
+// descriptors (wgmma.cuh's panel tiles) instead of fragment loads, and run
+// asynchronously:
+//   S^T  = K Q^T      (64 keys x 64 queries, A = K, B = Q: both K-major)
+//   dV  += P^T dO     (A = P^T from registers, B = dO N-major)
+//   dP^T = V dO^T     (A = V, B = dO: both K-major)
+//   dK  += dS^T Q     (A = dS^T from registers, B = Q N-major)
+//   dQ  += dS K       (dS^T of both groups through shared memory, M-major A;
+//                      B = K N-major; D 128: each group 64 columns over the
+//                      128 keys; D 64: each group all columns over its keys)
+// P and dS are rounded to bf16 as in the mma.sync kernels, so results agree
+// with them to fp32 summation order.
+#include "kernels/cuda/flash_common.cuh"
+#include "kernels/cuda/wgmma.cuh"
+#include "kernels/cuda/wgmma_check.h"
+
+namespace loom::cuda::detail {
+
+namespace {
+
+using namespace flash;
+
+constexpr int kKeys = 128;  // keys per block: 2 warpgroups x 64
+
+// Shared memory: the block's K and V (128 rows), 2 stages of Q and dO (64 rows), the dS^T tile
+// (128 keys x 64 queries), all panel tiles from a 1024-byte aligned base; then positions, lse,
+// delta and the plan.
+template <int kD>
+struct Sm90Smem {
+  static constexpr int kKeyElems = kKeys * kD, kQueryElems = kTile * kD, kDsElems = kKeys * kTile;
+  static constexpr size_t kTiles = sizeof(bf16) * (2 * kKeyElems + 4 * kQueryElems + kDsElems);
+  static constexpr size_t kBase = kTiles + sizeof(RowPos<kKeys>) + 2 * sizeof(RowPos<kTile>) +
+                                  2 * 2 * kTile * sizeof(float);
+  static_assert(kTiles % 1024 == 0);
+  static size_t bytes(int64_t query_tiles) { return 1024 + kBase + plan_bytes(query_tiles); }  // + alignment
+
+  bf16* ks;
+  bf16* vs;
+  bf16* qs;   // 2 stages
+  bf16* dos;  // 2 stages
+  bf16* ds;
+  RowPos<kKeys>* kpos;
+  RowPos<kTile>* qpos;  // 2 stages
+  float* lse;           // 2 stages x 64
+  float* delta;         // 2 stages x 64
+  uint32_t* plan;
+
+  __device__ explicit Sm90Smem(unsigned char* raw) {
+    raw += (1024 - (smem_addr(raw) & 1023)) & 1023;
+    ks = reinterpret_cast<bf16*>(raw);
+    vs = ks + kKeyElems;
+    qs = vs + kKeyElems;
+    dos = qs + 2 * kQueryElems;
+    ds = dos + 2 * kQueryElems;
+    kpos = reinterpret_cast<RowPos<kKeys>*>(ds + kDsElems);
+    qpos = reinterpret_cast<RowPos<kTile>*>(kpos + 1);
+    lse = reinterpret_cast<float*>(qpos + 2);
+    delta = lse + 2 * kTile;
+    plan = reinterpret_cast<uint32_t*>(delta + 2 * kTile);
+  }
+};
+
+// dst (panel tile of kRows rows x kD) <- `rows` rows of src (row stride `stride`); rows past `rows`
+// are zero.
+template <int kD, int kRows>
+__device__ __forceinline__ void load_panels_async(bf16* dst, const bf16* src, int64_t stride, int rows) {
+  constexpr int kVecs = kD / 8;
+#pragma unroll
+  for (int e = threadIdx.x; e < kRows * kVecs; e += kThreads) {
+    const int r = e / kVecs, c = (e % kVecs) * 8;
+    const bool valid = r < rows;
+    cp_async16(dst + wgmma::panel_index(r, c, kRows), valid ? src + r * stride + c : src, valid);
+  }
+}
+
+#if defined(LOOM_WGMMA)
+template <int kD>
+__device__ __forceinline__ void rs_product(float (&d)[kD / 8][4], const uint32_t (&a)[4], uint64_t db) {
+  if constexpr (kD == 128) wgmma::wgmma_rs_n128<1>(d, a, db);
+  else wgmma::wgmma_rs_n64<1>(d, a, db);
+}
+#endif
+
+template <int kD>
+__global__ void __launch_bounds__(kThreads, 1)
+    flash_dkdv_sm90_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
+                           const bf16* __restrict__ dout, const float* __restrict__ lse,
+                           const float* __restrict__ delta, const bf16* __restrict__ q, const bf16* __restrict__ k,
+                           const bf16* __restrict__ v, AttentionDims n, AttentionMask m, TileBounds tb,
+                           float scale) {
+#if defined(LOOM_WGMMA)
+  static_assert(kThreads == 2 * 128 && kBlockRows == kKeys);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Sm90Smem<kD> sm(smem_raw);
+  const KeyBlock kb(n, kKeys);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  const int wg = warp / 4, row0 = 16 * warp;  // this warp's group (64-key half) and first key
+  const int nk = kb.nk;
+
+  load_panels_async<kD, kKeys>(sm.ks, k + kb.kv_offset, kb.kv_stride, nk);
+  load_panels_async<kD, kKeys>(sm.vs, v + kb.kv_offset, kb.kv_stride, nk);
+  if (m.q_pos != nullptr) load_vec_async<kKeys>(sm.kpos->pos, m.k_pos, kb.j0, n.S);
+  cp_async_commit();
+  const TilePlan plan = kb.plan<kThreads, 2>(sm.plan, n, m, tb);
+  auto issue = [&](int64_t unit, int stage) {
+    const int nq = rows_from(n.T, (unit % kb.q_tiles) * kTile, kTile);
+    const int64_t at = kb.q_offset(unit, n);
+    load_panels_async<kD, kTile>(sm.qs + stage * Sm90Smem<kD>::kQueryElems, q + at, kb.q_stride, nq);
+    load_panels_async<kD, kTile>(sm.dos + stage * Sm90Smem<kD>::kQueryElems, dout + at, kb.q_stride, nq);
+    kb.issue_vectors<kThreads>(sm.qpos[stage], sm.lse + stage * kTile, sm.delta + stage * kTile, lse, delta, unit,
+                               n, m);
+  };
+
+  // This warp's 16 rows of dS^T (bf16 pairs as A fragments: f[kk][j] holds key row g + 8 (j & 1),
+  // query columns 16 kk + 8 (j >> 1) + 2 t4, + 1) into the shared tile.
+  auto store_ds = [&](const uint32_t (&f)[4][4]) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        *reinterpret_cast<uint32_t*>(
+            sm.ds + wgmma::panel_index(row0 + g + 8 * (j & 1), 16 * kk + 8 * (j >> 1) + 2 * t4, kKeys)) = f[kk][j];
+  };
+
+  const float scale_log2 = scale * kLog2e;
+  float acc_dk[kD / 8][4] = {}, acc_dv[kD / 8][4] = {};
+  int64_t unit = kb.next(plan, 0);
+  if (unit < kb.units) issue(unit, 0);
+  cp_async_commit();
+  int stage = 0;
+  bool first = true;
+  while (unit < kb.units) {
+    const int64_t next = kb.next(plan, unit + 1);
+    if (next < kb.units) issue(next, stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    wgmma::fence_smem();  // this thread's copies, before the products read them
+    __syncthreads();
+    const int64_t qt = unit % kb.q_tiles;
+    if (m.s2_block > 0) {
+      const bool tile_masked = !(plan.plain(0, qt) && plan.plain(1, qt));
+      if (first || tile_masked) {
+        if (first) fill_s2<kKeys>(*sm.kpos, m, kb.hk);
+        if (tile_masked) fill_s2<kTile>(sm.qpos[stage], m, kb.hk);
+        __syncthreads();
+      }
+    }
+    const bf16* qt_s = sm.qs + stage * Sm90Smem<kD>::kQueryElems;
+    const bf16* dot_s = sm.dos + stage * Sm90Smem<kD>::kQueryElems;
+    if (plan.meet(wg, qt)) {
+      const int nq = rows_from(n.T, qt * kTile, kTile);
+      float st[8][4] = {}, dpt[8][4] = {};
+      wgmma::pin(st);
+      wgmma::pin(dpt);
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk)  // S^T = K Q^T
+        wgmma::wgmma_ss_n64<0, 0>(st, wgmma::kmajor(sm.ks, kKeys, 64 * wg, 16 * kk),
+                                  wgmma::kmajor(qt_s, kTile, 0, 16 * kk));
+      wgmma::commit();
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk)  // dP^T = V dO^T
+        wgmma::wgmma_ss_n64<0, 0>(dpt, wgmma::kmajor(sm.vs, kKeys, 64 * wg, 16 * kk),
+                                  wgmma::kmajor(dot_s, kTile, 0, 16 * kk));
+      wgmma::commit();
+      wgmma::wait<1>();  // S^T is done; dP^T may still run
+      wgmma::pin(st);
+      key_rows_probabilities(st, sm.lse + stage * kTile, scale_log2, !plan.plain(wg, qt), m, sm.qpos[stage], nq,
+                             *sm.kpos, row0, nk);
+      uint32_t pf[4][4];
+      c_to_a(pf, st);
+      wgmma::pin(pf);
+      wgmma::pin(acc_dv);
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)  // dV += P^T dO
+        rs_product<kD>(acc_dv, pf[kk], wgmma::mnmajor(dot_s, kTile, 16 * kk));
+      wgmma::commit();
+      wgmma::wait<1>();  // dP^T is done; dV may still run
+      wgmma::pin(pf);    // live until here: dV's products may still read them
+      wgmma::pin(dpt);
+      key_rows_score_grad(dpt, st, sm.delta + stage * kTile);  // dS^T
+      uint32_t dsf[4][4];
+      c_to_a(dsf, dpt);
+      wgmma::pin(dsf);
+      wgmma::pin(acc_dk);
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)  // dK += dS^T Q
+        rs_product<kD>(acc_dk, dsf[kk], wgmma::mnmajor(qt_s, kTile, 16 * kk));
+      wgmma::commit();
+      store_ds(dsf);
+      wgmma::wait<0>();  // dV and dK have read this stage's rows (the next refill follows the barrier)
+      wgmma::pin(pf);
+      wgmma::pin(dsf);
+      wgmma::pin(acc_dv);
+      wgmma::pin(acc_dk);
+    } else if (kD == 128 && (plan.meet(0, qt) || plan.meet(1, qt))) {
+      // The other group's dQ products read these rows too: zeros instead of a skip inside the
+      // product loop (a conditional product makes ptxas serialize every product of the kernel).
+      const uint32_t zero[4][4] = {};
+      store_ds(zero);
+    }
+    wgmma::fence_smem();  // the dS^T rows, before the dQ products read them
+    __syncthreads();
+    // dQ (64 queries x D) += dS K over the keys of the halves that met the tile.
+    const bool any = plan.meet(0, qt) || plan.meet(1, qt);
+    const bool mine = kD == 128 ? any : plan.meet(wg, qt);
+    if (mine) {
+      float acc[8][4] = {};
+      wgmma::pin(acc);
+      wgmma::fence();
+      constexpr int kSteps = kD == 128 ? kKeys / 16 : 4;
+#pragma unroll
+      for (int s = 0; s < kSteps; ++s) {
+        const int kk = kD == 128 ? s : 4 * wg + s;  // D 64: this group's keys only
+        wgmma::wgmma_ss_n64<1, 1>(acc, wgmma::mnmajor(sm.ds, kKeys, 16 * kk),
+                                  wgmma::mnmajor(sm.ks, kKeys, 16 * kk, kD == 128 ? wg : 0));
+      }
+      wgmma::commit();
+      wgmma::wait<0>();
+      wgmma::pin(acc);
+      const int c0 = kD == 128 ? 64 * wg : 0;
+      add_rows(dq_acc + kb.q_offset(unit, n) + c0, kb.q_stride, 16 * (warp % 4), rows_from(n.T, qt * kTile, kTile),
+               acc, scale);
+    }
+    // No barrier before the next unit: this stage is refilled after the next unit's first barrier,
+    // which every group reaches only once its products here are complete.
+    first = false;
+    unit = next;
+    stage ^= 1;
+  }
+  cp_async_wait<0>();
+  store_rows<kD>(dk + kb.kv_offset, kb.kv_stride, row0, nk, acc_dk, scale);
+  store_rows<kD>(dv + kb.kv_offset, kb.kv_stride, row0, nk, acc_dv, 1.f);
+#else
+  __trap();  // launched only where wgmma_available()
+#endif
+}
+
+}  // namespace
+
+void flash::launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void* dout, const float* lse, const float* delta,
+                            const void* q, const void* k, const void* v, const AttentionDims& n,
+                            const AttentionMask& mask, const TileBounds& tb, float scale, cudaStream_t stream) {
+  dispatch_flash_head_dim(n.D, [&](auto kd) {
+    constexpr int kD = decltype(kd)::value;
+    auto kernel = flash_dkdv_sm90_kernel<kD>;
+    const size_t smem = Sm90Smem<kD>::bytes(tiles_of(n.T));
+    set_smem(kernel, smem);
+    const dim3 grid = flash_grid((n.S + kKeys - 1) / kKeys, n.Hkv, n.B);
+    kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc,
+                                             static_cast<const bf16*>(dout), lse, delta, static_cast<const bf16*>(q),
+                                             static_cast<const bf16*>(k), static_cast<const bf16*>(v), n, mask, tb,
+                                             scale);
+    LOOM_CUDA_CHECK(cudaGetLastError());
+  });
+}
+
+}  // namespace loom::cuda::detail

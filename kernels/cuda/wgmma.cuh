@@ -1,0 +1,161 @@
+// Warpgroup tensor-core products (wgmma, sm_90a) for the bf16 kernels: the
+// shared-memory tile layout they read, its matrix descriptors, the product
+// instructions used by flash attention, and the fences around them.
+//
+// Tile layout ("panels"): a tile of R rows (R a multiple of 8) and C columns
+// (C a multiple of 64) of bf16 is stored as C / 64 panels of R rows x 128
+// bytes, each row's eight 16-byte chunks permuted by chunk ^ (row % 8) (the
+// 128-byte swizzle). Element (r, c) sits at
+//   (c / 64) R 64 + r 64 + ((c % 64) / 8 ^ r % 8) 8 + c % 8
+// elements from the tile base, which is 1024-byte aligned. The same tile
+// serves as either operand major-ness:
+//   K-major (rows are M or N, columns are K): the product's 16 k columns at
+//     column c0 start at panel c0 / 64, byte 2 (c0 % 64) of row 0; 8-row
+//     groups 1024 bytes apart (SBO); LBO unused.
+//   MN-major (rows are K, columns are M or N): its 16 k rows at row k0 start
+//     at byte 128 k0 of the panel; 8-row groups 1024 bytes apart (SBO),
+//     64-column panels 128 R bytes apart (LBO).
+// Accumulators (m64nN, fp32) and register A operands use the m16n8k16
+// fragment layouts of mma.cuh per warp: warp w of the group holds rows
+// 16 w .. 16 w + 15, d[i][0..3] = C fragment of n columns 8 i .. 8 i + 7.
+// Everything here compiles to nothing useful below sm_90a: callers check
+// wgmma_available() on the host and guard device code with LOOM_WGMMA.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LOOM_WGMMA 1
+#endif
+
+namespace loom::cuda::wgmma {
+
+// Element offset of (r, c) in a panel tile of `rows` rows.
+__host__ __device__ constexpr int panel_index(int r, int c, int rows) {
+  return (c / 64) * rows * 64 + r * 64 + (((c % 64) / 8) ^ (r % 8)) * 8 + c % 8;
+}
+
+// Shared-memory matrix descriptor with the 128-byte swizzle; byte offsets as above.
+__device__ __forceinline__ uint64_t descriptor(const void* smem, uint32_t lbo, uint32_t sbo) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | static_cast<uint64_t>(lbo >> 4) << 16 |
+         static_cast<uint64_t>(sbo >> 4) << 32 | uint64_t{1} << 62;
+}
+
+// Operand of 16 k columns starting at column c0 of a K-major panel tile of `rows` rows, from row r0
+// (a multiple of 8).
+__device__ __forceinline__ uint64_t kmajor(const __nv_bfloat16* tile, int rows, int r0, int c0) {
+  return descriptor(tile + (c0 / 64) * rows * 64 + r0 * 64 + c0 % 64, 16, 1024);
+}
+
+// Operand of 16 k rows starting at row k0 of an MN-major panel tile of `rows` rows, from column
+// panel p (M or N = 64 per panel).
+__device__ __forceinline__ uint64_t mnmajor(const __nv_bfloat16* tile, int rows, int k0, int p = 0) {
+  return descriptor(tile + p * rows * 64 + k0 * 64, static_cast<uint32_t>(rows) * 128, 1024);
+}
+
+// Orders this thread's register writes before the group's next products (wgmma.fence), closes a
+// batch of products (commit) and waits until at most kPending batches are in flight.
+__device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+// Generic-proxy writes to shared memory (st.shared, cp.async) made visible to the products'
+// async-proxy reads; each writing thread runs it before the barrier that publishes the writes.
+__device__ __forceinline__ void fence_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Pins registers in program order around the asynchronous products: the compiler may not move
+// reads of an accumulator above the wait that completes it, nor writes below the fence.
+template <int kN>
+__device__ __forceinline__ void pin(float (&d)[kN][4]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(d[i][j])::"memory");
+}
+template <int kN>
+__device__ __forceinline__ void pin(uint32_t (&a)[kN][4]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+}
+
+#if defined(LOOM_WGMMA)
+// D (64 x 64) += A B, both from shared memory (descriptors); kTransA / kTransB: A M-major / B N-major.
+template <int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_ss_n64(float (&d)[8][4], uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, %32, %33, p, 1, 1, %35, %36;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "l"(da), "l"(db), "r"(1), "n"(kTransA), "n"(kTransB));
+}
+
+// D (64 x 64) += A B, A (64 x 16) from registers (the m16n8k16 A fragment of each warp's 16 rows).
+template <int kTransB>
+__device__ __forceinline__ void wgmma_rs_n64(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1), "n"(kTransB));
+}
+
+// D (64 x 128) += A B, A (64 x 16) from registers (the m16n8k16 A fragment of each warp's 16 rows).
+template <int kTransB>
+__device__ __forceinline__ void wgmma_rs_n128(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+        "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+        "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+        "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
+        "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+        "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
+        "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+        "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+        "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1), "n"(kTransB));
+}
+
+#endif  // LOOM_WGMMA
+
+}  // namespace loom::cuda::wgmma

@@ -1,0 +1,122 @@
+// One warpgroup computes the WgmmaCheck products (wgmma_check.h) through
+// wgmma.cuh: operands copied into panel tiles, register A fragments built as
+// the attention kernels build them (C fragments packed to bf16).
+#include "kernels/cuda/wgmma_check.h"
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/mma.cuh"
+#include "kernels/cuda/wgmma.cuh"
+
+namespace loom::cuda::detail {
+
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+// dst (panel tile of `rows` rows, `cols` columns) <- src (row-major, same shape).
+__device__ void to_panels(bf16* dst, const bf16* src, int rows, int cols) {
+  for (int e = threadIdx.x; e < rows * cols; e += blockDim.x)
+    dst[wgmma::panel_index(e / cols, e % cols, rows)] = src[e];
+}
+
+// This thread's A fragments (m16n8k16 layout, warp w -> rows 16 w..) of a (64 x 64) [m][k].
+__device__ void a_fragments(uint32_t (&f)[4][4], const bf16* a) {
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+  auto pair = [&](int r, int c) {
+    __nv_bfloat162 v;
+    v.x = a[r * 64 + c];
+    v.y = a[r * 64 + c + 1];
+    return mma::pack_bf16(v);
+  };
+  for (int kk = 0; kk < 4; ++kk) {
+    const int r = 16 * warp + g, c = 16 * kk + 2 * t;
+    f[kk][0] = pair(r, c);
+    f[kk][1] = pair(r + 8, c);
+    f[kk][2] = pair(r, c + 8);
+    f[kk][3] = pair(r + 8, c + 8);
+  }
+}
+
+template <int kN>
+__device__ void store_c(float* c, const float (&d)[kN / 8][4]) {
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+  for (int i = 0; i < kN / 8; ++i)
+    for (int e = 0; e < 4; ++e) c[(16 * warp + g + 8 * (e / 2)) * kN + 8 * i + 2 * t + e % 2] = d[i][e];
+}
+
+__global__ void __launch_bounds__(128) wgmma_check_kernel(WgmmaCheck which, float* c, const bf16* a, const bf16* b) {
+#if defined(LOOM_WGMMA)
+  __shared__ __align__(1024) bf16 as[64 * 128];  // the largest a (128 x 64 or 64 x 128)
+  __shared__ __align__(1024) bf16 bs[128 * 128];
+  const int a_rows = which == WgmmaCheck::ss_m_major ? 128 : 64;
+  const int a_cols = which == WgmmaCheck::ss_k_major ? 128 : 64;
+  const int b_rows = which == WgmmaCheck::ss_m_major ? 128 : 64;
+  const int b_cols = which == WgmmaCheck::rs_n_major64 ? 64 : 128;
+  to_panels(as, a, a_rows, a_cols);
+  to_panels(bs, b, b_rows, b_cols);
+  wgmma::fence_smem();
+  __syncthreads();
+  if (which == WgmmaCheck::rs_n_major128) {
+    float d[16][4] = {};
+    uint32_t f[4][4];
+    a_fragments(f, a);
+    wgmma::pin(d);
+    wgmma::pin(f);
+    wgmma::fence();
+    for (int kk = 0; kk < 4; ++kk) wgmma::wgmma_rs_n128<1>(d, f[kk], wgmma::mnmajor(bs, 64, 16 * kk));
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::pin(d);
+    store_c<128>(c, d);
+    return;
+  }
+  float d[8][4] = {};
+  wgmma::pin(d);
+  if (which == WgmmaCheck::rs_n_major64) {
+    uint32_t f[4][4];
+    a_fragments(f, a);
+    wgmma::pin(f);
+    wgmma::fence();
+    for (int kk = 0; kk < 4; ++kk) wgmma::wgmma_rs_n64<1>(d, f[kk], wgmma::mnmajor(bs, 64, 16 * kk));
+  } else if (which == WgmmaCheck::ss_k_major) {
+    wgmma::fence();
+    for (int kk = 0; kk < 8; ++kk)
+      wgmma::wgmma_ss_n64<0, 0>(d, wgmma::kmajor(as, 64, 0, 16 * kk), wgmma::kmajor(bs, 64, 0, 16 * kk));
+  } else {
+    wgmma::fence();
+    for (int kk = 0; kk < 8; ++kk)
+      wgmma::wgmma_ss_n64<1, 1>(d, wgmma::mnmajor(as, 128, 16 * kk), wgmma::mnmajor(bs, 128, 16 * kk, 1));
+  }
+  wgmma::commit();
+  wgmma::wait<0>();
+  wgmma::pin(d);
+  store_c<64>(c, d);
+#else
+  __trap();
+#endif
+}
+
+}  // namespace
+
+bool wgmma_available() {
+#if defined(LOOM_CUDA_SM90A)
+  static const bool available = [] {
+    int device = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) return false;
+    return major == 9 && minor == 0;
+  }();
+  return available;
+#else
+  return false;
+#endif
+}
+
+void launch_wgmma_check(WgmmaCheck which, float* c, const void* a, const void* b, cudaStream_t stream) {
+  LOOM_CHECK(wgmma_available()) << "wgmma check: this build has no sm_90a code or the device is not sm_90";
+  wgmma_check_kernel<<<1, 128, 0, stream>>>(which, c, static_cast<const bf16*>(a), static_cast<const bf16*>(b));
+  LOOM_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace loom::cuda::detail

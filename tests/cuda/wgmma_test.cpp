@@ -1,0 +1,87 @@
+// The warpgroup products (kernels/cuda/wgmma.cuh) in every operand form the
+// attention kernels use (wgmma_check.h), on random bf16 tiles against f64
+// host products. A wrong tile layout, descriptor offset or fragment layout
+// moves whole rows or columns (errors of the order of the values); the bound
+// is the fp32 accumulation's: 2^-18 of each element's sum of |a b| (the
+// products are exact in fp32; tensor cores add them with fp32 accumulators,
+// not always in round-to-nearest order, so a few roundings of 2^-24 each).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/wgmma_check.h"
+#include "tests/cuda/cuda_testing.h"
+#include "tests/testing.h"
+
+namespace loom {
+namespace {
+
+using cuda::detail::WgmmaCheck;
+using cuda_testing::gpu;
+using cuda_testing::gpu_stream;
+
+struct Case {
+  WgmmaCheck which;
+  const char* name;
+  int a_rows, a_cols, b_rows, b_cols, n;
+};
+
+// c[m][n] and sum |a b| on the host from the stored operands (see wgmma_check.h).
+void host_product(const Case& k, const std::vector<double>& a, const std::vector<double>& b, std::vector<double>& c,
+                  std::vector<double>& mag) {
+  c.assign(static_cast<size_t>(64 * k.n), 0.0);
+  mag = c;
+  for (int m = 0; m < 64; ++m)
+    for (int n = 0; n < k.n; ++n) {
+      double s = 0, t = 0;
+      const int depth = k.which == WgmmaCheck::ss_m_major ? 128 : k.a_cols;
+      for (int kk = 0; kk < depth; ++kk) {
+        double x = 0, y = 0;
+        switch (k.which) {
+          case WgmmaCheck::ss_k_major: x = a[m * 128 + kk], y = b[n * 128 + kk]; break;
+          case WgmmaCheck::rs_n_major128:
+          case WgmmaCheck::rs_n_major64: x = a[m * 64 + kk], y = b[kk * k.b_cols + n]; break;
+          case WgmmaCheck::ss_m_major: x = a[kk * 64 + m], y = b[kk * 128 + 64 + n]; break;
+        }
+        s += x * y;
+        t += std::fabs(x * y);
+      }
+      c[m * k.n + n] = s;
+      mag[m * k.n + n] = t;
+    }
+}
+
+TEST(CudaWgmma, EveryOperandFormMatchesTheHostProduct) {
+  LOOM_SKIP_WITHOUT_GPU();
+  if (!cuda::detail::wgmma_available()) GTEST_SKIP() << "no sm_90a code in this build or the GPU is not sm_90";
+  const Case cases[] = {
+      {WgmmaCheck::ss_k_major, "ss_k_major", 64, 128, 64, 128, 64},
+      {WgmmaCheck::rs_n_major128, "rs_n_major128", 64, 64, 64, 128, 128},
+      {WgmmaCheck::rs_n_major64, "rs_n_major64", 64, 64, 64, 64, 64},
+      {WgmmaCheck::ss_m_major, "ss_m_major", 128, 64, 128, 128, 64},
+  };
+  uint64_t seed = 900;
+  for (const Case& k : cases) {
+    SCOPED_TRACE(k.name);
+    Tensor a = testing::random_tensor({k.a_rows, k.a_cols}, ++seed, DType::f32).to(DType::bf16);
+    Tensor b = testing::random_tensor({k.b_rows, k.b_cols}, ++seed, DType::f32).to(DType::bf16);
+    Tensor ag = a.to(gpu()), bg = b.to(gpu());
+    Tensor cg = Tensor::empty({64, k.n}, DType::f32, gpu());
+    cuda::detail::launch_wgmma_check(k.which, cg.data<float>(), ag.raw_data(), bg.raw_data(),
+                                     static_cast<cudaStream_t>(gpu_stream().handle()));
+    const std::vector<double> c = cg.to(Device::cpu()).to_vector<double>();
+    std::vector<double> ref, mag;
+    host_product(k, a.to(DType::f64).to_vector<double>(), b.to(DType::f64).to_vector<double>(), ref, mag);
+    int bad = 0;
+    for (size_t i = 0; i < ref.size() && bad < 5; ++i)
+      if (!(std::fabs(c[i] - ref[i]) <= std::ldexp(mag[i], -18) + 1e-30)) {
+        ADD_FAILURE() << "c[" << i / k.n << "][" << i % k.n << "] = " << c[i] << ", expected " << ref[i];
+        ++bad;
+      }
+  }
+}
+
+}  // namespace
+}  // namespace loom

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Branch wgmma-bwd in one GPU call (~7 min): build; the warpgroup product check
+# (CudaWgmma: tile layout, descriptors, fragments); the flash parity tests with
+# the wgmma dK dV kernel (default where available) and with the mma.sync one
+# (LOOM_FLASH_BWD_WGMMA=0); racecheck and memcheck on the wgmma kernel; the
+# same-run A/B of fused fwd+bwd at 32K (alternated twice) and the attention
+# table at 32K; then moh-router-wide's tests and the mixer bench.
+# Logs under $OUT (default /tmp/o).
+set -u; O=${OUT:-/tmp/o}; mkdir -p $O; B=build-gpu; T0=$SECONDS
+el() { echo "+$((SECONDS - T0))s"; }
+cmake -S . -B $B -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a > $O/configure.log 2>&1 || { tail -20 $O/configure.log; exit 1; }
+cmake --build $B -j16 --target loom_cuda_tests loom-bench > $O/build.log 2>&1 || { grep -B2 -A8 error $O/build.log | head -60; exit 1; }
+echo "built $(el)"; nvidia-smi -L
+timeout 60 $B/loom_cuda_tests --gtest_filter='CudaWgmma*' > $O/wgmma.log 2>&1; echo "wgmma check rc $? $(el)"
+grep -E "^\[ +(OK|FAILED|PASSED|SKIPPED) |Failure|c\[" $O/wgmma.log | head -24
+timeout 120 $B/loom_cuda_tests --gtest_filter='CudaFlashAttention*' > $O/flash-wgmma.log 2>&1
+echo "flash (wgmma) rc $? $(el)"; grep -E "^\[ +(OK|FAILED|PASSED) " $O/flash-wgmma.log; grep -B3 -A8 Failure $O/flash-wgmma.log | head -40
+LOOM_FLASH_BWD_WGMMA=0 timeout 120 $B/loom_cuda_tests --gtest_filter='CudaFlashAttention*' > $O/flash-mma.log 2>&1
+echo "flash (mma.sync) rc $? $(el)"; grep -E "^\[ +(PASSED|FAILED) " $O/flash-mma.log
+for tool in racecheck memcheck; do
+  timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 $B/loom_cuda_tests \
+    --gtest_filter='CudaFlashAttention.BackwardIsDeterministic' > $O/$tool.log 2>&1
+  echo "$tool rc $? $(el)"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" $O/$tool.log | head -3
+done
+for pass in 1 2; do for w in 0 1; do
+  LOOM_FLASH_BWD_WGMMA=$w $B/loom-bench --families attention --seq 32768 --reps 10 --rows "fwd+bwd" > $O/ab-$w-$pass.log 2>&1
+  echo "wgmma $w pass $pass:"; grep -E "fwd\+bwd" $O/ab-$w-$pass.log | grep -v "^#"
+done; done
+echo "a/b $(el)"
+timeout 120 $B/loom-bench --families attention --seq 32768 --reps 10 --json $O/bench.json > $O/bench.log 2>&1
+timeout 150 python3 tools/bench_torch.py --reps 10 $O/bench.json > $O/torch.log 2>&1
+echo "table rc $? $(el)"; grep -A14 "== attention" $O/torch.log
+timeout 150 $B/loom_cuda_tests \
+  --gtest_filter='CudaRouter*:CudaMoe*:CudaReduce*:CudaElementwise*:CudaTensor*:CudaAutograd*:CudaCudnn*:Models/CudaTraining*' \
+  > $O/cuda_tests.log 2>&1; echo "cuda tests rc $? $(el)"
+grep -E "^\[  (PASSED|FAILED) |^\[  FAILED  \] [A-Z]" $O/cuda_tests.log | sort | uniq | head; grep -B3 -A10 Failure $O/cuda_tests.log | head -30
+timeout 60 $B/loom-bench --families mixer --reps 10 > $O/mixer.log 2>&1; echo "mixer rc $? $(el)"; grep -A6 "== mixer" $O/mixer.log
+echo "done $(el)"
