@@ -70,120 +70,6 @@ __global__ void __launch_bounds__(kBoundsThreads)
   }
 }
 
-// The 128-query block, head and batch of a forward or dQ block, and where its
-// rows and its kv head's rows start (element offsets into q-like and k-like tensors).
-struct QueryBlock {
-  int64_t qb, h, b, hk, i0, tiles;  // tiles: key tiles of the sequence
-  int nq;                           // valid query rows of the block
-  int64_t q_stride, kv_stride, q_offset, kv_offset;
-};
-
-__device__ __forceinline__ QueryBlock query_block(const AttentionDims& n) {
-  QueryBlock blk;
-  // Causal rows late in the sequence see the most keys: those blocks are scheduled first,
-  // every head's before the next (heads vary fastest: the last wave holds the shortest blocks).
-  const BlockSlot slot = block_slot();
-  blk.qb = gridDim.y - 1 - slot.block;
-  blk.h = slot.head;
-  blk.b = blockIdx.z;
-  blk.hk = blk.h / (n.H / n.Hkv);
-  blk.i0 = blk.qb * kBlockRows;
-  blk.tiles = (n.S + kTile - 1) / kTile;
-  blk.nq = rows_from(n.T, blk.i0, kBlockRows);
-  blk.q_stride = n.H * n.D;
-  blk.kv_stride = n.Hkv * n.D;
-  blk.q_offset = ((blk.b * n.T + blk.i0) * n.H + blk.h) * n.D;
-  blk.kv_offset = (blk.b * n.S * n.Hkv + blk.hk) * n.D;
-  return blk;
-}
-
-// The plan of a query block over the key tiles.
-__device__ __forceinline__ TilePlan query_block_plan(uint32_t* bits, const QueryBlock& blk, const AttentionDims& n,
-                                                     const AttentionMask& m, const TileBounds& tb) {
-  const int64_t q_tiles = (n.T + kTile - 1) / kTile;
-  return build_plan(bits, blk.tiles, [&](int half, int64_t kt, bool& meet, bool& plain) {
-    const int64_t qt = 2 * blk.qb + half;
-    if (qt >= q_tiles) return;
-    meet = tiles_meet(m, tb, qt, kt, blk.hk);
-    plain = tiles_unmasked(m, tb, qt, kt, n, blk.hk);
-  });
-}
-
-// Shared memory of a query block: the block's rows (kRowSets tiles of 128
-// rows: Q, or Q and dO), 2 stages of K and V tiles, positions, then the plan.
-template <int kD, int kRowSets>
-struct QuerySmem {
-  static constexpr size_t kRowsBytes = sizeof(bf16) * kRowSets * kTileElems<kD, kBlockRows>;
-  static constexpr size_t kKvBytes = sizeof(bf16) * 4 * kTileElems<kD>;
-  static constexpr size_t kBase = kRowsBytes + kKvBytes + sizeof(RowPos<kBlockRows>) + 2 * sizeof(RowPos<kTile>);
-  static size_t bytes(int64_t key_tiles) { return kBase + plan_bytes(key_tiles); }
-
-  bf16* rows;  // kRowSets x (128 x kLd)
-  bf16* ks;    // 2 stages
-  bf16* vs;    // 2 stages
-  RowPos<kBlockRows>* qpos;
-  RowPos<kTile>* kpos;  // 2 stages
-  uint32_t* plan;
-
-  __device__ explicit QuerySmem(unsigned char* raw) {
-    rows = reinterpret_cast<bf16*>(raw);
-    ks = rows + kRowSets * kTileElems<kD, kBlockRows>;
-    vs = ks + 2 * kTileElems<kD>;
-    qpos = reinterpret_cast<RowPos<kBlockRows>*>(vs + 2 * kTileElems<kD>);
-    kpos = reinterpret_cast<RowPos<kTile>*>(qpos + 1);
-    plan = reinterpret_cast<uint32_t*>(kpos + 2);
-  }
-};
-
-// Starts the async copies of key/value tile kt and its positions into stage `stage`.
-template <int kD, int kRowSets>
-__device__ __forceinline__ void issue_kv_tile(const QuerySmem<kD, kRowSets>& sm, const bf16* k, const bf16* v,
-                                              const QueryBlock& blk, const AttentionDims& n, const AttentionMask& m,
-                                              int64_t kt, int stage) {
-  const int64_t j0 = kt * kTile;
-  const int nk = rows_from(n.S, j0, kTile);
-  const int64_t at = blk.kv_offset + j0 * blk.kv_stride;
-  load_rows_async<kD, kTile>(sm.ks + stage * kTileElems<kD>, k + at, blk.kv_stride, nk);
-  load_rows_async<kD, kTile>(sm.vs + stage * kTileElems<kD>, v + at, blk.kv_stride, nk);
-  if (m.q_pos != nullptr) load_vec_async<kTile>(sm.kpos[stage].pos, m.k_pos, j0, n.S);
-}
-
-// Walks the key tiles of a query block's plan, double buffered: body(kt, stage)
-// runs once the tile is in shared memory (after a barrier), and S2 block ids
-// are filled first where a half needs per-element masking. The block's own rows
-// (issued before the call, in the first commit group) land before the first body.
-template <int kD, int kRowSets, typename Body>
-__device__ __forceinline__ void walk_key_tiles(const QuerySmem<kD, kRowSets>& sm, const TilePlan& plan,
-                                               const bf16* k, const bf16* v, const QueryBlock& blk,
-                                               const AttentionDims& n, const AttentionMask& m, Body body) {
-  int64_t kt = plan.next(0);
-  if (kt < plan.count) issue_kv_tile<kD>(sm, k, v, blk, n, m, kt, 0);
-  cp_async_commit();
-  int stage = 0;
-  bool first = true;
-  while (kt < plan.count) {
-    const int64_t next = plan.next(kt + 1);
-    if (next < plan.count) issue_kv_tile<kD>(sm, k, v, blk, n, m, next, stage ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();  // the block's rows and this tile have landed
-    __syncthreads();
-    if (m.s2_block > 0) {
-      const bool tile_masked = !(plan.plain(0, kt) && plan.plain(1, kt));
-      if (first || tile_masked) {
-        if (first) fill_s2(*sm.qpos, m, blk.hk);
-        if (tile_masked) fill_s2(sm.kpos[stage], m, blk.hk);
-        __syncthreads();
-      }
-    }
-    body(kt, stage, first);
-    __syncthreads();  // this stage is refilled two tiles on
-    first = false;
-    kt = next;
-    stage ^= 1;
-  }
-  cp_async_wait<0>();
-}
-
 // ---------------------------------------------------------------- forward
 
 template <int kD>
@@ -194,7 +80,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const QuerySmem<kD, 1> sm(smem_raw);
   const QueryBlock blk = query_block(n);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  const int warp = threadIdx.x / 32;
   const int half = warp / 4, row0 = 16 * warp;  // this warp's 64-row tile of the block and first row
   const int nq = blk.nq;
 
@@ -209,7 +95,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float acc_o[kD / 8][4] = {};
   uint32_t qf[kD / 16][4];
 
-  walk_key_tiles<kD>(sm, plan, k, v, blk, n, m, [&](int64_t kt, int stage, bool first) {
+  walk_key_tiles(sm, plan, k, v, blk, n, m, [&](int64_t kt, int stage, bool first) {
     if (first) {
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) ldsm_a(qf[kk], sm.rows, kLd<kD>, row0, 16 * kk);
@@ -217,62 +103,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (!plan.meet(half, kt)) return;  // nothing of this warp's rows meets the tile
     float s[8][4] = {};
     mma_frags_by_rows<kD>(s, qf, sm.ks + stage * kTileElems<kD>);  // S = Q K^T
-    if (!plan.plain(half, kt)) {
-      const int nk = rows_from(n.S, kt * kTile, kTile);
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = row0 + g + 8 * (e / 2), c = 8 * nt + 2 * t4 + (e % 2);
-          if (hidden(m, *sm.qpos, r, nq, sm.kpos[stage], c, nk)) s[nt][e] = -INFINITY;
-        }
-    }
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      float mx = row_max[hr];
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * hr], s[nt][2 * hr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float base = mx == -INFINITY ? 0.f : mx * scale_log2;  // a row with nothing visible yet
-      // Exactly 1 while the maximum holds (the fmaf would leave the rounding residual of
-      // row_max * scale_log2, a bias in l that grows with the number of tiles).
-      const float alpha = mx == row_max[hr] ? 1.f : fast_exp2(fmaf(row_max[hr], scale_log2, -base));
-      row_max[hr] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        s[nt][2 * hr] = fast_exp2(fmaf(s[nt][2 * hr], scale_log2, -base));
-        s[nt][2 * hr + 1] = fast_exp2(fmaf(s[nt][2 * hr + 1], scale_log2, -base));
-        sum += s[nt][2 * hr] + s[nt][2 * hr + 1];
-      }
-      row_sum[hr] = row_sum[hr] * alpha + sum;
-#pragma unroll
-      for (int nt = 0; nt < kD / 8; ++nt) {
-        acc_o[nt][2 * hr] *= alpha;
-        acc_o[nt][2 * hr + 1] *= alpha;
-      }
-    }
+    if (!plan.plain(half, kt))
+      mask_query_rows(s, m, *sm.qpos, row0, nq, sm.kpos[stage], rows_from(n.S, kt * kTile, kTile));
+    online_softmax<kD>(s, row_max, row_sum, acc_o, scale_log2);
     uint32_t pf[4][4];
     c_to_a(pf, s);
     mma_frags_by_tile<kD>(acc_o, pf, sm.vs + stage * kTileElems<kD>);  // O += P V
   });
 
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    float l = row_sum[hr];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const int r = row0 + g + 8 * hr;
-    if (t4 == 0 && r < nq)
-      lse[(blk.b * n.H + blk.h) * n.T + blk.i0 + r] = l > 0.f ? row_max[hr] * scale + logf(l) : -INFINITY;
-#pragma unroll
-    for (int nt = 0; nt < kD / 8; ++nt) {
-      acc_o[nt][2 * hr] *= inv;
-      acc_o[nt][2 * hr + 1] *= inv;
-    }
-  }
+  finish_query_rows<kD>(acc_o, lse + (blk.b * n.H + blk.h) * n.T + blk.i0, row_max, row_sum, row0, nq, scale);
   store_rows<kD>(out + blk.q_offset, blk.q_stride, row0, nq, acc_o, 1.f);
 }
 
@@ -314,7 +153,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const float scale_log2 = scale * kLog2e;
   float acc_dq[kD / 8][4] = {};
-  walk_key_tiles<kD>(sm, plan, k, v, blk, n, m, [&](int64_t kt, int stage, bool) {
+  walk_key_tiles(sm, plan, k, v, blk, n, m, [&](int64_t kt, int stage, bool) {
     if (!plan.meet(half, kt)) return;
     const bf16* kt_s = sm.ks + stage * kTileElems<kD>;
     float s[8][4] = {}, dp[8][4] = {};
@@ -549,11 +388,11 @@ bool roll_backward() {
   return roll;
 }
 
-// The fused dK dV pass on warpgroup products where the build and device have them;
-// LOOM_FLASH_BWD_WGMMA=0 takes the mma.sync kernel (the same-run A/B; read once).
-bool sm90_backward() {
+// The forward and the fused dK dV pass on warpgroup products where the build and device
+// have them; LOOM_FLASH_WGMMA=0 takes the mma.sync kernels (the same-run A/B; read once).
+bool use_sm90() {
   static const bool off = [] {
-    const char* e = std::getenv("LOOM_FLASH_BWD_WGMMA");
+    const char* e = std::getenv("LOOM_FLASH_WGMMA");
     return e != nullptr && std::string(e) == "0";
   }();
   return !off && wgmma_available();
@@ -599,6 +438,10 @@ void launch_flash_attention_forward(void* out, float* lse, const void* q, const 
                                     float scale, cudaStream_t stream) {
   if (n.B == 0 || n.H == 0 || n.T == 0) return;
   const TileBounds tb = compute_bounds(scratch, n, mask, stream);
+  if (use_sm90()) {
+    launch_flash_forward_sm90(out, lse, q, k, v, n, mask, tb, scale, stream);
+    return;
+  }
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
     auto kernel = flash_forward_kernel<kD>;
@@ -636,7 +479,7 @@ void launch_flash_attention_backward(void* dq, void* dk, void* dv, float* delta,
       LOOM_CUDA_CHECK(cudaGetLastError());
     }
     const bool four = fused && mask.s2_block > 0 && mask.s2_block % kBlockRows != 0;
-    if (n.S > 0 && fused && !four && sm90_backward()) {
+    if (n.S > 0 && fused && !four && use_sm90()) {
       launch_flash_dkdv_sm90(dk, dv, dq_acc, dout, lse, delta, q, k, v, n, mask, tb, scale, stream);
     } else if (n.S > 0) {
       auto kernel = !fused ? flash_backward_dkdv_kernel<kD, false, 8>

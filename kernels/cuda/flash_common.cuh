@@ -1,5 +1,5 @@
 // Pieces shared by the flash attention kernels (flash_attention.cu: forward,
-// dQ and the mma.sync dK dV kernels; flash_backward_sm90.cu: the warpgroup
+// dQ and the mma.sync dK dV kernels; flash_sm90.cu: the warpgroup
 // dK dV kernel): tile sizes, asynchronous row loads, the position masks and
 // the per-block tile plan, warp-level products on mma.sync fragments, the
 // row stores and atomics, and the launch helpers.
@@ -8,6 +8,7 @@
 #include "kernels/cuda/attention_launch.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/mma.cuh"
+#include "kernels/cuda/wgmma.cuh"
 
 #include <cmath>
 #include <cstdint>
@@ -58,6 +59,19 @@ __device__ __forceinline__ void load_vec_async(T* dst, const T* src, int64_t sta
     const T* from = valid ? src + start + r : src;
     if constexpr (sizeof(T) == 8) cp_async8(dst + r, from, valid);
     else cp_async4(dst + r, from, valid);
+  }
+}
+
+// dst (wgmma.cuh panel tile of kRows rows x kD) <- `rows` rows of src (row stride `stride`);
+// rows past `rows` are zero.
+template <int kD, int kRows, int kT = kThreads>
+__device__ __forceinline__ void load_panels_async(bf16* dst, const bf16* src, int64_t stride, int rows) {
+  constexpr int kVecs = kD / 8;
+#pragma unroll
+  for (int e = threadIdx.x; e < kRows * kVecs; e += kT) {
+    const int r = e / kVecs, c = (e % kVecs) * 8;
+    const bool valid = r < rows;
+    cp_async16(dst + wgmma::panel_index(r, c, kRows), valid ? src + r * stride + c : src, valid);
   }
 }
 
@@ -306,6 +320,208 @@ struct BlockSlot {
 };
 __device__ __forceinline__ BlockSlot block_slot() { return {blockIdx.y, blockIdx.x}; }
 
+// ---------------------------------------------------------------- query blocks (forward, dQ)
+
+// The 128-query block, head and batch of a forward or dQ block, and where its
+// rows and its kv head's rows start (element offsets into q-like and k-like tensors).
+struct QueryBlock {
+  int64_t qb, h, b, hk, i0, tiles;  // tiles: key tiles of the sequence
+  int nq;                           // valid query rows of the block
+  int64_t q_stride, kv_stride, q_offset, kv_offset;
+};
+
+__device__ __forceinline__ QueryBlock query_block(const AttentionDims& n) {
+  QueryBlock blk;
+  // Causal rows late in the sequence see the most keys: those blocks are scheduled first,
+  // every head's before the next (heads vary fastest: the last wave holds the shortest blocks).
+  const BlockSlot slot = block_slot();
+  blk.qb = gridDim.y - 1 - slot.block;
+  blk.h = slot.head;
+  blk.b = blockIdx.z;
+  blk.hk = blk.h / (n.H / n.Hkv);
+  blk.i0 = blk.qb * kBlockRows;
+  blk.tiles = (n.S + kTile - 1) / kTile;
+  blk.nq = rows_from(n.T, blk.i0, kBlockRows);
+  blk.q_stride = n.H * n.D;
+  blk.kv_stride = n.Hkv * n.D;
+  blk.q_offset = ((blk.b * n.T + blk.i0) * n.H + blk.h) * n.D;
+  blk.kv_offset = (blk.b * n.S * n.Hkv + blk.hk) * n.D;
+  return blk;
+}
+
+// The plan of a query block over the key tiles.
+__device__ __forceinline__ TilePlan query_block_plan(uint32_t* bits, const QueryBlock& blk, const AttentionDims& n,
+                                                     const AttentionMask& m, const TileBounds& tb) {
+  const int64_t q_tiles = (n.T + kTile - 1) / kTile;
+  return build_plan(bits, blk.tiles, [&](int half, int64_t kt, bool& meet, bool& plain) {
+    const int64_t qt = 2 * blk.qb + half;
+    if (qt >= q_tiles) return;
+    meet = tiles_meet(m, tb, qt, kt, blk.hk);
+    plain = tiles_unmasked(m, tb, qt, kt, n, blk.hk);
+  });
+}
+
+// Shared memory of a query block: the block's rows (kRowSets tiles of 128
+// rows: Q, or Q and dO), 2 stages of K and V tiles, positions, then the plan.
+// Tiles are padded rows (kLd, for fragment loads) or, with kPanels, wgmma.cuh's
+// panel tiles from a 1024-byte aligned base (for warpgroup products).
+template <int kD, int kRowSets, bool kPanels = false>
+struct QuerySmem {
+  static constexpr bool kPanelTiles = kPanels;
+  static constexpr int kRowElems = kPanels ? kBlockRows * kD : kTileElems<kD, kBlockRows>;  // one row set
+  static constexpr int kKvElems = kPanels ? kTile * kD : kTileElems<kD>;                     // one K or V stage
+  static constexpr size_t kRowsBytes = sizeof(bf16) * kRowSets * kRowElems;
+  static constexpr size_t kKvBytes = sizeof(bf16) * 4 * kKvElems;
+  static constexpr size_t kBase = kRowsBytes + kKvBytes + sizeof(RowPos<kBlockRows>) + 2 * sizeof(RowPos<kTile>);
+  static size_t bytes(int64_t key_tiles) { return (kPanels ? 1024 : 0) + kBase + plan_bytes(key_tiles); }
+
+  bf16* rows;  // kRowSets x 128 rows
+  bf16* ks;    // 2 stages
+  bf16* vs;    // 2 stages
+  RowPos<kBlockRows>* qpos;
+  RowPos<kTile>* kpos;  // 2 stages
+  uint32_t* plan;
+
+  __device__ explicit QuerySmem(unsigned char* raw) {
+    if constexpr (kPanels) raw += (1024 - (smem_addr(raw) & 1023)) & 1023;
+    rows = reinterpret_cast<bf16*>(raw);
+    ks = rows + kRowSets * kRowElems;
+    vs = ks + 2 * kKvElems;
+    qpos = reinterpret_cast<RowPos<kBlockRows>*>(vs + 2 * kKvElems);
+    kpos = reinterpret_cast<RowPos<kTile>*>(qpos + 1);
+    plan = reinterpret_cast<uint32_t*>(kpos + 2);
+  }
+
+  // Starts the async copies of `rows` rows of src (row stride `stride`) into a kRows-row tile.
+  template <int kRows>
+  static __device__ void load(bf16* dst, const bf16* src, int64_t stride, int rows) {
+    if constexpr (kPanels) load_panels_async<kD, kRows>(dst, src, stride, rows);
+    else load_rows_async<kD, kRows>(dst, src, stride, rows);
+  }
+};
+
+// Starts the async copies of key/value tile kt and its positions into stage `stage`.
+template <typename Smem>
+__device__ __forceinline__ void issue_kv_tile(const Smem& sm, const bf16* k, const bf16* v, const QueryBlock& blk,
+                                              const AttentionDims& n, const AttentionMask& m, int64_t kt, int stage) {
+  const int64_t j0 = kt * kTile;
+  const int nk = rows_from(n.S, j0, kTile);
+  const int64_t at = blk.kv_offset + j0 * blk.kv_stride;
+  Smem::template load<kTile>(sm.ks + stage * Smem::kKvElems, k + at, blk.kv_stride, nk);
+  Smem::template load<kTile>(sm.vs + stage * Smem::kKvElems, v + at, blk.kv_stride, nk);
+  if (m.q_pos != nullptr) load_vec_async<kTile>(sm.kpos[stage].pos, m.k_pos, j0, n.S);
+}
+
+// Walks the key tiles of a query block's plan, double buffered: body(kt, stage)
+// runs once the tile is in shared memory (after a barrier), and S2 block ids
+// are filled first where a half needs per-element masking. The block's own rows
+// (issued before the call, in the first commit group) land before the first body.
+template <typename Smem, typename Body>
+__device__ __forceinline__ void walk_key_tiles(const Smem& sm, const TilePlan& plan, const bf16* k, const bf16* v,
+                                               const QueryBlock& blk, const AttentionDims& n, const AttentionMask& m,
+                                               Body body) {
+  int64_t kt = plan.next(0);
+  if (kt < plan.count) issue_kv_tile(sm, k, v, blk, n, m, kt, 0);
+  cp_async_commit();
+  int stage = 0;
+  bool first = true;
+  while (kt < plan.count) {
+    const int64_t next = plan.next(kt + 1);
+    if (next < plan.count) issue_kv_tile(sm, k, v, blk, n, m, next, stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();  // the block's rows and this tile have landed
+    if constexpr (Smem::kPanelTiles) wgmma::fence_smem();  // visible to the warpgroup products
+    __syncthreads();
+    if (m.s2_block > 0) {
+      const bool tile_masked = !(plan.plain(0, kt) && plan.plain(1, kt));
+      if (first || tile_masked) {
+        if (first) fill_s2(*sm.qpos, m, blk.hk);
+        if (tile_masked) fill_s2(sm.kpos[stage], m, blk.hk);
+        __syncthreads();
+      }
+    }
+    body(kt, stage, first);
+    __syncthreads();  // this stage is refilled two tiles on
+    first = false;
+    kt = next;
+    stage ^= 1;
+  }
+  cp_async_wait<0>();
+}
+
+// Query-row tiles of the forward: a warp's 16 query rows (row0 + g and + 8) by a 64-key tile
+// (columns 8 nt + 2 t4 and + 1) of scores, as m16n8 accumulators.
+
+// Hidden scores to -inf (valid rows nq and nk; positions qp, kp).
+template <int kQ>
+__device__ __forceinline__ void mask_query_rows(float (&s)[8][4], const AttentionMask& m, const RowPos<kQ>& qp,
+                                                int row0, int nq, const RowPos<kTile>& kp, int nk) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = row0 + g + 8 * (e / 2), c = 8 * nt + 2 * t4 + (e % 2);
+      if (hidden(m, qp, r, nq, kp, c, nk)) s[nt][e] = -INFINITY;
+    }
+}
+
+// One tile of the online softmax: scores s become p = 2^(s scale_log2 - running max), the
+// running maxima (of raw scores) and this thread's part of the row sums are updated, and the
+// output accumulator is rescaled by the change of maximum.
+template <int kD>
+__device__ __forceinline__ void online_softmax(float (&s)[8][4], float (&row_max)[2], float (&row_sum)[2],
+                                               float (&acc_o)[kD / 8][4], float scale_log2) {
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float mx = row_max[hr];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * hr], s[nt][2 * hr + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float base = mx == -INFINITY ? 0.f : mx * scale_log2;  // a row with nothing visible yet
+    // Exactly 1 while the maximum holds (the fmaf would leave the rounding residual of
+    // row_max * scale_log2, a bias in l that grows with the number of tiles).
+    const float alpha = mx == row_max[hr] ? 1.f : fast_exp2(fmaf(row_max[hr], scale_log2, -base));
+    row_max[hr] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      s[nt][2 * hr] = fast_exp2(fmaf(s[nt][2 * hr], scale_log2, -base));
+      s[nt][2 * hr + 1] = fast_exp2(fmaf(s[nt][2 * hr + 1], scale_log2, -base));
+      sum += s[nt][2 * hr] + s[nt][2 * hr + 1];
+    }
+    row_sum[hr] = row_sum[hr] * alpha + sum;
+#pragma unroll
+    for (int nt = 0; nt < kD / 8; ++nt) {
+      acc_o[nt][2 * hr] *= alpha;
+      acc_o[nt][2 * hr + 1] *= alpha;
+    }
+  }
+}
+
+// The end of the online softmax: lse of the rows (natural log, -inf for a row that saw nothing;
+// `lse` points at the block's first row) and acc_o divided by the row sums.
+template <int kD>
+__device__ __forceinline__ void finish_query_rows(float (&acc_o)[kD / 8][4], float* lse, const float (&row_max)[2],
+                                                  const float (&row_sum)[2], int row0, int nq, float scale) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float l = row_sum[hr];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int r = row0 + g + 8 * hr;
+    if (t4 == 0 && r < nq) lse[r] = l > 0.f ? row_max[hr] * scale + logf(l) : -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < kD / 8; ++nt) {
+      acc_o[nt][2 * hr] *= inv;
+      acc_o[nt][2 * hr + 1] *= inv;
+    }
+  }
+}
+
 // ---------------------------------------------------------------- backward helpers
 
 // lse in the exp2 domain, +inf for a row that sees nothing (its p is 0).
@@ -465,8 +681,11 @@ inline dim3 flash_grid(int64_t blocks, int64_t heads, int64_t batch) {
   return dim3(static_cast<unsigned>(heads), static_cast<unsigned>(blocks), static_cast<unsigned>(batch));
 }
 
-// The fused dK dV pass on warpgroup products (flash_backward_sm90.cu); callers check
-// wgmma_available() (wgmma_check.h). Same arguments as the mma.sync fused pass.
+// The forward and the fused dK dV pass on warpgroup products (flash_sm90.cu); callers check
+// wgmma_available() (wgmma_check.h). Same arguments as the mma.sync kernels.
+void launch_flash_forward_sm90(void* out, float* lse, const void* q, const void* k, const void* v,
+                               const AttentionDims& n, const AttentionMask& mask, const TileBounds& tb, float scale,
+                               cudaStream_t stream);
 void launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void* dout, const float* lse, const float* delta,
                             const void* q, const void* k, const void* v, const AttentionDims& n,
                             const AttentionMask& mask, const TileBounds& tb, float scale, cudaStream_t stream);

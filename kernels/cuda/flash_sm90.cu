@@ -1,10 +1,17 @@
-// The fused flash-attention dK dV kernel on warpgroup products (wgmma, sm_90a):
-// the same work as flash_attention.cu's 8-warp fused kernel (one block per
-// (128-key block, kv head, batch), walking the 64-query tiles of every head of
-// the GQA group; dQ added into fp32 with atomics), with two warpgroups of 64
-// keys each. Products read their operands from shared memory through
-// descriptors (wgmma.cuh's panel tiles) instead of fragment loads, and run
-// asynchronously:
+// Flash attention on warpgroup products (wgmma, sm_90a): the forward and the
+// fused dK dV pass, launched instead of flash_attention.cu's mma.sync kernels
+// where wgmma_available(). Products read their operands from shared memory
+// through descriptors (wgmma.cuh's panel tiles) instead of fragment loads, and
+// run asynchronously.
+//
+// Forward: the mma.sync kernel's blocks (128 queries, 8 warps) as two
+// warpgroups of 64 query rows: S = Q K^T (both K-major), the online softmax in
+// registers, O += P V (A = P from registers, B = V N-major).
+//
+// Backward dK dV: the same work as flash_attention.cu's 8-warp fused kernel
+// (one block per (128-key block, kv head, batch), walking the 64-query tiles
+// of every head of the GQA group; dQ added into fp32 with atomics), with two
+// warpgroups of 64 keys each:
 //   S^T  = K Q^T      (64 keys x 64 queries, A = K, B = Q: both K-major)
 //   dV  += P^T dO     (A = P^T from registers, B = dO N-major)
 //   dP^T = V dO^T     (A = V, B = dO: both K-major)
@@ -64,19 +71,6 @@ struct Sm90Smem {
   }
 };
 
-// dst (panel tile of kRows rows x kD) <- `rows` rows of src (row stride `stride`); rows past `rows`
-// are zero.
-template <int kD, int kRows>
-__device__ __forceinline__ void load_panels_async(bf16* dst, const bf16* src, int64_t stride, int rows) {
-  constexpr int kVecs = kD / 8;
-#pragma unroll
-  for (int e = threadIdx.x; e < kRows * kVecs; e += kThreads) {
-    const int r = e / kVecs, c = (e % kVecs) * 8;
-    const bool valid = r < rows;
-    cp_async16(dst + wgmma::panel_index(r, c, kRows), valid ? src + r * stride + c : src, valid);
-  }
-}
-
 #if defined(LOOM_WGMMA)
 template <int kD>
 __device__ __forceinline__ void rs_product(float (&d)[kD / 8][4], const uint32_t (&a)[4], uint64_t db) {
@@ -84,6 +78,67 @@ __device__ __forceinline__ void rs_product(float (&d)[kD / 8][4], const uint32_t
   else wgmma::wgmma_rs_n64<1>(d, a, db);
 }
 #endif
+
+// ---------------------------------------------------------------- forward
+
+template <int kD>
+__global__ void __launch_bounds__(kThreads, 1)
+    flash_forward_sm90_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
+                              const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n,
+                              AttentionMask m, TileBounds tb, float scale) {
+#if defined(LOOM_WGMMA)
+  using Smem = QuerySmem<kD, 1, true>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Smem sm(smem_raw);
+  const QueryBlock blk = query_block(n);
+  const int wg = threadIdx.x / 128, row0 = 16 * (threadIdx.x / 32);  // this warp's group (64 rows), first row
+  const int nq = blk.nq;
+
+  load_panels_async<kD, kBlockRows>(sm.rows, q + blk.q_offset, blk.q_stride, nq);
+  if (m.q_pos != nullptr) load_vec_async<kBlockRows>(sm.qpos->pos, m.q_pos, blk.i0, n.T);
+  cp_async_commit();
+  const TilePlan plan = query_block_plan(sm.plan, blk, n, m, tb);
+
+  const float scale_log2 = scale * kLog2e;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  float acc_o[kD / 8][4] = {};
+  walk_key_tiles(sm, plan, k, v, blk, n, m, [&](int64_t kt, int stage, bool) {
+    if (!plan.meet(wg, kt)) return;  // nothing of this group's rows meets the tile
+    const bf16* ks = sm.ks + stage * Smem::kKvElems;
+    float s[8][4] = {};
+    wgmma::pin(s);
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)  // S = Q K^T
+      wgmma::wgmma_ss_n64<0, 0>(s, wgmma::kmajor(sm.rows, kBlockRows, 64 * wg, 16 * kk),
+                                wgmma::kmajor(ks, kTile, 0, 16 * kk));
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::pin(s);
+    if (!plan.plain(wg, kt))
+      mask_query_rows(s, m, *sm.qpos, row0, nq, sm.kpos[stage], rows_from(n.S, kt * kTile, kTile));
+    online_softmax<kD>(s, row_max, row_sum, acc_o, scale_log2);
+    uint32_t pf[4][4];
+    c_to_a(pf, s);
+    wgmma::pin(pf);
+    wgmma::pin(acc_o);
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)  // O += P V
+      rs_product<kD>(acc_o, pf[kk], wgmma::mnmajor(sm.vs + stage * Smem::kKvElems, kTile, 16 * kk));
+    wgmma::commit();
+    wgmma::wait<0>();  // before the rescale of the next tile and the refill of this stage
+    wgmma::pin(acc_o);
+    wgmma::pin(pf);
+  });
+  finish_query_rows<kD>(acc_o, lse + (blk.b * n.H + blk.h) * n.T + blk.i0, row_max, row_sum, row0, nq, scale);
+  store_rows<kD>(out + blk.q_offset, blk.q_stride, row0, nq, acc_o, 1.f);
+#else
+  __trap();  // launched only where wgmma_available()
+#endif
+}
+
+// ---------------------------------------------------------------- backward dK dV
 
 template <int kD>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -243,6 +298,21 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 }  // namespace
+
+void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, const void* k, const void* v,
+                                      const AttentionDims& n, const AttentionMask& mask, const TileBounds& tb,
+                                      float scale, cudaStream_t stream) {
+  dispatch_flash_head_dim(n.D, [&](auto kd) {
+    constexpr int kD = decltype(kd)::value;
+    auto kernel = flash_forward_sm90_kernel<kD>;
+    const size_t smem = QuerySmem<kD, 1, true>::bytes(tiles_of(n.S));
+    set_smem(kernel, smem);
+    kernel<<<flash_grid(blocks_of(n.T), n.H, n.B), kThreads, smem, stream>>>(
+        static_cast<bf16*>(out), lse, static_cast<const bf16*>(q), static_cast<const bf16*>(k),
+        static_cast<const bf16*>(v), n, mask, tb, scale);
+    LOOM_CUDA_CHECK(cudaGetLastError());
+  });
+}
 
 void flash::launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void* dout, const float* lse, const float* delta,
                             const void* q, const void* k, const void* v, const AttentionDims& n,
