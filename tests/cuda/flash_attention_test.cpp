@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -35,6 +36,7 @@
 #include "kernels/cpu/s2_pattern.h"
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/cudnn_attention.h"
+#include "kernels/cuda/wgmma_check.h"
 #include "kernels/dispatch.h"
 #include "tests/cuda/attention_testing.h"
 #include "tests/cuda/cuda_testing.h"
@@ -236,16 +238,33 @@ void check_case(const Case& c, uint64_t seed, Engine engine = Engine::flash) {
   }
 }
 
+// The kernel families the flash calls can take on this machine: the warpgroup (wgmma) kernels
+// where the build and GPU have them, and always the mma.sync ones (LOOM_FLASH_WGMMA=0).
+struct FlashFamily {
+  explicit FlashFamily(bool wgmma) { setenv("LOOM_FLASH_WGMMA", wgmma ? "1" : "0", 1); }
+  ~FlashFamily() { unsetenv("LOOM_FLASH_WGMMA"); }
+  FlashFamily(const FlashFamily&) = delete;
+  FlashFamily& operator=(const FlashFamily&) = delete;
+};
+std::vector<bool> flash_families() {
+  if (cuda::detail::wgmma_available()) return {true, false};
+  return {false};
+}
+
 TEST(CudaFlashAttention, MatchesTheCpuTwinOverLengthsHeadDimsGroupsAndMasks) {
   LOOM_SKIP_WITHOUT_GPU();
-  uint64_t seed = 7000;
-  for (int64_t T : {1, 17, 1000})
-    for (int64_t D : {64, 128})
-      for (auto [H, Hkv] : {std::pair<int64_t, int64_t>{2, 2}, {4, 1}})
-        for (int mask = 0; mask < 3; ++mask) {
-          check_case(Case{1, T, T, H, Hkv, D, mask > 0, mask == 2}, seed);
-          seed += 10;
-        }
+  for (bool wgmma : flash_families()) {
+    SCOPED_TRACE(wgmma ? "wgmma kernels" : "mma.sync kernels");
+    const FlashFamily family(wgmma);
+    uint64_t seed = 7000;
+    for (int64_t T : {1, 17, 1000})
+      for (int64_t D : {64, 128})
+        for (auto [H, Hkv] : {std::pair<int64_t, int64_t>{2, 2}, {4, 1}})
+          for (int mask = 0; mask < 3; ++mask) {
+            check_case(Case{1, T, T, H, Hkv, D, mask > 0, mask == 2}, seed);
+            seed += 10;
+          }
+  }
 }
 
 TEST(CudaFlashAttention, MatchesTheCpuTwinOnLongRowsPositionsAndBatches) {
@@ -261,9 +280,13 @@ TEST(CudaFlashAttention, MatchesTheCpuTwinOnLongRowsPositionsAndBatches) {
       {1, 1000, 1000, 2, 2, 64, false, true, Positions::arange},        // S2 without causal
       {2, 130, 130, 2, 2, 128, true, false, Positions::late_keys},      // rows with no visible key
   };
-  for (const Case& c : cases) {
-    check_case(c, seed);
-    seed += 10;
+  for (bool wgmma : flash_families()) {
+    SCOPED_TRACE(wgmma ? "wgmma kernels" : "mma.sync kernels");
+    const FlashFamily family(wgmma);
+    for (const Case& c : cases) {
+      check_case(c, seed);
+      seed += 10;
+    }
   }
 }
 
