@@ -84,10 +84,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int half = warp / 4, row0 = 16 * warp;  // this warp's 64-row tile of the block and first row
   const int nq = blk.nq;
 
-  load_rows_async<kD, kBlockRows>(sm.rows, q + blk.q_offset, blk.q_stride, nq);
-  if (m.q_pos != nullptr) load_vec_async<kBlockRows>(sm.qpos->pos, m.q_pos, blk.i0, n.T);
-  cp_async_commit();
-  const TilePlan plan = query_block_plan(sm.plan, blk, n, m, tb);
+  const TilePlan plan = start_query_block(sm, q, blk, n, m, tb);
 
   const float scale_log2 = scale * kLog2e;
   // Row maxima of the raw scores (scaled on use); row_sum: this thread's part.
@@ -370,8 +367,7 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
     stage ^= 1;
   }
   cp_async_wait<0>();
-  store_rows<kD>(dk + kb.kv_offset, kb.kv_stride, row0, nk, acc_dk, scale);
-  store_rows<kD>(dv + kb.kv_offset, kb.kv_stride, row0, nk, acc_dv, 1.f);
+  kb.store_grads<kD>(dk, dv, row0, acc_dk, acc_dv, scale);
 }
 
 // ---------------------------------------------------------------- launches

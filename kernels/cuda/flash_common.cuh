@@ -412,6 +412,18 @@ __device__ __forceinline__ void issue_kv_tile(const Smem& sm, const bf16* k, con
   if (m.q_pos != nullptr) load_vec_async<kTile>(sm.kpos[stage].pos, m.k_pos, j0, n.S);
 }
 
+// Starts a query block: the async copies of its 128 rows of `rows` (Q) and their positions
+// (the first commit group), then its plan over the key tiles (ends with a barrier).
+template <typename Smem>
+__device__ __forceinline__ TilePlan start_query_block(const Smem& sm, const bf16* rows, const QueryBlock& blk,
+                                                      const AttentionDims& n, const AttentionMask& m,
+                                                      const TileBounds& tb) {
+  Smem::template load<kBlockRows>(sm.rows, rows + blk.q_offset, blk.q_stride, blk.nq);
+  if (m.q_pos != nullptr) load_vec_async<kBlockRows>(sm.qpos->pos, m.q_pos, blk.i0, n.T);
+  cp_async_commit();
+  return query_block_plan(sm.plan, blk, n, m, tb);
+}
+
 // Walks the key tiles of a query block's plan, double buffered: body(kt, stage)
 // runs once the tile is in shared memory (after a barrier), and S2 block ids
 // are filled first where a half needs per-element masking. The block's own rows
@@ -584,6 +596,13 @@ struct KeyBlock {
   // Element offset of a unit's first query row in q-like tensors (B, T, H, D).
   __device__ int64_t q_offset(int64_t unit, const AttentionDims& n) const {
     return ((b * n.T + (unit % q_tiles) * kTile) * n.H + head(unit)) * n.D;
+  }
+  // dK (times scale) and dV of this warp's 16 keys (rows row0.. of the block) as bf16.
+  template <int kD>
+  __device__ void store_grads(bf16* dk, bf16* dv, int row0, const float (&acc_dk)[kD / 8][4],
+                              const float (&acc_dv)[kD / 8][4], float scale) const {
+    store_rows<kD>(dk + kv_offset, kv_stride, row0, nk, acc_dk, scale);
+    store_rows<kD>(dv + kv_offset, kv_stride, row0, nk, acc_dv, 1.f);
   }
   // Starts the async copies of a unit's query positions, lse and delta (kT threads); the rows
   // (q, dO) are the caller's, whose tile layouts differ.

@@ -72,10 +72,22 @@ struct Sm90Smem {
 };
 
 #if defined(LOOM_WGMMA)
+// One committed batch acc (64 x kD) += A B over 64 k: A = c (64 x 64 fp32 accumulators) packed
+// to bf16 fragments f, B = the N-major 64-row panel tile b. f must stay unchanged (pin it) until
+// a wait completes the batch.
 template <int kD>
-__device__ __forceinline__ void rs_product(float (&d)[kD / 8][4], const uint32_t (&a)[4], uint64_t db) {
-  if constexpr (kD == 128) wgmma::wgmma_rs_n128<1>(d, a, db);
-  else wgmma::wgmma_rs_n64<1>(d, a, db);
+__device__ __forceinline__ void rs_batch(float (&acc)[kD / 8][4], uint32_t (&f)[4][4], const float (&c)[8][4],
+                                         const bf16* b) {
+  c_to_a(f, c);
+  wgmma::pin(f);
+  wgmma::pin(acc);
+  wgmma::fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    if constexpr (kD == 128) wgmma::wgmma_rs_n128<1>(acc, f[kk], wgmma::mnmajor(b, kTile, 16 * kk));
+    else wgmma::wgmma_rs_n64<1>(acc, f[kk], wgmma::mnmajor(b, kTile, 16 * kk));
+  }
+  wgmma::commit();
 }
 #endif
 
@@ -94,10 +106,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wg = threadIdx.x / 128, row0 = 16 * (threadIdx.x / 32);  // this warp's group (64 rows), first row
   const int nq = blk.nq;
 
-  load_panels_async<kD, kBlockRows>(sm.rows, q + blk.q_offset, blk.q_stride, nq);
-  if (m.q_pos != nullptr) load_vec_async<kBlockRows>(sm.qpos->pos, m.q_pos, blk.i0, n.T);
-  cp_async_commit();
-  const TilePlan plan = query_block_plan(sm.plan, blk, n, m, tb);
+  const TilePlan plan = start_query_block(sm, q, blk, n, m, tb);
 
   const float scale_log2 = scale * kLog2e;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
@@ -119,14 +128,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mask_query_rows(s, m, *sm.qpos, row0, nq, sm.kpos[stage], rows_from(n.S, kt * kTile, kTile));
     online_softmax<kD>(s, row_max, row_sum, acc_o, scale_log2);
     uint32_t pf[4][4];
-    c_to_a(pf, s);
-    wgmma::pin(pf);
-    wgmma::pin(acc_o);
-    wgmma::fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk)  // O += P V
-      rs_product<kD>(acc_o, pf[kk], wgmma::mnmajor(sm.vs + stage * Smem::kKvElems, kTile, 16 * kk));
-    wgmma::commit();
+    rs_batch<kD>(acc_o, pf, s, sm.vs + stage * Smem::kKvElems);  // O += P V
     wgmma::wait<0>();  // before the rescale of the next tile and the refill of this stage
     wgmma::pin(acc_o);
     wgmma::pin(pf);
@@ -227,27 +229,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       key_rows_probabilities(st, sm.lse + stage * kTile, scale_log2, !plan.plain(wg, qt), m, sm.qpos[stage], nq,
                              *sm.kpos, row0, nk);
       uint32_t pf[4][4];
-      c_to_a(pf, st);
-      wgmma::pin(pf);
-      wgmma::pin(acc_dv);
-      wgmma::fence();
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)  // dV += P^T dO
-        rs_product<kD>(acc_dv, pf[kk], wgmma::mnmajor(dot_s, kTile, 16 * kk));
-      wgmma::commit();
+      rs_batch<kD>(acc_dv, pf, st, dot_s);  // dV += P^T dO
       wgmma::wait<1>();  // dP^T is done; dV may still run
       wgmma::pin(pf);    // live until here: dV's products may still read them
       wgmma::pin(dpt);
       key_rows_score_grad(dpt, st, sm.delta + stage * kTile);  // dS^T
       uint32_t dsf[4][4];
-      c_to_a(dsf, dpt);
-      wgmma::pin(dsf);
-      wgmma::pin(acc_dk);
-      wgmma::fence();
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)  // dK += dS^T Q
-        rs_product<kD>(acc_dk, dsf[kk], wgmma::mnmajor(qt_s, kTile, 16 * kk));
-      wgmma::commit();
+      rs_batch<kD>(acc_dk, dsf, dpt, qt_s);  // dK += dS^T Q
       store_ds(dsf);
       wgmma::wait<0>();  // dV and dK have read this stage's rows (the next refill follows the barrier)
       wgmma::pin(pf);
@@ -290,8 +278,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     stage ^= 1;
   }
   cp_async_wait<0>();
-  store_rows<kD>(dk + kb.kv_offset, kb.kv_stride, row0, nk, acc_dk, scale);
-  store_rows<kD>(dv + kb.kv_offset, kb.kv_stride, row0, nk, acc_dv, 1.f);
+  kb.store_grads<kD>(dk, dv, row0, acc_dk, acc_dv, scale);
 #else
   __trap();  // launched only where wgmma_available()
 #endif
@@ -314,9 +301,10 @@ void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, cons
   });
 }
 
-void flash::launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void* dout, const float* lse, const float* delta,
-                            const void* q, const void* k, const void* v, const AttentionDims& n,
-                            const AttentionMask& mask, const TileBounds& tb, float scale, cudaStream_t stream) {
+void flash::launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void* dout, const float* lse,
+                                   const float* delta, const void* q, const void* k, const void* v,
+                                   const AttentionDims& n, const AttentionMask& mask, const TileBounds& tb,
+                                   float scale, cudaStream_t stream) {
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
     auto kernel = flash_dkdv_sm90_kernel<kD>;
