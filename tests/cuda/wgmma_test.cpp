@@ -77,7 +77,15 @@ TEST(CudaWgmma, EveryOperandFormMatchesTheHostProduct) {
     int bad = 0;
     for (size_t i = 0; i < ref.size() && bad < 5; ++i)
       if (!(std::fabs(c[i] - ref[i]) <= std::ldexp(mag[i], -18) + 1e-30)) {
-        ADD_FAILURE() << "c[" << i / k.n << "][" << i % k.n << "] = " << c[i] << ", expected " << ref[i];
+        // Where the value belongs, if anywhere: a misplaced row or column shows as a permutation.
+        std::string found = "nowhere in the reference";
+        for (size_t j = 0; j < ref.size(); ++j)
+          if (std::fabs(c[i] - ref[j]) <= std::ldexp(mag[j], -18) + 1e-30) {
+            found = "at [" + std::to_string(j / k.n) + "][" + std::to_string(j % k.n) + "] of the reference";
+            break;
+          }
+        ADD_FAILURE() << "c[" << i / k.n << "][" << i % k.n << "] = " << c[i] << ", expected " << ref[i]
+                      << "; the value is " << found;
         ++bad;
       }
   }
