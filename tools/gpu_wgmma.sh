@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Branch wgmma-bwd in one GPU call (~7 min): build; the warpgroup product check
 # (CudaWgmma: tile layout, descriptors, fragments); the flash parity tests (the
-# wgmma forward and dK dV kernels and the mma.sync ones, LOOM_FLASH_WGMMA=0); racecheck and memcheck on the wgmma kernel; the
-# same-run A/B of fused fwd+bwd at 32K (alternated twice) and the attention
-# table at 32K; then moh-router-wide's tests and the mixer bench.
+# wgmma forward and dK dV kernels and the mma.sync ones, LOOM_FLASH_WGMMA=0);
+# the same-run A/B of the flash rows at 32K (alternated twice); racecheck on
+# the wgmma kernels; the attention table beside SDPA at 32K; memcheck; then
+# moh-router-wide's tests and the mixer bench (most important first).
 # Logs under $OUT (default /tmp/o).
 set -u; O=${OUT:-/tmp/o}; mkdir -p $O; B=build-gpu; T0=$SECONDS
 el() { echo "+$((SECONDS - T0))s"; }
+sanitize() {  # compute-sanitizer tool $1 on the fused backward (both families' forward, wgmma dK dV)
+  timeout 90 compute-sanitizer --tool $1 --error-exitcode 9 $B/loom_cuda_tests \
+    --gtest_filter='CudaFlashAttention.BackwardIsDeterministic' > $O/$1.log 2>&1
+  echo "$1 rc $? $(el)"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" $O/$1.log | head -3
+}
 cmake -S . -B $B -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a > $O/configure.log 2>&1 || { tail -20 $O/configure.log; exit 1; }
 cmake --build $B -j16 --target loom_cuda_tests loom-bench > $O/build.log 2>&1 || { grep -B2 -A8 error $O/build.log | head -60; exit 1; }
 echo "built $(el)"; nvidia-smi -L
@@ -14,19 +20,16 @@ timeout 60 $B/loom_cuda_tests --gtest_filter='CudaWgmma*' > $O/wgmma.log 2>&1; e
 grep -E "^\[ +(OK|FAILED|PASSED|SKIPPED) |Failure|c\[" $O/wgmma.log | head -24
 timeout 200 $B/loom_cuda_tests --gtest_filter='CudaFlashAttention*' > $O/flash-wgmma.log 2>&1
 echo "flash (both families) rc $? $(el)"; grep -E "^\[ +(OK|FAILED|PASSED) " $O/flash-wgmma.log; grep -B3 -A8 Failure $O/flash-wgmma.log | head -40
-for tool in racecheck memcheck; do
-  timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 $B/loom_cuda_tests \
-    --gtest_filter='CudaFlashAttention.BackwardIsDeterministic' > $O/$tool.log 2>&1
-  echo "$tool rc $? $(el)"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" $O/$tool.log | head -3
-done
 for pass in 1 2; do for w in 0 1; do
   LOOM_FLASH_WGMMA=$w $B/loom-bench --families attention --seq 32768 --reps 10 --rows "flash" > $O/ab-$w-$pass.log 2>&1
   echo "wgmma $w pass $pass:"; grep -E "^flash" $O/ab-$w-$pass.log
 done; done
 echo "a/b $(el)"
+sanitize racecheck
 timeout 120 $B/loom-bench --families attention --seq 32768 --reps 10 --json $O/bench.json > $O/bench.log 2>&1
 timeout 150 python3 tools/bench_torch.py --reps 10 $O/bench.json > $O/torch.log 2>&1
 echo "table rc $? $(el)"; grep -A14 "== attention" $O/torch.log
+sanitize memcheck
 timeout 150 $B/loom_cuda_tests \
   --gtest_filter='CudaRouter*:CudaMoe*:CudaReduce*:CudaElementwise*:CudaTensor*:CudaAutograd*:CudaCudnn*:Models/CudaTraining*' \
   > $O/cuda_tests.log 2>&1; echo "cuda tests rc $? $(el)"
