@@ -8,7 +8,7 @@
 # Logs under $OUT (default /tmp/o).
 set -u; O=${OUT:-/tmp/o}; mkdir -p $O; B=build-gpu; T0=$SECONDS
 el() { echo "+$((SECONDS - T0))s"; }
-sanitize() {  # compute-sanitizer tool $1 on the fused backward (both families' forward, wgmma dK dV)
+sanitize() {  # compute-sanitizer tool $1: the wgmma forward and dK dV kernels, the deterministic pair
   timeout 90 compute-sanitizer --tool $1 --error-exitcode 9 $B/loom_cuda_tests \
     --gtest_filter='CudaFlashAttention.BackwardIsDeterministic' > $O/$1.log 2>&1
   echo "$1 rc $? $(el)"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" $O/$1.log | head -3
