@@ -26,6 +26,10 @@
 // does not meet, and per-element masking runs only on tiles that need it
 // (diagonal, tails, S2 block edges). Every load of the main loops (rows,
 // positions, lse, delta) is asynchronous.
+// Where the build has sm_90a code and the GPU is sm_90 (wgmma_available()),
+// the forward and the fused dK dV pass run flash_sm90.cu's warpgroup kernels
+// instead (same blocks, plan and rounding; LOOM_FLASH_WGMMA=0 keeps these);
+// the pieces both files use are in flash_common.cuh.
 #include "kernels/cuda/attention_launch.h"
 #include "kernels/cuda/flash_common.cuh"
 #include "kernels/cuda/wgmma_check.h"
