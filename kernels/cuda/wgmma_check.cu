@@ -7,6 +7,8 @@
 #include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/wgmma.cuh"
 
+#include <atomic>
+
 namespace loom::cuda::detail {
 
 namespace {
@@ -100,14 +102,16 @@ __global__ void __launch_bounds__(128) wgmma_check_kernel(WgmmaCheck which, floa
 
 bool wgmma_available() {
 #if defined(LOOM_CUDA_SM90A)
-  static const bool available = [] {
-    int device = 0, major = 0, minor = 0;
-    if (cudaGetDevice(&device) != cudaSuccess) return false;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-    if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) return false;
-    return major == 9 && minor == 0;
-  }();
-  return available;
+  // Per device (a host may mix GPUs): 0 unknown, 1 no, 2 yes; asked once each.
+  static std::atomic<int> known[64] = {};
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0) return false;
+  if (device < 64 && known[device].load() != 0) return known[device].load() == 2;
+  const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess &&
+                   major == 9 && minor == 0;
+  if (device < 64) known[device].store(yes ? 2 : 1);
+  return yes;
 #else
   return false;
 #endif

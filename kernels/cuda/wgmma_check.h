@@ -7,8 +7,8 @@
 
 namespace loom::cuda::detail {
 
-// True when this build has sm_90a code and device 0 is a compute capability 9.0 GPU (the
-// warpgroup products' kernels can run).
+// True when this build has sm_90a code and the current device is a compute capability 9.0 GPU
+// (the warpgroup products' kernels can run there).
 bool wgmma_available();
 
 // Operands are bf16, row-major as stored in global memory; c is 64 x N fp32, row-major.
