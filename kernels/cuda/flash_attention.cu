@@ -396,8 +396,6 @@ bool use_sm90() {
   return !(e != nullptr && std::string(e) == "0") && wgmma_available();
 }
 
-
-
 // The tile bounds of q and k positions into `scratch` (2 * (T tiles + S tiles) i64).
 TileBounds compute_bounds(int64_t* scratch, const AttentionDims& n, const AttentionMask& m, cudaStream_t stream) {
   TileBounds tb;
