@@ -18,6 +18,17 @@ cmake --build $B -j16 --target loom_cuda_tests loom-bench > $O/build.log 2>&1 ||
 echo "built $(el)"; nvidia-smi -L
 timeout 60 $B/loom_cuda_tests --gtest_filter='CudaWgmma*' > $O/wgmma.log 2>&1; echo "wgmma check rc $? $(el)"
 grep -E "^\[ +(OK|FAILED|PASSED|SKIPPED) |Failure|c\[" $O/wgmma.log | head -24
+if ! grep -q "^\[  PASSED  \] 1 test" $O/wgmma.log; then
+  # The likeliest fault is the MN-major descriptor's LBO/SBO roles: try them swapped and keep the
+  # swap for the rest of the run if the check then passes (the log says which encoding ran).
+  cp kernels/cuda/wgmma.cuh /tmp/wgmma.cuh.orig
+  sed -i 's/static_cast<uint32_t>(rows) \* 128, 1024)/1024, static_cast<uint32_t>(rows) * 128)/' kernels/cuda/wgmma.cuh
+  grep -n "descriptor(tile + p" kernels/cuda/wgmma.cuh
+  cmake --build $B -j16 --target loom_cuda_tests loom-bench > $O/build-swap.log 2>&1 || { grep -B2 -A8 error $O/build-swap.log | head; exit 1; }
+  timeout 60 $B/loom_cuda_tests --gtest_filter='CudaWgmma*' > $O/wgmma-swap.log 2>&1; echo "wgmma check, MN-major LBO/SBO swapped: rc $? $(el)"
+  grep -E "^\[ +(OK|FAILED|PASSED|SKIPPED) |Failure|c\[" $O/wgmma-swap.log | head -24
+  grep -q "^\[  PASSED  \] 1 test" $O/wgmma-swap.log || cp /tmp/wgmma.cuh.orig kernels/cuda/wgmma.cuh
+fi
 timeout 200 $B/loom_cuda_tests --gtest_filter='CudaFlashAttention*' > $O/flash-wgmma.log 2>&1
 echo "flash (both families) rc $? $(el)"; grep -E "^\[ +(OK|FAILED|PASSED) " $O/flash-wgmma.log; grep -B3 -A8 Failure $O/flash-wgmma.log | head -40
 for pass in 1 2; do for w in 0 1; do
