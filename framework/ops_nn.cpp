@@ -132,6 +132,29 @@ Variable swiglu(const Variable& gate, const Variable& up) {
   });
 }
 
+Variable sigmoid_gate(const Variable& x, const Variable& z) {
+  const char* op = "sigmoid_gate";
+  check_input(x, op, "x");
+  check_input(z, op, "z");
+  check_same_dtype(x, z, op, "x", "z");
+  const bool per_row = z.shape() != x.shape();
+  LOOM_CHECK(!per_row || (x.dim() >= 1 && z.shape() == Shape(x.shape().begin(), x.shape().end() - 1)))
+      << op << ": z shape " << shape_str(z.shape()) << " is neither x's " << shape_str(x.shape())
+      << " nor x's without its last dim";
+  const int64_t span = per_row ? x.shape().back() : 1;  // elements of x per element of z
+  Tensor xc = x.data().contiguous();  // (..., D)
+  Tensor zc = z.data().contiguous();  // (..., D) or (...)
+  Tensor y = Tensor::empty(xc.shape(), xc.dtype(), xc.device());
+  dispatch::sigmoid_gate_forward(y, xc, zc, span, stream_of(xc));
+  return make_output(y, {x, z}, "SigmoidGate", [xc, zc, span](const std::vector<Tensor>& grads) {
+    if (!grads[0].defined()) return std::vector<Tensor>{Tensor(), Tensor()};
+    Tensor dx = Tensor::empty(xc.shape(), xc.dtype(), xc.device());
+    Tensor dz = Tensor::empty(zc.shape(), zc.dtype(), zc.device());
+    dispatch::sigmoid_gate_backward(dx, dz, grads[0].contiguous(), xc, zc, span, stream_of(xc));
+    return std::vector<Tensor>{dx, dz};
+  });
+}
+
 Variable softmax(const Variable& x, int64_t dim) {
   const char* op = "softmax";
   check_input(x, op, "x");

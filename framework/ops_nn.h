@@ -15,6 +15,10 @@ Variable silu(const Variable& x);     // x * sigmoid(x)
 Variable sigmoid(const Variable& x);
 // gate, up (..., F) -> silu(gate) * up
 Variable swiglu(const Variable& gate, const Variable& up);
+// Sigmoid output gate x * sigmoid(z) as one node (ALGORITHMS.md §9). z has x's shape (element-wise
+// gate) or x's shape without its last dim (one gate per last-dim row of x: a per-head gate
+// (B, T, H) of (B, T, H, D)). Saves x and z, not sigmoid(z); the backward recomputes it.
+Variable sigmoid_gate(const Variable& x, const Variable& z);
 // softmax over `dim` (default: last)
 Variable softmax(const Variable& x, int64_t dim = -1);
 

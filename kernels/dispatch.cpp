@@ -179,6 +179,16 @@ void swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dout, const Tenso
     return cpu::swiglu_backward(dgate, dup, dout, gate, up, s);
   WITH_CUDA("swiglu_backward", s, cuda::swiglu_backward(dgate, dup, dout, gate, up, s));
 }
+void sigmoid_gate_forward(Tensor& y, const Tensor& x, const Tensor& z, int64_t span, Stream& s) {
+  if (on_cpu("sigmoid_gate", {&y, &x, &z}, s)) return cpu::sigmoid_gate_forward(y, x, z, span, s);
+  WITH_CUDA("sigmoid_gate", s, cuda::sigmoid_gate_forward(y, x, z, span, s));
+}
+void sigmoid_gate_backward(Tensor& dx, Tensor& dz, const Tensor& dy, const Tensor& x, const Tensor& z, int64_t span,
+                           Stream& s) {
+  if (on_cpu("sigmoid_gate_backward", {&dx, &dz, &dy, &x, &z}, s))
+    return cpu::sigmoid_gate_backward(dx, dz, dy, x, z, span, s);
+  WITH_CUDA("sigmoid_gate_backward", s, cuda::sigmoid_gate_backward(dx, dz, dy, x, z, span, s));
+}
 void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, double eps, Stream& s) {
   if (on_cpu("rms_norm", {&y, &rstd, &x, &w}, s)) return cpu::rmsnorm_forward(y, rstd, x, w, eps, s);
   WITH_CUDA("rms_norm", s, cuda::rmsnorm_forward(y, rstd, x, w, eps, s));

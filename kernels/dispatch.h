@@ -65,6 +65,9 @@ void silu_forward(Tensor& y, const Tensor& x, Stream& s);
 void silu_backward(Tensor& dx, const Tensor& dy, const Tensor& x, Stream& s);
 void swiglu_forward(Tensor& out, const Tensor& gate, const Tensor& up, Stream& s);
 void swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dout, const Tensor& gate, const Tensor& up, Stream& s);
+void sigmoid_gate_forward(Tensor& y, const Tensor& x, const Tensor& z, int64_t span, Stream& s);
+void sigmoid_gate_backward(Tensor& dx, Tensor& dz, const Tensor& dy, const Tensor& x, const Tensor& z, int64_t span,
+                           Stream& s);
 void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w, double eps, Stream& s);
 void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
                       Stream& s);

@@ -166,7 +166,7 @@ Variable LightningAttention::forward(const Variable& x, SequenceContext& ctx) co
                    : lightning_attention(q, k, v, decay_lambdas_, Variable(), out_scale_, block_size_).out;
   if (out_norm_) o = out_norm_->forward(o);                        // (B, T, H, D)
   o = reshape(o, {b, t, hd});                                      // (B, T, H*D)
-  if (gate_proj_) o = mul(o, sigmoid(gate_proj_->forward(x)));     // (B, T, H*D)
+  if (gate_proj_) o = sigmoid_gate(o, gate_proj_->forward(x));     // (B, T, H*D)
   return o_proj_->forward(o);                                      // (B, T, C)
 }
 

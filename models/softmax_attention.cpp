@@ -121,10 +121,10 @@ Variable SoftmaxAttention::forward(const Variable& x, SequenceContext& ctx) cons
     o = attention(q, k, v, options).out;
   }
   if (gate_proj_) {
-    // σ runs in the activation dtype (f32/f64 on CPU); the CUDA epilogue keeps it in fp32.
-    Variable gate = sigmoid(gate_proj_->forward(x));  // (B, T, H) headwise or (B, T, H*D) elementwise
-    Shape shape = options_.gate == "headwise" ? Shape{b, t, n_heads_, 1} : Shape{b, t, n_heads_, head_dim_};
-    o = mul(o, reshape(gate, shape));  // (B, T, H, D)
+    // One fused node: σ in the activation dtype on CPU (f32/f64), in fp32 on CUDA.
+    Variable z = gate_proj_->forward(x);  // (B, T, H) headwise or (B, T, H*D) elementwise
+    Shape shape = options_.gate == "headwise" ? Shape{b, t, n_heads_} : Shape{b, t, n_heads_, head_dim_};
+    o = sigmoid_gate(o, reshape(z, shape));  // (B, T, H, D)
   }
   if (router_proj_) o = mul(o, reshape(moh_gate(x, ctx), {b, t, n_heads_, 1}));  // (B, T, H, D)
   Variable merged = reshape(o, {b, t, n_heads_ * head_dim_});  // (B, T, H*D)

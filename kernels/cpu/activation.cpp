@@ -115,4 +115,57 @@ void swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dout, const Tenso
   });
 }
 
+namespace {
+
+// z must hold one element per `span` elements of x, with x's dtype.
+void check_gate(const Tensor& x, const Tensor& z, int64_t span, const char* op) {
+  check_operand(x, op, "x");
+  check_operand(z, op, "z");
+  LOOM_CHECK(span >= 1 && z.numel() * span == x.numel())
+      << op << ": z " << shape_str(z.shape()) << " with span " << span << " does not cover x " << shape_str(x.shape());
+  LOOM_CHECK(z.dtype() == x.dtype()) << op << ": z dtype " << z.dtype() << " differs from x " << x.dtype();
+}
+
+}  // namespace
+
+void sigmoid_gate_forward(Tensor& y, const Tensor& x, const Tensor& z, int64_t span, Stream& s) {
+  (void)s;
+  check_gate(x, z, span, "sigmoid_gate_forward");
+  check_operand(y, x, "sigmoid_gate_forward", "y");
+  LOOM_DISPATCH_FLOAT(x.dtype(), T, [&] {
+    T* py = y.data<T>();
+    const T* px = x.data<T>();
+    const T* pz = z.data<T>();
+    for_each_element(z.numel(), [&](int64_t r) {
+      const T g = stable_sigmoid(pz[r]);
+      for (int64_t i = r * span; i < (r + 1) * span; ++i) py[i] = px[i] * g;
+    });
+  });
+}
+
+void sigmoid_gate_backward(Tensor& dx, Tensor& dz, const Tensor& dy, const Tensor& x, const Tensor& z, int64_t span,
+                           Stream& s) {
+  (void)s;
+  check_gate(x, z, span, "sigmoid_gate_backward");
+  check_operand(dy, x, "sigmoid_gate_backward", "dy");
+  check_operand(dx, x, "sigmoid_gate_backward", "dx");
+  check_operand(dz, z, "sigmoid_gate_backward", "dz");
+  LOOM_DISPATCH_FLOAT(x.dtype(), T, [&] {
+    T* pdx = dx.data<T>();
+    T* pdz = dz.data<T>();
+    const T* pdy = dy.data<T>();
+    const T* px = x.data<T>();
+    const T* pz = z.data<T>();
+    for_each_element(z.numel(), [&](int64_t r) {
+      const T g = stable_sigmoid(pz[r]);
+      T sum = T(0);
+      for (int64_t i = r * span; i < (r + 1) * span; ++i) {
+        pdx[i] = pdy[i] * g;
+        sum += pdy[i] * px[i];
+      }
+      pdz[r] = sum * g * (T(1) - g);
+    });
+  });
+}
+
 }  // namespace loom::cpu

@@ -1,4 +1,4 @@
-// RMSNorm and SwiGLU CUDA kernels against their CPU twins: awkward widths
+// RMSNorm, SwiGLU and sigmoid-gate CUDA kernels against their CPU twins: awkward widths
 // (1, 7, 65, 1000, 4099 and vector-friendly 64, 4096), unaligned pointers (the
 // scalar path), bf16 and f32 storage; outputs poisoned with NaN first. The
 // tolerance is one unit in the last place of the output dtype at the largest
@@ -43,6 +43,12 @@ double max_abs(const Tensor& t) {
 ::testing::AssertionResult close(const Tensor& gpu, const Tensor& expected, DType dtype) {
   double ulp = dtype == DType::bf16 ? std::ldexp(1.0, -7) : dtype == DType::f16 ? std::ldexp(1.0, -10) : 1e-6;
   return testing::tensors_close(gpu.to(Device::cpu()).to(DType::f32), expected, 1e-5, ulp * std::max(1.0, max_abs(expected)));
+}
+
+Tensor abs_of(const Tensor& t) {
+  std::vector<double> v = t.to_vector<double>();
+  for (double& e : v) e = std::fabs(e);
+  return Tensor::from_vector(v, t.shape());
 }
 
 struct Shape2 {
@@ -109,6 +115,48 @@ TEST(CudaSwiglu, ForwardAndBackwardMatchTheCpuTwin) {
   }
 }
 
+// x (rows, cols) gated by z per element (span 1) or per row (span cols); the reference runs in f64 on
+// the same rounded inputs. dz of a row sums cols products in fp32 on the GPU: its bound adds 2^-16 of
+// the row's g (1 - g) sum |dy x| to the output rounding.
+TEST(CudaSigmoidGate, ForwardAndBackwardMatchTheCpuTwin) {
+  LOOM_SKIP_WITHOUT_GPU();
+  uint64_t seed = 300;
+  for (DType dtype : {DType::bf16, DType::f32}) {
+    for (const Shape2& sh : kShapes) {
+      for (bool per_row : {false, true}) {
+        for (bool misalign : {false, true}) {
+          SCOPED_TRACE(::testing::Message() << dtype << " rows " << sh.rows << " cols " << sh.cols << " per_row "
+                                            << per_row << " misalign " << misalign);
+          Shape shape{sh.rows, sh.cols}, zshape = per_row ? Shape{sh.rows} : shape;
+          const int64_t span = per_row ? sh.cols : 1;
+          Tensor x = testing::random_tensor(shape, seed++, DType::f32).to(dtype).to(DType::f64);
+          Tensor z = testing::random_tensor(zshape, seed++, DType::f32, 3.0).to(dtype).to(DType::f64);
+          Tensor dy = testing::random_tensor(shape, seed++, DType::f32).to(dtype).to(DType::f64);
+          Tensor y_ref = Tensor::empty(shape, DType::f64), dx_ref = Tensor::empty(shape, DType::f64);
+          Tensor dz_ref = Tensor::empty(zshape, DType::f64);
+          cpu::sigmoid_gate_forward(y_ref, x, z, span, cpu_stream());
+          cpu::sigmoid_gate_backward(dx_ref, dz_ref, dy, x, z, span, cpu_stream());
+          // Largest g (1 - g) sum |dy x| of a row.
+          Tensor mag_x = Tensor::empty(shape, DType::f64), mag = Tensor::empty(zshape, DType::f64);
+          cpu::sigmoid_gate_backward(mag_x, mag, abs_of(dy), abs_of(x), z, span, cpu_stream());
+
+          Tensor xg = to_gpu(x, dtype, misalign), zg = to_gpu(z, dtype, misalign), dyg = to_gpu(dy, dtype, misalign);
+          Tensor y = poisoned(shape, dtype, misalign);
+          cuda::sigmoid_gate_forward(y, xg, zg, span, gpu_stream());
+          EXPECT_TRUE(close(y, y_ref.to(DType::f32), dtype)) << "y";
+          Tensor dx = poisoned(shape, dtype, misalign), dz = poisoned(zshape, dtype, misalign);
+          cuda::sigmoid_gate_backward(dx, dz, dyg, xg, zg, span, gpu_stream());
+          EXPECT_TRUE(close(dx, dx_ref.to(DType::f32), dtype)) << "dx";
+          const double ulp = dtype == DType::bf16 ? std::ldexp(1.0, -7) : 1e-6;
+          EXPECT_TRUE(testing::tensors_close(dz.to(Device::cpu()).to(DType::f64), dz_ref, 1e-5,
+                                             ulp * std::max(1.0, max_abs(dz_ref)) + std::ldexp(max_abs(mag), -16)))
+              << "dz";
+        }
+      }
+    }
+  }
+}
+
 TEST(CudaKernels, BadArgumentsAreNamed) {
   LOOM_SKIP_WITHOUT_GPU();
   Tensor x = Tensor::zeros({2, 8}, DType::bf16, Device::cuda(0)), w = Tensor::zeros({7}, DType::bf16, Device::cuda(0));
@@ -121,6 +169,13 @@ TEST(CudaKernels, BadArgumentsAreNamed) {
   }
   Tensor host = Tensor::zeros({2, 8}, DType::bf16);
   EXPECT_THROW(cuda::swiglu_forward(y, host, x, gpu_stream()), Error);
+  Tensor z = Tensor::zeros({3}, DType::bf16, Device::cuda(0));
+  try {
+    cuda::sigmoid_gate_forward(y, x, z, 8, gpu_stream());
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("(3,)"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace

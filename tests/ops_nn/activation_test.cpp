@@ -1,4 +1,4 @@
-// sigmoid, silu, swiglu: forward against the closed forms, saturation without
+// sigmoid, silu, swiglu, sigmoid_gate: forward against the closed forms, saturation without
 // overflow, gradients by finite differences (non-contiguous included), errors.
 #include <gtest/gtest.h>
 
@@ -79,6 +79,44 @@ TEST(Activation, ThreadedPath) {
   EXPECT_TENSOR_CLOSE(silu(Variable(x)).data(), map(x, ref_silu), 1e-14, 1e-15);
   auto sw = [](const std::vector<Variable>& in) { return std::vector<Variable>{swiglu(in[0], in[1])}; };
   EXPECT_TRUE(testing::spot_gradcheck(sw, {x, up}, 8, 16));
+}
+
+// x * sigmoid(z) with z per element or per last-dim row of x, against the closed form.
+Tensor ref_gate(const Tensor& x, const Tensor& z) {
+  std::vector<double> y = values(x), g = values(z);
+  const size_t span = y.size() / g.size();
+  for (size_t i = 0; i < y.size(); ++i) y[i] *= ref_sigmoid(g[i / span]);
+  return Tensor::from_vector(y, x.shape());
+}
+
+TEST(SigmoidGate, ForwardMatchesTheClosedFormPerElementAndPerRow) {
+  Tensor x = random_tensor({2, 3, 4, 5}, 20, DType::f64), ze = random_tensor({2, 3, 4, 5}, 21, DType::f64, 4.0);
+  Tensor zh = random_tensor({2, 3, 4}, 22, DType::f64, 4.0);
+  EXPECT_TENSOR_CLOSE(sigmoid_gate(Variable(x), Variable(ze)).data(), ref_gate(x, ze), 1e-14, 1e-15);
+  EXPECT_TENSOR_CLOSE(sigmoid_gate(Variable(x), Variable(zh)).data(), ref_gate(x, zh), 1e-14, 1e-15);
+  // Saturated gates stay finite and exact at the ends.
+  Tensor zs = Tensor::from_vector<double>({-800.0, 800.0}, {2});
+  std::vector<double> y = values(sigmoid_gate(Variable(Tensor::ones({2, 3}, DType::f64)), Variable(zs)).data());
+  EXPECT_EQ(y, (std::vector<double>{0, 0, 0, 1, 1, 1}));
+}
+
+TEST(SigmoidGate, GradCheck) {
+  auto gate = [](const std::vector<Variable>& in) { return std::vector<Variable>{sigmoid_gate(in[0], in[1])}; };
+  EXPECT_GRADCHECK(gate, {random_tensor({3, 4, 5}, 23), random_tensor({3, 4, 5}, 24, DType::f64, 3.0)});
+  EXPECT_GRADCHECK(gate, {random_tensor({3, 4, 5}, 25), random_tensor({3, 4}, 26, DType::f64, 3.0)});
+  EXPECT_GRADCHECK(gate, {non_contiguous(random_tensor({2, 3, 17}, 27)), random_tensor({2, 3}, 28, DType::f64, 3.0)});
+  EXPECT_GRADCHECK(gate, {random_tensor({4, 3}, 29), random_tensor({3, 4}, 30, DType::f64, 3.0).transpose(0, 1)});
+  // Rows past the threaded-path threshold (one z per 2 elements).
+  Tensor x = random_tensor({20000, 2}, 31), z = random_tensor({20000}, 32, DType::f64, 3.0);
+  EXPECT_TENSOR_CLOSE(sigmoid_gate(Variable(x), Variable(z)).data(), ref_gate(x, z), 1e-14, 1e-15);
+  EXPECT_TRUE(testing::spot_gradcheck(gate, {x, z}, 8, 16));
+}
+
+TEST(SigmoidGate, ErrorsNameTheValues) {
+  Variable x(random_tensor({3, 4}, 1));
+  EXPECT_ERROR_MENTIONS(sigmoid_gate(x, Variable(random_tensor({4}, 2))), {"sigmoid_gate", "(4,)", "(3, 4)"});
+  EXPECT_ERROR_MENTIONS(sigmoid_gate(x, Variable(random_tensor({3, 4}, 3, DType::f32))), {"sigmoid_gate", "f64", "f32"});
+  EXPECT_ERROR_MENTIONS(sigmoid_gate(x, Variable()), {"sigmoid_gate", "undefined"});
 }
 
 TEST(Activation, ErrorsNameTheValues) {
