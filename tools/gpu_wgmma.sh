@@ -42,7 +42,7 @@ timeout 150 python3 tools/bench_torch.py --reps 10 $O/bench.json > $O/torch.log 
 echo "table rc $? $(el)"; grep -A14 "== attention" $O/torch.log
 sanitize memcheck
 timeout 150 $B/loom_cuda_tests \
-  --gtest_filter='CudaRouter*:CudaMoe*:CudaReduce*:CudaElementwise*:CudaTensor*:CudaAutograd*:CudaCudnn*:Models/CudaTraining*' \
+  --gtest_filter='CudaSigmoidGate*:CudaSwiglu*:CudaKernels*:CudaRouter*:CudaMoe*:CudaReduce*:CudaElementwise*:CudaTensor*:CudaAutograd*:CudaCudnn*:Models/CudaTraining*' \
   > $O/cuda_tests.log 2>&1; echo "cuda tests rc $? $(el)"
 grep -E "^\[  (PASSED|FAILED) |^\[  FAILED  \] [A-Z]" $O/cuda_tests.log | sort | uniq | head; grep -B3 -A10 Failure $O/cuda_tests.log | head -30
 timeout 60 $B/loom-bench --families mixer --reps 10 > $O/mixer.log 2>&1; echo "mixer rc $? $(el)"; grep -A6 "== mixer" $O/mixer.log
