@@ -243,7 +243,7 @@ struct KeySmem {
 // narrower than 128 keys (a strided S2 column would leave half of an 8-warp block idle on
 // most query tiles; measured at 32K: 4 warps 18.5 ms against 8 warps 23.0, while dense
 // causal is faster with 8: 84.5 against 97.6; kernels/NOTES.md).
-template <int kD, bool kFusedDq, int kW, bool kRoll = false>
+template <int kD, bool kFusedDq, int kW>
 __global__ void __launch_bounds__(32 * kW, 8 / kW)
     flash_backward_dkdv_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                                const bf16* __restrict__ dout, const float* __restrict__ lse,
@@ -310,8 +310,7 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
       // used (dV) before dP^T is formed, so its bf16 fragments are dead by then
       // (at D 128 both accumulators and all four fragment sets do not fit in registers).
       float st[8][4] = {};
-      constexpr int kUnroll = kRoll ? 1 : kD / 16;
-      mma_rows_by_rows<kD, kUnroll>(st, sm.ks, row0, qt_s);  // S^T = K Q^T
+      mma_rows_by_rows<kD>(st, sm.ks, row0, qt_s);  // S^T = K Q^T
       key_rows_probabilities(st, ls, scale_log2, !plan.plain(half, qt), m, sm.qpos[stage], nq, *sm.kpos, row0, nk);
       {
         uint32_t pf[4][4];
@@ -319,7 +318,7 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
         mma_frags_by_tile<kD>(acc_dv, pf, dot_s);  // dV += P^T dO
       }
       float dpt[8][4] = {};
-      mma_rows_by_rows<kD, kUnroll>(dpt, sm.vs, row0, dot_s);  // dP^T = V dO^T
+      mma_rows_by_rows<kD>(dpt, sm.vs, row0, dot_s);  // dP^T = V dO^T
       key_rows_score_grad(dpt, st, ds);  // dS^T
       c_to_a(dsf, dpt);
       mma_frags_by_tile<kD>(acc_dk, dsf, qt_s);  // dK += dS^T Q
@@ -345,7 +344,7 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
       for (int ch = warp / 4; ch < 2 && any; ch += kW / 4) {
         const int c0 = ch * (kD / 2);
         float acc[kD / 16][4] = {};
-#pragma unroll(kRoll ? 1 : kKeys / 16)
+#pragma unroll
         for (int kk = 0; kk < kKeys / 16; ++kk) {
           if (!plan.meet(kk / 4, qt)) continue;  // that half's rows were not written (uniform over the block)
           uint32_t a[4];
@@ -377,16 +376,6 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
 // ---------------------------------------------------------------- launches
 
 
-
-// LOOM_FLASH_BWD_ROLL=1: the 8-warp fused dK dV kernel with its k loops kept (kRoll), an
-// experiment switch until the same-run A/B decides (branch moh-router-wide); read once.
-bool roll_backward() {
-  static const bool roll = [] {
-    const char* e = std::getenv("LOOM_FLASH_BWD_ROLL");
-    return e != nullptr && std::string(e) == "1";
-  }();
-  return roll;
-}
 
 // The forward and the fused dK dV pass on warpgroup products where the build and device
 // have them; LOOM_FLASH_WGMMA=0 takes the mma.sync kernels (read at each launch: the tests
@@ -480,8 +469,7 @@ void launch_flash_attention_backward(void* dq, void* dk, void* dv, float* delta,
     } else if (n.S > 0) {
       auto kernel = !fused ? flash_backward_dkdv_kernel<kD, false, 8>
                     : four ? flash_backward_dkdv_kernel<kD, true, 4>
-                    : roll_backward() ? flash_backward_dkdv_kernel<kD, true, 8, true>
-                                      : flash_backward_dkdv_kernel<kD, true, 8>;
+                           : flash_backward_dkdv_kernel<kD, true, 8>;
       const size_t smem = four ? KeySmem<kD, 64>::bytes(tiles_of(n.T), false)
                                : KeySmem<kD, kBlockRows>::bytes(tiles_of(n.T), fused);
       set_smem(kernel, smem);

@@ -258,13 +258,10 @@ __device__ __forceinline__ void mma_frags_by_rows(float (&acc)[8][4], const uint
     }
 }
 
-// The same with A read from rows row0.. of a row-major smem tile (as). kUnroll: k steps
-// unrolled (all by default; 1 keeps the loop, a quarter of the code: the fused dK dV
-// kernel stalls on instruction fetch, LOOM_FLASH_BWD_ROLL=1 measures whether a smaller
-// loop body helps).
-template <int kD, int kUnroll = kD / 16>
+// The same with A read from rows row0.. of a row-major smem tile (as).
+template <int kD>
 __device__ __forceinline__ void mma_rows_by_rows(float (&acc)[8][4], const bf16* as, int row0, const bf16* bs) {
-#pragma unroll(kUnroll)
+#pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk) {
     uint32_t a[4];
     ldsm_a(a, as, kLd<kD>, row0, 16 * kk);
@@ -362,34 +359,35 @@ __device__ __forceinline__ TilePlan query_block_plan(uint32_t* bits, const Query
 }
 
 // Shared memory of a query block: the block's rows (kRowSets tiles of 128
-// rows: Q, or Q and dO), 2 stages of K and V tiles, positions, then the plan.
-// Tiles are padded rows (kLd, for fragment loads) or, with kPanels, wgmma.cuh's
-// panel tiles from a 1024-byte aligned base (for warpgroup products).
-template <int kD, int kRowSets, bool kPanels = false>
+// rows: Q, or Q and dO), kStages stages of K and V tiles, positions, then the
+// plan. Tiles are padded rows (kLd, for fragment loads) or, with kPanels,
+// wgmma.cuh's panel tiles from a 1024-byte aligned base (for warpgroup products).
+template <int kD, int kRowSets, bool kPanels = false, int kStageCount = 2>
 struct QuerySmem {
   static constexpr bool kPanelTiles = kPanels;
+  static constexpr int kStages = kStageCount;
   static constexpr int kRowElems = kPanels ? kBlockRows * kD : kTileElems<kD, kBlockRows>;  // one row set
   static constexpr int kKvElems = kPanels ? kTile * kD : kTileElems<kD>;                     // one K or V stage
   static constexpr size_t kRowsBytes = sizeof(bf16) * kRowSets * kRowElems;
-  static constexpr size_t kKvBytes = sizeof(bf16) * 4 * kKvElems;
-  static constexpr size_t kBase = kRowsBytes + kKvBytes + sizeof(RowPos<kBlockRows>) + 2 * sizeof(RowPos<kTile>);
+  static constexpr size_t kKvBytes = sizeof(bf16) * 2 * kStages * kKvElems;
+  static constexpr size_t kBase = kRowsBytes + kKvBytes + sizeof(RowPos<kBlockRows>) + kStages * sizeof(RowPos<kTile>);
   static size_t bytes(int64_t key_tiles) { return (kPanels ? 1024 : 0) + kBase + plan_bytes(key_tiles); }
 
   bf16* rows;  // kRowSets x 128 rows
-  bf16* ks;    // 2 stages
-  bf16* vs;    // 2 stages
+  bf16* ks;    // kStages stages
+  bf16* vs;    // kStages stages
   RowPos<kBlockRows>* qpos;
-  RowPos<kTile>* kpos;  // 2 stages
+  RowPos<kTile>* kpos;  // kStages stages
   uint32_t* plan;
 
   __device__ explicit QuerySmem(unsigned char* raw) {
     if constexpr (kPanels) raw += (1024 - (smem_addr(raw) & 1023)) & 1023;
     rows = reinterpret_cast<bf16*>(raw);
     ks = rows + kRowSets * kRowElems;
-    vs = ks + 2 * kKvElems;
-    qpos = reinterpret_cast<RowPos<kBlockRows>*>(vs + 2 * kKvElems);
+    vs = ks + kStages * kKvElems;
+    qpos = reinterpret_cast<RowPos<kBlockRows>*>(vs + kStages * kKvElems);
     kpos = reinterpret_cast<RowPos<kTile>*>(qpos + 1);
-    plan = reinterpret_cast<uint32_t*>(kpos + 2);
+    plan = reinterpret_cast<uint32_t*>(kpos + kStages);
   }
 
   // Starts the async copies of `rows` rows of src (row stride `stride`) into a kRows-row tile.
@@ -424,8 +422,9 @@ __device__ __forceinline__ TilePlan start_query_block(const Smem& sm, const bf16
   return query_block_plan(sm.plan, blk, n, m, tb);
 }
 
-// Walks the key tiles of a query block's plan, double buffered: body(kt, stage)
-// runs once the tile is in shared memory (after a barrier), and S2 block ids
+// Walks the key tiles of a query block's plan, one tile ahead over Smem::kStages
+// buffers (a body may keep reading a tile's stage until its next call when there
+// are 3): body(kt, stage) runs once the tile is in shared memory (after a barrier), and S2 block ids
 // are filled first where a half needs per-element masking. The block's own rows
 // (issued before the call, in the first commit group) land before the first body.
 template <typename Smem, typename Body>
@@ -439,7 +438,8 @@ __device__ __forceinline__ void walk_key_tiles(const Smem& sm, const TilePlan& p
   bool first = true;
   while (kt < plan.count) {
     const int64_t next = plan.next(kt + 1);
-    if (next < plan.count) issue_kv_tile(sm, k, v, blk, n, m, next, stage ^ 1);
+    const int next_stage = stage + 1 == Smem::kStages ? 0 : stage + 1;
+    if (next < plan.count) issue_kv_tile(sm, k, v, blk, n, m, next, next_stage);
     cp_async_commit();
     cp_async_wait<1>();  // the block's rows and this tile have landed
     if constexpr (Smem::kPanelTiles) wgmma::fence_smem();  // visible to the warpgroup products
@@ -453,10 +453,10 @@ __device__ __forceinline__ void walk_key_tiles(const Smem& sm, const TilePlan& p
       }
     }
     body(kt, stage, first);
-    __syncthreads();  // this stage is refilled two tiles on
+    __syncthreads();  // this stage is refilled kStages tiles on
     first = false;
     kt = next;
-    stage ^= 1;
+    stage = next_stage;
   }
   cp_async_wait<0>();
 }
@@ -478,12 +478,11 @@ __device__ __forceinline__ void mask_query_rows(float (&s)[8][4], const Attentio
     }
 }
 
-// One tile of the online softmax: scores s become p = 2^(s scale_log2 - running max), the
-// running maxima (of raw scores) and this thread's part of the row sums are updated, and the
-// output accumulator is rescaled by the change of maximum.
-template <int kD>
-__device__ __forceinline__ void online_softmax(float (&s)[8][4], float (&row_max)[2], float (&row_sum)[2],
-                                               float (&acc_o)[kD / 8][4], float scale_log2) {
+// One tile of the online softmax without the output: scores s become p = 2^(s scale_log2 -
+// running max), the running maxima (of raw scores) and this thread's part of the row sums are
+// updated, and alpha[hr] is the factor that rescales the output rows to the new maxima.
+__device__ __forceinline__ void softmax_tile(float (&s)[8][4], float (&row_max)[2], float (&row_sum)[2],
+                                             float (&alpha)[2], float scale_log2) {
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     float mx = row_max[hr];
@@ -494,7 +493,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[8][4], float (&row_max
     const float base = mx == -INFINITY ? 0.f : mx * scale_log2;  // a row with nothing visible yet
     // Exactly 1 while the maximum holds (the fmaf would leave the rounding residual of
     // row_max * scale_log2, a bias in l that grows with the number of tiles).
-    const float alpha = mx == row_max[hr] ? 1.f : fast_exp2(fmaf(row_max[hr], scale_log2, -base));
+    alpha[hr] = mx == row_max[hr] ? 1.f : fast_exp2(fmaf(row_max[hr], scale_log2, -base));
     row_max[hr] = mx;
     float sum = 0.f;
 #pragma unroll
@@ -503,13 +502,29 @@ __device__ __forceinline__ void online_softmax(float (&s)[8][4], float (&row_max
       s[nt][2 * hr + 1] = fast_exp2(fmaf(s[nt][2 * hr + 1], scale_log2, -base));
       sum += s[nt][2 * hr] + s[nt][2 * hr + 1];
     }
-    row_sum[hr] = row_sum[hr] * alpha + sum;
+    row_sum[hr] = row_sum[hr] * alpha[hr] + sum;
+  }
+}
+
+// The output rows (this thread's two) times alpha.
+template <int kD>
+__device__ __forceinline__ void rescale_rows(float (&acc_o)[kD / 8][4], const float (&alpha)[2]) {
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr)
 #pragma unroll
     for (int nt = 0; nt < kD / 8; ++nt) {
-      acc_o[nt][2 * hr] *= alpha;
-      acc_o[nt][2 * hr + 1] *= alpha;
+      acc_o[nt][2 * hr] *= alpha[hr];
+      acc_o[nt][2 * hr + 1] *= alpha[hr];
     }
-  }
+}
+
+// One tile of the online softmax with the output: softmax_tile, then the rescale.
+template <int kD>
+__device__ __forceinline__ void online_softmax(float (&s)[8][4], float (&row_max)[2], float (&row_sum)[2],
+                                               float (&acc_o)[kD / 8][4], float scale_log2) {
+  float alpha[2];
+  softmax_tile(s, row_max, row_sum, alpha, scale_log2);
+  rescale_rows<kD>(acc_o, alpha);
 }
 
 // The end of the online softmax: lse of the rows (natural log, -inf for a row that saw nothing;

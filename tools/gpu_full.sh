@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The whole CUDA check in one GPU call (~9 min), most important first: build;
+# the warpgroup product check and the flash parity tests (both kernel
+# families); with AB=NAME, a same-run A/B of that environment switch (0 and 1
+# alternated twice on the 32K flash rows); racecheck on the flash kernels; the
+# attention table beside SDPA at 32K; S2 against dense cuDNN at 128K; the
+# mixer; memcheck; every other CUDA test; the CUDA parallel tests on one rank.
+# Logs under $OUT (default /tmp/o).
+set -u; O=${OUT:-/tmp/o}; mkdir -p $O; B=build-gpu; T0=$SECONDS
+el() { echo "+$((SECONDS - T0))s"; }
+sanitize() {  # compute-sanitizer tool $1 on the flash forward and the deterministic backward
+  timeout 90 compute-sanitizer --tool $1 --error-exitcode 9 $B/loom_cuda_tests \
+    --gtest_filter='CudaFlashAttention.BackwardIsDeterministic' > $O/$1.log 2>&1
+  echo "$1 rc $? $(el)"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" $O/$1.log | head -3
+}
+outcome() { grep -E "^\[  (PASSED|FAILED) |^\[  FAILED  \] [A-Z]" $1 | sort | uniq | head; grep -B3 -A10 Failure $1 | head -30; }
+cmake -S . -B $B -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a > $O/configure.log 2>&1 || { tail -20 $O/configure.log; exit 1; }
+cmake --build $B -j16 --target loom_cuda_tests loom_cuda_parallel_tests loom-bench > $O/build.log 2>&1 ||
+  { grep -B2 -A8 error $O/build.log | head -60; exit 1; }
+echo "built $(el)"; nvidia-smi -L
+timeout 250 $B/loom_cuda_tests --gtest_filter='CudaWgmma*:CudaFlashAttention*' > $O/flash.log 2>&1
+echo "wgmma check, flash (both families) rc $? $(el)"; outcome $O/flash.log
+if [ -n "${AB:-}" ]; then
+  for pass in 1 2; do for w in 0 1; do
+    env $AB=$w $B/loom-bench --families attention --seq 32768 --reps 10 --rows "flash" > $O/ab-$w-$pass.log 2>&1
+    echo "$AB=$w pass $pass:"; grep -E "^flash (fwd|fwd\+bwd|s2) " $O/ab-$w-$pass.log
+  done; done
+  echo "a/b $(el)"
+fi
+sanitize racecheck
+timeout 120 $B/loom-bench --families attention --seq 32768 --reps 10 --json $O/bench.json > $O/bench.log 2>&1
+timeout 150 python3 tools/bench_torch.py --reps 10 $O/bench.json > $O/torch.log 2>&1
+echo "table rc $? $(el)"; grep -A14 "== attention" $O/torch.log
+for r in "flash s2" cudnn; do
+  timeout 60 $B/loom-bench --families attention --seq 131072 --reps 5 --rows "$r" > $O/b128-${r// /_}.log 2>&1
+  echo "128K $r rc $?"; grep -E "fwd" $O/b128-${r// /_}.log
+done
+timeout 60 $B/loom-bench --families mixer --reps 10 > $O/mixer.log 2>&1; echo "mixer rc $? $(el)"; grep -A6 "== mixer" $O/mixer.log
+sanitize memcheck
+timeout 200 $B/loom_cuda_tests --gtest_filter='-CudaWgmma*:CudaFlashAttention*' > $O/cuda_tests.log 2>&1
+echo "other cuda tests rc $? $(el)"; outcome $O/cuda_tests.log
+OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 90 mpirun -np 1 $B/loom_cuda_parallel_tests \
+  > $O/cuda_parallel.log 2>&1; echo "cuda parallel (1 rank) rc $? $(el)"; outcome $O/cuda_parallel.log
+echo "done $(el)"
