@@ -32,7 +32,7 @@ timeout 120 $B/loom-bench --families attention --seq 32768 --reps 10 --json $O/b
 timeout 150 python3 tools/bench_torch.py --reps 10 $O/bench.json > $O/torch.log 2>&1
 echo "table rc $? $(el)"; grep -A14 "== attention" $O/torch.log
 for r in "flash s2" cudnn; do
-  timeout 60 $B/loom-bench --families attention --seq 131072 --reps 5 --rows "$r" > $O/b128-${r// /_}.log 2>&1
+  timeout 60 $B/loom-bench --families attention --seq 131072 --reps 10 --rows "$r" > $O/b128-${r// /_}.log 2>&1
   echo "128K $r rc $?"; grep -E "fwd" $O/b128-${r// /_}.log
 done
 timeout 60 $B/loom-bench --families mixer --reps 10 > $O/mixer.log 2>&1; echo "mixer rc $? $(el)"; grep -A6 "== mixer" $O/mixer.log

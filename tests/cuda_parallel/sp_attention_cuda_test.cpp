@@ -368,9 +368,14 @@ TEST(SpAttentionCuda, RingHopDeliversItsBytesAndReportsOverlap) {
 }
 
 // The real ring with hop timing on: the same results as untimed, P - 1 timed
-// forward hops and P + 1 backward hops (P >= 2), and the printed line.
+// forward hops and P + 1 backward hops (P >= 2), and the printed line. Bitwise
+// sameness needs the deterministic kernels (the fused backward adds dQ with atomics).
 TEST(SpAttentionCuda, RingAttentionReportsItsHopTimes) {
   LOOM_SKIP_WITHOUT_GPU_PER_RANK("sequence-parallel CUDA test");
+  struct Deterministic {
+    Deterministic() { dispatch::set_deterministic(true); }
+    ~Deterministic() { dispatch::set_deterministic(false); }  // the process default
+  } deterministic;
   const Device gpu = my_gpu();
   const int P = world().size();
   DeviceMesh mesh(MeshSizes{0, P, 1}, world(), gpu);
