@@ -6,10 +6,10 @@
 //
 // Forward: the mma.sync kernel's blocks (128 queries, 8 warps) as two
 // warpgroups of 64 query rows: S = Q K^T (both K-major), the online softmax in
-// registers, O += P V (A = P from registers, B = V N-major). Pipelined (kPipe,
-// 3 K/V stages): a tile's O += P V is issued behind the next tile's S and runs
+// registers, O += P V (A = P from registers, B = V N-major). Pipelined over 3
+// K/V stages: a tile's O += P V is issued behind the next tile's S and runs
 // while that tile's exponentials are computed; the output is rescaled once it
-// is done. Without kPipe each tile's products and softmax run in turn.
+// is done (6% faster at 32K than products and softmax in turn; kernels/NOTES.md).
 //
 // Backward dK dV: the same work as flash_attention.cu's 8-warp fused kernel
 // (one block per (128-key block, kv head, batch), walking the 64-query tiles
@@ -27,9 +27,6 @@
 #include "kernels/cuda/flash_common.cuh"
 #include "kernels/cuda/wgmma.cuh"
 #include "kernels/cuda/wgmma_check.h"
-
-#include <cstdlib>
-#include <string>
 
 namespace loom::cuda::detail {
 
@@ -99,13 +96,13 @@ __device__ __forceinline__ void rs_batch(float (&acc)[kD / 8][4], uint32_t (&f)[
 
 // ---------------------------------------------------------------- forward
 
-template <int kD, bool kPipe>
+template <int kD>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_forward_sm90_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
                               const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n,
                               AttentionMask m, TileBounds tb, float scale) {
 #if defined(LOOM_WGMMA)
-  using Smem = QuerySmem<kD, 1, true, kPipe ? 3 : 2>;
+  using Smem = QuerySmem<kD, 1, true, 3>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Smem sm(smem_raw);
   const QueryBlock blk = query_block(n);
@@ -117,7 +114,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float scale_log2 = scale * kLog2e;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   float acc_o[kD / 8][4] = {};
-  uint32_t pf[4][4];  // P of the pending tile (kPipe), as A fragments
+  uint32_t pf[4][4];  // P of the pending tile, as A fragments
   int pending = -1;   // its stage (V), -1 when none
   // O += P V of the pending tile, issued (not waited for).
   auto issue_pv = [&] {
@@ -134,7 +131,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   walk_key_tiles(sm, plan, k, v, blk, n, m, [&](int64_t kt, int stage, bool) {
     if (!plan.meet(wg, kt)) {  // nothing of this group's rows meets the tile
-      if (kPipe && pending >= 0) {  // finish the pending tile: its stage is refilled after this call
+      if (pending >= 0) {  // finish the pending tile: its stage is refilled after this call
         issue_pv();
         wgmma::wait<0>();
         wgmma::pin(acc_o);
@@ -152,13 +149,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma::wgmma_ss_n64<0, 0>(s, wgmma::kmajor(sm.rows, kBlockRows, 64 * wg, 16 * kk),
                                 wgmma::kmajor(ks, kTile, 0, 16 * kk));
     wgmma::commit();
-    if constexpr (kPipe) {
-      if (pending >= 0) {
-        issue_pv();  // the previous tile's O += P V, behind S
-        wgmma::wait<1>();
-      } else {
-        wgmma::wait<0>();
-      }
+    if (pending >= 0) {
+      issue_pv();  // the previous tile's O += P V, behind S
+      wgmma::wait<1>();
     } else {
       wgmma::wait<0>();
     }
@@ -166,23 +159,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (!plan.plain(wg, kt))
       mask_query_rows(s, m, *sm.qpos, row0, nq, sm.kpos[stage], rows_from(n.S, kt * kTile, kTile));
     float alpha[2];
-    softmax_tile(s, row_max, row_sum, alpha, scale_log2);  // while the previous P V runs (kPipe)
-    if constexpr (kPipe) {
-      wgmma::wait<0>();  // the previous P V: acc_o and pf are free
-      wgmma::pin(acc_o);
-      wgmma::pin(pf);
-      rescale_rows<kD>(acc_o, alpha);
-      c_to_a(pf, s);
-      pending = stage;
-    } else {
-      rescale_rows<kD>(acc_o, alpha);
-      rs_batch<kD>(acc_o, pf, s, sm.vs + stage * Smem::kKvElems);  // O += P V
-      wgmma::wait<0>();  // before the rescale of the next tile and the refill of this stage
-      wgmma::pin(acc_o);
-      wgmma::pin(pf);
-    }
+    softmax_tile(s, row_max, row_sum, alpha, scale_log2);  // while the previous P V runs
+    wgmma::wait<0>();  // the previous P V: acc_o and pf are free
+    wgmma::pin(acc_o);
+    wgmma::pin(pf);
+    rescale_rows<kD>(acc_o, alpha);
+    c_to_a(pf, s);
+    pending = stage;
   });
-  if (kPipe && pending >= 0) {  // the last tile's O += P V (no stage is refilled after the walk)
+  if (pending >= 0) {  // the last tile's O += P V (no stage is refilled after the walk)
     issue_pv();
     wgmma::wait<0>();
     wgmma::pin(acc_o);
@@ -339,13 +324,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// LOOM_FLASH_FWD_PIPE=0: the forward without the P V / softmax overlap (an experiment switch
-// for the same-run A/B; read at each launch).
-bool forward_pipelined() {
-  const char* e = std::getenv("LOOM_FLASH_FWD_PIPE");
-  return e == nullptr || std::string(e) != "0";
-}
-
 }  // namespace
 
 void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, const void* k, const void* v,
@@ -353,9 +331,8 @@ void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, cons
                                       float scale, cudaStream_t stream) {
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
-    const bool pipe = forward_pipelined();
-    auto kernel = pipe ? flash_forward_sm90_kernel<kD, true> : flash_forward_sm90_kernel<kD, false>;
-    const size_t smem = pipe ? QuerySmem<kD, 1, true, 3>::bytes(tiles_of(n.S)) : QuerySmem<kD, 1, true>::bytes(tiles_of(n.S));
+    auto kernel = flash_forward_sm90_kernel<kD>;
+    const size_t smem = QuerySmem<kD, 1, true, 3>::bytes(tiles_of(n.S));
     set_smem(kernel, smem);
     kernel<<<flash_grid(blocks_of(n.T), n.H, n.B), kThreads, smem, stream>>>(
         static_cast<bf16*>(out), lse, static_cast<const bf16*>(q), static_cast<const bf16*>(k),
