@@ -427,10 +427,15 @@ __device__ __forceinline__ TilePlan start_query_block(const Smem& sm, const bf16
 // are 3): body(kt, stage) runs once the tile is in shared memory (after a barrier), and S2 block ids
 // are filled first where a half needs per-element masking. The block's own rows
 // (issued before the call, in the first commit group) land before the first body.
-template <typename Smem, typename Body>
+// kOneBarrier (3 stages): one barrier per tile instead of two. The next tile's copies are
+// issued after the tile's barrier, which every thread reaches only once done with the
+// previous body, so the stage they refill (last read two bodies back, or by a product the
+// previous body waited for) is free; no barrier closes the body.
+template <bool kOneBarrier = false, typename Smem, typename Body>
 __device__ __forceinline__ void walk_key_tiles(const Smem& sm, const TilePlan& plan, const bf16* k, const bf16* v,
                                                const QueryBlock& blk, const AttentionDims& n, const AttentionMask& m,
                                                Body body) {
+  static_assert(!kOneBarrier || Smem::kStages >= 3, "one barrier per tile needs a third stage");
   int64_t kt = plan.next(0);
   if (kt < plan.count) issue_kv_tile(sm, k, v, blk, n, m, kt, 0);
   cp_async_commit();
@@ -439,11 +444,19 @@ __device__ __forceinline__ void walk_key_tiles(const Smem& sm, const TilePlan& p
   while (kt < plan.count) {
     const int64_t next = plan.next(kt + 1);
     const int next_stage = stage + 1 == Smem::kStages ? 0 : stage + 1;
-    if (next < plan.count) issue_kv_tile(sm, k, v, blk, n, m, next, next_stage);
-    cp_async_commit();
-    cp_async_wait<1>();  // the block's rows and this tile have landed
+    if constexpr (kOneBarrier) {
+      cp_async_wait<0>();  // the block's rows and this tile have landed
+    } else {
+      if (next < plan.count) issue_kv_tile(sm, k, v, blk, n, m, next, next_stage);
+      cp_async_commit();
+      cp_async_wait<1>();  // the block's rows and this tile have landed
+    }
     if constexpr (Smem::kPanelTiles) wgmma::fence_smem();  // visible to the warpgroup products
     __syncthreads();
+    if constexpr (kOneBarrier) {
+      if (next < plan.count) issue_kv_tile(sm, k, v, blk, n, m, next, next_stage);
+      cp_async_commit();
+    }
     if (m.s2_block > 0) {
       const bool tile_masked = !(plan.plain(0, kt) && plan.plain(1, kt));
       if (first || tile_masked) {
@@ -453,7 +466,7 @@ __device__ __forceinline__ void walk_key_tiles(const Smem& sm, const TilePlan& p
       }
     }
     body(kt, stage, first);
-    __syncthreads();  // this stage is refilled kStages tiles on
+    if constexpr (!kOneBarrier) __syncthreads();  // this stage is refilled kStages tiles on
     first = false;
     kt = next;
     stage = next_stage;

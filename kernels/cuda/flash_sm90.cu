@@ -28,6 +28,9 @@
 #include "kernels/cuda/wgmma.cuh"
 #include "kernels/cuda/wgmma_check.h"
 
+#include <cstdlib>
+#include <string>
+
 namespace loom::cuda::detail {
 
 namespace {
@@ -96,7 +99,7 @@ __device__ __forceinline__ void rs_batch(float (&acc)[kD / 8][4], uint32_t (&f)[
 
 // ---------------------------------------------------------------- forward
 
-template <int kD>
+template <int kD, bool kOneBarrier>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_forward_sm90_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
                               const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n,
@@ -129,7 +132,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     wgmma::commit();
   };
-  walk_key_tiles(sm, plan, k, v, blk, n, m, [&](int64_t kt, int stage, bool) {
+  walk_key_tiles<kOneBarrier>(sm, plan, k, v, blk, n, m, [&](int64_t kt, int stage, bool) {
     if (!plan.meet(wg, kt)) {  // nothing of this group's rows meets the tile
       if (pending >= 0) {  // finish the pending tile: its stage is refilled after this call
         issue_pv();
@@ -324,6 +327,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+// LOOM_FLASH_FWD_BARRIERS=2: the forward's key-tile walk with two barriers per tile (an
+// experiment switch for the same-run A/B against one; read at each launch).
+bool forward_one_barrier() {
+  const char* e = std::getenv("LOOM_FLASH_FWD_BARRIERS");
+  return e == nullptr || std::string(e) != "2";
+}
+
 }  // namespace
 
 void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, const void* k, const void* v,
@@ -331,7 +341,7 @@ void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, cons
                                       float scale, cudaStream_t stream) {
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
-    auto kernel = flash_forward_sm90_kernel<kD>;
+    auto kernel = forward_one_barrier() ? flash_forward_sm90_kernel<kD, true> : flash_forward_sm90_kernel<kD, false>;
     const size_t smem = QuerySmem<kD, 1, true, 3>::bytes(tiles_of(n.S));
     set_smem(kernel, smem);
     kernel<<<flash_grid(blocks_of(n.T), n.H, n.B), kThreads, smem, stream>>>(
