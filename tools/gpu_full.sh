@@ -5,6 +5,7 @@
 # alternated twice on the 32K flash rows); racecheck on the flash kernels; the
 # attention table beside SDPA at 32K; S2 against dense cuDNN at 128K; the
 # mixer; memcheck; every other CUDA test; the CUDA parallel tests on one rank.
+# AB_VALUES (default "0 1") sets the values the A/B alternates.
 # Logs under $OUT (default /tmp/o).
 set -u; O=${OUT:-/tmp/o}; mkdir -p $O; B=build-gpu; T0=$SECONDS
 el() { echo "+$((SECONDS - T0))s"; }
@@ -21,7 +22,7 @@ echo "built $(el)"; nvidia-smi -L
 timeout 250 $B/loom_cuda_tests --gtest_filter='CudaWgmma*:CudaFlashAttention*' > $O/flash.log 2>&1
 echo "wgmma check, flash (both families) rc $? $(el)"; outcome $O/flash.log
 if [ -n "${AB:-}" ]; then
-  for pass in 1 2; do for w in 0 1; do
+  for pass in 1 2; do for w in ${AB_VALUES:-0 1}; do
     env $AB=$w $B/loom-bench --families attention --seq 32768 --reps 10 --rows "flash" > $O/ab-$w-$pass.log 2>&1
     echo "$AB=$w pass $pass:"; grep -E "^flash (fwd|fwd\+bwd|s2) " $O/ab-$w-$pass.log
   done; done
