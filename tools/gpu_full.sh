@@ -5,7 +5,8 @@
 # alternated twice on the 32K flash rows); racecheck on the flash kernels; the
 # attention table beside SDPA at 32K; S2 against dense cuDNN at 128K; the
 # mixer; memcheck; every other CUDA test; the CUDA parallel tests on one rank.
-# AB_VALUES (default "0 1") sets the values the A/B alternates.
+# AB_VALUES (default "0 1") sets the values the A/B alternates; NCU=1 adds an
+# ncu pass of the warpgroup forward and dK dV kernels (stall reasons).
 # Logs under $OUT (default /tmp/o).
 set -u; O=${OUT:-/tmp/o}; mkdir -p $O; B=build-gpu; T0=$SECONDS
 el() { echo "+$((SECONDS - T0))s"; }
@@ -38,6 +39,17 @@ for r in "flash s2" cudnn; do
 done
 timeout 60 $B/loom-bench --families mixer --reps 10 > $O/mixer.log 2>&1; echo "mixer rc $? $(el)"; grep -A6 "== mixer" $O/mixer.log
 sanitize memcheck
+if [ -n "${NCU:-}" ]; then  # NCU=1: where the warpgroup kernels stall (16K, one launch each)
+  for k in flash_forward_sm90 flash_dkdv_sm90; do
+    timeout 90 ncu --clock-control none -k "regex:$k" --launch-skip 2 --launch-count 1 --section SpeedOfLight \
+      --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis --section Occupancy \
+      --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+      $B/loom-bench --families attention --seq 16384 --reps 10 --rows "flash fwd+bwd" > $O/ncu-$k.txt 2>&1
+    echo "ncu $k rc $? $(el)"
+    grep -E "Duration|Compute \(SM\) Throughput|Eligible Warps|Issued Warp|Registers Per|Achieved Occ|stalled_" $O/ncu-$k.txt |
+      grep -vE " 0(\.0+)?$" | head -30
+  done
+fi
 timeout 200 $B/loom_cuda_tests --gtest_filter='-CudaWgmma*:CudaFlashAttention*' > $O/cuda_tests.log 2>&1
 echo "other cuda tests rc $? $(el)"; outcome $O/cuda_tests.log
 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 90 mpirun -np 1 $B/loom_cuda_parallel_tests \
