@@ -40,14 +40,17 @@ using namespace flash;
 constexpr int kKeys = 128;  // keys per block: 2 warpgroups x 64
 
 // Shared memory: the block's K and V (128 rows), 2 stages of Q and dO (64 rows), the dS^T tile
-// (128 keys x 64 queries), all panel tiles from a 1024-byte aligned base; then positions, lse,
-// delta and the plan.
-template <int kD>
+// (128 keys x 64 queries), all panel tiles from a 1024-byte aligned base; with kBulkDq each
+// group's dQ tile in fp32 (64 rows of 64, padded to kDqLd); then positions, lse, delta and the plan.
+constexpr int kDqLd = 68;  // floats per staged dQ row: 16-byte rows, stores spread over banks
+
+template <int kD, bool kBulkDq = false>
 struct Sm90Smem {
   static constexpr int kKeyElems = kKeys * kD, kQueryElems = kTile * kD, kDsElems = kKeys * kTile;
+  static constexpr int kDqElems = kBulkDq ? kTile * kDqLd : 0;  // per group
   static constexpr size_t kTiles = sizeof(bf16) * (2 * kKeyElems + 4 * kQueryElems + kDsElems);
-  static constexpr size_t kBase = kTiles + sizeof(RowPos<kKeys>) + 2 * sizeof(RowPos<kTile>) +
-                                  2 * 2 * kTile * sizeof(float);
+  static constexpr size_t kBase = kTiles + 2 * kDqElems * sizeof(float) + sizeof(RowPos<kKeys>) +
+                                  2 * sizeof(RowPos<kTile>) + 2 * 2 * kTile * sizeof(float);
   static_assert(kTiles % 1024 == 0);
   static size_t bytes(int64_t query_tiles) { return 1024 + kBase + plan_bytes(query_tiles); }  // + alignment
 
@@ -56,6 +59,7 @@ struct Sm90Smem {
   bf16* qs;   // 2 stages
   bf16* dos;  // 2 stages
   bf16* ds;
+  float* dq;  // kBulkDq: 2 groups x 64 rows x kDqLd
   RowPos<kKeys>* kpos;
   RowPos<kTile>* qpos;  // 2 stages
   float* lse;           // 2 stages x 64
@@ -69,7 +73,8 @@ struct Sm90Smem {
     qs = vs + kKeyElems;
     dos = qs + 2 * kQueryElems;
     ds = dos + 2 * kQueryElems;
-    kpos = reinterpret_cast<RowPos<kKeys>*>(ds + kDsElems);
+    dq = reinterpret_cast<float*>(ds + kDsElems);
+    kpos = reinterpret_cast<RowPos<kKeys>*>(dq + 2 * kDqElems);
     qpos = reinterpret_cast<RowPos<kTile>*>(kpos + 1);
     lse = reinterpret_cast<float*>(qpos + 2);
     delta = lse + 2 * kTile;
@@ -78,6 +83,19 @@ struct Sm90Smem {
 };
 
 #if defined(LOOM_WGMMA)
+// dst[0, bytes) += src[0, bytes) (fp32, 16-byte aligned, bytes a multiple of 16) by the bulk copy
+// engine, in this thread's current bulk group.
+__device__ __forceinline__ void bulk_add_f32(float* dst, const float* src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+               "r"(static_cast<uint32_t>(__cvta_generic_to_shared(src))), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Until this thread's bulk groups have read their shared memory.
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+// Barrier of the 128 threads of warpgroup wg (ids 1, 2; 0 is __syncthreads).
+__device__ __forceinline__ void group_barrier(int wg) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); }
+
 // One committed batch acc (64 x kD) += A B over 64 k: A = c (64 x 64 fp32 accumulators) packed
 // to bf16 fragments f, B = the N-major 64-row panel tile b. f must stay unchanged (pin it) until
 // a wait completes the batch.
@@ -185,7 +203,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---------------------------------------------------------------- backward dK dV
 
-template <int kD>
+template <int kD, bool kBulkDq>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_dkdv_sm90_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                            const bf16* __restrict__ dout, const float* __restrict__ lse,
@@ -195,7 +213,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(LOOM_WGMMA)
   static_assert(kThreads == 2 * 128 && kBlockRows == kKeys);
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const Sm90Smem<kD> sm(smem_raw);
+  using Smem = Sm90Smem<kD, kBulkDq>;
+  const Smem sm(smem_raw);
   const KeyBlock kb(n, kKeys);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const int wg = warp / 4, row0 = 16 * warp;  // this warp's group (64-key half) and first key
@@ -209,8 +228,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto issue = [&](int64_t unit, int stage) {
     const int nq = rows_from(n.T, (unit % kb.q_tiles) * kTile, kTile);
     const int64_t at = kb.q_offset(unit, n);
-    load_panels_async<kD, kTile>(sm.qs + stage * Sm90Smem<kD>::kQueryElems, q + at, kb.q_stride, nq);
-    load_panels_async<kD, kTile>(sm.dos + stage * Sm90Smem<kD>::kQueryElems, dout + at, kb.q_stride, nq);
+    load_panels_async<kD, kTile>(sm.qs + stage * Smem::kQueryElems, q + at, kb.q_stride, nq);
+    load_panels_async<kD, kTile>(sm.dos + stage * Smem::kQueryElems, dout + at, kb.q_stride, nq);
     kb.issue_vectors<kThreads>(sm.qpos[stage], sm.lse + stage * kTile, sm.delta + stage * kTile, lse, delta, unit,
                                n, m);
   };
@@ -249,8 +268,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         __syncthreads();
       }
     }
-    const bf16* qt_s = sm.qs + stage * Sm90Smem<kD>::kQueryElems;
-    const bf16* dot_s = sm.dos + stage * Sm90Smem<kD>::kQueryElems;
+    const bf16* qt_s = sm.qs + stage * Smem::kQueryElems;
+    const bf16* dot_s = sm.dos + stage * Smem::kQueryElems;
     if (plan.meet(wg, qt)) {
       const int nq = rows_from(n.T, qt * kTile, kTile);
       float st[8][4] = {}, dpt[8][4] = {};
@@ -292,6 +311,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       store_ds(zero);
     }
     wgmma::fence_smem();  // the dS^T rows, before the dQ products read them
+    if constexpr (kBulkDq) bulk_wait_read();  // the previous unit's dQ rows have left the staging tile
     __syncthreads();
     // dQ (64 queries x D) += dS K over the keys of the halves that met the tile.
     const bool any = plan.meet(0, qt) || plan.meet(1, qt);
@@ -311,8 +331,28 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma::wait<0>();
       wgmma::pin(acc);
       const int c0 = kD == 128 ? 64 * wg : 0;
-      add_rows(dq_acc + kb.q_offset(unit, n) + c0, kb.q_stride, 16 * (warp % 4), rows_from(n.T, qt * kTile, kTile),
-               acc, scale);
+      const int nq = rows_from(n.T, qt * kTile, kTile);
+      float* const dq_rows = dq_acc + kb.q_offset(unit, n) + c0;
+      if constexpr (kBulkDq) {
+        // The group's 64 x 64 tile through shared memory, then one bulk add per query row.
+        float* const tile = sm.dq + wg * Smem::kDqElems;
+        const int r0 = 16 * (warp % 4) + g;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr)
+            *reinterpret_cast<float2*>(tile + (r0 + 8 * hr) * kDqLd + 8 * nt + 2 * t4) =
+                make_float2(scale * acc[nt][2 * hr], scale * acc[nt][2 * hr + 1]);
+        wgmma::fence_smem();  // visible to the bulk copies
+        group_barrier(wg);
+        const int r = threadIdx.x % 128;
+        if (r < nq) {
+          bulk_add_f32(dq_rows + r * kb.q_stride, tile + r * kDqLd, 64 * sizeof(float));
+          bulk_commit();
+        }
+      } else {
+        add_rows(dq_rows, kb.q_stride, 16 * (warp % 4), nq, acc, scale);
+      }
     }
     // No barrier before the next unit: this stage is refilled after the next unit's first barrier,
     // which every group reaches only once its products here are complete.
@@ -320,6 +360,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     unit = next;
     stage ^= 1;
   }
+  if constexpr (kBulkDq) bulk_wait_read();  // the staging tile stays until the last rows are read
   cp_async_wait<0>();
   kb.store_grads<kD>(dk, dv, row0, acc_dk, acc_dv, scale);
 #else
@@ -332,6 +373,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 bool forward_one_barrier() {
   const char* e = std::getenv("LOOM_FLASH_FWD_BARRIERS");
   return e == nullptr || std::string(e) != "2";
+}
+
+// LOOM_FLASH_BWD_BULK_DQ=0: the dK dV kernel adds dQ with per-element atomics instead of one
+// bulk reduce-add per query row (an experiment switch for the same-run A/B; read at each launch).
+bool backward_bulk_dq() {
+  const char* e = std::getenv("LOOM_FLASH_BWD_BULK_DQ");
+  return e == nullptr || std::string(e) != "0";
 }
 
 }  // namespace
@@ -357,8 +405,9 @@ void flash::launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void
                                    float scale, cudaStream_t stream) {
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
-    auto kernel = flash_dkdv_sm90_kernel<kD>;
-    const size_t smem = Sm90Smem<kD>::bytes(tiles_of(n.T));
+    const bool bulk = backward_bulk_dq();
+    auto kernel = bulk ? flash_dkdv_sm90_kernel<kD, true> : flash_dkdv_sm90_kernel<kD, false>;
+    const size_t smem = bulk ? Sm90Smem<kD, true>::bytes(tiles_of(n.T)) : Sm90Smem<kD>::bytes(tiles_of(n.T));
     set_smem(kernel, smem);
     const dim3 grid = flash_grid((n.S + kKeys - 1) / kKeys, n.Hkv, n.B);
     kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc,
