@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The whole CUDA check in one GPU call (~9 min), most important first: build;
 # the warpgroup product check and the flash parity tests (both kernel
-# families); with AB=NAME, a same-run A/B of that environment switch (0 and 1
-# alternated twice on the 32K flash rows); racecheck on the flash kernels; the
+# families); with AB="NAME[=v1,v2] ...", a same-run A/B of each environment
+# switch (its values, 0,1 by default, alternated twice on the 32K flash rows);
+# racecheck on the flash kernels; the
 # attention table beside SDPA at 32K; S2 against dense cuDNN at 128K; the
 # mixer; memcheck; every other CUDA test; the CUDA parallel tests on one rank.
-# AB_VALUES (default "0 1") sets the values the A/B alternates; NCU=1 adds an
-# ncu pass of the warpgroup forward and dK dV kernels (stall reasons).
+# NCU=1 adds an ncu pass of the warpgroup forward and dK dV kernels (stall
+# reasons).
 # Logs under $OUT (default /tmp/o).
 set -u; O=${OUT:-/tmp/o}; mkdir -p $O; B=build-gpu; T0=$SECONDS
 el() { echo "+$((SECONDS - T0))s"; }
-sanitize() {  # compute-sanitizer tool $1 on the flash forward and the deterministic backward
+sanitize() {  # compute-sanitizer tool $1 on the flash forward and both backwards (deterministic, fused)
   timeout 90 compute-sanitizer --tool $1 --error-exitcode 9 $B/loom_cuda_tests \
     --gtest_filter='CudaFlashAttention.BackwardIsDeterministic' > $O/$1.log 2>&1
   echo "$1 rc $? $(el)"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" $O/$1.log | head -3
@@ -22,11 +23,14 @@ cmake --build $B -j16 --target loom_cuda_tests loom_cuda_parallel_tests loom-ben
 echo "built $(el)"; nvidia-smi -L
 timeout 250 $B/loom_cuda_tests --gtest_filter='CudaWgmma*:CudaFlashAttention*' > $O/flash.log 2>&1
 echo "wgmma check, flash (both families) rc $? $(el)"; outcome $O/flash.log
-if [ -n "${AB:-}" ]; then
-  for pass in 1 2; do for w in ${AB_VALUES:-0 1}; do
-    env $AB=$w $B/loom-bench --families attention --seq 32768 --reps 10 --rows "flash" > $O/ab-$w-$pass.log 2>&1
-    echo "$AB=$w pass $pass:"; grep -E "^flash (fwd|fwd\+bwd|s2) " $O/ab-$w-$pass.log
-  done; done
+if [ -n "${AB:-}" ]; then  # AB="NAME[=v1,v2] ...": each switch alternated twice (values 0,1 by default)
+  for item in $AB; do
+    name=${item%%=*}; values=${item#*=}; [ "$values" = "$item" ] && values="0,1"
+    for pass in 1 2; do for w in ${values//,/ }; do
+      env $name=$w $B/loom-bench --families attention --seq 32768 --reps 10 --rows "flash" > $O/ab-$name-$w-$pass.log 2>&1
+      echo "$name=$w pass $pass:"; grep -E "^flash (fwd|fwd\+bwd|s2 fwd|s2 fwd\+bwd) " $O/ab-$name-$w-$pass.log
+    done; done
+  done
   echo "a/b $(el)"
 fi
 sanitize racecheck
