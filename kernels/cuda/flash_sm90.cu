@@ -117,7 +117,7 @@ __device__ __forceinline__ void rs_batch(float (&acc)[kD / 8][4], uint32_t (&f)[
 
 // ---------------------------------------------------------------- forward
 
-template <int kD, bool kOneBarrier>
+template <int kD, bool kOneBarrier, bool kQRegs>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_forward_sm90_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
                               const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n,
@@ -136,6 +136,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   float acc_o[kD / 8][4] = {};
   uint32_t pf[4][4];  // P of the pending tile, as A fragments
+  // kQRegs: this warp's 16 query rows as A fragments, loaded once (S = Q K^T then reads only K
+  // from shared memory: half the bytes per product).
+  uint32_t qf[kQRegs ? kD / 16 : 1][4];
   int pending = -1;   // its stage (V), -1 when none
   // O += P V of the pending tile, issued (not waited for).
   auto issue_pv = [&] {
@@ -150,7 +153,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     wgmma::commit();
   };
-  walk_key_tiles<kOneBarrier>(sm, plan, k, v, blk, n, m, [&](int64_t kt, int stage, bool) {
+  walk_key_tiles<kOneBarrier>(sm, plan, k, v, blk, n, m, [&](int64_t kt, int stage, bool first) {
+    if constexpr (kQRegs) {
+      if (first) {  // the block's rows have landed
+        const int lane = threadIdx.x % 32;
+#pragma unroll
+        for (int kk = 0; kk < kD / 16; ++kk)
+          ldsm_x4(qf[kk], sm.rows + wgmma::panel_index(row0 + lane % 16, 16 * kk + 8 * (lane / 16), kBlockRows));
+      }
+    }
     if (!plan.meet(wg, kt)) {  // nothing of this group's rows meets the tile
       if (pending >= 0) {  // finish the pending tile: its stage is refilled after this call
         issue_pv();
@@ -166,9 +177,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma::pin(s);
     wgmma::fence();
 #pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk)  // S = Q K^T
-      wgmma::wgmma_ss_n64<0, 0>(s, wgmma::kmajor(sm.rows, kBlockRows, 64 * wg, 16 * kk),
-                                wgmma::kmajor(ks, kTile, 0, 16 * kk));
+    for (int kk = 0; kk < kD / 16; ++kk) {  // S = Q K^T
+      if constexpr (kQRegs)
+        wgmma::wgmma_rs_n64<0>(s, qf[kk], wgmma::kmajor(ks, kTile, 0, 16 * kk));
+      else
+        wgmma::wgmma_ss_n64<0, 0>(s, wgmma::kmajor(sm.rows, kBlockRows, 64 * wg, 16 * kk),
+                                  wgmma::kmajor(ks, kTile, 0, 16 * kk));
+    }
     wgmma::commit();
     if (pending >= 0) {
       issue_pv();  // the previous tile's O += P V, behind S
@@ -375,6 +390,13 @@ bool forward_one_barrier() {
   return e == nullptr || std::string(e) != "2";
 }
 
+// LOOM_FLASH_FWD_QREGS=0: the forward reads Q from shared memory in every S product instead of
+// from registers loaded once (an experiment switch for the same-run A/B; read at each launch).
+bool forward_q_regs() {
+  const char* e = std::getenv("LOOM_FLASH_FWD_QREGS");
+  return e == nullptr || std::string(e) != "0";
+}
+
 // LOOM_FLASH_BWD_BULK_DQ=0: the dK dV kernel adds dQ with per-element atomics instead of one
 // bulk reduce-add per query row (an experiment switch for the same-run A/B; read at each launch).
 bool backward_bulk_dq() {
@@ -389,7 +411,9 @@ void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, cons
                                       float scale, cudaStream_t stream) {
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
-    auto kernel = forward_one_barrier() ? flash_forward_sm90_kernel<kD, true> : flash_forward_sm90_kernel<kD, false>;
+    const bool one = forward_one_barrier(), qregs = forward_q_regs();
+    auto kernel = one ? (qregs ? flash_forward_sm90_kernel<kD, true, true> : flash_forward_sm90_kernel<kD, true, false>)
+                      : (qregs ? flash_forward_sm90_kernel<kD, false, true> : flash_forward_sm90_kernel<kD, false, false>);
     const size_t smem = QuerySmem<kD, 1, true, 3>::bytes(tiles_of(n.S));
     set_smem(kernel, smem);
     kernel<<<flash_grid(blocks_of(n.T), n.H, n.B), kThreads, smem, stream>>>(
