@@ -370,7 +370,7 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
     stage ^= 1;
   }
   cp_async_wait<0>();
-  kb.store_grads<kD>(dk, dv, row0, acc_dk, acc_dv, scale);
+  kb.store_grads<kD>(dk, dv, row0, acc_dk, acc_dv, scale, n);
 }
 
 // ---------------------------------------------------------------- launches
@@ -383,6 +383,14 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
 bool use_sm90() {
   const char* e = std::getenv("LOOM_FLASH_WGMMA");
   return !(e != nullptr && std::string(e) == "0") && wgmma_available();
+}
+
+// LOOM_FLASH_S2_PAIR=0: S2 with 64-key blocks runs the 4-warp mma.sync dK dV kernel instead of the
+// warpgroup kernel with paired key tiles (an experiment switch for the same-run A/B; read at
+// each launch).
+bool s2_pairing() {
+  const char* e = std::getenv("LOOM_FLASH_S2_PAIR");
+  return e == nullptr || std::string(e) != "0";
 }
 
 // The tile bounds of q and k positions into `scratch` (2 * (T tiles + S tiles) i64).
@@ -463,8 +471,11 @@ void launch_flash_attention_backward(void* dq, void* dk, void* dv, float* delta,
                                                static_cast<const bf16*>(v), n, mask, tb, scale);
       LOOM_CUDA_CHECK(cudaGetLastError());
     }
-    const bool four = fused && mask.s2_block > 0 && mask.s2_block % kBlockRows != 0;
-    if (n.S > 0 && fused && !four && use_sm90()) {
+    // S2 blocks narrower than 128 keys: the 4-warp kernel, or the warpgroup kernel with its key
+    // tiles paired vert_stride apart where the S2 blocks are whole tiles.
+    const bool sm90 = use_sm90(), paired = sm90 && mask.s2_block == kTile && s2_pairing();
+    const bool four = fused && mask.s2_block > 0 && mask.s2_block % kBlockRows != 0 && !paired;
+    if (n.S > 0 && fused && !four && sm90) {
       launch_flash_dkdv_sm90(dk, dv, dq_acc, dout, lse, delta, q, k, v, n, mask, tb, scale, stream);
     } else if (n.S > 0) {
       auto kernel = !fused ? flash_backward_dkdv_kernel<kD, false, 8>

@@ -64,14 +64,16 @@ __device__ __forceinline__ void load_vec_async(T* dst, const T* src, int64_t sta
 
 // dst (wgmma.cuh panel tile of kRows rows x kD) <- `rows` rows of src (row stride `stride`);
 // rows past `rows` are zero.
-template <int kD, int kRows, int kT = kThreads>
+// kPanelRows > kRows: the rows go to the first kRows rows of a taller tile (dst + 64 r0 for rows
+// from r0, r0 a multiple of 8).
+template <int kD, int kRows, int kT = kThreads, int kPanelRows = kRows>
 __device__ __forceinline__ void load_panels_async(bf16* dst, const bf16* src, int64_t stride, int rows) {
   constexpr int kVecs = kD / 8;
 #pragma unroll
   for (int e = threadIdx.x; e < kRows * kVecs; e += kT) {
     const int r = e / kVecs, c = (e % kVecs) * 8;
     const bool valid = r < rows;
-    cp_async16(dst + wgmma::panel_index(r, c, kRows), valid ? src + r * stride + c : src, valid);
+    cp_async16(dst + wgmma::panel_index(r, c, kPanelRows), valid ? src + r * stride + c : src, valid);
   }
 }
 
@@ -577,27 +579,53 @@ __device__ __forceinline__ void add_pair(float* p, float a, float b) {
 #endif
 }
 
+// The 64-key tiles of dK dV block kb of `keys` keys (64 or 128) over k_tiles tiles: half h
+// is tile t0 + h step. Contiguous (step 1) unless pair > 1 and keys 128: then the tiles come in
+// chunks of 2 pair, block i of a chunk taking tiles i and i + pair, so that under S2 with 64-key
+// blocks and pair = vert_stride both halves are on the same strided shard or both off it (the
+// same work); the tiles after the last whole chunk are paired in order.
+struct KeyTiles {
+  int64_t t0, step;
+};
+__host__ __device__ inline KeyTiles key_tiles_of(int64_t kb, int keys, int64_t k_tiles, int64_t pair) {
+  if (keys == 2 * kTile && pair > 1) {
+    const int64_t chunk = 2 * pair, whole = k_tiles / chunk;
+    if (kb < whole * pair) return {chunk * (kb / pair) + kb % pair, pair};
+    return {whole * chunk + 2 * (kb - whole * pair), 1};
+  }
+  return {kb * (keys / kTile), 1};
+}
+
 // A dK dV block: (key block, kv head, batch) from block_slot (low key blocks, the longest
-// under causal, first), its keys, and its units: (query head of the GQA group, query tile) in
-// that order, walked where either of the block's 64-key halves meets the query tile.
+// under causal, first), its keys (key_tiles_of), and its units: (query head of the GQA group,
+// query tile) in that order, walked where either of the block's 64-key halves meets the query tile.
 struct KeyBlock {
   int64_t kb, hk, b, group, j0, q_tiles, k_tiles, units, q_stride, kv_stride, kv_offset;
-  int nk;  // valid keys of the block
+  int nk;    // valid keys of the block (contiguous), or all of them (paired halves are whole tiles)
+  int step;  // tiles from the first half to the second
 
-  __device__ KeyBlock(const AttentionDims& n, int keys) {
+  __device__ KeyBlock(const AttentionDims& n, int keys, int64_t pair = 1) {
     const BlockSlot slot = block_slot();
     kb = slot.block;
     hk = slot.head;
     b = blockIdx.z;
     group = n.H / n.Hkv;
-    j0 = kb * keys;
-    nk = rows_from(n.S, j0, keys);
     q_tiles = (n.T + kTile - 1) / kTile;
     k_tiles = (n.S + kTile - 1) / kTile;
+    const KeyTiles tiles = key_tiles_of(kb, keys, k_tiles, pair);
+    j0 = tiles.t0 * kTile;
+    step = static_cast<int>(tiles.step);
+    nk = step == 1 ? rows_from(n.S, j0, keys) : keys;
     units = group * q_tiles;
     q_stride = n.H * n.D;
     kv_stride = n.Hkv * n.D;
     kv_offset = ((b * n.S + j0) * n.Hkv + hk) * n.D;
+  }
+  // First key, valid keys (may be <= 0) and element offset in k-like tensors of half h.
+  __device__ int64_t half_j0(int h) const { return j0 + int64_t{h} * step * kTile; }
+  __device__ int half_nk(const AttentionDims& n, int h) const { return rows_from(n.S, half_j0(h), kTile); }
+  __device__ int64_t half_offset(const AttentionDims& n, int h) const {
+    return kv_offset + (half_j0(h) - j0) * kv_stride;
   }
 
   // The plan over the query tiles for the block's kHalves 64-key halves (ends with a barrier).
@@ -605,7 +633,7 @@ struct KeyBlock {
   __device__ TilePlan plan(uint32_t* bits, const AttentionDims& n, const AttentionMask& m,
                            const TileBounds& tb) const {
     return build_plan<kT>(bits, q_tiles, [&](int hf, int64_t qt, bool& meet, bool& plain) {
-      const int64_t kt = kHalves * kb + hf;
+      const int64_t kt = j0 / kTile + hf * step;
       if (hf >= kHalves || kt >= k_tiles) return;
       meet = tiles_meet(m, tb, qt, kt, hk);
       plain = tiles_unmasked(m, tb, qt, kt, n, hk);
@@ -628,9 +656,11 @@ struct KeyBlock {
   // dK (times scale) and dV of this warp's 16 keys (rows row0.. of the block) as bf16.
   template <int kD>
   __device__ void store_grads(bf16* dk, bf16* dv, int row0, const float (&acc_dk)[kD / 8][4],
-                              const float (&acc_dv)[kD / 8][4], float scale) const {
-    store_rows<kD>(dk + kv_offset, kv_stride, row0, nk, acc_dk, scale);
-    store_rows<kD>(dv + kv_offset, kv_stride, row0, nk, acc_dv, 1.f);
+                              const float (&acc_dv)[kD / 8][4], float scale, const AttentionDims& n) const {
+    const int h = row0 / kTile, r0 = row0 % kTile;
+    const int64_t at = half_offset(n, h);
+    store_rows<kD>(dk + at, kv_stride, r0, half_nk(n, h), acc_dk, scale);
+    store_rows<kD>(dv + at, kv_stride, r0, half_nk(n, h), acc_dv, 1.f);
   }
   // Starts the async copies of a unit's query positions, lse and delta (kT threads); the rows
   // (q, dO) are the caller's, whose tile layouts differ.

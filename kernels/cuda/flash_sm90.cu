@@ -218,26 +218,31 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---------------------------------------------------------------- backward dK dV
 
-template <int kD, bool kBulkDq>
+template <int kD, bool kBulkDq, bool kPaired>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_dkdv_sm90_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                            const bf16* __restrict__ dout, const float* __restrict__ lse,
                            const float* __restrict__ delta, const bf16* __restrict__ q, const bf16* __restrict__ k,
                            const bf16* __restrict__ v, AttentionDims n, AttentionMask m, TileBounds tb,
-                           float scale) {
+                           float scale, int64_t pair) {
 #if defined(LOOM_WGMMA)
   static_assert(kThreads == 2 * 128 && kBlockRows == kKeys);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using Smem = Sm90Smem<kD, kBulkDq>;
   const Smem sm(smem_raw);
-  const KeyBlock kb(n, kKeys);
+  const KeyBlock kb(n, kKeys, kPaired ? pair : 1);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const int wg = warp / 4, row0 = 16 * warp;  // this warp's group (64-key half) and first key
   const int nk = kb.nk;
 
-  load_panels_async<kD, kKeys>(sm.ks, k + kb.kv_offset, kb.kv_stride, nk);
-  load_panels_async<kD, kKeys>(sm.vs, v + kb.kv_offset, kb.kv_stride, nk);
-  if (m.q_pos != nullptr) load_vec_async<kKeys>(sm.kpos->pos, m.k_pos, kb.j0, n.S);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {  // the two 64-key halves (apart when paired)
+    const int rows = kb.half_nk(n, h);
+    const int64_t at = rows > 0 ? kb.half_offset(n, h) : kb.kv_offset;
+    load_panels_async<kD, kTile, kThreads, kKeys>(sm.ks + kTile * 64 * h, k + at, kb.kv_stride, rows);
+    load_panels_async<kD, kTile, kThreads, kKeys>(sm.vs + kTile * 64 * h, v + at, kb.kv_stride, rows);
+    if (m.q_pos != nullptr) load_vec_async<kTile>(sm.kpos->pos + kTile * h, m.k_pos, kb.half_j0(h), n.S);
+  }
   cp_async_commit();
   const TilePlan plan = kb.plan<kThreads, 2>(sm.plan, n, m, tb);
   auto issue = [&](int64_t unit, int stage) {
@@ -377,7 +382,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   if constexpr (kBulkDq) bulk_wait_read();  // the staging tile stays until the last rows are read
   cp_async_wait<0>();
-  kb.store_grads<kD>(dk, dv, row0, acc_dk, acc_dv, scale);
+  kb.store_grads<kD>(dk, dv, row0, acc_dk, acc_dv, scale, n);
 #else
   __trap();  // launched only where wgmma_available()
 #endif
@@ -427,17 +432,21 @@ void flash::launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void
                                    const float* delta, const void* q, const void* k, const void* v,
                                    const AttentionDims& n, const AttentionMask& mask, const TileBounds& tb,
                                    float scale, cudaStream_t stream) {
+  // S2 blocks of one tile: pair tiles vert_stride apart (key_tiles_of), so both groups of a
+  // block have the same work.
+  const int64_t pair = mask.s2_block == kTile ? mask.s2_stride : 1;
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
     const bool bulk = backward_bulk_dq();
-    auto kernel = bulk ? flash_dkdv_sm90_kernel<kD, true> : flash_dkdv_sm90_kernel<kD, false>;
+    auto kernel = bulk ? (pair > 1 ? flash_dkdv_sm90_kernel<kD, true, true> : flash_dkdv_sm90_kernel<kD, true, false>)
+                       : (pair > 1 ? flash_dkdv_sm90_kernel<kD, false, true> : flash_dkdv_sm90_kernel<kD, false, false>);
     const size_t smem = bulk ? Sm90Smem<kD, true>::bytes(tiles_of(n.T)) : Sm90Smem<kD>::bytes(tiles_of(n.T));
     set_smem(kernel, smem);
     const dim3 grid = flash_grid((n.S + kKeys - 1) / kKeys, n.Hkv, n.B);
     kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc,
                                              static_cast<const bf16*>(dout), lse, delta, static_cast<const bf16*>(q),
                                              static_cast<const bf16*>(k), static_cast<const bf16*>(v), n, mask, tb,
-                                             scale);
+                                             scale, pair);
     LOOM_CUDA_CHECK(cudaGetLastError());
   });
 }
