@@ -43,6 +43,8 @@ for r in "flash s2" cudnn; do
 done
 timeout 60 $B/loom-bench --families mixer --reps 10 > $O/mixer.log 2>&1; echo "mixer rc $? $(el)"; grep -A6 "== mixer" $O/mixer.log
 sanitize memcheck
+OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 90 mpirun -np 1 $B/loom_cuda_parallel_tests \
+  > $O/cuda_parallel.log 2>&1; echo "cuda parallel (1 rank) rc $? $(el)"; outcome $O/cuda_parallel.log
 if [ -n "${NCU:-}" ]; then  # NCU=1: where the warpgroup kernels stall (16K, one launch each)
   for k in flash_forward_sm90 flash_dkdv_sm90; do
     timeout 90 ncu --clock-control none -k "regex:$k" --launch-skip 2 --launch-count 1 --section SpeedOfLight \
@@ -56,6 +58,4 @@ if [ -n "${NCU:-}" ]; then  # NCU=1: where the warpgroup kernels stall (16K, one
 fi
 timeout 200 $B/loom_cuda_tests --gtest_filter='-CudaWgmma*:CudaFlashAttention*' > $O/cuda_tests.log 2>&1
 echo "other cuda tests rc $? $(el)"; outcome $O/cuda_tests.log
-OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 90 mpirun -np 1 $B/loom_cuda_parallel_tests \
-  > $O/cuda_parallel.log 2>&1; echo "cuda parallel (1 rank) rc $? $(el)"; outcome $O/cuda_parallel.log
 echo "done $(el)"
