@@ -588,10 +588,11 @@ struct KeyTiles {
   int64_t t0, step;
 };
 __host__ __device__ inline KeyTiles key_tiles_of(int64_t kb, int keys, int64_t k_tiles, int64_t pair) {
-  if (keys == 2 * kTile && pair > 1) {
-    const int64_t chunk = 2 * pair, whole = k_tiles / chunk;
-    if (kb < whole * pair) return {chunk * (kb / pair) + kb % pair, pair};
-    return {whole * chunk + 2 * (kb - whole * pair), 1};
+  if (keys == 2 * kTile && pair > 1) {  // 32-bit arithmetic: blocks and tiles are < 2^17 (flash_grid)
+    const uint32_t b = static_cast<uint32_t>(kb), p = static_cast<uint32_t>(pair);
+    const uint32_t chunk = 2 * p, whole = static_cast<uint32_t>(k_tiles) / chunk;
+    if (b < whole * p) return {int64_t{chunk * (b / p) + b % p}, int64_t{p}};
+    return {int64_t{whole * chunk + 2 * (b - whole * p)}, 1};
   }
   return {kb * (keys / kTile), 1};
 }

@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---------------------------------------------------------------- backward dK dV
 
-template <int kD, bool kBulkDq, bool kPaired>
+template <int kD, bool kBulkDq>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_dkdv_sm90_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                            const bf16* __restrict__ dout, const float* __restrict__ lse,
@@ -230,7 +230,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using Smem = Sm90Smem<kD, kBulkDq>;
   const Smem sm(smem_raw);
-  const KeyBlock kb(n, kKeys, kPaired ? pair : 1);
+  const KeyBlock kb(n, kKeys, pair);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const int wg = warp / 4, row0 = 16 * warp;  // this warp's group (64-key half) and first key
   const int nk = kb.nk;
@@ -438,8 +438,7 @@ void flash::launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
     const bool bulk = backward_bulk_dq();
-    auto kernel = bulk ? (pair > 1 ? flash_dkdv_sm90_kernel<kD, true, true> : flash_dkdv_sm90_kernel<kD, true, false>)
-                       : (pair > 1 ? flash_dkdv_sm90_kernel<kD, false, true> : flash_dkdv_sm90_kernel<kD, false, false>);
+    auto kernel = bulk ? flash_dkdv_sm90_kernel<kD, true> : flash_dkdv_sm90_kernel<kD, false>;
     const size_t smem = bulk ? Sm90Smem<kD, true>::bytes(tiles_of(n.T)) : Sm90Smem<kD>::bytes(tiles_of(n.T));
     set_smem(kernel, smem);
     const dim3 grid = flash_grid((n.S + kKeys - 1) / kKeys, n.Hkv, n.B);
