@@ -579,18 +579,19 @@ __device__ __forceinline__ void add_pair(float* p, float a, float b) {
 #endif
 }
 
-// The 64-key tiles of dK dV block kb of `keys` keys (64 or 128) over k_tiles tiles: half h
-// is tile t0 + h step. Contiguous (step 1) unless pair > 1 and keys 128: then the tiles come in
+// The 64-key tiles of dK dV block kb of `keys` keys (64 or 128) over S keys: half h is tile
+// t0 + h step. Contiguous (step 1) unless pair > 1 and keys 128: then the full tiles come in
 // chunks of 2 pair, block i of a chunk taking tiles i and i + pair, so that under S2 with 64-key
 // blocks and pair = vert_stride both halves are on the same strided shard or both off it (the
-// same work); the tiles after the last whole chunk are paired in order.
+// same work); the tiles after the last whole chunk (a partial last tile among them) are paired
+// in order. The blocks number ceil(tiles / 2) either way.
 struct KeyTiles {
   int64_t t0, step;
 };
-__host__ __device__ inline KeyTiles key_tiles_of(int64_t kb, int keys, int64_t k_tiles, int64_t pair) {
+__host__ __device__ inline KeyTiles key_tiles_of(int64_t kb, int keys, int64_t S, int64_t pair) {
   if (keys == 2 * kTile && pair > 1) {  // 32-bit arithmetic: blocks and tiles are < 2^17 (flash_grid)
     const uint32_t b = static_cast<uint32_t>(kb), p = static_cast<uint32_t>(pair);
-    const uint32_t chunk = 2 * p, whole = static_cast<uint32_t>(k_tiles) / chunk;
+    const uint32_t chunk = 2 * p, whole = static_cast<uint32_t>(S / kTile) / chunk;
     if (b < whole * p) return {int64_t{chunk * (b / p) + b % p}, int64_t{p}};
     return {int64_t{whole * chunk + 2 * (b - whole * p)}, 1};
   }
@@ -613,7 +614,7 @@ struct KeyBlock {
     group = n.H / n.Hkv;
     q_tiles = (n.T + kTile - 1) / kTile;
     k_tiles = (n.S + kTile - 1) / kTile;
-    const KeyTiles tiles = key_tiles_of(kb, keys, k_tiles, pair);
+    const KeyTiles tiles = key_tiles_of(kb, keys, n.S, pair);
     j0 = tiles.t0 * kTile;
     step = static_cast<int>(tiles.step);
     nk = step == 1 ? rows_from(n.S, j0, keys) : keys;

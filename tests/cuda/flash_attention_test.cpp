@@ -278,6 +278,7 @@ TEST(CudaFlashAttention, MatchesTheCpuTwinOnLongRowsPositionsAndBatches) {
       {1, 1000, 1000, 4, 4, 128, true, false, Positions::zigzag},       // zigzag: tiles with mixed positions
       {1, 1000, 1000, 4, 1, 64, true, true, Positions::zigzag},         // S2 on zigzag positions
       {1, 1000, 1000, 2, 2, 64, false, true, Positions::arange},        // S2 without causal
+      {1, 1100, 1100, 2, 1, 128, true, true, Positions::arange},        // S2: 2 chunks of paired key tiles + a tail
       {2, 130, 130, 2, 2, 128, true, false, Positions::late_keys},      // rows with no visible key
   };
   for (bool wgmma : flash_families()) {
