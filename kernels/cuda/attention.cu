@@ -16,6 +16,7 @@
 // S2 costs about its active blocks, at 32-token tile granularity).
 // Rows are zero-padded on chip to 32, 64 or 128 columns, so any D <= 128 works.
 #include "kernels/cuda/attention_launch.h"
+#include "kernels/cuda/attention_mask.cuh"
 #include "kernels/cuda/common.cuh"
 
 #include <cstdint>
@@ -77,21 +78,14 @@ __device__ __forceinline__ void load_positions(TilePositions& tp, const int64_t*
   if (m.s2_block > 0) {  // rows past `count` are masked elsewhere; their block fields are never used
     const int64_t blk = valid ? p / m.s2_block : 0;
     tp.block[threadIdx.x] = blk;
-    tp.strided[threadIdx.x] = valid && (blk + hk * m.s2_offset) % m.s2_stride == 0;
+    tp.strided[threadIdx.x] = valid && s2_strided(m, blk, hk);
   }
 }
 
 // The CPU twin's visibility rule for query row qi and key kj of the tiles.
 __device__ __forceinline__ bool visible(const AttentionMask& m, const TilePositions& qp, int qi,
                                         const TilePositions& kp, int kj) {
-  if (m.causal && kp.pos[kj] > qp.pos[qi]) return false;
-  if (m.s2_block > 0) {
-    const int64_t I = qp.block[qi], J = kp.block[kj];
-    if (J > I) return false;
-    if (I - J < m.s2_local) return true;
-    return kp.strided[kj];
-  }
-  return true;
+  return pair_visible(m, qp.pos[qi], kp.pos[kj], qp.block[qi], kp.block[kj], kp.strided[kj]);
 }
 
 // False when no (query, key) pair of the two tiles can be on an active S2

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "kernels/cuda/attention_launch.h"
+#include "kernels/cuda/attention_mask.cuh"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/wgmma.cuh"
@@ -88,10 +89,6 @@ struct TileBounds {
 };
 
 
-__device__ __forceinline__ bool s2_strided(const AttentionMask& m, int64_t J, int64_t hk) {
-  return (J + hk * m.s2_offset) % m.s2_stride == 0;
-}
-
 // False when no (query, key) pair of query tile qt and key tile kt can be
 // visible to kv head hk (the tile pair is skipped). Conservative: true may
 // still mean every pair is hidden (per-element masking decides).
@@ -153,14 +150,7 @@ template <int kQ, int kK>
 __device__ __forceinline__ bool visible(const AttentionMask& m, const RowPos<kQ>& qp, int qr, const RowPos<kK>& kp,
                                         int kr) {
   if (m.q_pos == nullptr) return true;
-  if (m.causal && kp.pos[kr] > qp.pos[qr]) return false;
-  if (m.s2_block > 0) {
-    const int64_t I = qp.blk[qr], J = kp.blk[kr];
-    if (J > I) return false;
-    if (I - J < m.s2_local) return true;
-    return kp.strided[kr];
-  }
-  return true;
+  return pair_visible(m, qp.pos[qr], kp.pos[kr], qp.blk[qr], kp.blk[kr], kp.strided[kr]);
 }
 
 // Element (query row qr, key row kr) of a tile pair that needs per-element
