@@ -5,16 +5,18 @@
 // run asynchronously.
 //
 // Forward: the mma.sync kernel's blocks (128 queries, 8 warps) as two
-// warpgroups of 64 query rows: S = Q K^T (both K-major), the online softmax in
-// registers, O += P V (A = P from registers, B = V N-major). Pipelined over 3
-// K/V stages: a tile's O += P V is issued behind the next tile's S and runs
-// while that tile's exponentials are computed; the output is rescaled once it
-// is done (6% faster at 32K than products and softmax in turn; kernels/NOTES.md).
+// warpgroups of 64 query rows: S = Q K^T (A = Q from registers, loaded once;
+// B = K K-major), the online softmax in registers, O += P V (A = P from
+// registers, B = V N-major). Pipelined over 3 K/V stages: a tile's O += P V is
+// issued behind the next tile's S and runs while that tile's exponentials are
+// computed; the output is rescaled once it is done; one barrier per key tile
+// (measured against the alternatives in kernels/NOTES.md).
 //
 // Backward dK dV: the same work as flash_attention.cu's 8-warp fused kernel
 // (one block per (128-key block, kv head, batch), walking the 64-query tiles
 // of every head of the GQA group; dQ added into fp32 with atomics), with two
-// warpgroups of 64 keys each:
+// warpgroups of 64 keys each (under S2 with 64-key blocks, two tiles
+// vert_stride apart: key_tiles_of):
 //   S^T  = K Q^T      (64 keys x 64 queries, A = K, B = Q: both K-major)
 //   dV  += P^T dO     (A = P^T from registers, B = dO N-major)
 //   dP^T = V dO^T     (A = V, B = dO: both K-major)
@@ -28,9 +30,6 @@
 #include "kernels/cuda/wgmma.cuh"
 #include "kernels/cuda/wgmma_check.h"
 
-#include <cstdlib>
-#include <string>
-
 namespace loom::cuda::detail {
 
 namespace {
@@ -40,17 +39,14 @@ using namespace flash;
 constexpr int kKeys = 128;  // keys per block: 2 warpgroups x 64
 
 // Shared memory: the block's K and V (128 rows), 2 stages of Q and dO (64 rows), the dS^T tile
-// (128 keys x 64 queries), all panel tiles from a 1024-byte aligned base; with kBulkDq each
-// group's dQ tile in fp32 (64 rows of 64, padded to kDqLd); then positions, lse, delta and the plan.
-constexpr int kDqLd = 68;  // floats per staged dQ row: 16-byte rows, stores spread over banks
-
-template <int kD, bool kBulkDq = false>
+// (128 keys x 64 queries), all panel tiles from a 1024-byte aligned base; then positions, lse,
+// delta and the plan.
+template <int kD>
 struct Sm90Smem {
   static constexpr int kKeyElems = kKeys * kD, kQueryElems = kTile * kD, kDsElems = kKeys * kTile;
-  static constexpr int kDqElems = kBulkDq ? kTile * kDqLd : 0;  // per group
   static constexpr size_t kTiles = sizeof(bf16) * (2 * kKeyElems + 4 * kQueryElems + kDsElems);
-  static constexpr size_t kBase = kTiles + 2 * kDqElems * sizeof(float) + sizeof(RowPos<kKeys>) +
-                                  2 * sizeof(RowPos<kTile>) + 2 * 2 * kTile * sizeof(float);
+  static constexpr size_t kBase =
+      kTiles + sizeof(RowPos<kKeys>) + 2 * sizeof(RowPos<kTile>) + 2 * 2 * kTile * sizeof(float);
   static_assert(kTiles % 1024 == 0);
   static size_t bytes(int64_t query_tiles) { return 1024 + kBase + plan_bytes(query_tiles); }  // + alignment
 
@@ -59,7 +55,6 @@ struct Sm90Smem {
   bf16* qs;   // 2 stages
   bf16* dos;  // 2 stages
   bf16* ds;
-  float* dq;  // kBulkDq: 2 groups x 64 rows x kDqLd
   RowPos<kKeys>* kpos;
   RowPos<kTile>* qpos;  // 2 stages
   float* lse;           // 2 stages x 64
@@ -73,8 +68,7 @@ struct Sm90Smem {
     qs = vs + kKeyElems;
     dos = qs + 2 * kQueryElems;
     ds = dos + 2 * kQueryElems;
-    dq = reinterpret_cast<float*>(ds + kDsElems);
-    kpos = reinterpret_cast<RowPos<kKeys>*>(dq + 2 * kDqElems);
+    kpos = reinterpret_cast<RowPos<kKeys>*>(ds + kDsElems);
     qpos = reinterpret_cast<RowPos<kTile>*>(kpos + 1);
     lse = reinterpret_cast<float*>(qpos + 2);
     delta = lse + 2 * kTile;
@@ -83,19 +77,6 @@ struct Sm90Smem {
 };
 
 #if defined(LOOM_WGMMA)
-// dst[0, bytes) += src[0, bytes) (fp32, 16-byte aligned, bytes a multiple of 16) by the bulk copy
-// engine, in this thread's current bulk group.
-__device__ __forceinline__ void bulk_add_f32(float* dst, const float* src, uint32_t bytes) {
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
-               "r"(static_cast<uint32_t>(__cvta_generic_to_shared(src))), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-// Until this thread's bulk groups have read their shared memory.
-__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
-// Barrier of the 128 threads of warpgroup wg (ids 1, 2; 0 is __syncthreads).
-__device__ __forceinline__ void group_barrier(int wg) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); }
-
 // One committed batch acc (64 x kD) += A B over 64 k: A = c (64 x 64 fp32 accumulators) packed
 // to bf16 fragments f, B = the N-major 64-row panel tile b. f must stay unchanged (pin it) until
 // a wait completes the batch.
@@ -117,7 +98,7 @@ __device__ __forceinline__ void rs_batch(float (&acc)[kD / 8][4], uint32_t (&f)[
 
 // ---------------------------------------------------------------- forward
 
-template <int kD, bool kOneBarrier, bool kQRegs>
+template <int kD>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_forward_sm90_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
                               const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n,
@@ -136,9 +117,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   float acc_o[kD / 8][4] = {};
   uint32_t pf[4][4];  // P of the pending tile, as A fragments
-  // kQRegs: this warp's 16 query rows as A fragments, loaded once (S = Q K^T then reads only K
-  // from shared memory: half the bytes per product).
-  uint32_t qf[kQRegs ? kD / 16 : 1][4];
+  // This warp's 16 query rows as A fragments, loaded once: S = Q K^T then reads only K from
+  // shared memory (half the bytes per product; 3% faster at 32K than both operands there).
+  uint32_t qf[kD / 16][4];
   int pending = -1;   // its stage (V), -1 when none
   // O += P V of the pending tile, issued (not waited for).
   auto issue_pv = [&] {
@@ -153,14 +134,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     wgmma::commit();
   };
-  walk_key_tiles<kOneBarrier>(sm, plan, k, v, blk, n, m, [&](int64_t kt, int stage, bool first) {
-    if constexpr (kQRegs) {
-      if (first) {  // the block's rows have landed
-        const int lane = threadIdx.x % 32;
+  walk_key_tiles<true>(sm, plan, k, v, blk, n, m, [&](int64_t kt, int stage, bool first) {
+    if (first) {  // the block's rows have landed
+      const int lane = threadIdx.x % 32;
 #pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk)
-          ldsm_x4(qf[kk], sm.rows + wgmma::panel_index(row0 + lane % 16, 16 * kk + 8 * (lane / 16), kBlockRows));
-      }
+      for (int kk = 0; kk < kD / 16; ++kk)
+        ldsm_x4(qf[kk], sm.rows + wgmma::panel_index(row0 + lane % 16, 16 * kk + 8 * (lane / 16), kBlockRows));
     }
     if (!plan.meet(wg, kt)) {  // nothing of this group's rows meets the tile
       if (pending >= 0) {  // finish the pending tile: its stage is refilled after this call
@@ -177,13 +156,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma::pin(s);
     wgmma::fence();
 #pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {  // S = Q K^T
-      if constexpr (kQRegs)
-        wgmma::wgmma_rs_n64<0>(s, qf[kk], wgmma::kmajor(ks, kTile, 0, 16 * kk));
-      else
-        wgmma::wgmma_ss_n64<0, 0>(s, wgmma::kmajor(sm.rows, kBlockRows, 64 * wg, 16 * kk),
-                                  wgmma::kmajor(ks, kTile, 0, 16 * kk));
-    }
+    for (int kk = 0; kk < kD / 16; ++kk)  // S = Q K^T
+      wgmma::wgmma_rs_n64<0>(s, qf[kk], wgmma::kmajor(ks, kTile, 0, 16 * kk));
     wgmma::commit();
     if (pending >= 0) {
       issue_pv();  // the previous tile's O += P V, behind S
@@ -218,7 +192,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---------------------------------------------------------------- backward dK dV
 
-template <int kD, bool kBulkDq>
+template <int kD>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_dkdv_sm90_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                            const bf16* __restrict__ dout, const float* __restrict__ lse,
@@ -228,7 +202,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(LOOM_WGMMA)
   static_assert(kThreads == 2 * 128 && kBlockRows == kKeys);
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  using Smem = Sm90Smem<kD, kBulkDq>;
+  using Smem = Sm90Smem<kD>;
   const Smem sm(smem_raw);
   const KeyBlock kb(n, kKeys, pair);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
@@ -331,7 +305,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       store_ds(zero);
     }
     wgmma::fence_smem();  // the dS^T rows, before the dQ products read them
-    if constexpr (kBulkDq) bulk_wait_read();  // the previous unit's dQ rows have left the staging tile
     __syncthreads();
     // dQ (64 queries x D) += dS K over the keys of the halves that met the tile.
     const bool any = plan.meet(0, qt) || plan.meet(1, qt);
@@ -351,28 +324,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma::wait<0>();
       wgmma::pin(acc);
       const int c0 = kD == 128 ? 64 * wg : 0;
-      const int nq = rows_from(n.T, qt * kTile, kTile);
-      float* const dq_rows = dq_acc + kb.q_offset(unit, n) + c0;
-      if constexpr (kBulkDq) {
-        // The group's 64 x 64 tile through shared memory, then one bulk add per query row.
-        float* const tile = sm.dq + wg * Smem::kDqElems;
-        const int r0 = 16 * (warp % 4) + g;
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-          for (int hr = 0; hr < 2; ++hr)
-            *reinterpret_cast<float2*>(tile + (r0 + 8 * hr) * kDqLd + 8 * nt + 2 * t4) =
-                make_float2(scale * acc[nt][2 * hr], scale * acc[nt][2 * hr + 1]);
-        wgmma::fence_smem();  // visible to the bulk copies
-        group_barrier(wg);
-        const int r = threadIdx.x % 128;
-        if (r < nq) {
-          bulk_add_f32(dq_rows + r * kb.q_stride, tile + r * kDqLd, 64 * sizeof(float));
-          bulk_commit();
-        }
-      } else {
-        add_rows(dq_rows, kb.q_stride, 16 * (warp % 4), nq, acc, scale);
-      }
+      add_rows(dq_acc + kb.q_offset(unit, n) + c0, kb.q_stride, 16 * (warp % 4), rows_from(n.T, qt * kTile, kTile),
+               acc, scale);
     }
     // No barrier before the next unit: this stage is refilled after the next unit's first barrier,
     // which every group reaches only once its products here are complete.
@@ -380,33 +333,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     unit = next;
     stage ^= 1;
   }
-  if constexpr (kBulkDq) bulk_wait_read();  // the staging tile stays until the last rows are read
   cp_async_wait<0>();
   kb.store_grads<kD>(dk, dv, row0, acc_dk, acc_dv, scale, n);
 #else
   __trap();  // launched only where wgmma_available()
 #endif
-}
-
-// LOOM_FLASH_FWD_BARRIERS=2: the forward's key-tile walk with two barriers per tile (an
-// experiment switch for the same-run A/B against one; read at each launch).
-bool forward_one_barrier() {
-  const char* e = std::getenv("LOOM_FLASH_FWD_BARRIERS");
-  return e == nullptr || std::string(e) != "2";
-}
-
-// LOOM_FLASH_FWD_QREGS=0: the forward reads Q from shared memory in every S product instead of
-// from registers loaded once (an experiment switch for the same-run A/B; read at each launch).
-bool forward_q_regs() {
-  const char* e = std::getenv("LOOM_FLASH_FWD_QREGS");
-  return e == nullptr || std::string(e) != "0";
-}
-
-// LOOM_FLASH_BWD_BULK_DQ=0: the dK dV kernel adds dQ with per-element atomics instead of one
-// bulk reduce-add per query row (an experiment switch for the same-run A/B; read at each launch).
-bool backward_bulk_dq() {
-  const char* e = std::getenv("LOOM_FLASH_BWD_BULK_DQ");
-  return e == nullptr || std::string(e) != "0";
 }
 
 }  // namespace
@@ -416,9 +347,7 @@ void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, cons
                                       float scale, cudaStream_t stream) {
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
-    const bool one = forward_one_barrier(), qregs = forward_q_regs();
-    auto kernel = one ? (qregs ? flash_forward_sm90_kernel<kD, true, true> : flash_forward_sm90_kernel<kD, true, false>)
-                      : (qregs ? flash_forward_sm90_kernel<kD, false, true> : flash_forward_sm90_kernel<kD, false, false>);
+    auto kernel = flash_forward_sm90_kernel<kD>;
     const size_t smem = QuerySmem<kD, 1, true, 3>::bytes(tiles_of(n.S));
     set_smem(kernel, smem);
     kernel<<<flash_grid(blocks_of(n.T), n.H, n.B), kThreads, smem, stream>>>(
@@ -437,9 +366,8 @@ void flash::launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void
   const int64_t pair = mask.s2_block == kTile ? mask.s2_stride : 1;
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
-    const bool bulk = backward_bulk_dq();
-    auto kernel = bulk ? flash_dkdv_sm90_kernel<kD, true> : flash_dkdv_sm90_kernel<kD, false>;
-    const size_t smem = bulk ? Sm90Smem<kD, true>::bytes(tiles_of(n.T)) : Sm90Smem<kD>::bytes(tiles_of(n.T));
+    auto kernel = flash_dkdv_sm90_kernel<kD>;
+    const size_t smem = Sm90Smem<kD>::bytes(tiles_of(n.T));
     set_smem(kernel, smem);
     const dim3 grid = flash_grid((n.S + kKeys - 1) / kKeys, n.Hkv, n.B);
     kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc,
