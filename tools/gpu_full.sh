@@ -27,7 +27,7 @@ if [ -n "${AB:-}" ]; then  # AB="NAME[=v1,v2] ...": each switch alternated twice
   for item in $AB; do
     name=${item%%=*}; values=${item#*=}; [ "$values" = "$item" ] && values="0,1"
     for pass in 1 2; do for w in ${values//,/ }; do
-      env $name=$w $B/loom-bench --families attention --seq 32768 --reps 10 --rows "flash" > $O/ab-$name-$w-$pass.log 2>&1
+      timeout 60 env $name=$w $B/loom-bench --families attention --seq 32768 --reps 10 --rows "flash" > $O/ab-$name-$w-$pass.log 2>&1
       echo "$name=$w pass $pass:"; grep -E "^flash (fwd|fwd\+bwd|s2 fwd|s2 fwd\+bwd) " $O/ab-$name-$w-$pass.log
     done; done
   done
