@@ -30,6 +30,9 @@
 #include "kernels/cuda/wgmma.cuh"
 #include "kernels/cuda/wgmma_check.h"
 
+#include <cstdlib>
+#include <string>
+
 namespace loom::cuda::detail {
 
 namespace {
@@ -38,13 +41,13 @@ using namespace flash;
 
 constexpr int kKeys = 128;  // keys per block: 2 warpgroups x 64
 
-// Shared memory: the block's K and V (128 rows), 2 stages of Q and dO (64 rows), the dS^T tile
-// (128 keys x 64 queries), all panel tiles from a 1024-byte aligned base; then positions, lse,
-// delta and the plan.
-template <int kD>
+// Shared memory: the block's K and V (128 rows), 2 stages of Q and dO (64 rows), kDsBuffers dS^T
+// tiles (128 keys x 64 queries), all panel tiles from a 1024-byte aligned base; then positions,
+// lse, delta and the plan.
+template <int kD, int kDsBuffers>
 struct Sm90Smem {
   static constexpr int kKeyElems = kKeys * kD, kQueryElems = kTile * kD, kDsElems = kKeys * kTile;
-  static constexpr size_t kTiles = sizeof(bf16) * (2 * kKeyElems + 4 * kQueryElems + kDsElems);
+  static constexpr size_t kTiles = sizeof(bf16) * (2 * kKeyElems + 4 * kQueryElems + kDsBuffers * kDsElems);
   static constexpr size_t kBase =
       kTiles + sizeof(RowPos<kKeys>) + 2 * sizeof(RowPos<kTile>) + 2 * 2 * kTile * sizeof(float);
   static_assert(kTiles % 1024 == 0);
@@ -54,7 +57,7 @@ struct Sm90Smem {
   bf16* vs;
   bf16* qs;   // 2 stages
   bf16* dos;  // 2 stages
-  bf16* ds;
+  bf16* ds;  // kDsBuffers tiles
   RowPos<kKeys>* kpos;
   RowPos<kTile>* qpos;  // 2 stages
   float* lse;           // 2 stages x 64
@@ -68,7 +71,7 @@ struct Sm90Smem {
     qs = vs + kKeyElems;
     dos = qs + 2 * kQueryElems;
     ds = dos + 2 * kQueryElems;
-    kpos = reinterpret_cast<RowPos<kKeys>*>(ds + kDsElems);
+    kpos = reinterpret_cast<RowPos<kKeys>*>(ds + kDsBuffers * kDsElems);
     qpos = reinterpret_cast<RowPos<kTile>*>(kpos + 1);
     lse = reinterpret_cast<float*>(qpos + 2);
     delta = lse + 2 * kTile;
@@ -192,7 +195,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---------------------------------------------------------------- backward dK dV
 
-template <int kD>
+template <int kD, bool kOneBarrier>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_dkdv_sm90_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                            const bf16* __restrict__ dout, const float* __restrict__ lse,
@@ -202,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(LOOM_WGMMA)
   static_assert(kThreads == 2 * 128 && kBlockRows == kKeys);
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  using Smem = Sm90Smem<kD>;
+  using Smem = Sm90Smem<kD, kOneBarrier ? 2 : 1>;
   const Smem sm(smem_raw);
   const KeyBlock kb(n, kKeys, pair);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
@@ -230,13 +233,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // This warp's 16 rows of dS^T (bf16 pairs as A fragments: f[kk][j] holds key row g + 8 (j & 1),
   // query columns 16 kk + 8 (j >> 1) + 2 t4, + 1) into the shared tile.
-  auto store_ds = [&](const uint32_t (&f)[4][4]) {
+  auto store_ds = [&](bf16* ds, const uint32_t (&f)[4][4]) {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
       for (int j = 0; j < 4; ++j)
         *reinterpret_cast<uint32_t*>(
-            sm.ds + wgmma::panel_index(row0 + g + 8 * (j & 1), 16 * kk + 8 * (j >> 1) + 2 * t4, kKeys)) = f[kk][j];
+            ds + wgmma::panel_index(row0 + g + 8 * (j & 1), 16 * kk + 8 * (j >> 1) + 2 * t4, kKeys)) = f[kk][j];
   };
 
   const float scale_log2 = scale * kLog2e;
@@ -246,22 +249,42 @@ __global__ void __launch_bounds__(kThreads, 1)
   cp_async_commit();
   int stage = 0;
   bool first = true;
+  // Whether S2 needs per-element masks somewhere on unit u's query tile (then its S2 ids are filled).
+  auto masked_unit = [&](int64_t u) {
+    const int64_t t = u % kb.q_tiles;
+    return m.s2_block > 0 && !(plan.plain(0, t) && plan.plain(1, t));
+  };
+  if constexpr (kOneBarrier) {  // the first unit's rows, the keys and their S2 ids in place
+    cp_async_wait<0>();
+    wgmma::fence_smem();
+    __syncthreads();
+    if (m.s2_block > 0) {
+      fill_s2<kKeys>(*sm.kpos, m, kb.hk);
+      if (unit < kb.units && masked_unit(unit)) fill_s2<kTile>(sm.qpos[0], m, kb.hk);
+      __syncthreads();
+    }
+  }
   while (unit < kb.units) {
     const int64_t next = kb.next(plan, unit + 1);
-    if (next < kb.units) issue(next, stage ^ 1);
+    if (next < kb.units) issue(next, stage ^ 1);  // kOneBarrier: free since the last unit's barrier
     cp_async_commit();
-    cp_async_wait<1>();
-    wgmma::fence_smem();  // this thread's copies, before the products read them
-    __syncthreads();
     const int64_t qt = unit % kb.q_tiles;
-    if (m.s2_block > 0) {
-      const bool tile_masked = !(plan.plain(0, qt) && plan.plain(1, qt));
-      if (first || tile_masked) {
-        if (first) fill_s2<kKeys>(*sm.kpos, m, kb.hk);
-        if (tile_masked) fill_s2<kTile>(sm.qpos[stage], m, kb.hk);
-        __syncthreads();
+    if constexpr (!kOneBarrier) {
+      cp_async_wait<1>();
+      wgmma::fence_smem();  // this thread's copies, before the products read them
+      __syncthreads();
+      if (m.s2_block > 0) {
+        const bool tile_masked = masked_unit(unit);
+        if (first || tile_masked) {
+          if (first) fill_s2<kKeys>(*sm.kpos, m, kb.hk);
+          if (tile_masked) fill_s2<kTile>(sm.qpos[stage], m, kb.hk);
+          __syncthreads();
+        }
       }
     }
+    // kOneBarrier: one dS^T tile per stage, so the next unit's rows can be written while the
+    // other group's dQ products still read this unit's.
+    bf16* const ds_s = sm.ds + (kOneBarrier ? stage * Smem::kDsElems : 0);
     const bf16* qt_s = sm.qs + stage * Smem::kQueryElems;
     const bf16* dot_s = sm.dos + stage * Smem::kQueryElems;
     if (plan.meet(wg, qt)) {
@@ -292,7 +315,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       key_rows_score_grad(dpt, st, sm.delta + stage * kTile);  // dS^T
       uint32_t dsf[4][4];
       rs_batch<kD>(acc_dk, dsf, dpt, qt_s);  // dK += dS^T Q
-      store_ds(dsf);
+      store_ds(ds_s, dsf);
       wgmma::wait<0>();  // dV and dK have read this stage's rows (the next refill follows the barrier)
       wgmma::pin(pf);
       wgmma::pin(dsf);
@@ -302,9 +325,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       // The other group's dQ products read these rows too: zeros instead of a skip inside the
       // product loop (a conditional product makes ptxas serialize every product of the kernel).
       const uint32_t zero[4][4] = {};
-      store_ds(zero);
+      store_ds(ds_s, zero);
     }
-    wgmma::fence_smem();  // the dS^T rows, before the dQ products read them
+    if constexpr (kOneBarrier) {
+      // The next unit's rows (issued a unit ago): this thread's copies have landed, and it fills
+      // the S2 ids of the query rows whose positions it copied itself (the same rows, kThreads).
+      cp_async_wait<0>();
+      if (next < kb.units && masked_unit(next)) fill_s2<kTile>(sm.qpos[stage ^ 1], m, kb.hk);
+    }
+    wgmma::fence_smem();  // the dS^T rows (kOneBarrier: and the next unit's copies), before the products read them
     __syncthreads();
     // dQ (64 queries x D) += dS K over the keys of the halves that met the tile.
     const bool any = plan.meet(0, qt) || plan.meet(1, qt);
@@ -317,7 +346,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int s = 0; s < kSteps; ++s) {
         const int kk = kD == 128 ? s : 4 * wg + s;  // D 64: this group's keys only
-        wgmma::wgmma_ss_n64<1, 1>(acc, wgmma::mnmajor(sm.ds, kKeys, 16 * kk),
+        wgmma::wgmma_ss_n64<1, 1>(acc, wgmma::mnmajor(ds_s, kKeys, 16 * kk),
                                   wgmma::mnmajor(sm.ks, kKeys, 16 * kk, kD == 128 ? wg : 0));
       }
       wgmma::commit();
@@ -327,8 +356,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       add_rows(dq_acc + kb.q_offset(unit, n) + c0, kb.q_stride, 16 * (warp % 4), rows_from(n.T, qt * kTile, kTile),
                acc, scale);
     }
-    // No barrier before the next unit: this stage is refilled after the next unit's first barrier,
-    // which every group reaches only once its products here are complete.
+    // No barrier before the next unit: this stage is refilled after the next barrier (kOneBarrier:
+    // this unit's), which every group reaches only once its products on the stage are complete.
     first = false;
     unit = next;
     stage ^= 1;
@@ -338,6 +367,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 #else
   __trap();  // launched only where wgmma_available()
 #endif
+}
+
+// LOOM_FLASH_BWD_BARRIERS=2: the dK dV kernel with two barriers per unit (rows landed; dS^T
+// exchanged) instead of one with two dS^T tiles (an experiment switch for the same-run A/B; read
+// at each launch).
+bool backward_one_barrier() {
+  const char* e = std::getenv("LOOM_FLASH_BWD_BARRIERS");
+  return e == nullptr || std::string(e) != "2";
 }
 
 }  // namespace
@@ -366,8 +403,9 @@ void flash::launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void
   const int64_t pair = mask.s2_block == kTile ? mask.s2_stride : 1;
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
-    auto kernel = flash_dkdv_sm90_kernel<kD>;
-    const size_t smem = Sm90Smem<kD>::bytes(tiles_of(n.T));
+    const bool one = backward_one_barrier();
+    auto kernel = one ? flash_dkdv_sm90_kernel<kD, true> : flash_dkdv_sm90_kernel<kD, false>;
+    const size_t smem = one ? Sm90Smem<kD, 2>::bytes(tiles_of(n.T)) : Sm90Smem<kD, 1>::bytes(tiles_of(n.T));
     set_smem(kernel, smem);
     const dim3 grid = flash_grid((n.S + kKeys - 1) / kKeys, n.Hkv, n.B);
     kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc,
