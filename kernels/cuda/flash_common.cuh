@@ -338,11 +338,12 @@ __device__ __forceinline__ QueryBlock query_block(const AttentionDims& n) {
   return blk;
 }
 
-// The plan of a query block over the key tiles.
+// The plan of a query block over the key tiles (kT threads).
+template <int kT = kThreads>
 __device__ __forceinline__ TilePlan query_block_plan(uint32_t* bits, const QueryBlock& blk, const AttentionDims& n,
                                                      const AttentionMask& m, const TileBounds& tb) {
   const int64_t q_tiles = (n.T + kTile - 1) / kTile;
-  return build_plan(bits, blk.tiles, [&](int half, int64_t kt, bool& meet, bool& plain) {
+  return build_plan<kT>(bits, blk.tiles, [&](int half, int64_t kt, bool& meet, bool& plain) {
     const int64_t qt = 2 * blk.qb + half;
     if (qt >= q_tiles) return;
     meet = tiles_meet(m, tb, qt, kt, blk.hk);

@@ -80,6 +80,36 @@ struct Sm90Smem {
 };
 
 #if defined(LOOM_WGMMA)
+// ---------------------------------------------------------------- mbarriers, register reallocation
+
+// Shared-memory barriers with arrival counts and phases (mbarrier): init (one thread, before a
+// block barrier), arrive (release), and wait until the phase of the given parity has completed
+// (acquire; a fresh barrier counts its phase of parity 1 as completed).
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(smem_addr(bar))
+               : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+// This warpgroup's registers per thread from here on (setmaxnreg; every warp of the group runs it).
+template <int kRegs>
+__device__ __forceinline__ void grow_registers() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void shrink_registers() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
 // One committed batch acc (64 x kD) += A B over 64 k: A = c (64 x 64 fp32 accumulators) packed
 // to bf16 fragments f, B = the N-major 64-row panel tile b. f must stay unchanged (pin it) until
 // a wait completes the batch.
@@ -181,6 +211,164 @@ __global__ void __launch_bounds__(kThreads, 1)
     pending = stage;
   });
   if (pending >= 0) {  // the last tile's O += P V (no stage is refilled after the walk)
+    issue_pv();
+    wgmma::wait<0>();
+    wgmma::pin(acc_o);
+    wgmma::pin(pf);
+  }
+  finish_query_rows<kD>(acc_o, lse + (blk.b * n.H + blk.h) * n.T + blk.i0, row_max, row_sum, row0, nq, scale);
+  store_rows<kD>(out + blk.q_offset, blk.q_stride, row0, nq, acc_o, 1.f);
+#else
+  __trap();  // launched only where wgmma_available()
+#endif
+}
+
+// ---------------------------------------------------------------- forward, warp-specialized
+
+// The same blocks and math as flash_forward_sm90_kernel, with three warpgroups: a producer (group
+// 0) copies K/V tiles (and fills their S2 ids) into kWsStages stages and publishes each through a
+// "full" mbarrier; the two consumer groups (64 query rows each) wait on it, compute as above, and
+// hand the stage back through an "empty" mbarrier once their P V products on it are done. No block
+// barrier inside the walk: the consumer groups drift apart, so one group's exponentials can run
+// beside the other's products. Registers move from the producer to the consumers (setmaxnreg:
+// 168 per thread at launch; 56 producer, 224 consumer, the block's allocation exactly).
+constexpr int kWsStages = 4;
+constexpr int kWsThreads = 3 * 128;
+constexpr int kProducerRegs = 56, kConsumerRegs = 224;
+static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kWsThreads * 168);
+
+template <int kD>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    flash_forward_ws_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
+                            const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n, AttentionMask m,
+                            TileBounds tb, float scale) {
+#if defined(LOOM_WGMMA)
+  using Smem = QuerySmem<kD, 1, true, kWsStages>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ uint64_t bars[2 * kWsStages];  // full[stage], then empty[stage]
+  const Smem sm(smem_raw);
+  const QueryBlock blk = query_block(n);
+  const int wg = threadIdx.x / 128;
+
+  // Prologue, every thread: the block's rows and positions, the barriers, the plan.
+  load_panels_async<kD, kBlockRows, kWsThreads>(sm.rows, q + blk.q_offset, blk.q_stride, blk.nq);
+  if (m.q_pos != nullptr) load_vec_async<kBlockRows, kWsThreads>(sm.qpos->pos, m.q_pos, blk.i0, n.T);
+  cp_async_commit();
+  if (threadIdx.x == 0) {
+    for (int st = 0; st < kWsStages; ++st) {
+      mbar_init(&bars[st], 128);               // the producer's threads
+      mbar_init(&bars[kWsStages + st], 256);   // the consumers' threads
+    }
+  }
+  const TilePlan plan = query_block_plan<kWsThreads>(sm.plan, blk, n, m, tb);  // ends with a barrier
+  cp_async_wait<0>();
+  if (m.s2_block > 0) fill_s2<kBlockRows, kWsThreads>(*sm.qpos, m, blk.hk);  // rows this thread copied
+  wgmma::fence_smem();
+  __syncthreads();
+
+  if (wg == 0) {  // producer
+    shrink_registers<kProducerRegs>();
+    int64_t i = 0, prev_kt = -1;
+    int prev = 0;
+    // Tile t in stage st has landed (this thread's copies): S2 ids, then publish.
+    auto publish = [&](int st, int64_t t) {
+      if (m.s2_block > 0 && !(plan.plain(0, t) && plan.plain(1, t))) fill_s2<kTile, 128>(sm.kpos[st], m, blk.hk);
+      wgmma::fence_smem();
+      mbar_arrive(&bars[st]);
+    };
+    for (int64_t kt = plan.next(0); kt < plan.count; kt = plan.next(kt + 1), ++i) {
+      const int st = static_cast<int>(i % kWsStages);
+      mbar_wait(&bars[kWsStages + st], static_cast<uint32_t>((i / kWsStages) & 1) ^ 1u);
+      const int64_t j0 = kt * kTile;
+      const int nk = rows_from(n.S, j0, kTile);
+      const int64_t at = blk.kv_offset + j0 * blk.kv_stride;
+      load_panels_async<kD, kTile, 128>(sm.ks + st * Smem::kKvElems, k + at, blk.kv_stride, nk);
+      load_panels_async<kD, kTile, 128>(sm.vs + st * Smem::kKvElems, v + at, blk.kv_stride, nk);
+      if (m.q_pos != nullptr) load_vec_async<kTile, 128>(sm.kpos[st].pos, m.k_pos, j0, n.S);
+      cp_async_commit();
+      if (i > 0) {
+        cp_async_wait<1>();
+        publish(prev, prev_kt);
+      }
+      prev = st;
+      prev_kt = kt;
+    }
+    if (i > 0) {
+      cp_async_wait<0>();
+      publish(prev, prev_kt);
+    }
+    return;
+  }
+
+  grow_registers<kConsumerRegs>();
+  const int cw = wg - 1, row0 = 16 * (threadIdx.x / 32 - 4);  // consumer group (64 rows), warp's first row
+  const int lane = threadIdx.x % 32, nq = blk.nq;
+  uint32_t qf[kD / 16][4];  // this warp's query rows as A fragments (as in the forward above)
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk)
+    ldsm_x4(qf[kk], sm.rows + wgmma::panel_index(row0 + lane % 16, 16 * kk + 8 * (lane / 16), kBlockRows));
+
+  const float scale_log2 = scale * kLog2e;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  float acc_o[kD / 8][4] = {};
+  uint32_t pf[4][4];
+  int pending = -1;
+  auto issue_pv = [&] {
+    wgmma::pin(pf);
+    wgmma::pin(acc_o);
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint64_t b = wgmma::mnmajor(sm.vs + pending * Smem::kKvElems, kTile, 16 * kk);
+      if constexpr (kD == 128) wgmma::wgmma_rs_n128<1>(acc_o, pf[kk], b);
+      else wgmma::wgmma_rs_n64<1>(acc_o, pf[kk], b);
+    }
+    wgmma::commit();
+  };
+  auto release = [&](int st) { mbar_arrive(&bars[kWsStages + st]); };
+  int64_t i = 0;
+  for (int64_t kt = plan.next(0); kt < plan.count; kt = plan.next(kt + 1), ++i) {
+    const int st = static_cast<int>(i % kWsStages);
+    mbar_wait(&bars[st], static_cast<uint32_t>((i / kWsStages) & 1));
+    if (!plan.meet(cw, kt)) {  // nothing of this group's rows meets the tile
+      if (pending >= 0) {
+        issue_pv();
+        wgmma::wait<0>();
+        wgmma::pin(acc_o);
+        wgmma::pin(pf);
+        release(pending);
+        pending = -1;
+      }
+      release(st);
+      continue;
+    }
+    float s[8][4] = {};
+    wgmma::pin(s);
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)  // S = Q K^T
+      wgmma::wgmma_rs_n64<0>(s, qf[kk], wgmma::kmajor(sm.ks + st * Smem::kKvElems, kTile, 0, 16 * kk));
+    wgmma::commit();
+    if (pending >= 0) {
+      issue_pv();
+      wgmma::wait<1>();
+    } else {
+      wgmma::wait<0>();
+    }
+    wgmma::pin(s);
+    if (!plan.plain(cw, kt))
+      mask_query_rows(s, m, *sm.qpos, row0, nq, sm.kpos[st], rows_from(n.S, kt * kTile, kTile));
+    float alpha[2];
+    softmax_tile(s, row_max, row_sum, alpha, scale_log2);
+    wgmma::wait<0>();
+    wgmma::pin(acc_o);
+    wgmma::pin(pf);
+    if (pending >= 0) release(pending);  // its P V products are done
+    rescale_rows<kD>(acc_o, alpha);
+    c_to_a(pf, s);
+    pending = st;
+  }
+  if (pending >= 0) {
     issue_pv();
     wgmma::wait<0>();
     wgmma::pin(acc_o);
@@ -369,6 +557,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+// LOOM_FLASH_FWD_WS=0: the two-group forward instead of the warp-specialized one (an experiment
+// switch for the same-run A/B; read at each launch).
+bool forward_ws() {
+  const char* e = std::getenv("LOOM_FLASH_FWD_WS");
+  return e == nullptr || std::string(e) != "0";
+}
+
 // LOOM_FLASH_BWD_BARRIERS=2: the dK dV kernel with two barriers per unit (rows landed; dS^T
 // exchanged) instead of one with two dS^T tiles (an experiment switch for the same-run A/B; read
 // at each launch).
@@ -384,10 +579,12 @@ void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, cons
                                       float scale, cudaStream_t stream) {
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
-    auto kernel = flash_forward_sm90_kernel<kD>;
-    const size_t smem = QuerySmem<kD, 1, true, 3>::bytes(tiles_of(n.S));
+    const bool ws = forward_ws();
+    auto kernel = ws ? flash_forward_ws_kernel<kD> : flash_forward_sm90_kernel<kD>;
+    const size_t smem = ws ? QuerySmem<kD, 1, true, kWsStages>::bytes(tiles_of(n.S))
+                           : QuerySmem<kD, 1, true, 3>::bytes(tiles_of(n.S));
     set_smem(kernel, smem);
-    kernel<<<flash_grid(blocks_of(n.T), n.H, n.B), kThreads, smem, stream>>>(
+    kernel<<<flash_grid(blocks_of(n.T), n.H, n.B), ws ? kWsThreads : kThreads, smem, stream>>>(
         static_cast<bf16*>(out), lse, static_cast<const bf16*>(q), static_cast<const bf16*>(k),
         static_cast<const bf16*>(v), n, mask, tb, scale);
     LOOM_CUDA_CHECK(cudaGetLastError());
