@@ -110,13 +110,10 @@ __device__ __forceinline__ void shrink_registers() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
 }
 
-// One committed batch acc (64 x kD) += A B over 64 k: A = c (64 x 64 fp32 accumulators) packed
-// to bf16 fragments f, B = the N-major 64-row panel tile b. f must stay unchanged (pin it) until
-// a wait completes the batch.
+// One committed batch acc (64 x kD) += A B over 64 k: A = the bf16 fragments f, B = the N-major
+// 64-row panel tile b. f must stay unchanged (pin it) until a wait completes the batch.
 template <int kD>
-__device__ __forceinline__ void rs_batch(float (&acc)[kD / 8][4], uint32_t (&f)[4][4], const float (&c)[8][4],
-                                         const bf16* b) {
-  c_to_a(f, c);
+__device__ __forceinline__ void rs_products(float (&acc)[kD / 8][4], uint32_t (&f)[4][4], const bf16* b) {
   wgmma::pin(f);
   wgmma::pin(acc);
   wgmma::fence();
@@ -126,6 +123,21 @@ __device__ __forceinline__ void rs_batch(float (&acc)[kD / 8][4], uint32_t (&f)[
     else wgmma::wgmma_rs_n64<1>(acc, f[kk], wgmma::mnmajor(b, kTile, 16 * kk));
   }
   wgmma::commit();
+}
+// rs_products, waited for (every batch of this thread done; acc and f free).
+template <int kD>
+__device__ __forceinline__ void rs_products_now(float (&acc)[kD / 8][4], uint32_t (&f)[4][4], const bf16* b) {
+  rs_products<kD>(acc, f, b);
+  wgmma::wait<0>();
+  wgmma::pin(acc);
+  wgmma::pin(f);
+}
+// The same with A = c (64 x 64 fp32 accumulators) packed into f first.
+template <int kD>
+__device__ __forceinline__ void rs_batch(float (&acc)[kD / 8][4], uint32_t (&f)[4][4], const float (&c)[8][4],
+                                         const bf16* b) {
+  c_to_a(f, c);
+  rs_products<kD>(acc, f, b);
 }
 #endif
 
@@ -155,18 +167,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint32_t qf[kD / 16][4];
   int pending = -1;   // its stage (V), -1 when none
   // O += P V of the pending tile, issued (not waited for).
-  auto issue_pv = [&] {
-    wgmma::pin(pf);
-    wgmma::pin(acc_o);
-    wgmma::fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t b = wgmma::mnmajor(sm.vs + pending * Smem::kKvElems, kTile, 16 * kk);
-      if constexpr (kD == 128) wgmma::wgmma_rs_n128<1>(acc_o, pf[kk], b);
-      else wgmma::wgmma_rs_n64<1>(acc_o, pf[kk], b);
-    }
-    wgmma::commit();
-  };
+  auto issue_pv = [&] { rs_products<kD>(acc_o, pf, sm.vs + pending * Smem::kKvElems); };
+  auto finish_pv = [&] { rs_products_now<kD>(acc_o, pf, sm.vs + pending * Smem::kKvElems); };
   walk_key_tiles<true>(sm, plan, k, v, blk, n, m, [&](int64_t kt, int stage, bool first) {
     if (first) {  // the block's rows have landed
       const int lane = threadIdx.x % 32;
@@ -176,10 +178,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (!plan.meet(wg, kt)) {  // nothing of this group's rows meets the tile
       if (pending >= 0) {  // finish the pending tile: its stage is refilled after this call
-        issue_pv();
-        wgmma::wait<0>();
-        wgmma::pin(acc_o);
-        wgmma::pin(pf);
+        finish_pv();
         pending = -1;
       }
       return;
@@ -210,12 +209,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     c_to_a(pf, s);
     pending = stage;
   });
-  if (pending >= 0) {  // the last tile's O += P V (no stage is refilled after the walk)
-    issue_pv();
-    wgmma::wait<0>();
-    wgmma::pin(acc_o);
-    wgmma::pin(pf);
-  }
+  if (pending >= 0) finish_pv();  // the last tile's O += P V (no stage is refilled after the walk)
   finish_query_rows<kD>(acc_o, lse + (blk.b * n.H + blk.h) * n.T + blk.i0, row_max, row_sum, row0, nq, scale);
   store_rows<kD>(out + blk.q_offset, blk.q_stride, row0, nq, acc_o, 1.f);
 #else
@@ -313,18 +307,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   float acc_o[kD / 8][4] = {};
   uint32_t pf[4][4];
   int pending = -1;
-  auto issue_pv = [&] {
-    wgmma::pin(pf);
-    wgmma::pin(acc_o);
-    wgmma::fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t b = wgmma::mnmajor(sm.vs + pending * Smem::kKvElems, kTile, 16 * kk);
-      if constexpr (kD == 128) wgmma::wgmma_rs_n128<1>(acc_o, pf[kk], b);
-      else wgmma::wgmma_rs_n64<1>(acc_o, pf[kk], b);
-    }
-    wgmma::commit();
-  };
+  auto issue_pv = [&] { rs_products<kD>(acc_o, pf, sm.vs + pending * Smem::kKvElems); };
+  auto finish_pv = [&] { rs_products_now<kD>(acc_o, pf, sm.vs + pending * Smem::kKvElems); };
   auto release = [&](int st) { mbar_arrive(&bars[kWsStages + st]); };
   int64_t i = 0;
   for (int64_t kt = plan.next(0); kt < plan.count; kt = plan.next(kt + 1), ++i) {
@@ -332,10 +316,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     mbar_wait(&bars[st], static_cast<uint32_t>((i / kWsStages) & 1));
     if (!plan.meet(cw, kt)) {  // nothing of this group's rows meets the tile
       if (pending >= 0) {
-        issue_pv();
-        wgmma::wait<0>();
-        wgmma::pin(acc_o);
-        wgmma::pin(pf);
+        finish_pv();
         release(pending);
         pending = -1;
       }
@@ -368,12 +349,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     c_to_a(pf, s);
     pending = st;
   }
-  if (pending >= 0) {
-    issue_pv();
-    wgmma::wait<0>();
-    wgmma::pin(acc_o);
-    wgmma::pin(pf);
-  }
+  if (pending >= 0) finish_pv();
   finish_query_rows<kD>(acc_o, lse + (blk.b * n.H + blk.h) * n.T + blk.i0, row_max, row_sum, row0, nq, scale);
   store_rows<kD>(out + blk.q_offset, blk.q_stride, row0, nq, acc_o, 1.f);
 #else
