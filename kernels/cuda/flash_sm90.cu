@@ -233,7 +233,7 @@ static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kWsThreads * 168);
 
 template <int kD>
 __global__ void __launch_bounds__(kWsThreads, 1)
-    flash_forward_ws_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
+    flash_forward_sm90_ws_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
                             const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n, AttentionMask m,
                             TileBounds tb, float scale) {
 #if defined(LOOM_WGMMA)
@@ -556,7 +556,7 @@ void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, cons
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
     const bool ws = forward_ws();
-    auto kernel = ws ? flash_forward_ws_kernel<kD> : flash_forward_sm90_kernel<kD>;
+    auto kernel = ws ? flash_forward_sm90_ws_kernel<kD> : flash_forward_sm90_kernel<kD>;
     const size_t smem = ws ? QuerySmem<kD, 1, true, kWsStages>::bytes(tiles_of(n.S))
                            : QuerySmem<kD, 1, true, 3>::bytes(tiles_of(n.S));
     set_smem(kernel, smem);
