@@ -383,24 +383,26 @@ struct QuerySmem {
     plan = reinterpret_cast<uint32_t*>(kpos + kStages);
   }
 
-  // Starts the async copies of `rows` rows of src (row stride `stride`) into a kRows-row tile.
-  template <int kRows>
+  // Starts the async copies of `rows` rows of src (row stride `stride`) into a kRows-row tile
+  // (threads 0 .. kT - 1 copy).
+  template <int kRows, int kT = kThreads>
   static __device__ void load(bf16* dst, const bf16* src, int64_t stride, int rows) {
-    if constexpr (kPanels) load_panels_async<kD, kRows>(dst, src, stride, rows);
-    else load_rows_async<kD, kRows>(dst, src, stride, rows);
+    if constexpr (kPanels) load_panels_async<kD, kRows, kT>(dst, src, stride, rows);
+    else load_rows_async<kD, kRows, kT>(dst, src, stride, rows);
   }
 };
 
-// Starts the async copies of key/value tile kt and its positions into stage `stage`.
-template <typename Smem>
+// Starts the async copies of key/value tile kt and its positions into stage `stage` (threads
+// 0 .. kT - 1 copy).
+template <int kT = kThreads, typename Smem>
 __device__ __forceinline__ void issue_kv_tile(const Smem& sm, const bf16* k, const bf16* v, const QueryBlock& blk,
                                               const AttentionDims& n, const AttentionMask& m, int64_t kt, int stage) {
   const int64_t j0 = kt * kTile;
   const int nk = rows_from(n.S, j0, kTile);
   const int64_t at = blk.kv_offset + j0 * blk.kv_stride;
-  Smem::template load<kTile>(sm.ks + stage * Smem::kKvElems, k + at, blk.kv_stride, nk);
-  Smem::template load<kTile>(sm.vs + stage * Smem::kKvElems, v + at, blk.kv_stride, nk);
-  if (m.q_pos != nullptr) load_vec_async<kTile>(sm.kpos[stage].pos, m.k_pos, j0, n.S);
+  Smem::template load<kTile, kT>(sm.ks + stage * Smem::kKvElems, k + at, blk.kv_stride, nk);
+  Smem::template load<kTile, kT>(sm.vs + stage * Smem::kKvElems, v + at, blk.kv_stride, nk);
+  if (m.q_pos != nullptr) load_vec_async<kTile, kT>(sm.kpos[stage].pos, m.k_pos, j0, n.S);
 }
 
 // Starts a query block: the async copies of its 128 rows of `rows` (Q) and their positions
@@ -416,19 +418,14 @@ __device__ __forceinline__ TilePlan start_query_block(const Smem& sm, const bf16
 }
 
 // Walks the key tiles of a query block's plan, one tile ahead over Smem::kStages
-// buffers (a body may keep reading a tile's stage until its next call when there
-// are 3): body(kt, stage) runs once the tile is in shared memory (after a barrier), and S2 block ids
-// are filled first where a half needs per-element masking. The block's own rows
-// (issued before the call, in the first commit group) land before the first body.
-// kOneBarrier (3 stages): one barrier per tile instead of two. The next tile's copies are
-// issued after the tile's barrier, which every thread reaches only once done with the
-// previous body, so the stage they refill (last read two bodies back, or by a product the
-// previous body waited for) is free; no barrier closes the body.
-template <bool kOneBarrier = false, typename Smem, typename Body>
+// buffers: body(kt, stage, first) runs once the tile is in shared memory (after a
+// barrier), and S2 block ids are filled first where a half needs per-element masking.
+// The block's own rows (issued before the call, in the first commit group) land
+// before the first body.
+template <typename Smem, typename Body>
 __device__ __forceinline__ void walk_key_tiles(const Smem& sm, const TilePlan& plan, const bf16* k, const bf16* v,
                                                const QueryBlock& blk, const AttentionDims& n, const AttentionMask& m,
                                                Body body) {
-  static_assert(!kOneBarrier || Smem::kStages >= 3, "one barrier per tile needs a third stage");
   int64_t kt = plan.next(0);
   if (kt < plan.count) issue_kv_tile(sm, k, v, blk, n, m, kt, 0);
   cp_async_commit();
@@ -437,19 +434,11 @@ __device__ __forceinline__ void walk_key_tiles(const Smem& sm, const TilePlan& p
   while (kt < plan.count) {
     const int64_t next = plan.next(kt + 1);
     const int next_stage = stage + 1 == Smem::kStages ? 0 : stage + 1;
-    if constexpr (kOneBarrier) {
-      cp_async_wait<0>();  // the block's rows and this tile have landed
-    } else {
-      if (next < plan.count) issue_kv_tile(sm, k, v, blk, n, m, next, next_stage);
-      cp_async_commit();
-      cp_async_wait<1>();  // the block's rows and this tile have landed
-    }
+    if (next < plan.count) issue_kv_tile(sm, k, v, blk, n, m, next, next_stage);
+    cp_async_commit();
+    cp_async_wait<1>();  // the block's rows and this tile have landed
     if constexpr (Smem::kPanelTiles) wgmma::fence_smem();  // visible to the warpgroup products
     __syncthreads();
-    if constexpr (kOneBarrier) {
-      if (next < plan.count) issue_kv_tile(sm, k, v, blk, n, m, next, next_stage);
-      cp_async_commit();
-    }
     if (m.s2_block > 0) {
       const bool tile_masked = !(plan.plain(0, kt) && plan.plain(1, kt));
       if (first || tile_masked) {
@@ -459,7 +448,7 @@ __device__ __forceinline__ void walk_key_tiles(const Smem& sm, const TilePlan& p
       }
     }
     body(kt, stage, first);
-    if constexpr (!kOneBarrier) __syncthreads();  // this stage is refilled kStages tiles on
+    __syncthreads();  // this stage is refilled kStages tiles on
     first = false;
     kt = next;
     stage = next_stage;
@@ -721,6 +710,31 @@ __device__ __forceinline__ void add_rows(float* rows, int64_t stride, int row0, 
 #pragma unroll
     for (int nt = 0; nt < kN; ++nt) add_pair(row + 8 * nt, scale * acc[nt][2 * hr], scale * acc[nt][2 * hr + 1]);
   }
+}
+
+// add_rows with 16-byte atomics (sm_90; half the atomics, 2 shuffles per 8 columns): lanes t4 and
+// t4 ^ 1 swap halves so that the even lane holds row g's 4 columns 8 nt + 4 (t4 / 2) .. + 3 and
+// the odd lane row g + 8's. rows must be 16-byte aligned, stride a multiple of 4.
+template <int kN>
+__device__ __forceinline__ void add_rows_v4(float* rows, int64_t stride, int row0, int nq, const float (&acc)[kN][4],
+                                            float scale) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const int lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4, odd = t4 & 1;
+  const int r = row0 + g + 8 * odd;
+  float* row = rows + r * stride + 4 * (t4 / 2);
+#pragma unroll
+  for (int nt = 0; nt < kN; ++nt) {
+    // Even lanes send row g + 8's pair and keep row g's; odd lanes the reverse.
+    const float send0 = odd ? acc[nt][0] : acc[nt][2], send1 = odd ? acc[nt][1] : acc[nt][3];
+    const float got0 = __shfl_xor_sync(0xffffffffu, send0, 1), got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
+    const float4 v = odd ? make_float4(got0, got1, acc[nt][2], acc[nt][3])
+                         : make_float4(acc[nt][0], acc[nt][1], got0, got1);
+    if (r < nq)
+      atomicAdd(reinterpret_cast<float4*>(row + 8 * nt), make_float4(scale * v.x, scale * v.y, scale * v.z, scale * v.w));
+  }
+#else
+  add_rows(rows, stride, row0, nq, acc, scale);
+#endif
 }
 
 // ---------------------------------------------------------------- launch helpers

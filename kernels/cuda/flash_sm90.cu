@@ -4,12 +4,13 @@
 // through descriptors (wgmma.cuh's panel tiles) instead of fragment loads, and
 // run asynchronously.
 //
-// Forward: the mma.sync kernel's blocks (128 queries, 8 warps) as two
-// warpgroups of 64 query rows: S = Q K^T (A = Q from registers, loaded once;
-// B = K K-major), the online softmax in registers, O += P V (A = P from
-// registers, B = V N-major). Pipelined over 3 K/V stages: a tile's O += P V is
-// issued behind the next tile's S and runs while that tile's exponentials are
-// computed; the output is rescaled once it is done; one barrier per key tile
+// Forward: the mma.sync kernel's blocks (128 queries), warp-specialized into
+// three warpgroups. A producer group copies K/V tiles into 4 stages and
+// publishes each through mbarriers; two consumer groups of 64 query rows each
+// compute S = Q K^T (A = Q from registers, loaded once; B = K K-major), the
+// online softmax in registers, and O += P V (A = P from registers, B = V
+// N-major). A tile's O += P V is issued behind the next tile's S and runs while
+// that tile's exponentials are computed. No block barrier inside the walk
 // (measured against the alternatives in kernels/NOTES.md).
 //
 // Backward dK dV: the same work as flash_attention.cu's 8-warp fused kernel
@@ -41,13 +42,13 @@ using namespace flash;
 
 constexpr int kKeys = 128;  // keys per block: 2 warpgroups x 64
 
-// Shared memory: the block's K and V (128 rows), 2 stages of Q and dO (64 rows), kDsBuffers dS^T
-// tiles (128 keys x 64 queries), all panel tiles from a 1024-byte aligned base; then positions,
-// lse, delta and the plan.
-template <int kD, int kDsBuffers>
+// Shared memory: the block's K and V (128 rows), 2 stages of Q and dO (64 rows) and of dS^T
+// (128 keys x 64 queries), all panel tiles from a 1024-byte aligned base; then positions, lse,
+// delta and the plan.
+template <int kD>
 struct Sm90Smem {
   static constexpr int kKeyElems = kKeys * kD, kQueryElems = kTile * kD, kDsElems = kKeys * kTile;
-  static constexpr size_t kTiles = sizeof(bf16) * (2 * kKeyElems + 4 * kQueryElems + kDsBuffers * kDsElems);
+  static constexpr size_t kTiles = sizeof(bf16) * (2 * kKeyElems + 4 * kQueryElems + 2 * kDsElems);
   static constexpr size_t kBase =
       kTiles + sizeof(RowPos<kKeys>) + 2 * sizeof(RowPos<kTile>) + 2 * 2 * kTile * sizeof(float);
   static_assert(kTiles % 1024 == 0);
@@ -57,7 +58,7 @@ struct Sm90Smem {
   bf16* vs;
   bf16* qs;   // 2 stages
   bf16* dos;  // 2 stages
-  bf16* ds;  // kDsBuffers tiles
+  bf16* ds;   // 2 stages
   RowPos<kKeys>* kpos;
   RowPos<kTile>* qpos;  // 2 stages
   float* lse;           // 2 stages x 64
@@ -71,7 +72,7 @@ struct Sm90Smem {
     qs = vs + kKeyElems;
     dos = qs + 2 * kQueryElems;
     ds = dos + 2 * kQueryElems;
-    kpos = reinterpret_cast<RowPos<kKeys>*>(ds + kDsBuffers * kDsElems);
+    kpos = reinterpret_cast<RowPos<kKeys>*>(ds + 2 * kDsElems);
     qpos = reinterpret_cast<RowPos<kTile>*>(kpos + 1);
     lse = reinterpret_cast<float*>(qpos + 2);
     delta = lse + 2 * kTile;
@@ -109,6 +110,14 @@ template <int kRegs>
 __device__ __forceinline__ void shrink_registers() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
 }
+// Named block barriers over `threads` threads (ids 1..15; 0 is __syncthreads'): wait until that
+// many have arrived (this warp counted), or only add this warp's arrival.
+__device__ __forceinline__ void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 
 // One committed batch acc (64 x kD) += A B over 64 k: A = the bf16 fragments f, B = the N-major
 // 64-row panel tile b. f must stay unchanged (pin it) until a wait completes the batch.
@@ -143,120 +152,43 @@ __device__ __forceinline__ void rs_batch(float (&acc)[kD / 8][4], uint32_t (&f)[
 
 // ---------------------------------------------------------------- forward
 
-template <int kD>
-__global__ void __launch_bounds__(kThreads, 1)
+// Three warpgroups: a producer (group 0) copies K/V tiles (and fills their S2 ids) into kKvStages
+// stages and publishes each through a "full" mbarrier; the two consumer groups (64 query rows
+// each) wait on it, compute, and hand the stage back through an "empty" mbarrier once their P V
+// products on it are done. The consumer groups drift apart, so one group's exponentials can run
+// beside the other's products. Registers move from the producer to the consumers (setmaxnreg:
+// 168 per thread at launch; 56 producer, 224 consumer, the block's allocation exactly).
+constexpr int kKvStages = 4;
+constexpr int kForwardThreads = 3 * 128;
+constexpr int kProducerRegs = 56, kConsumerRegs = 224;
+static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kForwardThreads * 168);
+
+template <int kD, bool kPingPong>
+__global__ void __launch_bounds__(kForwardThreads, 1)
     flash_forward_sm90_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
                               const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n,
                               AttentionMask m, TileBounds tb, float scale) {
 #if defined(LOOM_WGMMA)
-  using Smem = QuerySmem<kD, 1, true, 3>;
+  using Smem = QuerySmem<kD, 1, true, kKvStages>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const Smem sm(smem_raw);
-  const QueryBlock blk = query_block(n);
-  const int wg = threadIdx.x / 128, row0 = 16 * (threadIdx.x / 32);  // this warp's group (64 rows), first row
-  const int nq = blk.nq;
-
-  const TilePlan plan = start_query_block(sm, q, blk, n, m, tb);
-
-  const float scale_log2 = scale * kLog2e;
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-  float acc_o[kD / 8][4] = {};
-  uint32_t pf[4][4];  // P of the pending tile, as A fragments
-  // This warp's 16 query rows as A fragments, loaded once: S = Q K^T then reads only K from
-  // shared memory (half the bytes per product; 3% faster at 32K than both operands there).
-  uint32_t qf[kD / 16][4];
-  int pending = -1;   // its stage (V), -1 when none
-  // O += P V of the pending tile, issued (not waited for).
-  auto issue_pv = [&] { rs_products<kD>(acc_o, pf, sm.vs + pending * Smem::kKvElems); };
-  auto finish_pv = [&] { rs_products_now<kD>(acc_o, pf, sm.vs + pending * Smem::kKvElems); };
-  walk_key_tiles<true>(sm, plan, k, v, blk, n, m, [&](int64_t kt, int stage, bool first) {
-    if (first) {  // the block's rows have landed
-      const int lane = threadIdx.x % 32;
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk)
-        ldsm_x4(qf[kk], sm.rows + wgmma::panel_index(row0 + lane % 16, 16 * kk + 8 * (lane / 16), kBlockRows));
-    }
-    if (!plan.meet(wg, kt)) {  // nothing of this group's rows meets the tile
-      if (pending >= 0) {  // finish the pending tile: its stage is refilled after this call
-        finish_pv();
-        pending = -1;
-      }
-      return;
-    }
-    const bf16* ks = sm.ks + stage * Smem::kKvElems;
-    float s[8][4] = {};
-    wgmma::pin(s);
-    wgmma::fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk)  // S = Q K^T
-      wgmma::wgmma_rs_n64<0>(s, qf[kk], wgmma::kmajor(ks, kTile, 0, 16 * kk));
-    wgmma::commit();
-    if (pending >= 0) {
-      issue_pv();  // the previous tile's O += P V, behind S
-      wgmma::wait<1>();
-    } else {
-      wgmma::wait<0>();
-    }
-    wgmma::pin(s);
-    if (!plan.plain(wg, kt))
-      mask_query_rows(s, m, *sm.qpos, row0, nq, sm.kpos[stage], rows_from(n.S, kt * kTile, kTile));
-    float alpha[2];
-    softmax_tile(s, row_max, row_sum, alpha, scale_log2);  // while the previous P V runs
-    wgmma::wait<0>();  // the previous P V: acc_o and pf are free
-    wgmma::pin(acc_o);
-    wgmma::pin(pf);
-    rescale_rows<kD>(acc_o, alpha);
-    c_to_a(pf, s);
-    pending = stage;
-  });
-  if (pending >= 0) finish_pv();  // the last tile's O += P V (no stage is refilled after the walk)
-  finish_query_rows<kD>(acc_o, lse + (blk.b * n.H + blk.h) * n.T + blk.i0, row_max, row_sum, row0, nq, scale);
-  store_rows<kD>(out + blk.q_offset, blk.q_stride, row0, nq, acc_o, 1.f);
-#else
-  __trap();  // launched only where wgmma_available()
-#endif
-}
-
-// ---------------------------------------------------------------- forward, warp-specialized
-
-// The same blocks and math as flash_forward_sm90_kernel, with three warpgroups: a producer (group
-// 0) copies K/V tiles (and fills their S2 ids) into kWsStages stages and publishes each through a
-// "full" mbarrier; the two consumer groups (64 query rows each) wait on it, compute as above, and
-// hand the stage back through an "empty" mbarrier once their P V products on it are done. No block
-// barrier inside the walk: the consumer groups drift apart, so one group's exponentials can run
-// beside the other's products. Registers move from the producer to the consumers (setmaxnreg:
-// 168 per thread at launch; 56 producer, 224 consumer, the block's allocation exactly).
-constexpr int kWsStages = 4;
-constexpr int kWsThreads = 3 * 128;
-constexpr int kProducerRegs = 56, kConsumerRegs = 224;
-static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kWsThreads * 168);
-
-template <int kD>
-__global__ void __launch_bounds__(kWsThreads, 1)
-    flash_forward_sm90_ws_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
-                            const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n, AttentionMask m,
-                            TileBounds tb, float scale) {
-#if defined(LOOM_WGMMA)
-  using Smem = QuerySmem<kD, 1, true, kWsStages>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ uint64_t bars[2 * kWsStages];  // full[stage], then empty[stage]
+  __shared__ uint64_t bars[2 * kKvStages];  // full[stage], then empty[stage]
   const Smem sm(smem_raw);
   const QueryBlock blk = query_block(n);
   const int wg = threadIdx.x / 128;
 
   // Prologue, every thread: the block's rows and positions, the barriers, the plan.
-  load_panels_async<kD, kBlockRows, kWsThreads>(sm.rows, q + blk.q_offset, blk.q_stride, blk.nq);
-  if (m.q_pos != nullptr) load_vec_async<kBlockRows, kWsThreads>(sm.qpos->pos, m.q_pos, blk.i0, n.T);
+  load_panels_async<kD, kBlockRows, kForwardThreads>(sm.rows, q + blk.q_offset, blk.q_stride, blk.nq);
+  if (m.q_pos != nullptr) load_vec_async<kBlockRows, kForwardThreads>(sm.qpos->pos, m.q_pos, blk.i0, n.T);
   cp_async_commit();
   if (threadIdx.x == 0) {
-    for (int st = 0; st < kWsStages; ++st) {
-      mbar_init(&bars[st], 128);               // the producer's threads
-      mbar_init(&bars[kWsStages + st], 256);   // the consumers' threads
+    for (int st = 0; st < kKvStages; ++st) {
+      mbar_init(&bars[st], 128);              // the producer's threads
+      mbar_init(&bars[kKvStages + st], 256);  // the consumers' threads
     }
   }
-  const TilePlan plan = query_block_plan<kWsThreads>(sm.plan, blk, n, m, tb);  // ends with a barrier
+  const TilePlan plan = query_block_plan<kForwardThreads>(sm.plan, blk, n, m, tb);  // ends with a barrier
   cp_async_wait<0>();
-  if (m.s2_block > 0) fill_s2<kBlockRows, kWsThreads>(*sm.qpos, m, blk.hk);  // rows this thread copied
+  if (m.s2_block > 0) fill_s2<kBlockRows, kForwardThreads>(*sm.qpos, m, blk.hk);  // rows this thread copied
   wgmma::fence_smem();
   __syncthreads();
 
@@ -271,14 +203,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       mbar_arrive(&bars[st]);
     };
     for (int64_t kt = plan.next(0); kt < plan.count; kt = plan.next(kt + 1), ++i) {
-      const int st = static_cast<int>(i % kWsStages);
-      mbar_wait(&bars[kWsStages + st], static_cast<uint32_t>((i / kWsStages) & 1) ^ 1u);
-      const int64_t j0 = kt * kTile;
-      const int nk = rows_from(n.S, j0, kTile);
-      const int64_t at = blk.kv_offset + j0 * blk.kv_stride;
-      load_panels_async<kD, kTile, 128>(sm.ks + st * Smem::kKvElems, k + at, blk.kv_stride, nk);
-      load_panels_async<kD, kTile, 128>(sm.vs + st * Smem::kKvElems, v + at, blk.kv_stride, nk);
-      if (m.q_pos != nullptr) load_vec_async<kTile, 128>(sm.kpos[st].pos, m.k_pos, j0, n.S);
+      const int st = static_cast<int>(i % kKvStages);
+      mbar_wait(&bars[kKvStages + st], static_cast<uint32_t>((i / kKvStages) & 1) ^ 1u);
+      issue_kv_tile<128>(sm, k, v, blk, n, m, kt, st);
       cp_async_commit();
       if (i > 0) {
         cp_async_wait<1>();
@@ -297,7 +224,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   grow_registers<kConsumerRegs>();
   const int cw = wg - 1, row0 = 16 * (threadIdx.x / 32 - 4);  // consumer group (64 rows), warp's first row
   const int lane = threadIdx.x % 32, nq = blk.nq;
-  uint32_t qf[kD / 16][4];  // this warp's query rows as A fragments (as in the forward above)
+  // This warp's 16 query rows as A fragments, loaded once: S = Q K^T then reads only K from
+  // shared memory (half the bytes per product; 3% faster at 32K than both operands there).
+  uint32_t qf[kD / 16][4];
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk)
     ldsm_x4(qf[kk], sm.rows + wgmma::panel_index(row0 + lane % 16, 16 * kk + 8 * (lane / 16), kBlockRows));
@@ -309,17 +238,29 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   int pending = -1;
   auto issue_pv = [&] { rs_products<kD>(acc_o, pf, sm.vs + pending * Smem::kKvElems); };
   auto finish_pv = [&] { rs_products_now<kD>(acc_o, pf, sm.vs + pending * Smem::kKvElems); };
-  auto release = [&](int st) { mbar_arrive(&bars[kWsStages + st]); };
+  auto release = [&](int st) { mbar_arrive(&bars[kKvStages + st]); };
+  // kPingPong: the groups take turns issuing their products (named barrier 1 + c: group c's
+  // turn), so one group's softmax runs while the other's products do. Group 1 gives group 0 the
+  // first turn; every tile is one turn of each, whether or not the group meets it.
+  auto my_turn = [&] {
+    if constexpr (kPingPong) named_sync(1 + cw, 256);
+  };
+  auto your_turn = [&] {
+    if constexpr (kPingPong) named_arrive(2 - cw, 256);
+  };
+  if (cw == 1) your_turn();
   int64_t i = 0;
   for (int64_t kt = plan.next(0); kt < plan.count; kt = plan.next(kt + 1), ++i) {
-    const int st = static_cast<int>(i % kWsStages);
-    mbar_wait(&bars[st], static_cast<uint32_t>((i / kWsStages) & 1));
+    const int st = static_cast<int>(i % kKvStages);
+    mbar_wait(&bars[st], static_cast<uint32_t>((i / kKvStages) & 1));
+    my_turn();
     if (!plan.meet(cw, kt)) {  // nothing of this group's rows meets the tile
       if (pending >= 0) {
         finish_pv();
         release(pending);
         pending = -1;
       }
+      your_turn();
       release(st);
       continue;
     }
@@ -330,12 +271,10 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     for (int kk = 0; kk < kD / 16; ++kk)  // S = Q K^T
       wgmma::wgmma_rs_n64<0>(s, qf[kk], wgmma::kmajor(sm.ks + st * Smem::kKvElems, kTile, 0, 16 * kk));
     wgmma::commit();
-    if (pending >= 0) {
-      issue_pv();
-      wgmma::wait<1>();
-    } else {
-      wgmma::wait<0>();
-    }
+    if (pending >= 0) issue_pv();
+    your_turn();
+    if (pending >= 0) wgmma::wait<1>();
+    else wgmma::wait<0>();
     wgmma::pin(s);
     if (!plan.plain(cw, kt))
       mask_query_rows(s, m, *sm.qpos, row0, nq, sm.kpos[st], rows_from(n.S, kt * kTile, kTile));
@@ -350,6 +289,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     pending = st;
   }
   if (pending >= 0) finish_pv();
+  if (cw == 0) my_turn();  // group 1's last turn handed over: every arrival met
   finish_query_rows<kD>(acc_o, lse + (blk.b * n.H + blk.h) * n.T + blk.i0, row_max, row_sum, row0, nq, scale);
   store_rows<kD>(out + blk.q_offset, blk.q_stride, row0, nq, acc_o, 1.f);
 #else
@@ -359,7 +299,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
 // ---------------------------------------------------------------- backward dK dV
 
-template <int kD, bool kOneBarrier>
+template <int kD, bool kV4>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_dkdv_sm90_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                            const bf16* __restrict__ dout, const float* __restrict__ lse,
@@ -369,7 +309,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(LOOM_WGMMA)
   static_assert(kThreads == 2 * 128 && kBlockRows == kKeys);
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  using Smem = Sm90Smem<kD, kOneBarrier ? 2 : 1>;
+  using Smem = Sm90Smem<kD>;
   const Smem sm(smem_raw);
   const KeyBlock kb(n, kKeys, pair);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
@@ -412,43 +352,28 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (unit < kb.units) issue(unit, 0);
   cp_async_commit();
   int stage = 0;
-  bool first = true;
   // Whether S2 needs per-element masks somewhere on unit u's query tile (then its S2 ids are filled).
   auto masked_unit = [&](int64_t u) {
     const int64_t t = u % kb.q_tiles;
     return m.s2_block > 0 && !(plan.plain(0, t) && plan.plain(1, t));
   };
-  if constexpr (kOneBarrier) {  // the first unit's rows, the keys and their S2 ids in place
-    cp_async_wait<0>();
-    wgmma::fence_smem();
+  // The first unit's rows, the keys and their S2 ids in place.
+  cp_async_wait<0>();
+  wgmma::fence_smem();
+  __syncthreads();
+  if (m.s2_block > 0) {
+    fill_s2<kKeys>(*sm.kpos, m, kb.hk);
+    if (unit < kb.units && masked_unit(unit)) fill_s2<kTile>(sm.qpos[0], m, kb.hk);
     __syncthreads();
-    if (m.s2_block > 0) {
-      fill_s2<kKeys>(*sm.kpos, m, kb.hk);
-      if (unit < kb.units && masked_unit(unit)) fill_s2<kTile>(sm.qpos[0], m, kb.hk);
-      __syncthreads();
-    }
   }
   while (unit < kb.units) {
     const int64_t next = kb.next(plan, unit + 1);
-    if (next < kb.units) issue(next, stage ^ 1);  // kOneBarrier: free since the last unit's barrier
+    if (next < kb.units) issue(next, stage ^ 1);  // free since the last unit's barrier
     cp_async_commit();
     const int64_t qt = unit % kb.q_tiles;
-    if constexpr (!kOneBarrier) {
-      cp_async_wait<1>();
-      wgmma::fence_smem();  // this thread's copies, before the products read them
-      __syncthreads();
-      if (m.s2_block > 0) {
-        const bool tile_masked = masked_unit(unit);
-        if (first || tile_masked) {
-          if (first) fill_s2<kKeys>(*sm.kpos, m, kb.hk);
-          if (tile_masked) fill_s2<kTile>(sm.qpos[stage], m, kb.hk);
-          __syncthreads();
-        }
-      }
-    }
-    // kOneBarrier: one dS^T tile per stage, so the next unit's rows can be written while the
-    // other group's dQ products still read this unit's.
-    bf16* const ds_s = sm.ds + (kOneBarrier ? stage * Smem::kDsElems : 0);
+    // One dS^T tile per stage, so the next unit's rows can be written while the other group's dQ
+    // products still read this unit's.
+    bf16* const ds_s = sm.ds + stage * Smem::kDsElems;
     const bf16* qt_s = sm.qs + stage * Smem::kQueryElems;
     const bf16* dot_s = sm.dos + stage * Smem::kQueryElems;
     if (plan.meet(wg, qt)) {
@@ -491,14 +416,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint32_t zero[4][4] = {};
       store_ds(ds_s, zero);
     }
-    if constexpr (kOneBarrier) {
-      // The next unit's rows (issued a unit ago): this thread's copies have landed, and it fills
-      // the S2 ids of the query rows whose positions it copied itself (the same rows, kThreads).
-      cp_async_wait<0>();
-      if (next < kb.units && masked_unit(next)) fill_s2<kTile>(sm.qpos[stage ^ 1], m, kb.hk);
-    }
-    wgmma::fence_smem();  // the dS^T rows (kOneBarrier: and the next unit's copies), before the products read them
-    __syncthreads();
+    // The next unit's rows (issued at the top): this thread's copies have landed, and it fills
+    // the S2 ids of the query rows whose positions it copied itself (the same rows, kThreads).
+    cp_async_wait<0>();
+    if (next < kb.units && masked_unit(next)) fill_s2<kTile>(sm.qpos[stage ^ 1], m, kb.hk);
+    wgmma::fence_smem();  // the dS^T rows and the next unit's copies, before the products read them
+    __syncthreads();  // the block's one barrier per unit
     // dQ (64 queries x D) += dS K over the keys of the halves that met the tile.
     const bool any = plan.meet(0, qt) || plan.meet(1, qt);
     const bool mine = kD == 128 ? any : plan.meet(wg, qt);
@@ -517,12 +440,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma::wait<0>();
       wgmma::pin(acc);
       const int c0 = kD == 128 ? 64 * wg : 0;
-      add_rows(dq_acc + kb.q_offset(unit, n) + c0, kb.q_stride, 16 * (warp % 4), rows_from(n.T, qt * kTile, kTile),
-               acc, scale);
+      if constexpr (kV4)
+        add_rows_v4(dq_acc + kb.q_offset(unit, n) + c0, kb.q_stride, 16 * (warp % 4),
+                    rows_from(n.T, qt * kTile, kTile), acc, scale);
+      else
+        add_rows(dq_acc + kb.q_offset(unit, n) + c0, kb.q_stride, 16 * (warp % 4), rows_from(n.T, qt * kTile, kTile),
+                 acc, scale);
     }
-    // No barrier before the next unit: this stage is refilled after the next barrier (kOneBarrier:
-    // this unit's), which every group reaches only once its products on the stage are complete.
-    first = false;
+    // No barrier before the next unit: this stage is refilled after this unit's barrier, which
+    // every group reaches only once its products on the stage are complete.
     unit = next;
     stage ^= 1;
   }
@@ -533,19 +459,18 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// LOOM_FLASH_FWD_WS=0: the two-group forward instead of the warp-specialized one (an experiment
-// switch for the same-run A/B; read at each launch).
-bool forward_ws() {
-  const char* e = std::getenv("LOOM_FLASH_FWD_WS");
-  return e == nullptr || std::string(e) != "0";
+// LOOM_FLASH_FWD_PINGPONG=1: the forward's consumer groups take turns issuing products (an
+// experiment switch for the same-run A/B; read at each launch).
+bool forward_ping_pong() {
+  const char* e = std::getenv("LOOM_FLASH_FWD_PINGPONG");
+  return e != nullptr && std::string(e) == "1";
 }
 
-// LOOM_FLASH_BWD_BARRIERS=2: the dK dV kernel with two barriers per unit (rows landed; dS^T
-// exchanged) instead of one with two dS^T tiles (an experiment switch for the same-run A/B; read
-// at each launch).
-bool backward_one_barrier() {
-  const char* e = std::getenv("LOOM_FLASH_BWD_BARRIERS");
-  return e == nullptr || std::string(e) != "2";
+// LOOM_FLASH_DQ_V4=0: dQ added with 8-byte atomics instead of 16-byte ones (an experiment switch
+// for the same-run A/B; read at each launch).
+bool dq_v4() {
+  const char* e = std::getenv("LOOM_FLASH_DQ_V4");
+  return e == nullptr || std::string(e) != "0";
 }
 
 }  // namespace
@@ -555,12 +480,10 @@ void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, cons
                                       float scale, cudaStream_t stream) {
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
-    const bool ws = forward_ws();
-    auto kernel = ws ? flash_forward_sm90_ws_kernel<kD> : flash_forward_sm90_kernel<kD>;
-    const size_t smem = ws ? QuerySmem<kD, 1, true, kWsStages>::bytes(tiles_of(n.S))
-                           : QuerySmem<kD, 1, true, 3>::bytes(tiles_of(n.S));
+    auto kernel = forward_ping_pong() ? flash_forward_sm90_kernel<kD, true> : flash_forward_sm90_kernel<kD, false>;
+    const size_t smem = QuerySmem<kD, 1, true, kKvStages>::bytes(tiles_of(n.S));
     set_smem(kernel, smem);
-    kernel<<<flash_grid(blocks_of(n.T), n.H, n.B), ws ? kWsThreads : kThreads, smem, stream>>>(
+    kernel<<<flash_grid(blocks_of(n.T), n.H, n.B), kForwardThreads, smem, stream>>>(
         static_cast<bf16*>(out), lse, static_cast<const bf16*>(q), static_cast<const bf16*>(k),
         static_cast<const bf16*>(v), n, mask, tb, scale);
     LOOM_CUDA_CHECK(cudaGetLastError());
@@ -576,9 +499,8 @@ void flash::launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void
   const int64_t pair = mask.s2_block == kTile ? mask.s2_stride : 1;
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
-    const bool one = backward_one_barrier();
-    auto kernel = one ? flash_dkdv_sm90_kernel<kD, true> : flash_dkdv_sm90_kernel<kD, false>;
-    const size_t smem = one ? Sm90Smem<kD, 2>::bytes(tiles_of(n.T)) : Sm90Smem<kD, 1>::bytes(tiles_of(n.T));
+    auto kernel = dq_v4() ? flash_dkdv_sm90_kernel<kD, true> : flash_dkdv_sm90_kernel<kD, false>;
+    const size_t smem = Sm90Smem<kD>::bytes(tiles_of(n.T));
     set_smem(kernel, smem);
     const dim3 grid = flash_grid((n.S + kKeys - 1) / kKeys, n.Hkv, n.B);
     kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc,
