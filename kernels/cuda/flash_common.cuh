@@ -712,31 +712,6 @@ __device__ __forceinline__ void add_rows(float* rows, int64_t stride, int row0, 
   }
 }
 
-// add_rows with 16-byte atomics (sm_90; half the atomics, 2 shuffles per 8 columns): lanes t4 and
-// t4 ^ 1 swap halves so that the even lane holds row g's 4 columns 8 nt + 4 (t4 / 2) .. + 3 and
-// the odd lane row g + 8's. rows must be 16-byte aligned, stride a multiple of 4.
-template <int kN>
-__device__ __forceinline__ void add_rows_v4(float* rows, int64_t stride, int row0, int nq, const float (&acc)[kN][4],
-                                            float scale) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const int lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4, odd = t4 & 1;
-  const int r = row0 + g + 8 * odd;
-  float* row = rows + r * stride + 4 * (t4 / 2);
-#pragma unroll
-  for (int nt = 0; nt < kN; ++nt) {
-    // Even lanes send row g + 8's pair and keep row g's; odd lanes the reverse.
-    const float send0 = odd ? acc[nt][0] : acc[nt][2], send1 = odd ? acc[nt][1] : acc[nt][3];
-    const float got0 = __shfl_xor_sync(0xffffffffu, send0, 1), got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
-    const float4 v = odd ? make_float4(got0, got1, acc[nt][2], acc[nt][3])
-                         : make_float4(acc[nt][0], acc[nt][1], got0, got1);
-    if (r < nq)
-      atomicAdd(reinterpret_cast<float4*>(row + 8 * nt), make_float4(scale * v.x, scale * v.y, scale * v.z, scale * v.w));
-  }
-#else
-  add_rows(rows, stride, row0, nq, acc, scale);
-#endif
-}
-
 // ---------------------------------------------------------------- launch helpers
 
 template <typename Kernel>

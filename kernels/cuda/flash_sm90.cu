@@ -31,9 +31,6 @@
 #include "kernels/cuda/wgmma.cuh"
 #include "kernels/cuda/wgmma_check.h"
 
-#include <cstdlib>
-#include <string>
-
 namespace loom::cuda::detail {
 
 namespace {
@@ -110,14 +107,6 @@ template <int kRegs>
 __device__ __forceinline__ void shrink_registers() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
 }
-// Named block barriers over `threads` threads (ids 1..15; 0 is __syncthreads'): wait until that
-// many have arrived (this warp counted), or only add this warp's arrival.
-__device__ __forceinline__ void named_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void named_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
 
 // One committed batch acc (64 x kD) += A B over 64 k: A = the bf16 fragments f, B = the N-major
 // 64-row panel tile b. f must stay unchanged (pin it) until a wait completes the batch.
@@ -163,7 +152,7 @@ constexpr int kForwardThreads = 3 * 128;
 constexpr int kProducerRegs = 56, kConsumerRegs = 224;
 static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kForwardThreads * 168);
 
-template <int kD, bool kPingPong>
+template <int kD>
 __global__ void __launch_bounds__(kForwardThreads, 1)
     flash_forward_sm90_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
                               const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n,
@@ -239,28 +228,16 @@ __global__ void __launch_bounds__(kForwardThreads, 1)
   auto issue_pv = [&] { rs_products<kD>(acc_o, pf, sm.vs + pending * Smem::kKvElems); };
   auto finish_pv = [&] { rs_products_now<kD>(acc_o, pf, sm.vs + pending * Smem::kKvElems); };
   auto release = [&](int st) { mbar_arrive(&bars[kKvStages + st]); };
-  // kPingPong: the groups take turns issuing their products (named barrier 1 + c: group c's
-  // turn), so one group's softmax runs while the other's products do. Group 1 gives group 0 the
-  // first turn; every tile is one turn of each, whether or not the group meets it.
-  auto my_turn = [&] {
-    if constexpr (kPingPong) named_sync(1 + cw, 256);
-  };
-  auto your_turn = [&] {
-    if constexpr (kPingPong) named_arrive(2 - cw, 256);
-  };
-  if (cw == 1) your_turn();
   int64_t i = 0;
   for (int64_t kt = plan.next(0); kt < plan.count; kt = plan.next(kt + 1), ++i) {
     const int st = static_cast<int>(i % kKvStages);
     mbar_wait(&bars[st], static_cast<uint32_t>((i / kKvStages) & 1));
-    my_turn();
     if (!plan.meet(cw, kt)) {  // nothing of this group's rows meets the tile
       if (pending >= 0) {
         finish_pv();
         release(pending);
         pending = -1;
       }
-      your_turn();
       release(st);
       continue;
     }
@@ -271,10 +248,12 @@ __global__ void __launch_bounds__(kForwardThreads, 1)
     for (int kk = 0; kk < kD / 16; ++kk)  // S = Q K^T
       wgmma::wgmma_rs_n64<0>(s, qf[kk], wgmma::kmajor(sm.ks + st * Smem::kKvElems, kTile, 0, 16 * kk));
     wgmma::commit();
-    if (pending >= 0) issue_pv();
-    your_turn();
-    if (pending >= 0) wgmma::wait<1>();
-    else wgmma::wait<0>();
+    if (pending >= 0) {
+      issue_pv();  // the previous tile's O += P V, behind S
+      wgmma::wait<1>();
+    } else {
+      wgmma::wait<0>();
+    }
     wgmma::pin(s);
     if (!plan.plain(cw, kt))
       mask_query_rows(s, m, *sm.qpos, row0, nq, sm.kpos[st], rows_from(n.S, kt * kTile, kTile));
@@ -289,7 +268,6 @@ __global__ void __launch_bounds__(kForwardThreads, 1)
     pending = st;
   }
   if (pending >= 0) finish_pv();
-  if (cw == 0) my_turn();  // group 1's last turn handed over: every arrival met
   finish_query_rows<kD>(acc_o, lse + (blk.b * n.H + blk.h) * n.T + blk.i0, row_max, row_sum, row0, nq, scale);
   store_rows<kD>(out + blk.q_offset, blk.q_stride, row0, nq, acc_o, 1.f);
 #else
@@ -299,7 +277,7 @@ __global__ void __launch_bounds__(kForwardThreads, 1)
 
 // ---------------------------------------------------------------- backward dK dV
 
-template <int kD, bool kV4>
+template <int kD>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_dkdv_sm90_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                            const bf16* __restrict__ dout, const float* __restrict__ lse,
@@ -440,12 +418,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma::wait<0>();
       wgmma::pin(acc);
       const int c0 = kD == 128 ? 64 * wg : 0;
-      if constexpr (kV4)
-        add_rows_v4(dq_acc + kb.q_offset(unit, n) + c0, kb.q_stride, 16 * (warp % 4),
-                    rows_from(n.T, qt * kTile, kTile), acc, scale);
-      else
-        add_rows(dq_acc + kb.q_offset(unit, n) + c0, kb.q_stride, 16 * (warp % 4), rows_from(n.T, qt * kTile, kTile),
-                 acc, scale);
+      add_rows(dq_acc + kb.q_offset(unit, n) + c0, kb.q_stride, 16 * (warp % 4), rows_from(n.T, qt * kTile, kTile),
+               acc, scale);
     }
     // No barrier before the next unit: this stage is refilled after this unit's barrier, which
     // every group reaches only once its products on the stage are complete.
@@ -459,20 +433,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// LOOM_FLASH_FWD_PINGPONG=1: the forward's consumer groups take turns issuing products (an
-// experiment switch for the same-run A/B; read at each launch).
-bool forward_ping_pong() {
-  const char* e = std::getenv("LOOM_FLASH_FWD_PINGPONG");
-  return e != nullptr && std::string(e) == "1";
-}
-
-// LOOM_FLASH_DQ_V4=0: dQ added with 8-byte atomics instead of 16-byte ones (an experiment switch
-// for the same-run A/B; read at each launch).
-bool dq_v4() {
-  const char* e = std::getenv("LOOM_FLASH_DQ_V4");
-  return e == nullptr || std::string(e) != "0";
-}
-
 }  // namespace
 
 void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, const void* k, const void* v,
@@ -480,7 +440,7 @@ void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, cons
                                       float scale, cudaStream_t stream) {
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
-    auto kernel = forward_ping_pong() ? flash_forward_sm90_kernel<kD, true> : flash_forward_sm90_kernel<kD, false>;
+    auto kernel = flash_forward_sm90_kernel<kD>;
     const size_t smem = QuerySmem<kD, 1, true, kKvStages>::bytes(tiles_of(n.S));
     set_smem(kernel, smem);
     kernel<<<flash_grid(blocks_of(n.T), n.H, n.B), kForwardThreads, smem, stream>>>(
@@ -499,7 +459,7 @@ void flash::launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void
   const int64_t pair = mask.s2_block == kTile ? mask.s2_stride : 1;
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
-    auto kernel = dq_v4() ? flash_dkdv_sm90_kernel<kD, true> : flash_dkdv_sm90_kernel<kD, false>;
+    auto kernel = flash_dkdv_sm90_kernel<kD>;
     const size_t smem = Sm90Smem<kD>::bytes(tiles_of(n.T));
     set_smem(kernel, smem);
     const dim3 grid = flash_grid((n.S + kKeys - 1) / kKeys, n.Hkv, n.B);
