@@ -7,6 +7,8 @@
 # at 32K; S2 against dense cuDNN at 128K; the mixer; memcheck; the CUDA
 # parallel tests on one rank; every other CUDA test. NCU=1 adds an ncu pass
 # of the warpgroup forward and dK dV kernels (stall reasons) before the last.
+# SASS=1 adds the warpgroup kernels' machine code (tools/sass_summary.py: size,
+# loops, opcodes; flash_sm90.sass.gz) and ncu's stall samples per instruction.
 # QUICK=1 leaves out the mixer and the other CUDA tests.
 # About 560 s on an H100 with four switches and NCU=1 (QUICK=1: about 80 s less).
 # Logs under $OUT (default /tmp/o).
@@ -58,6 +60,20 @@ if [ -n "${NCU:-}" ]; then  # NCU=1: where the warpgroup kernels stall (16K, one
     grep -E "Duration|Compute \(SM\) Throughput|Eligible Warps|Issued Warp|Registers Per|Achieved Occ|stalled_" $O/ncu-$k.txt |
       grep -vE " 0(\.0+)?$" | head -30
   done
+fi
+if [ -n "${SASS:-}" ]; then  # SASS=1: the warpgroup kernels' machine code, and where their warps wait per instruction
+  cuobjdump --dump-sass $B/kernels/CMakeFiles/loom_kernels.dir/cuda/flash_sm90.cu.o > $O/flash_sm90.sass 2>&1
+  echo "cuobjdump rc $?"; gzip -kf $O/flash_sm90.sass
+  for k in flash_forward_sm90 flash_dkdv_sm90; do
+    timeout 120 ncu --clock-control none -k "regex:$k" --launch-skip 2 --launch-count 1 --section SourceCounters \
+      --section WarpStateStats -f -o $O/src-$k $B/loom-bench --families attention --seq 16384 --reps 10 \
+      --rows "flash fwd+bwd" > $O/ncu-src-$k.log 2>&1
+    echo "ncu source $k rc $?"
+    ncu --import $O/src-$k.ncu-rep --page source --print-source sass --csv > $O/src-$k.csv 2> $O/src-$k.err
+    echo "source page rc $?"; head -c 400 $O/src-$k.err
+    python3 tools/sass_summary.py $O/flash_sm90.sass --kernel "${k}_kernelILi128" --stalls $O/src-$k.csv --top 40
+  done
+  echo "sass $(el)"
 fi
 if [ -z "${QUICK:-}" ]; then
   timeout 200 $B/loom_cuda_tests --gtest_filter='-CudaWgmma*:CudaFlashAttention*' > $O/cuda_tests.log 2>&1
