@@ -606,7 +606,7 @@ struct KeyBlock {
   // First key, valid keys (may be <= 0) and element offset in k-like tensors of half h.
   __device__ int64_t half_j0(int h) const { return j0 + int64_t{h} * step * kTile; }
   __device__ int half_nk(const AttentionDims& n, int h) const { return rows_from(n.S, half_j0(h), kTile); }
-  __device__ int64_t half_offset(const AttentionDims& n, int h) const {
+  __device__ int64_t half_offset(int h) const {
     return kv_offset + (half_j0(h) - j0) * kv_stride;
   }
 
@@ -640,7 +640,7 @@ struct KeyBlock {
   __device__ void store_grads(bf16* dk, bf16* dv, int row0, const float (&acc_dk)[kD / 8][4],
                               const float (&acc_dv)[kD / 8][4], float scale, const AttentionDims& n) const {
     const int h = row0 / kTile, r0 = row0 % kTile;
-    const int64_t at = half_offset(n, h);
+    const int64_t at = half_offset(h);
     store_rows<kD>(dk + at, kv_stride, r0, half_nk(n, h), acc_dk, scale);
     store_rows<kD>(dv + at, kv_stride, r0, half_nk(n, h), acc_dv, 1.f);
   }

@@ -25,6 +25,8 @@
 //   dQ  += dS K       (dS^T of both groups through shared memory, M-major A;
 //                      B = K N-major; D 128: each group 64 columns over the
 //                      128 keys; D 64: each group all columns over its keys)
+// One block barrier per unit, the dS^T exchange (two dS^T tiles, one per
+// stage; the next unit's rows are published by the same barrier).
 // P and dS are rounded to bf16 as in the mma.sync kernels, so results agree
 // with them to fp32 summation order.
 #include "kernels/cuda/flash_common.cuh"
@@ -297,7 +299,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {  // the two 64-key halves (apart when paired)
     const int rows = kb.half_nk(n, h);
-    const int64_t at = rows > 0 ? kb.half_offset(n, h) : kb.kv_offset;
+    const int64_t at = rows > 0 ? kb.half_offset(h) : kb.kv_offset;
     load_panels_async<kD, kTile, kThreads, kKeys>(sm.ks + kTile * 64 * h, k + at, kb.kv_stride, rows);
     load_panels_async<kD, kTile, kThreads, kKeys>(sm.vs + kTile * 64 * h, v + at, kb.kv_stride, rows);
     if (m.q_pos != nullptr) load_vec_async<kTile>(sm.kpos->pos + kTile * h, m.k_pos, kb.half_j0(h), n.S);
