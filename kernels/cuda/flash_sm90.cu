@@ -30,8 +30,13 @@
 // P and dS are rounded to bf16 as in the mma.sync kernels, so results agree
 // with them to fp32 summation order.
 #include "kernels/cuda/flash_common.cuh"
+#include "kernels/cuda/tma.cuh"
+#include "kernels/cuda/tma.h"
 #include "kernels/cuda/wgmma.cuh"
 #include "kernels/cuda/wgmma_check.h"
+
+#include <cstdlib>
+#include <string>
 
 namespace loom::cuda::detail {
 
@@ -80,26 +85,12 @@ struct Sm90Smem {
 };
 
 #if defined(LOOM_WGMMA)
-// ---------------------------------------------------------------- mbarriers, register reallocation
+// ---------------------------------------------------------------- register reallocation
 
-// Shared-memory barriers with arrival counts and phases (mbarrier): init (one thread, before a
-// block barrier), arrive (release), and wait until the phase of the given parity has completed
-// (acquire; a fresh barrier counts its phase of parity 1 as completed).
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(smem_addr(bar))
-               : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nWAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n}\n" ::"r"(smem_addr(bar)),
-      "r"(parity)
-      : "memory");
-}
+using tma::mbar_arrive;
+using tma::mbar_init;
+using tma::mbar_wait;
+
 // This warpgroup's registers per thread from here on (setmaxnreg; every warp of the group runs it).
 template <int kRegs>
 __device__ __forceinline__ void grow_registers() {
@@ -154,11 +145,12 @@ constexpr int kForwardThreads = 3 * 128;
 constexpr int kProducerRegs = 56, kConsumerRegs = 224;
 static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kForwardThreads * 168);
 
-template <int kD>
+template <int kD, bool kTma>
 __global__ void __launch_bounds__(kForwardThreads, 1)
     flash_forward_sm90_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
                               const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n,
-                              AttentionMask m, TileBounds tb, float scale) {
+                              AttentionMask m, TileBounds tb, float scale, const __grid_constant__ CUtensorMap kmap,
+                              const __grid_constant__ CUtensorMap vmap) {
 #if defined(LOOM_WGMMA)
   using Smem = QuerySmem<kD, 1, true, kKvStages>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -173,7 +165,7 @@ __global__ void __launch_bounds__(kForwardThreads, 1)
   cp_async_commit();
   if (threadIdx.x == 0) {
     for (int st = 0; st < kKvStages; ++st) {
-      mbar_init(&bars[st], 128);              // the producer's threads
+      mbar_init(&bars[st], kTma ? 32 : 128);  // the producer's threads (kTma: warp 0's)
       mbar_init(&bars[kKvStages + st], 256);  // the consumers' threads
     }
   }
@@ -183,7 +175,41 @@ __global__ void __launch_bounds__(kForwardThreads, 1)
   wgmma::fence_smem();
   __syncthreads();
 
-  if (wg == 0) {  // producer
+  if (wg == 0 && kTma) {  // producer: warp 0, K/V tiles through the tensor maps, positions with cp.async
+    shrink_registers<kProducerRegs>();
+    if (threadIdx.x >= 32) return;
+    int64_t i = 0, prev_kt = -1;
+    int prev = 0;
+    // This lane's positions of tile t in stage st have landed: S2 ids of the rows it copied, then
+    // its arrival (the stage's phase completes with warp 0's 32 and the tile's bytes).
+    auto publish = [&](int st, int64_t t) {
+      if (m.s2_block > 0 && !(plan.plain(0, t) && plan.plain(1, t))) fill_s2<kTile, 32>(sm.kpos[st], m, blk.hk);
+      mbar_arrive(&bars[st]);
+    };
+    for (int64_t kt = plan.next(0); kt < plan.count; kt = plan.next(kt + 1), ++i) {
+      const int st = static_cast<int>(i % kKvStages);
+      mbar_wait(&bars[kKvStages + st], static_cast<uint32_t>((i / kKvStages) & 1) ^ 1u);
+      if (threadIdx.x == 0) {
+        tma::mbar_expect_tx(&bars[st], 2 * kTile * kD * 2);
+        tma::load_rows<kD, kTile>(sm.ks + st * Smem::kKvElems, &kmap, blk.b, kt * kTile, blk.hk, &bars[st]);
+        tma::load_rows<kD, kTile>(sm.vs + st * Smem::kKvElems, &vmap, blk.b, kt * kTile, blk.hk, &bars[st]);
+      }
+      if (m.q_pos != nullptr) load_vec_async<kTile, 32>(sm.kpos[st].pos, m.k_pos, kt * kTile, n.S);
+      cp_async_commit();
+      if (i > 0) {
+        cp_async_wait<1>();
+        publish(prev, prev_kt);
+      }
+      prev = st;
+      prev_kt = kt;
+    }
+    if (i > 0) {
+      cp_async_wait<0>();
+      publish(prev, prev_kt);
+    }
+    return;
+  }
+  if (wg == 0) {  // producer: every thread copies with cp.async
     shrink_registers<kProducerRegs>();
     int64_t i = 0, prev_kt = -1;
     int prev = 0;
@@ -435,6 +461,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+// LOOM_FLASH_FWD_TMA=0: the forward's producer copies K/V tiles with cp.async from all its 128
+// threads instead of through tensor maps from one (an experiment switch for the same-run A/B; read
+// at each launch).
+bool forward_tma() {
+  const char* e = std::getenv("LOOM_FLASH_FWD_TMA");
+  return e == nullptr || std::string(e) != "0";
+}
+
 }  // namespace
 
 void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, const void* k, const void* v,
@@ -442,12 +476,19 @@ void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, cons
                                       float scale, cudaStream_t stream) {
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
-    auto kernel = flash_forward_sm90_kernel<kD>;
+    const bool tma = forward_tma() && reinterpret_cast<uintptr_t>(k) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(v) % 16 == 0;
+    CUtensorMap kmap{}, vmap{};
+    if (tma) {
+      kmap = rows_tensor_map(k, n.B, n.S, n.Hkv, n.D, kTile);
+      vmap = rows_tensor_map(v, n.B, n.S, n.Hkv, n.D, kTile);
+    }
+    auto kernel = tma ? flash_forward_sm90_kernel<kD, true> : flash_forward_sm90_kernel<kD, false>;
     const size_t smem = QuerySmem<kD, 1, true, kKvStages>::bytes(tiles_of(n.S));
     set_smem(kernel, smem);
     kernel<<<flash_grid(blocks_of(n.T), n.H, n.B), kForwardThreads, smem, stream>>>(
         static_cast<bf16*>(out), lse, static_cast<const bf16*>(q), static_cast<const bf16*>(k),
-        static_cast<const bf16*>(v), n, mask, tb, scale);
+        static_cast<const bf16*>(v), n, mask, tb, scale, kmap, vmap);
     LOOM_CUDA_CHECK(cudaGetLastError());
   });
 }

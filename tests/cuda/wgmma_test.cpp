@@ -91,5 +91,61 @@ TEST(CudaWgmma, EveryOperandFormMatchesTheHostProduct) {
   }
 }
 
+// TMA tiles (kernels/cuda/tma.h, tma.cuh): the shared-memory image of rows copied through a tensor
+// map must be wgmma.cuh's panel tile of those rows, stated here on its own: element (r, c) at
+// (c / 64) 64 R + 64 r + 8 ((c % 64) / 8 ^ r % 8) + c % 8, rows past the sequence zero. Bits are
+// compared exactly (a copy).
+TEST(CudaWgmma, TmaRowTilesAreThePanelLayout) {
+  LOOM_SKIP_WITHOUT_GPU();
+  if (!cuda::detail::wgmma_available()) GTEST_SKIP() << "no sm_90a code in this build or the GPU is not sm_90";
+  const int64_t B = 2, T = 100, H = 3;
+  struct Tile {
+    int64_t dim, b, t0, h;
+  };
+  const Tile tiles[] = {{128, 0, 0, 0}, {128, 1, 64, 2}, {64, 1, 36, 1}, {64, 0, 64, 0}};
+  uint64_t seed = 950;
+  for (const Tile& k : tiles) {
+    SCOPED_TRACE("dim " + std::to_string(k.dim) + ", b " + std::to_string(k.b) + ", t0 " + std::to_string(k.t0) +
+                 ", h " + std::to_string(k.h));
+    Tensor x = testing::random_tensor({B, T, H, k.dim}, ++seed, DType::f32).to(DType::bf16);
+    Tensor out = Tensor::empty({64, k.dim}, DType::bf16, gpu());
+    cuda::detail::launch_tma_rows_check(out.raw_data(), x.to(gpu()).raw_data(), B, T, H, k.dim, k.b, k.t0, k.h,
+                                        static_cast<cudaStream_t>(gpu_stream().handle()));
+    const Tensor got = out.to(Device::cpu());
+    const uint16_t* image = static_cast<const uint16_t*>(got.raw_data());
+    const uint16_t* src = static_cast<const uint16_t*>(x.raw_data());
+    int bad = 0;
+    for (int64_t r = 0; r < 64; ++r)
+      for (int64_t c = 0; c < k.dim && bad < 5; ++c) {
+        const int64_t at = (c / 64) * 64 * 64 + 64 * r + 8 * (((c % 64) / 8) ^ (r % 8)) + c % 8;
+        const int64_t t = k.t0 + r;
+        const uint16_t want = t < T ? src[((k.b * T + t) * H + k.h) * k.dim + c] : 0;
+        if (image[at] != want) {
+          ADD_FAILURE() << "row " << r << ", column " << c << ": bits " << image[at] << ", expected " << want;
+          ++bad;
+        }
+      }
+  }
+}
+
+TEST(CudaWgmma, TmaVectorTilesZeroPastTheEnd) {
+  LOOM_SKIP_WITHOUT_GPU();
+  if (!cuda::detail::wgmma_available()) GTEST_SKIP() << "no sm_90a code in this build or the GPU is not sm_90";
+  const int64_t count = 100;
+  std::vector<int64_t> values(count);
+  for (int64_t i = 0; i < count; ++i) values[static_cast<size_t>(i)] = 7 * i + 3 - (i % 5) * (int64_t{1} << 40);
+  const Tensor v = Tensor::from_vector(values, {count}).to(gpu());
+  for (int64_t start : {int64_t{0}, int64_t{64}}) {
+    SCOPED_TRACE("start " + std::to_string(start));
+    Tensor out = Tensor::empty({64}, DType::i64, gpu());
+    cuda::detail::launch_tma_vector_check(out.data<int64_t>(), v.data<int64_t>(), count, start,
+                                          static_cast<cudaStream_t>(gpu_stream().handle()));
+    const std::vector<int64_t> got = out.to(Device::cpu()).to_vector<int64_t>();
+    for (int64_t i = 0; i < 64; ++i)
+      EXPECT_EQ(got[static_cast<size_t>(i)], start + i < count ? values[static_cast<size_t>(start + i)] : 0)
+          << "element " << start + i;
+  }
+}
+
 }  // namespace
 }  // namespace loom
