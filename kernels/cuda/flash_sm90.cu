@@ -130,6 +130,92 @@ __device__ __forceinline__ void rs_batch(float (&acc)[kD / 8][4], uint32_t (&f)[
   c_to_a(f, c);
   rs_products<kD>(acc, f, b);
 }
+
+// ---------------------------------------------------------------- dK dV group steps
+
+// This warp's 16 rows of dS^T (rows row0.. of the block; bf16 pairs as A fragments: f[kk][j] holds
+// key row g + 8 (j & 1), query columns 16 kk + 8 (j >> 1) + 2 t4, + 1) into the shared tile ds.
+__device__ __forceinline__ void store_ds(bf16* ds, const uint32_t (&f)[4][4], int row0) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      *reinterpret_cast<uint32_t*>(
+          ds + wgmma::panel_index(row0 + g + 8 * (j & 1), 16 * kk + 8 * (j >> 1) + 2 * t4, kKeys)) = f[kk][j];
+}
+
+// A unit's rows in shared memory as a key group reads them: Q and dO (64-row panel tiles), lse,
+// delta and positions of the query tile.
+struct UnitRows {
+  const bf16* q;
+  const bf16* dout;
+  const float* lse;
+  const float* delta;
+  const RowPos<kTile>* qpos;
+  int nq;  // valid query rows
+};
+
+// Key group wg's products on one unit (its 64 keys, rows row0.. of the warp): S^T = K Q^T and
+// dP^T = V dO^T, P, dV += P^T dO, dS, dK += dS^T Q, and its dS^T rows into ds. Returns once every
+// product is done (the unit's rows are free).
+template <int kD>
+__device__ __forceinline__ void key_group_unit(float (&acc_dk)[kD / 8][4], float (&acc_dv)[kD / 8][4],
+                                               const bf16* ks, const bf16* vs, const UnitRows& u, bf16* ds,
+                                               float scale_log2, bool masked, const AttentionMask& m,
+                                               const RowPos<kKeys>& kpos, int wg, int row0, int nk) {
+  float st[8][4] = {}, dpt[8][4] = {};
+  wgmma::pin(st);
+  wgmma::pin(dpt);
+  wgmma::fence();
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk)  // S^T = K Q^T
+    wgmma::wgmma_ss_n64<0, 0>(st, wgmma::kmajor(ks, kKeys, 64 * wg, 16 * kk), wgmma::kmajor(u.q, kTile, 0, 16 * kk));
+  wgmma::commit();
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk)  // dP^T = V dO^T
+    wgmma::wgmma_ss_n64<0, 0>(dpt, wgmma::kmajor(vs, kKeys, 64 * wg, 16 * kk),
+                              wgmma::kmajor(u.dout, kTile, 0, 16 * kk));
+  wgmma::commit();
+  wgmma::wait<1>();  // S^T is done; dP^T may still run
+  wgmma::pin(st);
+  key_rows_probabilities(st, u.lse, scale_log2, masked, m, *u.qpos, u.nq, kpos, row0, nk);
+  uint32_t pf[4][4];
+  rs_batch<kD>(acc_dv, pf, st, u.dout);  // dV += P^T dO
+  wgmma::wait<1>();  // dP^T is done; dV may still run
+  wgmma::pin(pf);    // live until here: dV's products may still read them
+  wgmma::pin(dpt);
+  key_rows_score_grad(dpt, st, u.delta);  // dS^T
+  uint32_t dsf[4][4];
+  rs_batch<kD>(acc_dk, dsf, dpt, u.q);  // dK += dS^T Q
+  store_ds(ds, dsf, row0);
+  wgmma::wait<0>();  // dV and dK have read the unit's rows
+  wgmma::pin(pf);
+  wgmma::pin(dsf);
+  wgmma::pin(acc_dv);
+  wgmma::pin(acc_dk);
+}
+
+// dQ (64 queries x D) += dS K over the keys of both groups' dS^T tile ds (D 128: this group's 64
+// columns; D 64: all columns over this group's keys), added into the unit's fp32 rows dq (row
+// stride `stride`, nq valid) with atomics. ds must be complete and visible (after a barrier).
+template <int kD>
+__device__ __forceinline__ void key_group_dq(float* dq, int64_t stride, int nq, const bf16* ds, const bf16* ks, int wg,
+                                             int warp_in_group, float scale) {
+  float acc[8][4] = {};
+  wgmma::pin(acc);
+  wgmma::fence();
+  constexpr int kSteps = kD == 128 ? kKeys / 16 : 4;
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {
+    const int kk = kD == 128 ? s : 4 * wg + s;  // D 64: this group's keys only
+    wgmma::wgmma_ss_n64<1, 1>(acc, wgmma::mnmajor(ds, kKeys, 16 * kk), wgmma::mnmajor(ks, kKeys, 16 * kk, kD == 128 ? wg : 0));
+  }
+  wgmma::commit();
+  wgmma::wait<0>();
+  wgmma::pin(acc);
+  add_rows(dq + (kD == 128 ? 64 * wg : 0), stride, 16 * warp_in_group, nq, acc, scale);
+}
 #endif
 
 // ---------------------------------------------------------------- forward
@@ -318,7 +404,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   using Smem = Sm90Smem<kD>;
   const Smem sm(smem_raw);
   const KeyBlock kb(n, kKeys, pair);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  const int warp = threadIdx.x / 32;
   const int wg = warp / 4, row0 = 16 * warp;  // this warp's group (64-key half) and first key
   const int nk = kb.nk;
 
@@ -339,17 +425,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     load_panels_async<kD, kTile>(sm.dos + stage * Smem::kQueryElems, dout + at, kb.q_stride, nq);
     kb.issue_vectors<kThreads>(sm.qpos[stage], sm.lse + stage * kTile, sm.delta + stage * kTile, lse, delta, unit,
                                n, m);
-  };
-
-  // This warp's 16 rows of dS^T (bf16 pairs as A fragments: f[kk][j] holds key row g + 8 (j & 1),
-  // query columns 16 kk + 8 (j >> 1) + 2 t4, + 1) into the shared tile.
-  auto store_ds = [&](bf16* ds, const uint32_t (&f)[4][4]) {
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-        *reinterpret_cast<uint32_t*>(
-            ds + wgmma::panel_index(row0 + g + 8 * (j & 1), 16 * kk + 8 * (j >> 1) + 2 * t4, kKeys)) = f[kk][j];
   };
 
   const float scale_log2 = scale * kLog2e;
@@ -380,47 +455,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     // One dS^T tile per stage, so the next unit's rows can be written while the other group's dQ
     // products still read this unit's.
     bf16* const ds_s = sm.ds + stage * Smem::kDsElems;
-    const bf16* qt_s = sm.qs + stage * Smem::kQueryElems;
-    const bf16* dot_s = sm.dos + stage * Smem::kQueryElems;
+    const UnitRows rows{sm.qs + stage * Smem::kQueryElems, sm.dos + stage * Smem::kQueryElems,
+                        sm.lse + stage * kTile, sm.delta + stage * kTile, &sm.qpos[stage],
+                        rows_from(n.T, qt * kTile, kTile)};
     if (plan.meet(wg, qt)) {
-      const int nq = rows_from(n.T, qt * kTile, kTile);
-      float st[8][4] = {}, dpt[8][4] = {};
-      wgmma::pin(st);
-      wgmma::pin(dpt);
-      wgmma::fence();
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk)  // S^T = K Q^T
-        wgmma::wgmma_ss_n64<0, 0>(st, wgmma::kmajor(sm.ks, kKeys, 64 * wg, 16 * kk),
-                                  wgmma::kmajor(qt_s, kTile, 0, 16 * kk));
-      wgmma::commit();
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk)  // dP^T = V dO^T
-        wgmma::wgmma_ss_n64<0, 0>(dpt, wgmma::kmajor(sm.vs, kKeys, 64 * wg, 16 * kk),
-                                  wgmma::kmajor(dot_s, kTile, 0, 16 * kk));
-      wgmma::commit();
-      wgmma::wait<1>();  // S^T is done; dP^T may still run
-      wgmma::pin(st);
-      key_rows_probabilities(st, sm.lse + stage * kTile, scale_log2, !plan.plain(wg, qt), m, sm.qpos[stage], nq,
-                             *sm.kpos, row0, nk);
-      uint32_t pf[4][4];
-      rs_batch<kD>(acc_dv, pf, st, dot_s);  // dV += P^T dO
-      wgmma::wait<1>();  // dP^T is done; dV may still run
-      wgmma::pin(pf);    // live until here: dV's products may still read them
-      wgmma::pin(dpt);
-      key_rows_score_grad(dpt, st, sm.delta + stage * kTile);  // dS^T
-      uint32_t dsf[4][4];
-      rs_batch<kD>(acc_dk, dsf, dpt, qt_s);  // dK += dS^T Q
-      store_ds(ds_s, dsf);
-      wgmma::wait<0>();  // dV and dK have read this stage's rows (the next refill follows the barrier)
-      wgmma::pin(pf);
-      wgmma::pin(dsf);
-      wgmma::pin(acc_dv);
-      wgmma::pin(acc_dk);
+      key_group_unit<kD>(acc_dk, acc_dv, sm.ks, sm.vs, rows, ds_s, scale_log2, !plan.plain(wg, qt), m, *sm.kpos, wg,
+                         row0, nk);
     } else if (kD == 128 && (plan.meet(0, qt) || plan.meet(1, qt))) {
       // The other group's dQ products read these rows too: zeros instead of a skip inside the
       // product loop (a conditional product makes ptxas serialize every product of the kernel).
       const uint32_t zero[4][4] = {};
-      store_ds(ds_s, zero);
+      store_ds(ds_s, zero, row0);
     }
     // The next unit's rows (issued at the top): this thread's copies have landed, and it fills
     // the S2 ids of the query rows whose positions it copied itself (the same rows, kThreads).
@@ -428,27 +473,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (next < kb.units && masked_unit(next)) fill_s2<kTile>(sm.qpos[stage ^ 1], m, kb.hk);
     wgmma::fence_smem();  // the dS^T rows and the next unit's copies, before the products read them
     __syncthreads();  // the block's one barrier per unit
-    // dQ (64 queries x D) += dS K over the keys of the halves that met the tile.
+    // dQ of the unit over the keys of the halves that met the tile.
     const bool any = plan.meet(0, qt) || plan.meet(1, qt);
-    const bool mine = kD == 128 ? any : plan.meet(wg, qt);
-    if (mine) {
-      float acc[8][4] = {};
-      wgmma::pin(acc);
-      wgmma::fence();
-      constexpr int kSteps = kD == 128 ? kKeys / 16 : 4;
-#pragma unroll
-      for (int s = 0; s < kSteps; ++s) {
-        const int kk = kD == 128 ? s : 4 * wg + s;  // D 64: this group's keys only
-        wgmma::wgmma_ss_n64<1, 1>(acc, wgmma::mnmajor(ds_s, kKeys, 16 * kk),
-                                  wgmma::mnmajor(sm.ks, kKeys, 16 * kk, kD == 128 ? wg : 0));
-      }
-      wgmma::commit();
-      wgmma::wait<0>();
-      wgmma::pin(acc);
-      const int c0 = kD == 128 ? 64 * wg : 0;
-      add_rows(dq_acc + kb.q_offset(unit, n) + c0, kb.q_stride, 16 * (warp % 4), rows_from(n.T, qt * kTile, kTile),
-               acc, scale);
-    }
+    if (kD == 128 ? any : plan.meet(wg, qt))
+      key_group_dq<kD>(dq_acc + kb.q_offset(unit, n), kb.q_stride, rows.nq, ds_s, sm.ks, wg, warp % 4, scale);
     // No barrier before the next unit: this stage is refilled after this unit's barrier, which
     // every group reaches only once its products on the stage are complete.
     unit = next;
@@ -459,6 +487,139 @@ __global__ void __launch_bounds__(kThreads, 1)
 #else
   __trap();  // launched only where wgmma_available()
 #endif
+}
+
+// ---------------------------------------------------------------- backward dK dV, warp-specialized
+
+// The same blocks and math as flash_dkdv_sm90_kernel, with a producer warpgroup: its warp 0 copies
+// each unit's Q and dO tiles through tensor maps (one thread) and its positions, lse and delta with
+// cp.async (the lanes that copied a masked unit's positions fill their S2 ids) into 2 stages,
+// published through "full" mbarriers (warp 0's 32 arrivals and the tiles' bytes). The two key
+// groups wait on them, hand a stage back through an "empty" mbarrier once their products on it are
+// done, and exchange dS^T through a named barrier of their 256 threads. Registers: 24 producer,
+// 240 consumer (168 at launch): without the copies' address arithmetic the key groups' products fit.
+constexpr int kBwdThreads = 3 * 128;
+constexpr int kBwdProducerRegs = 24, kBwdConsumerRegs = 240;
+static_assert(128 * kBwdProducerRegs + 256 * kBwdConsumerRegs <= kBwdThreads * 168);
+
+// Named barrier 1 over the key groups' 256 threads (0 is __syncthreads').
+__device__ __forceinline__ void key_groups_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+
+template <int kD>
+__global__ void __launch_bounds__(kBwdThreads, 1)
+    flash_dkdv_sm90_ws_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
+                              const float* __restrict__ lse, const float* __restrict__ delta,
+                              const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n, AttentionMask m,
+                              TileBounds tb, float scale, int64_t pair, const __grid_constant__ CUtensorMap qmap,
+                              const __grid_constant__ CUtensorMap dmap) {
+#if defined(LOOM_WGMMA)
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  using Smem = Sm90Smem<kD>;
+  __shared__ uint64_t bars[4];  // full[stage], then empty[stage]
+  const Smem sm(smem_raw);
+  const KeyBlock kb(n, kKeys, pair);
+  const int wg = threadIdx.x / 128;
+
+  // Prologue, every thread: the block's keys and their positions, the barriers, the plan.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {  // the two 64-key halves (apart when paired)
+    const int rows = kb.half_nk(n, h);
+    const int64_t at = rows > 0 ? kb.half_offset(h) : kb.kv_offset;
+    load_panels_async<kD, kTile, kBwdThreads, kKeys>(sm.ks + kTile * 64 * h, k + at, kb.kv_stride, rows);
+    load_panels_async<kD, kTile, kBwdThreads, kKeys>(sm.vs + kTile * 64 * h, v + at, kb.kv_stride, rows);
+    if (m.q_pos != nullptr)
+      load_vec_async<kTile, kBwdThreads>(sm.kpos->pos + kTile * h, m.k_pos, kb.half_j0(h), n.S);
+  }
+  cp_async_commit();
+  if (threadIdx.x == 0) {
+    for (int st = 0; st < 2; ++st) {
+      mbar_init(&bars[st], 32);       // the producer's warp 0
+      mbar_init(&bars[2 + st], 256);  // the key groups' threads
+    }
+  }
+  const TilePlan plan = kb.plan<kBwdThreads, 2>(sm.plan, n, m, tb);  // ends with a barrier
+  cp_async_wait<0>();
+  wgmma::fence_smem();
+  __syncthreads();
+  if (m.s2_block > 0) {
+    fill_s2<kKeys, kBwdThreads>(*sm.kpos, m, kb.hk);
+    __syncthreads();
+  }
+
+  if (wg == 0) {  // producer
+    shrink_registers<kBwdProducerRegs>();
+    if (threadIdx.x >= 32) return;
+    int64_t i = 0, prev_unit = -1;
+    // This lane's vectors of unit u in stage st have landed: S2 ids of the rows it copied when the
+    // unit needs them, then its arrival.
+    auto publish = [&](int st, int64_t u) {
+      const int64_t t = u % kb.q_tiles;
+      if (m.s2_block > 0 && !(plan.plain(0, t) && plan.plain(1, t))) fill_s2<kTile, 32>(sm.qpos[st], m, kb.hk);
+      mbar_arrive(&bars[st]);
+    };
+    for (int64_t unit = kb.next(plan, 0); unit < kb.units; unit = kb.next(plan, unit + 1), ++i) {
+      const int st = static_cast<int>(i & 1);
+      mbar_wait(&bars[2 + st], static_cast<uint32_t>((i >> 1) & 1) ^ 1u);
+      if (threadIdx.x == 0) {
+        const int64_t t0 = (unit % kb.q_tiles) * kTile, h = kb.head(unit);
+        tma::mbar_expect_tx(&bars[st], 2 * kTile * kD * 2);
+        tma::load_rows<kD, kTile>(sm.qs + st * Smem::kQueryElems, &qmap, kb.b, t0, h, &bars[st]);
+        tma::load_rows<kD, kTile>(sm.dos + st * Smem::kQueryElems, &dmap, kb.b, t0, h, &bars[st]);
+      }
+      kb.issue_vectors<32>(sm.qpos[st], sm.lse + st * kTile, sm.delta + st * kTile, lse, delta, unit, n, m);
+      cp_async_commit();
+      if (i > 0) {
+        cp_async_wait<1>();
+        publish(st ^ 1, prev_unit);
+      }
+      prev_unit = unit;
+    }
+    if (i > 0) {
+      cp_async_wait<0>();
+      publish(static_cast<int>((i - 1) & 1), prev_unit);
+    }
+    return;
+  }
+
+  grow_registers<kBwdConsumerRegs>();
+  const int warp = threadIdx.x / 32 - 4, cw = wg - 1, row0 = 16 * warp;  // key group, its warp's first key
+  const float scale_log2 = scale * kLog2e;
+  float acc_dk[kD / 8][4] = {}, acc_dv[kD / 8][4] = {};
+  int64_t i = 0;
+  for (int64_t unit = kb.next(plan, 0); unit < kb.units; unit = kb.next(plan, unit + 1), ++i) {
+    const int st = static_cast<int>(i & 1);
+    const int64_t qt = unit % kb.q_tiles;
+    mbar_wait(&bars[st], static_cast<uint32_t>((i >> 1) & 1));
+    // One dS^T tile per stage: a group writes this one only after the barrier of the unit before,
+    // which the other group reaches once its dQ products on it (two units back) are done.
+    bf16* const ds_s = sm.ds + st * Smem::kDsElems;
+    const UnitRows rows{sm.qs + st * Smem::kQueryElems, sm.dos + st * Smem::kQueryElems, sm.lse + st * kTile,
+                        sm.delta + st * kTile, &sm.qpos[st], rows_from(n.T, qt * kTile, kTile)};
+    if (plan.meet(cw, qt)) {
+      key_group_unit<kD>(acc_dk, acc_dv, sm.ks, sm.vs, rows, ds_s, scale_log2, !plan.plain(cw, qt), m, *sm.kpos, cw,
+                         row0, kb.nk);
+    } else if (kD == 128 && (plan.meet(0, qt) || plan.meet(1, qt))) {
+      const uint32_t zero[4][4] = {};  // the other group's dQ products read these rows too
+      store_ds(ds_s, zero, row0);
+    }
+    mbar_arrive(&bars[2 + st]);  // this thread's products on the stage's rows are done
+    wgmma::fence_smem();         // the dS^T rows, before the products read them
+    key_groups_sync();
+    const bool any = plan.meet(0, qt) || plan.meet(1, qt);
+    if (kD == 128 ? any : plan.meet(cw, qt))
+      key_group_dq<kD>(dq_acc + kb.q_offset(unit, n), kb.q_stride, rows.nq, ds_s, sm.ks, cw, warp % 4, scale);
+  }
+  kb.store_grads<kD>(dk, dv, row0, acc_dk, acc_dv, scale, n);
+#else
+  __trap();  // launched only where wgmma_available()
+#endif
+}
+
+// LOOM_FLASH_BWD_WS=0: the two-group dK dV kernel (its threads copy every unit's rows) instead of
+// the warp-specialized one (an experiment switch for the same-run A/B; read at each launch).
+bool backward_ws() {
+  const char* e = std::getenv("LOOM_FLASH_BWD_WS");
+  return e == nullptr || std::string(e) != "0";
 }
 
 // LOOM_FLASH_FWD_TMA=0: the forward's producer copies K/V tiles with cp.async from all its 128
@@ -502,10 +663,20 @@ void flash::launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void
   const int64_t pair = mask.s2_block == kTile ? mask.s2_stride : 1;
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
-    auto kernel = flash_dkdv_sm90_kernel<kD>;
     const size_t smem = Sm90Smem<kD>::bytes(tiles_of(n.T));
-    set_smem(kernel, smem);
     const dim3 grid = flash_grid((n.S + kKeys - 1) / kKeys, n.Hkv, n.B);
+    if (backward_ws() && reinterpret_cast<uintptr_t>(q) % 16 == 0 && reinterpret_cast<uintptr_t>(dout) % 16 == 0) {
+      const CUtensorMap qmap = rows_tensor_map(q, n.B, n.T, n.H, n.D, kTile);
+      const CUtensorMap dmap = rows_tensor_map(dout, n.B, n.T, n.H, n.D, kTile);
+      set_smem(flash_dkdv_sm90_ws_kernel<kD>, smem);
+      flash_dkdv_sm90_ws_kernel<kD><<<grid, kBwdThreads, smem, stream>>>(
+          static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc, lse, delta, static_cast<const bf16*>(k),
+          static_cast<const bf16*>(v), n, mask, tb, scale, pair, qmap, dmap);
+      LOOM_CUDA_CHECK(cudaGetLastError());
+      return;
+    }
+    auto kernel = flash_dkdv_sm90_kernel<kD>;
+    set_smem(kernel, smem);
     kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc,
                                              static_cast<const bf16*>(dout), lse, delta, static_cast<const bf16*>(q),
                                              static_cast<const bf16*>(k), static_cast<const bf16*>(v), n, mask, tb,
