@@ -64,14 +64,16 @@ fi
 if [ -n "${SASS:-}" ]; then  # SASS=1: the warpgroup kernels' machine code, and where their warps wait per instruction
   cuobjdump --dump-sass $B/kernels/CMakeFiles/loom_kernels.dir/cuda/flash_sm90.cu.o > $O/flash_sm90.sass 2>&1
   echo "cuobjdump rc $?"; gzip -kf $O/flash_sm90.sass
-  for k in flash_forward_sm90 flash_dkdv_sm90; do
+  # Each entry: the mangled name's start of one kernel that runs by default (its ncu name: up to "ILi").
+  for sk in ${SASS_KERNELS:-flash_forward_sm90_kernelILi128ELb1 flash_dkdv_sm90_ws_kernelILi128}; do
+    k=${sk%%ILi*}
     timeout 120 ncu --clock-control none -k "regex:$k" --launch-skip 2 --launch-count 1 --section SourceCounters \
       --section WarpStateStats -f -o $O/src-$k $B/loom-bench --families attention --seq 16384 --reps 10 \
       --rows "flash fwd+bwd" > $O/ncu-src-$k.log 2>&1
     echo "ncu source $k rc $?"
     ncu --import $O/src-$k.ncu-rep --page source --print-source sass --csv > $O/src-$k.csv 2> $O/src-$k.err
     echo "source page rc $?"; head -c 400 $O/src-$k.err
-    python3 tools/sass_summary.py $O/flash_sm90.sass --kernel "${k}_kernelILi128" --stalls $O/src-$k.csv --top 40
+    python3 tools/sass_summary.py $O/flash_sm90.sass --kernel "$sk" --stalls $O/src-$k.csv --top 40
   done
   echo "sass $(el)"
 fi
