@@ -254,6 +254,7 @@ __global__ void __launch_bounds__(kForwardThreads, 1)
       mbar_init(&bars[st], kTma ? 32 : 128);  // the producer's threads (kTma: warp 0's)
       mbar_init(&bars[kKvStages + st], 256);  // the consumers' threads
     }
+    tma::mbar_init_fence();
   }
   const TilePlan plan = query_block_plan<kForwardThreads>(sm.plan, blk, n, m, tb);  // ends with a barrier
   cp_async_wait<0>();
@@ -536,6 +537,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
       mbar_init(&bars[st], 32);       // the producer's warp 0
       mbar_init(&bars[2 + st], 256);  // the key groups' threads
     }
+    tma::mbar_init_fence();
   }
   const TilePlan plan = kb.plan<kBwdThreads, 2>(sm.plan, n, m, tb);  // ends with a barrier
   cp_async_wait<0>();

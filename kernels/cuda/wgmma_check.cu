@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(32) tma_check_kernel(const __grid_constant__ C
   __shared__ uint64_t bar;
   if (threadIdx.x == 0) {
     tma::mbar_init(&bar, 1);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    tma::mbar_init_fence();
   }
   __syncthreads();
   if (threadIdx.x == 0) {
