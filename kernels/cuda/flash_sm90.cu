@@ -47,12 +47,13 @@ using namespace flash;
 constexpr int kKeys = 128;  // keys per block: 2 warpgroups x 64
 
 // Shared memory: the block's K and V (128 rows), 2 stages of Q and dO (64 rows) and of dS^T
-// (128 keys x 64 queries), all panel tiles from a 1024-byte aligned base; then positions, lse,
-// delta and the plan.
-template <int kD>
+// (128 keys x 64 queries), all panel tiles from a 1024-byte aligned base; kDqTile: an fp32 dQ tile
+// (64 x kD, tma.cuh's f32_panel_index); then positions, lse, delta and the plan.
+template <int kD, bool kDqTile = false>
 struct Sm90Smem {
   static constexpr int kKeyElems = kKeys * kD, kQueryElems = kTile * kD, kDsElems = kKeys * kTile;
-  static constexpr size_t kTiles = sizeof(bf16) * (2 * kKeyElems + 4 * kQueryElems + 2 * kDsElems);
+  static constexpr size_t kTiles = sizeof(bf16) * (2 * kKeyElems + 4 * kQueryElems + 2 * kDsElems) +
+                                   (kDqTile ? sizeof(float) * kTile * kD : 0);
   static constexpr size_t kBase =
       kTiles + sizeof(RowPos<kKeys>) + 2 * sizeof(RowPos<kTile>) + 2 * 2 * kTile * sizeof(float);
   static_assert(kTiles % 1024 == 0);
@@ -63,6 +64,7 @@ struct Sm90Smem {
   bf16* qs;   // 2 stages
   bf16* dos;  // 2 stages
   bf16* ds;   // 2 stages
+  float* dq;  // kDqTile
   RowPos<kKeys>* kpos;
   RowPos<kTile>* qpos;  // 2 stages
   float* lse;           // 2 stages x 64
@@ -76,7 +78,8 @@ struct Sm90Smem {
     qs = vs + kKeyElems;
     dos = qs + 2 * kQueryElems;
     ds = dos + 2 * kQueryElems;
-    kpos = reinterpret_cast<RowPos<kKeys>*>(ds + 2 * kDsElems);
+    dq = reinterpret_cast<float*>(ds + 2 * kDsElems);
+    kpos = reinterpret_cast<RowPos<kKeys>*>(dq + (kDqTile ? kTile * kD : 0));
     qpos = reinterpret_cast<RowPos<kTile>*>(kpos + 1);
     lse = reinterpret_cast<float*>(qpos + 2);
     delta = lse + 2 * kTile;
@@ -200,9 +203,7 @@ __device__ __forceinline__ void key_group_unit(float (&acc_dk)[kD / 8][4], float
 // columns; D 64: all columns over this group's keys), added into the unit's fp32 rows dq (row
 // stride `stride`, nq valid) with atomics. ds must be complete and visible (after a barrier).
 template <int kD>
-__device__ __forceinline__ void key_group_dq(float* dq, int64_t stride, int nq, const bf16* ds, const bf16* ks, int wg,
-                                             int warp_in_group, float scale) {
-  float acc[8][4] = {};
+__device__ __forceinline__ void key_group_dq_products(float (&acc)[8][4], const bf16* ds, const bf16* ks, int wg) {
   wgmma::pin(acc);
   wgmma::fence();
   constexpr int kSteps = kD == 128 ? kKeys / 16 : 4;
@@ -214,7 +215,27 @@ __device__ __forceinline__ void key_group_dq(float* dq, int64_t stride, int nq, 
   wgmma::commit();
   wgmma::wait<0>();
   wgmma::pin(acc);
+}
+template <int kD>
+__device__ __forceinline__ void key_group_dq(float* dq, int64_t stride, int nq, const bf16* ds, const bf16* ks, int wg,
+                                             int warp_in_group, float scale) {
+  float acc[8][4] = {};
+  key_group_dq_products<kD>(acc, ds, ks, wg);
   add_rows(dq + (kD == 128 ? 64 * wg : 0), stride, 16 * warp_in_group, nq, acc, scale);
+}
+// D 128: this warp's part of its group's 64 dQ columns (times scale) into the fp32 tile (64 x 128,
+// f32_panel_index) that a reduce-add carries to global memory.
+__device__ __forceinline__ void store_dq_tile(float* tile, const float (&acc)[8][4], int wg, int warp_in_group,
+                                              float scale) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const int r = 16 * warp_in_group + g + 8 * hr, c = 64 * wg + 8 * nt + 2 * t4;
+      *reinterpret_cast<float2*>(tile + tma::f32_panel_index<kTile>(r, c)) =
+          make_float2(scale * acc[nt][2 * hr], scale * acc[nt][2 * hr + 1]);
+    }
 }
 #endif
 
@@ -499,6 +520,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 // groups wait on them, hand a stage back through an "empty" mbarrier once their products on it are
 // done, and exchange dS^T through a named barrier of their 256 threads. Registers: 24 producer,
 // 240 consumer (168 at launch): without the copies' address arithmetic the key groups' products fit.
+// kDqWarp (D 128): the key groups put each unit's dQ into a shared fp32 tile instead of adding it
+// with atomics, and the producer's warp 1 adds the tile to global memory with TMA reduce-adds
+// ("dq full" / "dq empty" mbarriers), so the groups never wait for the adds.
 constexpr int kBwdThreads = 3 * 128;
 constexpr int kBwdProducerRegs = 24, kBwdConsumerRegs = 240;
 static_assert(128 * kBwdProducerRegs + 256 * kBwdConsumerRegs <= kBwdThreads * 168);
@@ -506,17 +530,18 @@ static_assert(128 * kBwdProducerRegs + 256 * kBwdConsumerRegs <= kBwdThreads * 1
 // Named barrier 1 over the key groups' 256 threads (0 is __syncthreads').
 __device__ __forceinline__ void key_groups_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
 
-template <int kD>
+template <int kD, bool kDqWarp>
 __global__ void __launch_bounds__(kBwdThreads, 1)
     flash_dkdv_sm90_ws_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                               const float* __restrict__ lse, const float* __restrict__ delta,
                               const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n, AttentionMask m,
                               TileBounds tb, float scale, int64_t pair, const __grid_constant__ CUtensorMap qmap,
-                              const __grid_constant__ CUtensorMap dmap) {
+                              const __grid_constant__ CUtensorMap dmap, const __grid_constant__ CUtensorMap dqmap) {
 #if defined(LOOM_WGMMA)
+  static_assert(!kDqWarp || kD == 128);
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  using Smem = Sm90Smem<kD>;
-  __shared__ uint64_t bars[4];  // full[stage], then empty[stage]
+  using Smem = Sm90Smem<kD, kDqWarp>;
+  __shared__ uint64_t bars[6];  // full[stage], empty[stage], dq full, dq empty
   const Smem sm(smem_raw);
   const KeyBlock kb(n, kKeys, pair);
   const int wg = threadIdx.x / 128;
@@ -537,6 +562,8 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
       mbar_init(&bars[st], 32);       // the producer's warp 0
       mbar_init(&bars[2 + st], 256);  // the key groups' threads
     }
+    mbar_init(&bars[4], 256);  // the key groups' threads
+    mbar_init(&bars[5], 1);    // the dQ warp's lane 0
     tma::mbar_init_fence();
   }
   const TilePlan plan = kb.plan<kBwdThreads, 2>(sm.plan, n, m, tb);  // ends with a barrier
@@ -550,6 +577,19 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
 
   if (wg == 0) {  // producer
     shrink_registers<kBwdProducerRegs>();
+    if (kDqWarp && threadIdx.x / 32 == 1) {  // the dQ warp
+      int64_t i = 0;
+      for (int64_t unit = kb.next(plan, 0); unit < kb.units; unit = kb.next(plan, unit + 1), ++i) {
+        mbar_wait(&bars[4], static_cast<uint32_t>(i & 1));
+        if (threadIdx.x == 32) {
+          tma::add_rows_f32<kD, kTile>(sm.dq, &dqmap, 0, kb.b, (unit % kb.q_tiles) * kTile, kb.head(unit));
+          tma::wait_bulk_reads();  // the tile may be rewritten
+          mbar_arrive(&bars[5]);
+        }
+      }
+      if (threadIdx.x == 32) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");  // the adds done
+      return;
+    }
     if (threadIdx.x >= 32) return;
     int64_t i = 0, prev_unit = -1;
     // This lane's vectors of unit u in stage st have landed: S2 ids of the rows it copied when the
@@ -607,9 +647,18 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
     mbar_arrive(&bars[2 + st]);  // this thread's products on the stage's rows are done
     wgmma::fence_smem();         // the dS^T rows, before the products read them
     key_groups_sync();
-    const bool any = plan.meet(0, qt) || plan.meet(1, qt);
-    if (kD == 128 ? any : plan.meet(cw, qt))
-      key_group_dq<kD>(dq_acc + kb.q_offset(unit, n), kb.q_stride, rows.nq, ds_s, sm.ks, cw, warp % 4, scale);
+    if constexpr (kDqWarp) {  // every unit meets one group at least: both groups fill their columns
+      float acc[8][4] = {};
+      key_group_dq_products<kD>(acc, ds_s, sm.ks, cw);
+      mbar_wait(&bars[5], static_cast<uint32_t>(i & 1) ^ 1u);  // the dQ warp has read the last tile
+      store_dq_tile(sm.dq, acc, cw, warp % 4, scale);
+      wgmma::fence_smem();  // visible to the reduce-add (async proxy)
+      mbar_arrive(&bars[4]);
+    } else {
+      const bool any = plan.meet(0, qt) || plan.meet(1, qt);
+      if (kD == 128 ? any : plan.meet(cw, qt))
+        key_group_dq<kD>(dq_acc + kb.q_offset(unit, n), kb.q_stride, rows.nq, ds_s, sm.ks, cw, warp % 4, scale);
+    }
   }
   kb.store_grads<kD>(dk, dv, row0, acc_dk, acc_dv, scale, n);
 #else
@@ -621,6 +670,14 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
 // the warp-specialized one (an experiment switch for the same-run A/B; read at each launch).
 bool backward_ws() {
   const char* e = std::getenv("LOOM_FLASH_BWD_WS");
+  return e == nullptr || std::string(e) != "0";
+}
+
+// LOOM_FLASH_BWD_DQ_WARP=0: the warp-specialized dK dV kernel adds dQ with atomics from the key
+// groups instead of reduce-adds from the producer's warp 1 (an experiment switch for the same-run
+// A/B; read at each launch).
+bool backward_dq_warp() {
+  const char* e = std::getenv("LOOM_FLASH_BWD_DQ_WARP");
   return e == nullptr || std::string(e) != "0";
 }
 
@@ -670,10 +727,21 @@ void flash::launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void
     if (backward_ws() && reinterpret_cast<uintptr_t>(q) % 16 == 0 && reinterpret_cast<uintptr_t>(dout) % 16 == 0) {
       const CUtensorMap qmap = rows_tensor_map(q, n.B, n.T, n.H, n.D, kTile);
       const CUtensorMap dmap = rows_tensor_map(dout, n.B, n.T, n.H, n.D, kTile);
-      set_smem(flash_dkdv_sm90_ws_kernel<kD>, smem);
-      flash_dkdv_sm90_ws_kernel<kD><<<grid, kBwdThreads, smem, stream>>>(
-          static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc, lse, delta, static_cast<const bf16*>(k),
-          static_cast<const bf16*>(v), n, mask, tb, scale, pair, qmap, dmap);
+      const bool dq_warp = kD == 128 && backward_dq_warp() && reinterpret_cast<uintptr_t>(dq_acc) % 16 == 0;
+      CUtensorMap dqmap{};
+      if (dq_warp) dqmap = rows_tensor_map_f32(dq_acc, n.B, n.T, n.H, n.D, kTile);
+      auto kernel = flash_dkdv_sm90_ws_kernel<kD, false>;
+      size_t bytes = smem;
+      if constexpr (kD == 128) {
+        if (dq_warp) {
+          kernel = flash_dkdv_sm90_ws_kernel<kD, true>;
+          bytes = Sm90Smem<kD, true>::bytes(tiles_of(n.T));
+        }
+      }
+      set_smem(kernel, bytes);
+      kernel<<<grid, kBwdThreads, bytes, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc, lse, delta,
+                                                   static_cast<const bf16*>(k), static_cast<const bf16*>(v), n, mask,
+                                                   tb, scale, pair, qmap, dmap, dqmap);
       LOOM_CUDA_CHECK(cudaGetLastError());
       return;
     }
