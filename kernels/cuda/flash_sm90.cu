@@ -148,6 +148,22 @@ __device__ __forceinline__ void store_ds(bf16* ds, const uint32_t (&f)[4][4], in
           ds + wgmma::panel_index(row0 + g + 8 * (j & 1), 16 * kk + 8 * (j >> 1) + 2 * t4, kKeys)) = f[kk][j];
 }
 
+// Starts the async copies (kT threads) of a dK dV block's keys and values, its two 64-key halves
+// (apart when paired), into 128-row panel tiles, and of their positions.
+template <int kD, int kT>
+__device__ __forceinline__ void issue_block_keys(bf16* ks, bf16* vs, RowPos<kKeys>& kpos, const KeyBlock& kb,
+                                                 const bf16* k, const bf16* v, const AttentionDims& n,
+                                                 const AttentionMask& m) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int rows = kb.half_nk(n, h);
+    const int64_t at = rows > 0 ? kb.half_offset(h) : kb.kv_offset;
+    load_panels_async<kD, kTile, kT, kKeys>(ks + kTile * 64 * h, k + at, kb.kv_stride, rows);
+    load_panels_async<kD, kTile, kT, kKeys>(vs + kTile * 64 * h, v + at, kb.kv_stride, rows);
+    if (m.q_pos != nullptr) load_vec_async<kTile, kT>(kpos.pos + kTile * h, m.k_pos, kb.half_j0(h), n.S);
+  }
+}
+
 // A unit's rows in shared memory as a key group reads them: Q and dO (64-row panel tiles), lse,
 // delta and positions of the query tile.
 struct UnitRows {
@@ -283,54 +299,36 @@ __global__ void __launch_bounds__(kForwardThreads, 1)
   wgmma::fence_smem();
   __syncthreads();
 
-  if (wg == 0 && kTma) {  // producer: warp 0, K/V tiles through the tensor maps, positions with cp.async
+  if (wg == 0) {  // producer
     shrink_registers<kProducerRegs>();
-    if (threadIdx.x >= 32) return;
+    // kTma: warp 0, K/V tiles through the tensor maps from lane 0 and positions with cp.async;
+    // otherwise all 128 threads copy with cp.async.
+    constexpr int kCopiers = kTma ? 32 : 128;
+    if (threadIdx.x >= kCopiers) return;
     int64_t i = 0, prev_kt = -1;
     int prev = 0;
-    // This lane's positions of tile t in stage st have landed: S2 ids of the rows it copied, then
-    // its arrival (the stage's phase completes with warp 0's 32 and the tile's bytes).
+    // This thread's copies of tile t in stage st have landed: the S2 ids of the rows it copied,
+    // then its arrival (kTma: the phase also waits for the tile's bytes; cp.async writes need the
+    // proxy fence before the products read them).
     auto publish = [&](int st, int64_t t) {
-      if (m.s2_block > 0 && !(plan.plain(0, t) && plan.plain(1, t))) fill_s2<kTile, 32>(sm.kpos[st], m, blk.hk);
+      if (m.s2_block > 0 && !(plan.plain(0, t) && plan.plain(1, t)))
+        fill_s2<kTile, kCopiers>(sm.kpos[st], m, blk.hk);
+      if constexpr (!kTma) wgmma::fence_smem();
       mbar_arrive(&bars[st]);
     };
     for (int64_t kt = plan.next(0); kt < plan.count; kt = plan.next(kt + 1), ++i) {
       const int st = static_cast<int>(i % kKvStages);
       mbar_wait(&bars[kKvStages + st], static_cast<uint32_t>((i / kKvStages) & 1) ^ 1u);
-      if (threadIdx.x == 0) {
-        tma::mbar_expect_tx(&bars[st], 2 * kTile * kD * 2);
-        tma::load_rows<kD, kTile>(sm.ks + st * Smem::kKvElems, &kmap, blk.b, kt * kTile, blk.hk, &bars[st]);
-        tma::load_rows<kD, kTile>(sm.vs + st * Smem::kKvElems, &vmap, blk.b, kt * kTile, blk.hk, &bars[st]);
+      if constexpr (kTma) {
+        if (threadIdx.x == 0) {
+          tma::mbar_expect_tx(&bars[st], 2 * kTile * kD * 2);
+          tma::load_rows<kD, kTile>(sm.ks + st * Smem::kKvElems, &kmap, blk.b, kt * kTile, blk.hk, &bars[st]);
+          tma::load_rows<kD, kTile>(sm.vs + st * Smem::kKvElems, &vmap, blk.b, kt * kTile, blk.hk, &bars[st]);
+        }
+        if (m.q_pos != nullptr) load_vec_async<kTile, 32>(sm.kpos[st].pos, m.k_pos, kt * kTile, n.S);
+      } else {
+        issue_kv_tile<128>(sm, k, v, blk, n, m, kt, st);
       }
-      if (m.q_pos != nullptr) load_vec_async<kTile, 32>(sm.kpos[st].pos, m.k_pos, kt * kTile, n.S);
-      cp_async_commit();
-      if (i > 0) {
-        cp_async_wait<1>();
-        publish(prev, prev_kt);
-      }
-      prev = st;
-      prev_kt = kt;
-    }
-    if (i > 0) {
-      cp_async_wait<0>();
-      publish(prev, prev_kt);
-    }
-    return;
-  }
-  if (wg == 0) {  // producer: every thread copies with cp.async
-    shrink_registers<kProducerRegs>();
-    int64_t i = 0, prev_kt = -1;
-    int prev = 0;
-    // Tile t in stage st has landed (this thread's copies): S2 ids, then publish.
-    auto publish = [&](int st, int64_t t) {
-      if (m.s2_block > 0 && !(plan.plain(0, t) && plan.plain(1, t))) fill_s2<kTile, 128>(sm.kpos[st], m, blk.hk);
-      wgmma::fence_smem();
-      mbar_arrive(&bars[st]);
-    };
-    for (int64_t kt = plan.next(0); kt < plan.count; kt = plan.next(kt + 1), ++i) {
-      const int st = static_cast<int>(i % kKvStages);
-      mbar_wait(&bars[kKvStages + st], static_cast<uint32_t>((i / kKvStages) & 1) ^ 1u);
-      issue_kv_tile<128>(sm, k, v, blk, n, m, kt, st);
       cp_async_commit();
       if (i > 0) {
         cp_async_wait<1>();
@@ -430,14 +428,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wg = warp / 4, row0 = 16 * warp;  // this warp's group (64-key half) and first key
   const int nk = kb.nk;
 
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {  // the two 64-key halves (apart when paired)
-    const int rows = kb.half_nk(n, h);
-    const int64_t at = rows > 0 ? kb.half_offset(h) : kb.kv_offset;
-    load_panels_async<kD, kTile, kThreads, kKeys>(sm.ks + kTile * 64 * h, k + at, kb.kv_stride, rows);
-    load_panels_async<kD, kTile, kThreads, kKeys>(sm.vs + kTile * 64 * h, v + at, kb.kv_stride, rows);
-    if (m.q_pos != nullptr) load_vec_async<kTile>(sm.kpos->pos + kTile * h, m.k_pos, kb.half_j0(h), n.S);
-  }
+  issue_block_keys<kD, kThreads>(sm.ks, sm.vs, *sm.kpos, kb, k, v, n, m);
   cp_async_commit();
   const TilePlan plan = kb.plan<kThreads, 2>(sm.plan, n, m, tb);
   auto issue = [&](int64_t unit, int stage) {
@@ -547,15 +538,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
   const int wg = threadIdx.x / 128;
 
   // Prologue, every thread: the block's keys and their positions, the barriers, the plan.
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {  // the two 64-key halves (apart when paired)
-    const int rows = kb.half_nk(n, h);
-    const int64_t at = rows > 0 ? kb.half_offset(h) : kb.kv_offset;
-    load_panels_async<kD, kTile, kBwdThreads, kKeys>(sm.ks + kTile * 64 * h, k + at, kb.kv_stride, rows);
-    load_panels_async<kD, kTile, kBwdThreads, kKeys>(sm.vs + kTile * 64 * h, v + at, kb.kv_stride, rows);
-    if (m.q_pos != nullptr)
-      load_vec_async<kTile, kBwdThreads>(sm.kpos->pos + kTile * h, m.k_pos, kb.half_j0(h), n.S);
-  }
+  issue_block_keys<kD, kBwdThreads>(sm.ks, sm.vs, *sm.kpos, kb, k, v, n, m);
   cp_async_commit();
   if (threadIdx.x == 0) {
     for (int st = 0; st < 2; ++st) {
