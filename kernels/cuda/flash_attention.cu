@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <initializer_list>
 #include <limits>
 #include <string>
 
@@ -378,11 +379,15 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
 
 
 // The forward and the fused dK dV pass on warpgroup products where the build and device
-// have them; LOOM_FLASH_WGMMA=0 takes the mma.sync kernels (read at each launch: the tests
-// run both families in one process).
-bool use_sm90() {
+// have them and the row tensors are 16-byte aligned (their tensor maps need it; views of
+// whole rows always are); LOOM_FLASH_WGMMA=0 takes the mma.sync kernels (read at each launch:
+// the tests run both families in one process).
+bool use_sm90(std::initializer_list<const void*> rows) {
   const char* e = std::getenv("LOOM_FLASH_WGMMA");
-  return !(e != nullptr && std::string(e) == "0") && wgmma_available();
+  if (e != nullptr && std::string(e) == "0") return false;
+  for (const void* p : rows)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return wgmma_available();
 }
 
 // The tile bounds of q and k positions into `scratch` (2 * (T tiles + S tiles) i64).
@@ -423,7 +428,7 @@ void launch_flash_attention_forward(void* out, float* lse, const void* q, const 
                                     float scale, cudaStream_t stream) {
   if (n.B == 0 || n.H == 0 || n.T == 0) return;
   const TileBounds tb = compute_bounds(scratch, n, mask, stream);
-  if (use_sm90()) {
+  if (use_sm90({q, k, v})) {
     launch_flash_forward_sm90(out, lse, q, k, v, n, mask, tb, scale, stream);
     return;
   }
@@ -465,7 +470,7 @@ void launch_flash_attention_backward(void* dq, void* dk, void* dv, float* delta,
     }
     // S2 blocks narrower than 128 keys: the 4-warp kernel, or the warpgroup kernel with its key
     // tiles paired vert_stride apart where the S2 blocks are whole tiles (7% faster at 32K).
-    const bool sm90 = use_sm90(), paired = sm90 && mask.s2_block == kTile;
+    const bool sm90 = use_sm90({q, k, v, dout}), paired = sm90 && mask.s2_block == kTile;
     const bool four = fused && mask.s2_block > 0 && mask.s2_block % kBlockRows != 0 && !paired;
     if (n.S > 0 && fused && !four && sm90) {
       launch_flash_dkdv_sm90(dk, dv, dq_acc, dout, lse, delta, q, k, v, n, mask, tb, scale, stream);

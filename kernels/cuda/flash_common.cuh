@@ -741,7 +741,8 @@ inline dim3 flash_grid(int64_t blocks, int64_t heads, int64_t batch) {
 }
 
 // The forward and the fused dK dV pass on warpgroup products (flash_sm90.cu); callers check
-// wgmma_available() (wgmma_check.h). Same arguments as the mma.sync kernels.
+// wgmma_available() (wgmma_check.h) and that q, k, v (and dout) are 16-byte aligned (the tensor
+// maps' rule). Same arguments as the mma.sync kernels.
 void launch_flash_forward_sm90(void* out, float* lse, const void* q, const void* k, const void* v,
                                const AttentionDims& n, const AttentionMask& mask, const TileBounds& tb, float scale,
                                cudaStream_t stream);

@@ -5,8 +5,8 @@
 // run asynchronously.
 //
 // Forward: the mma.sync kernel's blocks (128 queries), warp-specialized into
-// three warpgroups. A producer group copies K/V tiles into 4 stages and
-// publishes each through mbarriers; two consumer groups of 64 query rows each
+// three warpgroups. A producer warp copies K/V tiles into 4 stages through
+// tensor maps (TMA) and publishes each through mbarriers; two consumer groups of 64 query rows each
 // compute S = Q K^T (A = Q from registers, loaded once; B = K K-major), the
 // online softmax in registers, and O += P V (A = P from registers, B = V
 // N-major). A tile's O += P V is issued behind the next tile's S and runs while
@@ -26,7 +26,8 @@
 //                      B = K N-major; D 128: each group 64 columns over the
 //                      128 keys; D 64: each group all columns over its keys)
 // One block barrier per unit, the dS^T exchange (two dS^T tiles, one per
-// stage; the next unit's rows are published by the same barrier).
+// stage). Thread 0 copies the next unit's Q and dO through tensor maps (TMA)
+// into the other stage, completing on that stage's mbarrier.
 // P and dS are rounded to bf16 as in the mma.sync kernels, so results agree
 // with them to fp32 summation order.
 #include "kernels/cuda/flash_common.cuh"
@@ -34,9 +35,6 @@
 #include "kernels/cuda/tma.h"
 #include "kernels/cuda/wgmma.cuh"
 #include "kernels/cuda/wgmma_check.h"
-
-#include <cstdlib>
-#include <string>
 
 namespace loom::cuda::detail {
 
@@ -47,13 +45,12 @@ using namespace flash;
 constexpr int kKeys = 128;  // keys per block: 2 warpgroups x 64
 
 // Shared memory: the block's K and V (128 rows), 2 stages of Q and dO (64 rows) and of dS^T
-// (128 keys x 64 queries), all panel tiles from a 1024-byte aligned base; kDqTile: an fp32 dQ tile
-// (64 x kD, tma.cuh's f32_panel_index); then positions, lse, delta and the plan.
-template <int kD, bool kDqTile = false>
+// (128 keys x 64 queries), all panel tiles from a 1024-byte aligned base; then positions, lse,
+// delta and the plan.
+template <int kD>
 struct Sm90Smem {
   static constexpr int kKeyElems = kKeys * kD, kQueryElems = kTile * kD, kDsElems = kKeys * kTile;
-  static constexpr size_t kTiles = sizeof(bf16) * (2 * kKeyElems + 4 * kQueryElems + 2 * kDsElems) +
-                                   (kDqTile ? sizeof(float) * kTile * kD : 0);
+  static constexpr size_t kTiles = sizeof(bf16) * (2 * kKeyElems + 4 * kQueryElems + 2 * kDsElems);
   static constexpr size_t kBase =
       kTiles + sizeof(RowPos<kKeys>) + 2 * sizeof(RowPos<kTile>) + 2 * 2 * kTile * sizeof(float);
   static_assert(kTiles % 1024 == 0);
@@ -64,7 +61,6 @@ struct Sm90Smem {
   bf16* qs;   // 2 stages
   bf16* dos;  // 2 stages
   bf16* ds;   // 2 stages
-  float* dq;  // kDqTile
   RowPos<kKeys>* kpos;
   RowPos<kTile>* qpos;  // 2 stages
   float* lse;           // 2 stages x 64
@@ -78,8 +74,7 @@ struct Sm90Smem {
     qs = vs + kKeyElems;
     dos = qs + 2 * kQueryElems;
     ds = dos + 2 * kQueryElems;
-    dq = reinterpret_cast<float*>(ds + 2 * kDsElems);
-    kpos = reinterpret_cast<RowPos<kKeys>*>(dq + (kDqTile ? kTile * kD : 0));
+    kpos = reinterpret_cast<RowPos<kKeys>*>(ds + 2 * kDsElems);
     qpos = reinterpret_cast<RowPos<kTile>*>(kpos + 1);
     lse = reinterpret_cast<float*>(qpos + 2);
     delta = lse + 2 * kTile;
@@ -239,26 +234,14 @@ __device__ __forceinline__ void key_group_dq(float* dq, int64_t stride, int nq, 
   key_group_dq_products<kD>(acc, ds, ks, wg);
   add_rows(dq + (kD == 128 ? 64 * wg : 0), stride, 16 * warp_in_group, nq, acc, scale);
 }
-// D 128: this warp's part of its group's 64 dQ columns (times scale) into the fp32 tile (64 x 128,
-// f32_panel_index) that a reduce-add carries to global memory.
-__device__ __forceinline__ void store_dq_tile(float* tile, const float (&acc)[8][4], int wg, int warp_in_group,
-                                              float scale) {
-  const int lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr)
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      const int r = 16 * warp_in_group + g + 8 * hr, c = 64 * wg + 8 * nt + 2 * t4;
-      *reinterpret_cast<float2*>(tile + tma::f32_panel_index<kTile>(r, c)) =
-          make_float2(scale * acc[nt][2 * hr], scale * acc[nt][2 * hr + 1]);
-    }
-}
 #endif
 
 // ---------------------------------------------------------------- forward
 
-// Three warpgroups: a producer (group 0) copies K/V tiles (and fills their S2 ids) into kKvStages
-// stages and publishes each through a "full" mbarrier; the two consumer groups (64 query rows
+// Three warpgroups: the producer group's warp 0 copies K/V tiles into kKvStages stages (one thread
+// through the tensor maps; the lanes copy the tiles' positions with cp.async and fill their S2 ids)
+// and publishes each through a "full" mbarrier (the warp's 32 arrivals and the tiles' bytes); the
+// other producer warps exit. The two consumer groups (64 query rows
 // each) wait on it, compute, and hand the stage back through an "empty" mbarrier once their P V
 // products on it are done. The consumer groups drift apart, so one group's exponentials can run
 // beside the other's products. Registers move from the producer to the consumers (setmaxnreg:
@@ -268,7 +251,7 @@ constexpr int kForwardThreads = 3 * 128;
 constexpr int kProducerRegs = 56, kConsumerRegs = 224;
 static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kForwardThreads * 168);
 
-template <int kD, bool kTma>
+template <int kD>
 __global__ void __launch_bounds__(kForwardThreads, 1)
     flash_forward_sm90_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
                               const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n,
@@ -288,7 +271,7 @@ __global__ void __launch_bounds__(kForwardThreads, 1)
   cp_async_commit();
   if (threadIdx.x == 0) {
     for (int st = 0; st < kKvStages; ++st) {
-      mbar_init(&bars[st], kTma ? 32 : 128);  // the producer's threads (kTma: warp 0's)
+      mbar_init(&bars[st], 32);               // the producer's warp 0
       mbar_init(&bars[kKvStages + st], 256);  // the consumers' threads
     }
     tma::mbar_init_fence();
@@ -301,34 +284,24 @@ __global__ void __launch_bounds__(kForwardThreads, 1)
 
   if (wg == 0) {  // producer
     shrink_registers<kProducerRegs>();
-    // kTma: warp 0, K/V tiles through the tensor maps from lane 0 and positions with cp.async;
-    // otherwise all 128 threads copy with cp.async.
-    constexpr int kCopiers = kTma ? 32 : 128;
-    if (threadIdx.x >= kCopiers) return;
+    if (threadIdx.x >= 32) return;
     int64_t i = 0, prev_kt = -1;
     int prev = 0;
-    // This thread's copies of tile t in stage st have landed: the S2 ids of the rows it copied,
-    // then its arrival (kTma: the phase also waits for the tile's bytes; cp.async writes need the
-    // proxy fence before the products read them).
+    // This lane's positions of tile t in stage st have landed: the S2 ids of the rows it copied,
+    // then its arrival (the phase also waits for the tiles' bytes).
     auto publish = [&](int st, int64_t t) {
-      if (m.s2_block > 0 && !(plan.plain(0, t) && plan.plain(1, t)))
-        fill_s2<kTile, kCopiers>(sm.kpos[st], m, blk.hk);
-      if constexpr (!kTma) wgmma::fence_smem();
+      if (m.s2_block > 0 && !(plan.plain(0, t) && plan.plain(1, t))) fill_s2<kTile, 32>(sm.kpos[st], m, blk.hk);
       mbar_arrive(&bars[st]);
     };
     for (int64_t kt = plan.next(0); kt < plan.count; kt = plan.next(kt + 1), ++i) {
       const int st = static_cast<int>(i % kKvStages);
       mbar_wait(&bars[kKvStages + st], static_cast<uint32_t>((i / kKvStages) & 1) ^ 1u);
-      if constexpr (kTma) {
-        if (threadIdx.x == 0) {
-          tma::mbar_expect_tx(&bars[st], 2 * kTile * kD * 2);
-          tma::load_rows<kD, kTile>(sm.ks + st * Smem::kKvElems, &kmap, blk.b, kt * kTile, blk.hk, &bars[st]);
-          tma::load_rows<kD, kTile>(sm.vs + st * Smem::kKvElems, &vmap, blk.b, kt * kTile, blk.hk, &bars[st]);
-        }
-        if (m.q_pos != nullptr) load_vec_async<kTile, 32>(sm.kpos[st].pos, m.k_pos, kt * kTile, n.S);
-      } else {
-        issue_kv_tile<128>(sm, k, v, blk, n, m, kt, st);
+      if (threadIdx.x == 0) {
+        tma::mbar_expect_tx(&bars[st], 2 * kTile * kD * 2);
+        tma::load_rows<kD, kTile>(sm.ks + st * Smem::kKvElems, &kmap, blk.b, kt * kTile, blk.hk, &bars[st]);
+        tma::load_rows<kD, kTile>(sm.vs + st * Smem::kKvElems, &vmap, blk.b, kt * kTile, blk.hk, &bars[st]);
       }
+      if (m.q_pos != nullptr) load_vec_async<kTile, 32>(sm.kpos[st].pos, m.k_pos, kt * kTile, n.S);
       cp_async_commit();
       if (i > 0) {
         cp_async_wait<1>();
@@ -411,16 +384,20 @@ __global__ void __launch_bounds__(kForwardThreads, 1)
 
 // ---------------------------------------------------------------- backward dK dV
 
+// Thread 0 copies each unit's Q and dO through the tensor maps qmap and dmap, completing on the
+// stage's mbarrier, which every thread waits on before the unit (5% faster at 32K than every
+// thread's cp.async, 9% under S2); the threads copy lse, delta and positions with cp.async.
 template <int kD>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_dkdv_sm90_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
-                           const bf16* __restrict__ dout, const float* __restrict__ lse,
-                           const float* __restrict__ delta, const bf16* __restrict__ q, const bf16* __restrict__ k,
-                           const bf16* __restrict__ v, AttentionDims n, AttentionMask m, TileBounds tb,
-                           float scale, int64_t pair) {
+                           const float* __restrict__ lse, const float* __restrict__ delta,
+                           const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n, AttentionMask m, TileBounds tb,
+                           float scale, int64_t pair, const __grid_constant__ CUtensorMap qmap,
+                           const __grid_constant__ CUtensorMap dmap) {
 #if defined(LOOM_WGMMA)
   static_assert(kThreads == 2 * 128 && kBlockRows == kKeys);
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ uint64_t full[2];  // a stage's Q and dO have landed
   using Smem = Sm90Smem<kD>;
   const Smem sm(smem_raw);
   const KeyBlock kb(n, kKeys, pair);
@@ -430,12 +407,19 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   issue_block_keys<kD, kThreads>(sm.ks, sm.vs, *sm.kpos, kb, k, v, n, m);
   cp_async_commit();
+  if (threadIdx.x == 0) {  // published by the plan's barrier; thread 0 issues the first copies itself
+    mbar_init(&full[0], 1);
+    mbar_init(&full[1], 1);
+    tma::mbar_init_fence();
+  }
   const TilePlan plan = kb.plan<kThreads, 2>(sm.plan, n, m, tb);
   auto issue = [&](int64_t unit, int stage) {
-    const int nq = rows_from(n.T, (unit % kb.q_tiles) * kTile, kTile);
-    const int64_t at = kb.q_offset(unit, n);
-    load_panels_async<kD, kTile>(sm.qs + stage * Smem::kQueryElems, q + at, kb.q_stride, nq);
-    load_panels_async<kD, kTile>(sm.dos + stage * Smem::kQueryElems, dout + at, kb.q_stride, nq);
+    if (threadIdx.x == 0) {
+      const int64_t t0 = (unit % kb.q_tiles) * kTile;
+      tma::mbar_arrive_expect_tx(&full[stage], 2 * kTile * kD * 2);
+      tma::load_rows<kD, kTile>(sm.qs + stage * Smem::kQueryElems, &qmap, kb.b, t0, kb.head(unit), &full[stage]);
+      tma::load_rows<kD, kTile>(sm.dos + stage * Smem::kQueryElems, &dmap, kb.b, t0, kb.head(unit), &full[stage]);
+    }
     kb.issue_vectors<kThreads>(sm.qpos[stage], sm.lse + stage * kTile, sm.delta + stage * kTile, lse, delta, unit,
                                n, m);
   };
@@ -446,6 +430,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (unit < kb.units) issue(unit, 0);
   cp_async_commit();
   int stage = 0;
+  uint32_t phase = 0;  // of stage 0's barrier, then flipped each time stage 0 comes round
   // Whether S2 needs per-element masks somewhere on unit u's query tile (then its S2 ids are filled).
   auto masked_unit = [&](int64_t u) {
     const int64_t t = u % kb.q_tiles;
@@ -464,6 +449,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t next = kb.next(plan, unit + 1);
     if (next < kb.units) issue(next, stage ^ 1);  // free since the last unit's barrier
     cp_async_commit();
+    mbar_wait(&full[stage], phase);  // this unit's Q and dO (every thread waits on every phase)
+    if (stage == 1) phase ^= 1u;
     const int64_t qt = unit % kb.q_tiles;
     // One dS^T tile per stage, so the next unit's rows can be written while the other group's dQ
     // products still read this unit's.
@@ -502,176 +489,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// ---------------------------------------------------------------- backward dK dV, warp-specialized
-
-// The same blocks and math as flash_dkdv_sm90_kernel, with a producer warpgroup: its warp 0 copies
-// each unit's Q and dO tiles through tensor maps (one thread) and its positions, lse and delta with
-// cp.async (the lanes that copied a masked unit's positions fill their S2 ids) into 2 stages,
-// published through "full" mbarriers (warp 0's 32 arrivals and the tiles' bytes). The two key
-// groups wait on them, hand a stage back through an "empty" mbarrier once their products on it are
-// done, and exchange dS^T through a named barrier of their 256 threads. Registers: 24 producer,
-// 240 consumer (168 at launch): without the copies' address arithmetic the key groups' products fit.
-// kDqWarp (D 128): the key groups put each unit's dQ into a shared fp32 tile instead of adding it
-// with atomics, and the producer's warp 1 adds the tile to global memory with TMA reduce-adds
-// ("dq full" / "dq empty" mbarriers), so the groups never wait for the adds.
-constexpr int kBwdThreads = 3 * 128;
-constexpr int kBwdProducerRegs = 24, kBwdConsumerRegs = 240;
-static_assert(128 * kBwdProducerRegs + 256 * kBwdConsumerRegs <= kBwdThreads * 168);
-
-// Named barrier 1 over the key groups' 256 threads (0 is __syncthreads').
-__device__ __forceinline__ void key_groups_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
-
-template <int kD, bool kDqWarp>
-__global__ void __launch_bounds__(kBwdThreads, 1)
-    flash_dkdv_sm90_ws_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
-                              const float* __restrict__ lse, const float* __restrict__ delta,
-                              const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n, AttentionMask m,
-                              TileBounds tb, float scale, int64_t pair, const __grid_constant__ CUtensorMap qmap,
-                              const __grid_constant__ CUtensorMap dmap, const __grid_constant__ CUtensorMap dqmap) {
-#if defined(LOOM_WGMMA)
-  static_assert(!kDqWarp || kD == 128);
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  using Smem = Sm90Smem<kD, kDqWarp>;
-  __shared__ uint64_t bars[6];  // full[stage], empty[stage], dq full, dq empty
-  const Smem sm(smem_raw);
-  const KeyBlock kb(n, kKeys, pair);
-  const int wg = threadIdx.x / 128;
-
-  // Prologue, every thread: the block's keys and their positions, the barriers, the plan.
-  issue_block_keys<kD, kBwdThreads>(sm.ks, sm.vs, *sm.kpos, kb, k, v, n, m);
-  cp_async_commit();
-  if (threadIdx.x == 0) {
-    for (int st = 0; st < 2; ++st) {
-      mbar_init(&bars[st], 32);       // the producer's warp 0
-      mbar_init(&bars[2 + st], 256);  // the key groups' threads
-    }
-    mbar_init(&bars[4], 256);  // the key groups' threads
-    mbar_init(&bars[5], 1);    // the dQ warp's lane 0
-    tma::mbar_init_fence();
-  }
-  const TilePlan plan = kb.plan<kBwdThreads, 2>(sm.plan, n, m, tb);  // ends with a barrier
-  cp_async_wait<0>();
-  wgmma::fence_smem();
-  __syncthreads();
-  if (m.s2_block > 0) {
-    fill_s2<kKeys, kBwdThreads>(*sm.kpos, m, kb.hk);
-    __syncthreads();
-  }
-
-  if (wg == 0) {  // producer
-    shrink_registers<kBwdProducerRegs>();
-    if (kDqWarp && threadIdx.x / 32 == 1) {  // the dQ warp
-      int64_t i = 0;
-      for (int64_t unit = kb.next(plan, 0); unit < kb.units; unit = kb.next(plan, unit + 1), ++i) {
-        mbar_wait(&bars[4], static_cast<uint32_t>(i & 1));
-        if (threadIdx.x == 32) {
-          tma::add_rows_f32<kD, kTile>(sm.dq, &dqmap, 0, kb.b, (unit % kb.q_tiles) * kTile, kb.head(unit));
-          tma::wait_bulk_reads();  // the tile may be rewritten
-          mbar_arrive(&bars[5]);
-        }
-      }
-      if (threadIdx.x == 32) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");  // the adds done
-      return;
-    }
-    if (threadIdx.x >= 32) return;
-    int64_t i = 0, prev_unit = -1;
-    // This lane's vectors of unit u in stage st have landed: S2 ids of the rows it copied when the
-    // unit needs them, then its arrival.
-    auto publish = [&](int st, int64_t u) {
-      const int64_t t = u % kb.q_tiles;
-      if (m.s2_block > 0 && !(plan.plain(0, t) && plan.plain(1, t))) fill_s2<kTile, 32>(sm.qpos[st], m, kb.hk);
-      mbar_arrive(&bars[st]);
-    };
-    for (int64_t unit = kb.next(plan, 0); unit < kb.units; unit = kb.next(plan, unit + 1), ++i) {
-      const int st = static_cast<int>(i & 1);
-      mbar_wait(&bars[2 + st], static_cast<uint32_t>((i >> 1) & 1) ^ 1u);
-      if (threadIdx.x == 0) {
-        const int64_t t0 = (unit % kb.q_tiles) * kTile, h = kb.head(unit);
-        tma::mbar_expect_tx(&bars[st], 2 * kTile * kD * 2);
-        tma::load_rows<kD, kTile>(sm.qs + st * Smem::kQueryElems, &qmap, kb.b, t0, h, &bars[st]);
-        tma::load_rows<kD, kTile>(sm.dos + st * Smem::kQueryElems, &dmap, kb.b, t0, h, &bars[st]);
-      }
-      kb.issue_vectors<32>(sm.qpos[st], sm.lse + st * kTile, sm.delta + st * kTile, lse, delta, unit, n, m);
-      cp_async_commit();
-      if (i > 0) {
-        cp_async_wait<1>();
-        publish(st ^ 1, prev_unit);
-      }
-      prev_unit = unit;
-    }
-    if (i > 0) {
-      cp_async_wait<0>();
-      publish(static_cast<int>((i - 1) & 1), prev_unit);
-    }
-    return;
-  }
-
-  grow_registers<kBwdConsumerRegs>();
-  const int warp = threadIdx.x / 32 - 4, cw = wg - 1, row0 = 16 * warp;  // key group, its warp's first key
-  const float scale_log2 = scale * kLog2e;
-  float acc_dk[kD / 8][4] = {}, acc_dv[kD / 8][4] = {};
-  int64_t i = 0;
-  for (int64_t unit = kb.next(plan, 0); unit < kb.units; unit = kb.next(plan, unit + 1), ++i) {
-    const int st = static_cast<int>(i & 1);
-    const int64_t qt = unit % kb.q_tiles;
-    mbar_wait(&bars[st], static_cast<uint32_t>((i >> 1) & 1));
-    // One dS^T tile per stage: a group writes this one only after the barrier of the unit before,
-    // which the other group reaches once its dQ products on it (two units back) are done.
-    bf16* const ds_s = sm.ds + st * Smem::kDsElems;
-    const UnitRows rows{sm.qs + st * Smem::kQueryElems, sm.dos + st * Smem::kQueryElems, sm.lse + st * kTile,
-                        sm.delta + st * kTile, &sm.qpos[st], rows_from(n.T, qt * kTile, kTile)};
-    if (plan.meet(cw, qt)) {
-      key_group_unit<kD>(acc_dk, acc_dv, sm.ks, sm.vs, rows, ds_s, scale_log2, !plan.plain(cw, qt), m, *sm.kpos, cw,
-                         row0, kb.nk);
-    } else if (kD == 128 && (plan.meet(0, qt) || plan.meet(1, qt))) {
-      const uint32_t zero[4][4] = {};  // the other group's dQ products read these rows too
-      store_ds(ds_s, zero, row0);
-    }
-    mbar_arrive(&bars[2 + st]);  // this thread's products on the stage's rows are done
-    wgmma::fence_smem();         // the dS^T rows, before the products read them
-    key_groups_sync();
-    if constexpr (kDqWarp) {  // every unit meets one group at least: both groups fill their columns
-      float acc[8][4] = {};
-      key_group_dq_products<kD>(acc, ds_s, sm.ks, cw);
-      mbar_wait(&bars[5], static_cast<uint32_t>(i & 1) ^ 1u);  // the dQ warp has read the last tile
-      store_dq_tile(sm.dq, acc, cw, warp % 4, scale);
-      wgmma::fence_smem();  // visible to the reduce-add (async proxy)
-      mbar_arrive(&bars[4]);
-    } else {
-      const bool any = plan.meet(0, qt) || plan.meet(1, qt);
-      if (kD == 128 ? any : plan.meet(cw, qt))
-        key_group_dq<kD>(dq_acc + kb.q_offset(unit, n), kb.q_stride, rows.nq, ds_s, sm.ks, cw, warp % 4, scale);
-    }
-  }
-  kb.store_grads<kD>(dk, dv, row0, acc_dk, acc_dv, scale, n);
-#else
-  __trap();  // launched only where wgmma_available()
-#endif
-}
-
-// LOOM_FLASH_BWD_WS=0: the two-group dK dV kernel (its threads copy every unit's rows) instead of
-// the warp-specialized one (an experiment switch for the same-run A/B; read at each launch).
-bool backward_ws() {
-  const char* e = std::getenv("LOOM_FLASH_BWD_WS");
-  return e == nullptr || std::string(e) != "0";
-}
-
-// LOOM_FLASH_BWD_DQ_WARP=0: the warp-specialized dK dV kernel adds dQ with atomics from the key
-// groups instead of reduce-adds from the producer's warp 1 (an experiment switch for the same-run
-// A/B; read at each launch).
-bool backward_dq_warp() {
-  const char* e = std::getenv("LOOM_FLASH_BWD_DQ_WARP");
-  return e == nullptr || std::string(e) != "0";
-}
-
-// LOOM_FLASH_FWD_TMA=0: the forward's producer copies K/V tiles with cp.async from all its 128
-// threads instead of through tensor maps from one (an experiment switch for the same-run A/B; read
-// at each launch).
-bool forward_tma() {
-  const char* e = std::getenv("LOOM_FLASH_FWD_TMA");
-  return e == nullptr || std::string(e) != "0";
-}
-
 }  // namespace
 
 void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, const void* k, const void* v,
@@ -679,14 +496,9 @@ void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, cons
                                       float scale, cudaStream_t stream) {
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
-    const bool tma = forward_tma() && reinterpret_cast<uintptr_t>(k) % 16 == 0 &&
-                     reinterpret_cast<uintptr_t>(v) % 16 == 0;
-    CUtensorMap kmap{}, vmap{};
-    if (tma) {
-      kmap = rows_tensor_map(k, n.B, n.S, n.Hkv, n.D, kTile);
-      vmap = rows_tensor_map(v, n.B, n.S, n.Hkv, n.D, kTile);
-    }
-    auto kernel = tma ? flash_forward_sm90_kernel<kD, true> : flash_forward_sm90_kernel<kD, false>;
+    const CUtensorMap kmap = rows_tensor_map(k, n.B, n.S, n.Hkv, n.D, kTile);
+    const CUtensorMap vmap = rows_tensor_map(v, n.B, n.S, n.Hkv, n.D, kTile);
+    auto kernel = flash_forward_sm90_kernel<kD>;
     const size_t smem = QuerySmem<kD, 1, true, kKvStages>::bytes(tiles_of(n.S));
     set_smem(kernel, smem);
     kernel<<<flash_grid(blocks_of(n.T), n.H, n.B), kForwardThreads, smem, stream>>>(
@@ -707,33 +519,13 @@ void flash::launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void
     constexpr int kD = decltype(kd)::value;
     const size_t smem = Sm90Smem<kD>::bytes(tiles_of(n.T));
     const dim3 grid = flash_grid((n.S + kKeys - 1) / kKeys, n.Hkv, n.B);
-    if (backward_ws() && reinterpret_cast<uintptr_t>(q) % 16 == 0 && reinterpret_cast<uintptr_t>(dout) % 16 == 0) {
-      const CUtensorMap qmap = rows_tensor_map(q, n.B, n.T, n.H, n.D, kTile);
-      const CUtensorMap dmap = rows_tensor_map(dout, n.B, n.T, n.H, n.D, kTile);
-      const bool dq_warp = kD == 128 && backward_dq_warp() && reinterpret_cast<uintptr_t>(dq_acc) % 16 == 0;
-      CUtensorMap dqmap{};
-      if (dq_warp) dqmap = rows_tensor_map_f32(dq_acc, n.B, n.T, n.H, n.D, kTile);
-      auto kernel = flash_dkdv_sm90_ws_kernel<kD, false>;
-      size_t bytes = smem;
-      if constexpr (kD == 128) {
-        if (dq_warp) {
-          kernel = flash_dkdv_sm90_ws_kernel<kD, true>;
-          bytes = Sm90Smem<kD, true>::bytes(tiles_of(n.T));
-        }
-      }
-      set_smem(kernel, bytes);
-      kernel<<<grid, kBwdThreads, bytes, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc, lse, delta,
-                                                   static_cast<const bf16*>(k), static_cast<const bf16*>(v), n, mask,
-                                                   tb, scale, pair, qmap, dmap, dqmap);
-      LOOM_CUDA_CHECK(cudaGetLastError());
-      return;
-    }
+    const CUtensorMap qmap = rows_tensor_map(q, n.B, n.T, n.H, n.D, kTile);
+    const CUtensorMap dmap = rows_tensor_map(dout, n.B, n.T, n.H, n.D, kTile);
     auto kernel = flash_dkdv_sm90_kernel<kD>;
     set_smem(kernel, smem);
-    kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc,
-                                             static_cast<const bf16*>(dout), lse, delta, static_cast<const bf16*>(q),
+    kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc, lse, delta,
                                              static_cast<const bf16*>(k), static_cast<const bf16*>(v), n, mask, tb,
-                                             scale, pair);
+                                             scale, pair, qmap, dmap);
     LOOM_CUDA_CHECK(cudaGetLastError());
   });
 }

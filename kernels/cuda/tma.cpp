@@ -64,19 +64,4 @@ CUtensorMap rows_tensor_map(const void* base, int64_t batch, int64_t seq, int64_
   return row_tiles(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, base, batch, seq, heads, dim, box_rows, "bf16 rows");
 }
 
-CUtensorMap rows_tensor_map_f32(const void* base, int64_t batch, int64_t seq, int64_t heads, int64_t dim,
-                                int box_rows) {
-  return row_tiles(CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, base, batch, seq, heads, dim, box_rows, "fp32 rows");
-}
-
-CUtensorMap vector_tensor_map(const void* base, int64_t count, int element_bytes, int box) {
-  LOOM_CHECK((element_bytes == 4 || element_bytes == 8) && box > 0 && box <= 256 && (box * element_bytes) % 16 == 0 &&
-             count > 0)
-      << "tensor maps: a vector of " << count << " elements of " << element_bytes << " bytes in tiles of " << box;
-  const cuuint64_t dims[1] = {static_cast<cuuint64_t>(count)};
-  const cuuint32_t boxes[1] = {static_cast<cuuint32_t>(box)};
-  return encode(element_bytes == 8 ? CU_TENSOR_MAP_DATA_TYPE_INT64 : CU_TENSOR_MAP_DATA_TYPE_INT32, base, 1, dims,
-                nullptr, boxes, CU_TENSOR_MAP_SWIZZLE_NONE, "a vector");
-}
-
 }  // namespace loom::cuda::detail

@@ -62,13 +62,6 @@ __device__ __forceinline__ void load_4d(void* dst, const CUtensorMap* map, int c
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_addr(bar))
       : "memory");
 }
-__device__ __forceinline__ void load_1d(void* dst, const CUtensorMap* map, int c0, uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.1d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2}], [%3];\n" ::"r"(
-          smem_addr(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(smem_addr(bar))
-      : "memory");
-}
 
 // Rows t0 .. t0 + kRows - 1 of head h, batch b, of a rows_tensor_map (box kRows rows) into a panel
 // tile of kRows rows x kD (wgmma.cuh): one copy per 64-column panel. Returns the bytes announced.
@@ -80,31 +73,5 @@ __device__ __forceinline__ uint32_t load_rows(__nv_bfloat16* tile, const CUtenso
     load_4d(tile + p * kRows * 64, map, 64 * p, static_cast<int>(h), static_cast<int>(t0), static_cast<int>(b), bar);
   return kRows * kD * 2;
 }
-
-// Element offset of (r, c) in an fp32 tile of kRows rows stored as panels of 32 columns (128
-// bytes per row, 16-byte chunks permuted by chunk ^ (row % 8): the 128-byte swizzle of a
-// rows_tensor_map_f32 tile), from a 1024-byte aligned base.
-template <int kRows>
-__host__ __device__ constexpr int f32_panel_index(int r, int c) {
-  return (c / 32) * kRows * 32 + r * 32 + (((c % 32) / 4) ^ (r % 8)) * 4 + c % 4;
-}
-
-// Adds the fp32 tile (kRows x kCols, f32_panel_index layout) to rows t0.. of head h, batch b, of a
-// rows_tensor_map_f32 tensor (rows past the tensor are left alone), as one bulk group. One thread.
-template <int kCols, int kRows>
-__device__ __forceinline__ void add_rows_f32(const float* tile, const CUtensorMap* map, int c0, int64_t b, int64_t t0,
-                                             int64_t h) {
-#pragma unroll
-  for (int p = 0; p < kCols / 32; ++p)
-    asm volatile(
-        "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(
-            reinterpret_cast<uint64_t>(map)),
-        "r"(c0 + 32 * p), "r"(static_cast<int>(h)), "r"(static_cast<int>(t0)), "r"(static_cast<int>(b)),
-        "r"(smem_addr(tile + p * kRows * 32))
-        : "memory");
-  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-}
-// Waits until this thread's bulk groups have read their shared-memory sources.
-__device__ __forceinline__ void wait_bulk_reads() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
 
 }  // namespace loom::cuda::tma

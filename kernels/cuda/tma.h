@@ -16,14 +16,4 @@ namespace loom::cuda::detail {
 // copies. Rows past `seq` arrive as zeros. base 16-byte aligned; dim a multiple of 64.
 CUtensorMap rows_tensor_map(const void* base, int64_t batch, int64_t seq, int64_t heads, int64_t dim, int box_rows);
 
-// The same over an fp32 tensor (dQ accumulators): tiles of `box_rows` rows by 32 columns (128
-// bytes, swizzled the same way), for reduce-adds from shared memory (tma.cuh's add_rows_f32).
-CUtensorMap rows_tensor_map_f32(const void* base, int64_t batch, int64_t seq, int64_t heads, int64_t dim,
-                                int box_rows);
-
-// A map over `count` contiguous elements of 4 or 8 bytes (positions, lse, delta), whose tiles are
-// `box` consecutive elements (box x element bytes a multiple of 16); elements past count arrive
-// as zeros. base 16-byte aligned.
-CUtensorMap vector_tensor_map(const void* base, int64_t count, int element_bytes, int box);
-
 }  // namespace loom::cuda::detail

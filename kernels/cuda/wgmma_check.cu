@@ -101,12 +101,12 @@ __global__ void __launch_bounds__(128) wgmma_check_kernel(WgmmaCheck which, floa
 }
 
 // One thread announces and issues the copies, every thread waits for them, then copies the image
-// out. kD 0: the vector check.
+// out.
 template <int kD>
 __global__ void __launch_bounds__(32) tma_check_kernel(const __grid_constant__ CUtensorMap map, void* out,
                                                        int64_t b, int64_t t0, int64_t h) {
 #if defined(LOOM_WGMMA)
-  __shared__ __align__(1024) bf16 tile[64 * (kD > 0 ? kD : 32)];
+  __shared__ __align__(1024) bf16 tile[64 * kD];
   __shared__ uint64_t bar;
   if (threadIdx.x == 0) {
     tma::mbar_init(&bar, 1);
@@ -114,17 +114,11 @@ __global__ void __launch_bounds__(32) tma_check_kernel(const __grid_constant__ C
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    if constexpr (kD > 0) {
-      tma::mbar_arrive_expect_tx(&bar, 64 * kD * 2);
-      tma::load_rows<kD, 64>(tile, &map, b, t0, h, &bar);
-    } else {
-      tma::mbar_arrive_expect_tx(&bar, 64 * 8);
-      tma::load_1d(tile, &map, static_cast<int>(t0), &bar);
-    }
+    tma::mbar_arrive_expect_tx(&bar, 64 * kD * 2);
+    tma::load_rows<kD, 64>(tile, &map, b, t0, h, &bar);
   }
   tma::mbar_wait(&bar, 0);
-  const int n = kD > 0 ? 64 * kD : 4 * 64;  // bf16 elements of the image (the vector: 64 x 8 bytes)
-  for (int e = threadIdx.x; e < n; e += 32) static_cast<bf16*>(out)[e] = tile[e];
+  for (int e = threadIdx.x; e < 64 * kD; e += 32) static_cast<bf16*>(out)[e] = tile[e];
 #else
   __trap();
 #endif
@@ -162,13 +156,6 @@ void launch_tma_rows_check(void* out, const void* rows, int64_t batch, int64_t s
   const CUtensorMap map = rows_tensor_map(rows, batch, seq, heads, dim, 64);
   if (dim == 64) tma_check_kernel<64><<<1, 32, 0, stream>>>(map, out, b, t0, h);
   else tma_check_kernel<128><<<1, 32, 0, stream>>>(map, out, b, t0, h);
-  LOOM_CUDA_CHECK(cudaGetLastError());
-}
-
-void launch_tma_vector_check(int64_t* out, const int64_t* v, int64_t count, int64_t start, cudaStream_t stream) {
-  LOOM_CHECK(wgmma_available()) << "tma check: this build has no sm_90a code or the device is not sm_90";
-  const CUtensorMap map = vector_tensor_map(v, count, 8, 64);
-  tma_check_kernel<0><<<1, 32, 0, stream>>>(map, out, 0, start, 0);
   LOOM_CUDA_CHECK(cudaGetLastError());
 }
 

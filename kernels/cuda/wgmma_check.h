@@ -25,10 +25,9 @@ void launch_wgmma_check(WgmmaCheck which, float* c, const void* a, const void* b
 
 // TMA copies (tma.h, tma.cuh) as the kernels would issue them: rows t0 .. t0 + 63 of head h, batch
 // b, of a contiguous bf16 (batch, seq, heads, dim) tensor (dim 64 or 128) into a panel tile, whose
-// shared-memory image (64 x dim elements) is written to out; and elements start .. start + 63 of
-// an int64 vector of `count` into out. The tests compare both with the layouts built on the host.
+// shared-memory image (64 x dim elements) is written to out. The tests compare it with the layout
+// built on the host.
 void launch_tma_rows_check(void* out, const void* rows, int64_t batch, int64_t seq, int64_t heads, int64_t dim,
                            int64_t b, int64_t t0, int64_t h, cudaStream_t stream);
-void launch_tma_vector_check(int64_t* out, const int64_t* v, int64_t count, int64_t start, cudaStream_t stream);
 
 }  // namespace loom::cuda::detail

@@ -128,24 +128,5 @@ TEST(CudaWgmma, TmaRowTilesAreThePanelLayout) {
   }
 }
 
-TEST(CudaWgmma, TmaVectorTilesZeroPastTheEnd) {
-  LOOM_SKIP_WITHOUT_GPU();
-  if (!cuda::detail::wgmma_available()) GTEST_SKIP() << "no sm_90a code in this build or the GPU is not sm_90";
-  const int64_t count = 100;
-  std::vector<int64_t> values(count);
-  for (int64_t i = 0; i < count; ++i) values[static_cast<size_t>(i)] = 7 * i + 3 - (i % 5) * (int64_t{1} << 40);
-  const Tensor v = Tensor::from_vector(values, {count}).to(gpu());
-  for (int64_t start : {int64_t{0}, int64_t{64}}) {
-    SCOPED_TRACE("start " + std::to_string(start));
-    Tensor out = Tensor::empty({64}, DType::i64, gpu());
-    cuda::detail::launch_tma_vector_check(out.data<int64_t>(), v.data<int64_t>(), count, start,
-                                          static_cast<cudaStream_t>(gpu_stream().handle()));
-    const std::vector<int64_t> got = out.to(Device::cpu()).to_vector<int64_t>();
-    for (int64_t i = 0; i < 64; ++i)
-      EXPECT_EQ(got[static_cast<size_t>(i)], start + i < count ? values[static_cast<size_t>(start + i)] : 0)
-          << "element " << start + i;
-  }
-}
-
 }  // namespace
 }  // namespace loom
