@@ -27,10 +27,11 @@ cmake --build $B -j16 --target loom_cuda_tests loom_cuda_parallel_tests loom-ben
 echo "built $(el)"; nvidia-smi -L
 timeout 250 $B/loom_cuda_tests --gtest_filter="${PARITY:-CudaWgmma*:CudaFlashAttention*}" > $O/flash.log 2>&1
 rc=$?; echo "wgmma check, flash (both families) rc $rc $(el)"; outcome $O/flash.log
-if [ $rc -ne 0 ] && [ -n "${AB:-}" ]; then  # a failure with switches named: each switch off in turn, then stop
+if [ $rc -ne 0 ] && [ -n "${AB:-}" ]; then  # a failure with switches named: the failed tests, each switch off in turn; stop
+  failed=$(grep -oE "^\[  FAILED  \] [A-Za-z0-9_]+\.[A-Za-z0-9_]+ \(" $O/flash.log | awk '{print $4}' | sort -u | paste -sd:)
   for item in $AB; do
     name=${item%%=*}
-    timeout 120 env $name=0 $B/loom_cuda_tests --gtest_filter='CudaWgmma*:CudaFlashAttention*' > $O/flash-$name-0.log 2>&1
+    timeout 250 env $name=0 $B/loom_cuda_tests --gtest_filter="${failed:-CudaWgmma*:CudaFlashAttention*}" > $O/flash-$name-0.log 2>&1
     echo "$name=0: flash rc $? $(el)"; outcome $O/flash-$name-0.log
   done
   exit 1
