@@ -74,59 +74,87 @@ RoundingBounds rounding_bounds(const Case& c, const Tensor& q, const Tensor& k, 
   std::vector<double> dq_abs(ob.size(), 0.0), dk_abs(dkb.size(), 0.0), dv_abs(dkb.size(), 0.0);
   std::vector<double> part_k(static_cast<size_t>(S * D)), part_v(part_k.size());  // one head's dK, dV contribution
   const double gamma = static_cast<double>(D) * std::ldexp(1.0, -24), half_ulp = std::ldexp(1.0, -9);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t hk = h / group;
-      std::fill(part_k.begin(), part_k.end(), 0.0);
-      std::fill(part_v.begin(), part_v.end(), 0.0);
-      for (int64_t i = 0; i < T; ++i) {
-        const double l = L[static_cast<size_t>((b * H + h) * T + i)];
-        if (!std::isfinite(l)) continue;  // no visible key: every output is exactly 0
-        const double* qi = &Q[static_cast<size_t>(((b * T + i) * H + h) * D)];
-        const double* doi = &dO[static_cast<size_t>(((b * T + i) * H + h) * D)];
-        const double* oi = &O[static_cast<size_t>(((b * T + i) * H + h) * D)];
-        double delta = -dL[static_cast<size_t>((b * H + h) * T + i)];
-        for (int64_t d = 0; d < D; ++d) delta += doi[d] * oi[d];
-        for (int64_t j = 0; j < S; ++j) {
-          bool vis = !c.causal || kpos[static_cast<size_t>(j)] <= qpos[static_cast<size_t>(i)];
-          if (vis && s2.enabled())
-            vis = s2_block_active(qpos[static_cast<size_t>(i)] / s2.block, kpos[static_cast<size_t>(j)] / s2.block,
-                                  hk, Hkv, s2);
-          if (!vis) continue;
-          const double* kj = &K[static_cast<size_t>(((b * S + j) * Hkv + hk) * D)];
-          const double* vj = &V[static_cast<size_t>(((b * S + j) * Hkv + hk) * D)];
-          double s = 0, dp = 0, dp_mag = 0, delta_mag = 0;
-          for (int64_t d = 0; d < D; ++d) {
-            s += qi[d] * kj[d];
-            dp += doi[d] * vj[d];
-            dp_mag += std::fabs(doi[d] * vj[d]);
-            delta_mag += std::fabs(doi[d] * oi[d]);
-          }
-          const double pij = std::exp(scale * s - l), ds_signed = pij * (dp - delta), ds = std::fabs(ds_signed);
-          const double ds_fp32 = pij * gamma * (dp_mag + delta_mag);  // fp32 error of dP - delta, times P
-          for (int64_t d = 0; d < D; ++d) {
-            const size_t at_q = static_cast<size_t>(((b * T + i) * H + h) * D + d);
-            const size_t at_k = static_cast<size_t>(((b * S + j) * Hkv + hk) * D + d);
-            ob[at_q] += pij * std::fabs(vj[d]);
-            dqb[at_q] += scale * ds * std::fabs(kj[d]);
-            dvb[at_k] += pij * std::fabs(doi[d]);
-            dkb[at_k] += scale * ds * std::fabs(qi[d]);
-            dq_abs[at_q] += scale * ds_fp32 * std::fabs(kj[d]);
-            dk_abs[at_k] += scale * ds_fp32 * std::fabs(qi[d]);
-            part_v[static_cast<size_t>(j * D + d)] += pij * doi[d];
-            part_k[static_cast<size_t>(j * D + d)] += scale * ds_signed * qi[d];
+  // Query rows in parallel (f64 over every visible pair: about 10^10 terms at T = 4097): the
+  // query-side sums are each row's own; the key-side ones go to per-thread sums (indexed j D + d),
+  // added into the totals after each head.
+#pragma omp parallel
+  {
+    const size_t keys = static_cast<size_t>(S * D);
+    std::vector<double> my_dk(keys), my_dv(keys), my_dk_abs(keys), my_part_k(keys), my_part_v(keys);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t hk = h / group;
+        for (std::vector<double>* a : {&my_dk, &my_dv, &my_dk_abs, &my_part_k, &my_part_v})
+          std::fill(a->begin(), a->end(), 0.0);
+#pragma omp for schedule(dynamic, 16)
+        for (int64_t i = 0; i < T; ++i) {
+          const double l = L[static_cast<size_t>((b * H + h) * T + i)];
+          if (!std::isfinite(l)) continue;  // no visible key: every output is exactly 0
+          const double* qi = &Q[static_cast<size_t>(((b * T + i) * H + h) * D)];
+          const double* doi = &dO[static_cast<size_t>(((b * T + i) * H + h) * D)];
+          const double* oi = &O[static_cast<size_t>(((b * T + i) * H + h) * D)];
+          double delta = -dL[static_cast<size_t>((b * H + h) * T + i)];
+          for (int64_t d = 0; d < D; ++d) delta += doi[d] * oi[d];
+          for (int64_t j = 0; j < S; ++j) {
+            bool vis = !c.causal || kpos[static_cast<size_t>(j)] <= qpos[static_cast<size_t>(i)];
+            if (vis && s2.enabled())
+              vis = s2_block_active(qpos[static_cast<size_t>(i)] / s2.block, kpos[static_cast<size_t>(j)] / s2.block,
+                                    hk, Hkv, s2);
+            if (!vis) continue;
+            const double* kj = &K[static_cast<size_t>(((b * S + j) * Hkv + hk) * D)];
+            const double* vj = &V[static_cast<size_t>(((b * S + j) * Hkv + hk) * D)];
+            double s = 0, dp = 0, dp_mag = 0, delta_mag = 0;
+            for (int64_t d = 0; d < D; ++d) {
+              s += qi[d] * kj[d];
+              dp += doi[d] * vj[d];
+              dp_mag += std::fabs(doi[d] * vj[d]);
+              delta_mag += std::fabs(doi[d] * oi[d]);
+            }
+            const double pij = std::exp(scale * s - l), ds_signed = pij * (dp - delta), ds = std::fabs(ds_signed);
+            const double ds_fp32 = pij * gamma * (dp_mag + delta_mag);  // fp32 error of dP - delta, times P
+            for (int64_t d = 0; d < D; ++d) {
+              const size_t at_q = static_cast<size_t>(((b * T + i) * H + h) * D + d);
+              const size_t at = static_cast<size_t>(j * D + d);
+              ob[at_q] += pij * std::fabs(vj[d]);
+              dqb[at_q] += scale * ds * std::fabs(kj[d]);
+              dq_abs[at_q] += scale * ds_fp32 * std::fabs(kj[d]);
+              my_dv[at] += pij * std::fabs(doi[d]);
+              my_dk[at] += scale * ds * std::fabs(qi[d]);
+              my_dk_abs[at] += scale * ds_fp32 * std::fabs(qi[d]);
+              my_part_v[at] += pij * doi[d];
+              my_part_k[at] += scale * ds_signed * qi[d];
+            }
           }
         }
-      }
-      if (group_partials_rounded && group > 1) {
+#pragma omp single
+        {
+          std::fill(part_k.begin(), part_k.end(), 0.0);
+          std::fill(part_v.begin(), part_v.end(), 0.0);
+        }
+#pragma omp critical(rounding_bounds_keys)
         for (int64_t j = 0; j < S; ++j)
           for (int64_t d = 0; d < D; ++d) {
-            const size_t at_k = static_cast<size_t>(((b * S + j) * Hkv + hk) * D + d), at = static_cast<size_t>(j * D + d);
-            dk_abs[at_k] += half_ulp * std::fabs(part_k[at]);
-            dv_abs[at_k] += half_ulp * std::fabs(part_v[at]);
+            const size_t at_k = static_cast<size_t>(((b * S + j) * Hkv + hk) * D + d);
+            const size_t at = static_cast<size_t>(j * D + d);
+            dkb[at_k] += my_dk[at];
+            dvb[at_k] += my_dv[at];
+            dk_abs[at_k] += my_dk_abs[at];
+            part_k[at] += my_part_k[at];
+            part_v[at] += my_part_v[at];
           }
+#pragma omp barrier
+#pragma omp single
+        if (group_partials_rounded && group > 1) {
+          for (int64_t j = 0; j < S; ++j)
+            for (int64_t d = 0; d < D; ++d) {
+              const size_t at_k = static_cast<size_t>(((b * S + j) * Hkv + hk) * D + d);
+              const size_t at = static_cast<size_t>(j * D + d);
+              dk_abs[at_k] += half_ulp * std::fabs(part_k[at]);
+              dv_abs[at_k] += half_ulp * std::fabs(part_v[at]);
+            }
+        }
       }
-    }
+  }
   const Shape q_shape{B, T, H, D}, kv_shape{B, S, Hkv, D};
   return {Tensor::from_vector<double>(ob, q_shape),     Tensor::from_vector<double>(dqb, q_shape),
           Tensor::from_vector<double>(dkb, kv_shape),   Tensor::from_vector<double>(dvb, kv_shape),
