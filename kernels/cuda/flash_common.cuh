@@ -383,26 +383,24 @@ struct QuerySmem {
     plan = reinterpret_cast<uint32_t*>(kpos + kStages);
   }
 
-  // Starts the async copies of `rows` rows of src (row stride `stride`) into a kRows-row tile
-  // (threads 0 .. kT - 1 copy).
-  template <int kRows, int kT = kThreads>
+  // Starts the async copies of `rows` rows of src (row stride `stride`) into a kRows-row tile.
+  template <int kRows>
   static __device__ void load(bf16* dst, const bf16* src, int64_t stride, int rows) {
-    if constexpr (kPanels) load_panels_async<kD, kRows, kT>(dst, src, stride, rows);
-    else load_rows_async<kD, kRows, kT>(dst, src, stride, rows);
+    if constexpr (kPanels) load_panels_async<kD, kRows>(dst, src, stride, rows);
+    else load_rows_async<kD, kRows>(dst, src, stride, rows);
   }
 };
 
-// Starts the async copies of key/value tile kt and its positions into stage `stage` (threads
-// 0 .. kT - 1 copy).
-template <int kT = kThreads, typename Smem>
+// Starts the async copies of key/value tile kt and its positions into stage `stage`.
+template <typename Smem>
 __device__ __forceinline__ void issue_kv_tile(const Smem& sm, const bf16* k, const bf16* v, const QueryBlock& blk,
                                               const AttentionDims& n, const AttentionMask& m, int64_t kt, int stage) {
   const int64_t j0 = kt * kTile;
   const int nk = rows_from(n.S, j0, kTile);
   const int64_t at = blk.kv_offset + j0 * blk.kv_stride;
-  Smem::template load<kTile, kT>(sm.ks + stage * Smem::kKvElems, k + at, blk.kv_stride, nk);
-  Smem::template load<kTile, kT>(sm.vs + stage * Smem::kKvElems, v + at, blk.kv_stride, nk);
-  if (m.q_pos != nullptr) load_vec_async<kTile, kT>(sm.kpos[stage].pos, m.k_pos, j0, n.S);
+  Smem::template load<kTile>(sm.ks + stage * Smem::kKvElems, k + at, blk.kv_stride, nk);
+  Smem::template load<kTile>(sm.vs + stage * Smem::kKvElems, v + at, blk.kv_stride, nk);
+  if (m.q_pos != nullptr) load_vec_async<kTile>(sm.kpos[stage].pos, m.k_pos, j0, n.S);
 }
 
 // Starts a query block: the async copies of its 128 rows of `rows` (Q) and their positions

@@ -42,26 +42,20 @@ CUtensorMap encode(CUtensorMapDataType type, const void* base, cuuint32_t rank, 
   return map;
 }
 
-// (batch, seq, heads, dim) rows of `bytes`-byte elements in tiles of box_rows rows x 128 bytes.
-CUtensorMap row_tiles(CUtensorMapDataType type, int64_t bytes, const void* base, int64_t batch, int64_t seq,
-                      int64_t heads, int64_t dim, int box_rows, const char* what) {
-  const int64_t cols = 128 / bytes;
-  LOOM_CHECK(dim % cols == 0 && box_rows > 0 && box_rows <= 256 && batch > 0 && seq > 0 && heads > 0)
-      << "tensor maps: " << what << " (" << batch << ", " << seq << ", " << heads << ", " << dim << ") in tiles of "
-      << box_rows << " rows (dim a multiple of " << cols << ", 1..256 rows)";
-  // Innermost first: dim, heads, seq, batch; strides in bytes of dims 1..3.
-  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(dim), static_cast<cuuint64_t>(heads),
-                              static_cast<cuuint64_t>(seq), static_cast<cuuint64_t>(batch)};
-  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(bytes * dim), static_cast<cuuint64_t>(bytes * dim * heads),
-                                 static_cast<cuuint64_t>(bytes * dim * heads * seq)};
-  const cuuint32_t box[4] = {static_cast<cuuint32_t>(cols), 1, static_cast<cuuint32_t>(box_rows), 1};
-  return encode(type, base, 4, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B, what);
-}
-
 }  // namespace
 
 CUtensorMap rows_tensor_map(const void* base, int64_t batch, int64_t seq, int64_t heads, int64_t dim, int box_rows) {
-  return row_tiles(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, base, batch, seq, heads, dim, box_rows, "bf16 rows");
+  LOOM_CHECK(dim % 64 == 0 && box_rows > 0 && box_rows <= 256 && batch > 0 && seq > 0 && heads > 0)
+      << "tensor maps: bf16 rows (" << batch << ", " << seq << ", " << heads << ", " << dim << ") in tiles of "
+      << box_rows << " rows (dim a multiple of 64, 1..256 rows)";
+  // Innermost first: dim, heads, seq, batch; strides in bytes of dims 1..3; boxes of 64 columns (128 bytes).
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(dim), static_cast<cuuint64_t>(heads),
+                              static_cast<cuuint64_t>(seq), static_cast<cuuint64_t>(batch)};
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(2 * dim), static_cast<cuuint64_t>(2 * dim * heads),
+                                 static_cast<cuuint64_t>(2 * dim * heads * seq)};
+  const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(box_rows), 1};
+  return encode(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, base, 4, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B,
+                "bf16 rows");
 }
 
 }  // namespace loom::cuda::detail
