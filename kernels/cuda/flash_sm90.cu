@@ -36,6 +36,8 @@
 #include "kernels/cuda/wgmma.cuh"
 #include "kernels/cuda/wgmma_check.h"
 
+#include <cstdlib>
+
 namespace loom::cuda::detail {
 
 namespace {
@@ -172,34 +174,59 @@ struct UnitRows {
 
 // Key group wg's products on one unit (its 64 keys, rows row0.. of the warp): S^T = K Q^T and
 // dP^T = V dO^T, P, dV += P^T dO, dS, dK += dS^T Q, and its dS^T rows into ds. Returns once every
-// product is done (the unit's rows are free).
-template <int kD>
+// product is done (the unit's rows are free). kV (LOOM_FLASH_VARIANT, cumulative): 1 fresh
+// accumulators (accumulate 0 on the first product), 2 after S^T is issued, between() runs (the
+// previous unit's dQ: its products were issued before S^T) and dP^T is issued after it, 3 hidden
+// scores masked before the exponentials, 4 the unit's lse already in exp2 form, lse and delta read
+// in pairs.
+template <int kD, int kV, typename Between>
 __device__ __forceinline__ void key_group_unit(float (&acc_dk)[kD / 8][4], float (&acc_dv)[kD / 8][4],
                                                const bf16* ks, const bf16* vs, const UnitRows& u, bf16* ds,
                                                float scale_log2, bool masked, const AttentionMask& m,
-                                               const RowPos<kKeys>& kpos, int wg, int row0, int nk) {
-  float st[8][4] = {}, dpt[8][4] = {};
+                                               const RowPos<kKeys>& kpos, int wg, int row0, int nk,
+                                               Between&& between, bool meet = true) {
+  float st[8][4], dpt[8][4];
+  if constexpr (kV < 1) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) st[i][j] = dpt[i][j] = 0.f;
+  }
+  constexpr int kFresh = kV >= 1 ? 0 : 1;  // the first product's accumulate flag
   wgmma::pin(st);
   wgmma::pin(dpt);
   wgmma::fence();
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk)  // S^T = K Q^T
-    wgmma::wgmma_ss_n64<0, 0>(st, wgmma::kmajor(ks, kKeys, 64 * wg, 16 * kk), wgmma::kmajor(u.q, kTile, 0, 16 * kk));
+    wgmma::wgmma_ss_n64<0, 0>(st, wgmma::kmajor(ks, kKeys, 64 * wg, 16 * kk), wgmma::kmajor(u.q, kTile, 0, 16 * kk),
+                              kk > 0 ? 1 : kFresh);
   wgmma::commit();
+  if constexpr (kV >= 2) {
+    between();  // waits for the batch before S^T
+    wgmma::pin(dpt);
+    wgmma::fence();
+  }
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk)  // dP^T = V dO^T
     wgmma::wgmma_ss_n64<0, 0>(dpt, wgmma::kmajor(vs, kKeys, 64 * wg, 16 * kk),
-                              wgmma::kmajor(u.dout, kTile, 0, 16 * kk));
+                              wgmma::kmajor(u.dout, kTile, 0, 16 * kk), kk > 0 ? 1 : kFresh);
   wgmma::commit();
   wgmma::wait<1>();  // S^T is done; dP^T may still run
   wgmma::pin(st);
-  key_rows_probabilities(st, u.lse, scale_log2, masked, m, *u.qpos, u.nq, kpos, row0, nk);
+  key_rows_probabilities<kKeys, (kV >= 3), (kV >= 4)>(st, u.lse, scale_log2, masked && meet, m, *u.qpos, u.nq, kpos,
+                                                      row0, nk);
+  if (!meet) {  // no pair of the unit is visible to this group's keys
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) st[i][j] = 0.f;
+  }
   uint32_t pf[4][4];
   rs_batch<kD>(acc_dv, pf, st, u.dout);  // dV += P^T dO
   wgmma::wait<1>();  // dP^T is done; dV may still run
   wgmma::pin(pf);    // live until here: dV's products may still read them
   wgmma::pin(dpt);
-  key_rows_score_grad(dpt, st, u.delta);  // dS^T
+  key_rows_score_grad<(kV >= 4)>(dpt, st, u.delta);  // dS^T
   uint32_t dsf[4][4];
   rs_batch<kD>(acc_dk, dsf, dpt, u.q);  // dK += dS^T Q
   store_ds(ds, dsf, row0);
@@ -213,26 +240,40 @@ __device__ __forceinline__ void key_group_unit(float (&acc_dk)[kD / 8][4], float
 // dQ (64 queries x D) += dS K over the keys of both groups' dS^T tile ds (D 128: this group's 64
 // columns; D 64: all columns over this group's keys), added into the unit's fp32 rows dq (row
 // stride `stride`, nq valid) with atomics. ds must be complete and visible (after a barrier).
-template <int kD>
-__device__ __forceinline__ void key_group_dq_products(float (&acc)[8][4], const bf16* ds, const bf16* ks, int wg) {
+// The products of that into acc (fresh from variant 1 on), one committed batch, not waited for.
+template <int kD, int kV>
+__device__ __forceinline__ void key_group_dq_issue(float (&acc)[8][4], const bf16* ds, const bf16* ks, int wg) {
+  if constexpr (kV < 1) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+  }
   wgmma::pin(acc);
   wgmma::fence();
   constexpr int kSteps = kD == 128 ? kKeys / 16 : 4;
 #pragma unroll
   for (int s = 0; s < kSteps; ++s) {
     const int kk = kD == 128 ? s : 4 * wg + s;  // D 64: this group's keys only
-    wgmma::wgmma_ss_n64<1, 1>(acc, wgmma::mnmajor(ds, kKeys, 16 * kk), wgmma::mnmajor(ks, kKeys, 16 * kk, kD == 128 ? wg : 0));
+    wgmma::wgmma_ss_n64<1, 1>(acc, wgmma::mnmajor(ds, kKeys, 16 * kk),
+                              wgmma::mnmajor(ks, kKeys, 16 * kk, kD == 128 ? wg : 0), s > 0 || kV < 1 ? 1 : 0);
   }
   wgmma::commit();
-  wgmma::wait<0>();
-  wgmma::pin(acc);
 }
+// The atomics of a completed batch.
 template <int kD>
+__device__ __forceinline__ void key_group_dq_add(float* dq, int64_t stride, int nq, float (&acc)[8][4], int wg,
+                                                 int warp_in_group, float scale) {
+  add_rows(dq + (kD == 128 ? 64 * wg : 0), stride, 16 * warp_in_group, nq, acc, scale);
+}
+template <int kD, int kV>
 __device__ __forceinline__ void key_group_dq(float* dq, int64_t stride, int nq, const bf16* ds, const bf16* ks, int wg,
                                              int warp_in_group, float scale) {
-  float acc[8][4] = {};
-  key_group_dq_products<kD>(acc, ds, ks, wg);
-  add_rows(dq + (kD == 128 ? 64 * wg : 0), stride, 16 * warp_in_group, nq, acc, scale);
+  float acc[8][4];
+  key_group_dq_issue<kD, kV>(acc, ds, ks, wg);
+  wgmma::wait<0>();
+  wgmma::pin(acc);
+  key_group_dq_add<kD>(dq, stride, nq, acc, wg, warp_in_group, scale);
 }
 #endif
 
@@ -251,7 +292,8 @@ constexpr int kForwardThreads = 3 * 128;
 constexpr int kProducerRegs = 56, kConsumerRegs = 224;
 static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kForwardThreads * 168);
 
-template <int kD>
+// kFresh: the scores start with accumulate 0 instead of zeroed registers (LOOM_FLASH_VARIANT >= 1).
+template <int kD, bool kFresh>
 __global__ void __launch_bounds__(kForwardThreads, 1)
     flash_forward_sm90_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
                               const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n,
@@ -348,12 +390,19 @@ __global__ void __launch_bounds__(kForwardThreads, 1)
       release(st);
       continue;
     }
-    float s[8][4] = {};
+    float s[8][4];
+    if constexpr (!kFresh) {
+#pragma unroll
+      for (int a = 0; a < 8; ++a)
+#pragma unroll
+        for (int b = 0; b < 4; ++b) s[a][b] = 0.f;
+    }
     wgmma::pin(s);
     wgmma::fence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk)  // S = Q K^T
-      wgmma::wgmma_rs_n64<0>(s, qf[kk], wgmma::kmajor(sm.ks + st * Smem::kKvElems, kTile, 0, 16 * kk));
+      wgmma::wgmma_rs_n64<0>(s, qf[kk], wgmma::kmajor(sm.ks + st * Smem::kKvElems, kTile, 0, 16 * kk),
+                             kk > 0 || !kFresh ? 1 : 0);
     wgmma::commit();
     if (pending >= 0) {
       issue_pv();  // the previous tile's O += P V, behind S
@@ -387,7 +436,7 @@ __global__ void __launch_bounds__(kForwardThreads, 1)
 // Thread 0 copies each unit's Q and dO through the tensor maps qmap and dmap, completing on the
 // stage's mbarrier, which every thread waits on before the unit (5% faster at 32K than every
 // thread's cp.async, 9% under S2); the threads copy lse, delta and positions with cp.async.
-template <int kD>
+template <int kD, int kV>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_dkdv_sm90_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                            const float* __restrict__ lse, const float* __restrict__ delta,
@@ -430,14 +479,24 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (unit < kb.units) issue(unit, 0);
   cp_async_commit();
   int stage = 0;
+  int64_t prev_unit = 0;  // variant 2: the unit whose dQ is still to add, its rows, whether this group adds
+  int prev_nq = 0;
+  bool prev_adds = false;
   uint32_t phase = 0;  // of stage 0's barrier, then flipped each time stage 0 comes round
   // Whether S2 needs per-element masks somewhere on unit u's query tile (then its S2 ids are filled).
   auto masked_unit = [&](int64_t u) {
     const int64_t t = u % kb.q_tiles;
     return m.s2_block > 0 && !(plan.plain(0, t) && plan.plain(1, t));
   };
+  // Variant 4: the entries of stage st's lse this thread copied (issue_vectors: thread r, row r) to
+  // their exp2 form, once its copies landed.
+  auto lse_to_exp2 = [&](int st) {
+    if constexpr (kV >= 4)
+      if (threadIdx.x < kTile) sm.lse[st * kTile + threadIdx.x] = lse_exp2(sm.lse[st * kTile + threadIdx.x]);
+  };
   // The first unit's rows, the keys and their S2 ids in place.
   cp_async_wait<0>();
+  lse_to_exp2(0);
   wgmma::fence_smem();
   __syncthreads();
   if (m.s2_block > 0) {
@@ -458,35 +517,78 @@ __global__ void __launch_bounds__(kThreads, 1)
     const UnitRows rows{sm.qs + stage * Smem::kQueryElems, sm.dos + stage * Smem::kQueryElems,
                         sm.lse + stage * kTile, sm.delta + stage * kTile, &sm.qpos[stage],
                         rows_from(n.T, qt * kTile, kTile)};
-    if (plan.meet(wg, qt)) {
-      key_group_unit<kD>(acc_dk, acc_dv, sm.ks, sm.vs, rows, ds_s, scale_log2, !plan.plain(wg, qt), m, *sm.kpos, wg,
-                         row0, nk);
-    } else if (kD == 128 && (plan.meet(0, qt) || plan.meet(1, qt))) {
-      // The other group's dQ products read these rows too: zeros instead of a skip inside the
-      // product loop (a conditional product makes ptxas serialize every product of the kernel).
-      const uint32_t zero[4][4] = {};
-      store_ds(ds_s, zero, row0);
+    const bool any = plan.meet(0, qt) || plan.meet(1, qt);
+    const bool adds = kD == 128 ? any : plan.meet(wg, qt);  // this group adds dQ of the unit
+    if constexpr (kV >= 2) {
+      // The previous unit's dQ products first, their atomics once S^T is issued (an empty
+      // batch's worth of work for the first unit: stage 1's dS^T, not added).
+      float acc_dq[8][4];
+      key_group_dq_issue<kD, kV>(acc_dq, sm.ds + (stage ^ 1) * Smem::kDsElems, sm.ks, wg);
+      auto add_prev = [&] {
+        wgmma::wait<1>();
+        wgmma::pin(acc_dq);
+        if (prev_adds) key_group_dq_add<kD>(dq_acc + kb.q_offset(prev_unit, n), kb.q_stride, prev_nq, acc_dq, wg,
+                                            warp % 4, scale);
+      };
+      // Every group runs every unit of the block (a group that does not meet the tile computes
+      // P = 0: its dV, dK and dS^T rows get zeros): products under a branch with a batch in
+      // flight make ptxas serialize every product of the kernel. Such a group would otherwise
+      // wait at the barrier for the other.
+      key_group_unit<kD, kV>(acc_dk, acc_dv, sm.ks, sm.vs, rows, ds_s, scale_log2, !plan.plain(wg, qt), m,
+                             *sm.kpos, wg, row0, nk, add_prev, plan.meet(wg, qt));
+    } else {
+      if (plan.meet(wg, qt)) {
+        key_group_unit<kD, kV>(acc_dk, acc_dv, sm.ks, sm.vs, rows, ds_s, scale_log2, !plan.plain(wg, qt), m,
+                               *sm.kpos, wg, row0, nk, [] {});
+      } else if (kD == 128 && any) {
+        // The other group's dQ products read these rows too: zeros instead of a skip inside the
+        // product loop (a conditional product makes ptxas serialize every product of the kernel).
+        const uint32_t zero[4][4] = {};
+        store_ds(ds_s, zero, row0);
+      }
     }
     // The next unit's rows (issued at the top): this thread's copies have landed, and it fills
     // the S2 ids of the query rows whose positions it copied itself (the same rows, kThreads).
     cp_async_wait<0>();
+    if (next < kb.units) lse_to_exp2(stage ^ 1);
     if (next < kb.units && masked_unit(next)) fill_s2<kTile>(sm.qpos[stage ^ 1], m, kb.hk);
     wgmma::fence_smem();  // the dS^T rows and the next unit's copies, before the products read them
     __syncthreads();  // the block's one barrier per unit
-    // dQ of the unit over the keys of the halves that met the tile.
-    const bool any = plan.meet(0, qt) || plan.meet(1, qt);
-    if (kD == 128 ? any : plan.meet(wg, qt))
-      key_group_dq<kD>(dq_acc + kb.q_offset(unit, n), kb.q_stride, rows.nq, ds_s, sm.ks, wg, warp % 4, scale);
+    // dQ of the unit over the keys of the halves that met the tile (variant 2: at the next unit).
+    if constexpr (kV >= 2) {
+      prev_unit = unit;
+      prev_nq = rows.nq;
+      prev_adds = adds;
+    } else if (adds) {
+      key_group_dq<kD, kV>(dq_acc + kb.q_offset(unit, n), kb.q_stride, rows.nq, ds_s, sm.ks, wg, warp % 4, scale);
+    }
     // No barrier before the next unit: this stage is refilled after this unit's barrier, which
     // every group reaches only once its products on the stage are complete.
     unit = next;
     stage ^= 1;
+  }
+  if constexpr (kV >= 2) {  // the last unit's dQ (its dS^T in the stage before `stage`; products unconditional)
+    float acc_dq[8][4];
+    key_group_dq_issue<kD, kV>(acc_dq, sm.ds + (stage ^ 1) * Smem::kDsElems, sm.ks, wg);
+    wgmma::wait<0>();
+    wgmma::pin(acc_dq);
+    if (prev_adds)
+      key_group_dq_add<kD>(dq_acc + kb.q_offset(prev_unit, n), kb.q_stride, prev_nq, acc_dq, wg, warp % 4, scale);
   }
   cp_async_wait<0>();
   kb.store_grads<kD>(dk, dv, row0, acc_dk, acc_dv, scale, n);
 #else
   __trap();  // launched only where wgmma_available()
 #endif
+}
+
+// LOOM_FLASH_VARIANT (0..4, default 4): the dK dV kernel's cumulative steps (key_group_unit).
+int flash_variant() {
+  const char* v = std::getenv("LOOM_FLASH_VARIANT");
+  if (v == nullptr || *v == 0) return 4;
+  const int x = std::atoi(v);
+  LOOM_CHECK(x >= 0 && x <= 4) << "LOOM_FLASH_VARIANT=" << v << " is not 0..4";
+  return x;
 }
 
 }  // namespace
@@ -498,7 +600,7 @@ void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, cons
     constexpr int kD = decltype(kd)::value;
     const CUtensorMap kmap = rows_tensor_map(k, n.B, n.S, n.Hkv, n.D, kTile);
     const CUtensorMap vmap = rows_tensor_map(v, n.B, n.S, n.Hkv, n.D, kTile);
-    auto kernel = flash_forward_sm90_kernel<kD>;
+    auto kernel = flash_variant() >= 1 ? flash_forward_sm90_kernel<kD, true> : flash_forward_sm90_kernel<kD, false>;
     const size_t smem = QuerySmem<kD, 1, true, kKvStages>::bytes(tiles_of(n.S));
     set_smem(kernel, smem);
     kernel<<<flash_grid(blocks_of(n.T), n.H, n.B), kForwardThreads, smem, stream>>>(
@@ -521,7 +623,14 @@ void flash::launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void
     const dim3 grid = flash_grid((n.S + kKeys - 1) / kKeys, n.Hkv, n.B);
     const CUtensorMap qmap = rows_tensor_map(q, n.B, n.T, n.H, n.D, kTile);
     const CUtensorMap dmap = rows_tensor_map(dout, n.B, n.T, n.H, n.D, kTile);
-    auto kernel = flash_dkdv_sm90_kernel<kD>;
+    auto kernel = flash_dkdv_sm90_kernel<kD, 4>;
+    switch (flash_variant()) {
+      case 0: kernel = flash_dkdv_sm90_kernel<kD, 0>; break;
+      case 1: kernel = flash_dkdv_sm90_kernel<kD, 1>; break;
+      case 2: kernel = flash_dkdv_sm90_kernel<kD, 2>; break;
+      case 3: kernel = flash_dkdv_sm90_kernel<kD, 3>; break;
+      default: break;
+    }
     set_smem(kernel, smem);
     kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc, lse, delta,
                                              static_cast<const bf16*>(k), static_cast<const bf16*>(v), n, mask, tb,

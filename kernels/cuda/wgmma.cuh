@@ -103,23 +103,24 @@ __device__ __forceinline__ void pin(T (&d)[kN][4]) {
   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" "}"
 
 // D (64 x 64) += A B, both from shared memory (descriptors); kTransA / kTransB: A M-major / B N-major.
+// accumulate 0: D = A B (D's old values are not read; the first product of a fresh accumulator).
 template <int kTransA, int kTransB>
-__device__ __forceinline__ void wgmma_ss_n64(float (&d)[8][4], uint64_t da, uint64_t db) {
+__device__ __forceinline__ void wgmma_ss_n64(float (&d)[8][4], uint64_t da, uint64_t db, int accumulate = 1) {
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
                "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " LOOM_WGMMA_D32
                ", %32, %33, p, 1, 1, %35, %36;\n}\n"
                : LOOM_WGMMA_ACC64(d)
-               : "l"(da), "l"(db), "r"(1), "n"(kTransA), "n"(kTransB));
+               : "l"(da), "l"(db), "r"(accumulate), "n"(kTransA), "n"(kTransB));
 }
 
 // D (64 x 64) += A B, A (64 x 16) from registers (the m16n8k16 A fragment of each warp's 16 rows).
 template <int kTransB>
-__device__ __forceinline__ void wgmma_rs_n64(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db) {
+__device__ __forceinline__ void wgmma_rs_n64(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db, int accumulate = 1) {
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
                "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " LOOM_WGMMA_D32
                ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
                : LOOM_WGMMA_ACC64(d)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1), "n"(kTransB));
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(kTransB));
 }
 
 // D (64 x 128) += A B, A from registers as above.

@@ -74,22 +74,25 @@ __global__ void __launch_bounds__(128) wgmma_check_kernel(WgmmaCheck which, floa
     store_c<128>(c, d);
     return;
   }
-  float d[8][4] = {};
+  // NaN to start: the first product of each batch runs with accumulate 0, which must ignore them.
+  float d[8][4];
+  for (auto& row : d)
+    for (float& x : row) x = __int_as_float(0x7fc00000);
   wgmma::pin(d);
   if (which == WgmmaCheck::rs_n_major64) {
     uint32_t f[4][4];
     a_fragments(f, a);
     wgmma::pin(f);
     wgmma::fence();
-    for (int kk = 0; kk < 4; ++kk) wgmma::wgmma_rs_n64<1>(d, f[kk], wgmma::mnmajor(bs, 64, 16 * kk));
+    for (int kk = 0; kk < 4; ++kk) wgmma::wgmma_rs_n64<1>(d, f[kk], wgmma::mnmajor(bs, 64, 16 * kk), kk > 0);
   } else if (which == WgmmaCheck::ss_k_major) {
     wgmma::fence();
     for (int kk = 0; kk < 8; ++kk)
-      wgmma::wgmma_ss_n64<0, 0>(d, wgmma::kmajor(as, 64, 0, 16 * kk), wgmma::kmajor(bs, 64, 0, 16 * kk));
+      wgmma::wgmma_ss_n64<0, 0>(d, wgmma::kmajor(as, 64, 0, 16 * kk), wgmma::kmajor(bs, 64, 0, 16 * kk), kk > 0);
   } else {
     wgmma::fence();
     for (int kk = 0; kk < 8; ++kk)
-      wgmma::wgmma_ss_n64<1, 1>(d, wgmma::mnmajor(as, 128, 16 * kk), wgmma::mnmajor(bs, 128, 16 * kk, 1));
+      wgmma::wgmma_ss_n64<1, 1>(d, wgmma::mnmajor(as, 128, 16 * kk), wgmma::mnmajor(bs, 128, 16 * kk, 1), kk > 0);
   }
   wgmma::commit();
   wgmma::wait<0>();
