@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float s[8][4] = {};
     mma_frags_by_rows<kD>(s, qf, sm.ks + stage * kTileElems<kD>);  // S = Q K^T
     if (!plan.plain(half, kt))
-      mask_query_rows(s, m, *sm.qpos, row0, nq, sm.kpos[stage], rows_from(n.S, kt * kTile, kTile));
+      mask_scores(s, m, *sm.qpos, row0, nq, sm.kpos[stage], rows_from(n.S, kt * kTile, kTile));
     online_softmax<kD>(s, row_max, row_sum, acc_o, scale_log2);
     uint32_t pf[4][4];
     c_to_a(pf, s);

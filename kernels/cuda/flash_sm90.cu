@@ -26,8 +26,11 @@
 //                      B = K N-major; D 128: each group 64 columns over the
 //                      128 keys; D 64: each group all columns over its keys)
 // One block barrier per unit, the dS^T exchange (two dS^T tiles, one per
-// stage). Thread 0 copies the next unit's Q and dO through tensor maps (TMA)
-// into the other stage, completing on that stage's mbarrier.
+// stage): a unit's dQ products are issued at the top of the next unit, before
+// its S^T, and their atomics run while S^T does. Both groups run every unit
+// of the block (P = 0 for a group that does not meet it), so no product sits
+// under a branch. Thread 0 copies the next unit's Q and dO through tensor maps
+// (TMA) into the other stage, completing on that stage's mbarrier.
 // P and dS are rounded to bf16 as in the mma.sync kernels, so results agree
 // with them to fp32 summation order.
 #include "kernels/cuda/flash_common.cuh"
@@ -36,7 +39,6 @@
 #include "kernels/cuda/wgmma.cuh"
 #include "kernels/cuda/wgmma_check.h"
 
-#include <cstdlib>
 
 namespace loom::cuda::detail {
 
@@ -173,48 +175,35 @@ struct UnitRows {
 };
 
 // Key group wg's products on one unit (its 64 keys, rows row0.. of the warp): S^T = K Q^T and
-// dP^T = V dO^T, P, dV += P^T dO, dS, dK += dS^T Q, and its dS^T rows into ds. Returns once every
-// product is done (the unit's rows are free). kV (LOOM_FLASH_VARIANT, cumulative): 1 fresh
-// accumulators (accumulate 0 on the first product), 2 after S^T is issued, between() runs (the
-// previous unit's dQ: its products were issued before S^T) and dP^T is issued after it, 3 hidden
-// scores masked before the exponentials, 4 the unit's lse already in exp2 form, lse and delta read
-// in pairs.
-template <int kD, int kV, typename Between>
+// dP^T = V dO^T, P, dV += P^T dO, dS, dK += dS^T Q, and its dS^T rows into ds. between() runs once
+// S^T is issued, before dP^T (the previous unit's dQ atomics: its products, issued before S^T,
+// are the batch it waits for). A group that does not `meet` the unit computes P = 0 (zeros into
+// dV, dK and its dS^T rows). Returns once every product is done (the unit's rows are free).
+template <int kD, typename Between>
 __device__ __forceinline__ void key_group_unit(float (&acc_dk)[kD / 8][4], float (&acc_dv)[kD / 8][4],
                                                const bf16* ks, const bf16* vs, const UnitRows& u, bf16* ds,
-                                               float scale_log2, bool masked, const AttentionMask& m,
+                                               float scale_log2, bool meet, bool masked, const AttentionMask& m,
                                                const RowPos<kKeys>& kpos, int wg, int row0, int nk,
-                                               Between&& between, bool meet = true) {
-  float st[8][4], dpt[8][4];
-  if constexpr (kV < 1) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) st[i][j] = dpt[i][j] = 0.f;
-  }
-  constexpr int kFresh = kV >= 1 ? 0 : 1;  // the first product's accumulate flag
+                                               Between&& between) {
+  float st[8][4], dpt[8][4];  // fresh: the first product of each runs with accumulate 0
   wgmma::pin(st);
-  wgmma::pin(dpt);
   wgmma::fence();
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk)  // S^T = K Q^T
     wgmma::wgmma_ss_n64<0, 0>(st, wgmma::kmajor(ks, kKeys, 64 * wg, 16 * kk), wgmma::kmajor(u.q, kTile, 0, 16 * kk),
-                              kk > 0 ? 1 : kFresh);
+                              kk > 0);
   wgmma::commit();
-  if constexpr (kV >= 2) {
-    between();  // waits for the batch before S^T
-    wgmma::pin(dpt);
-    wgmma::fence();
-  }
+  between();
+  wgmma::pin(dpt);
+  wgmma::fence();
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk)  // dP^T = V dO^T
     wgmma::wgmma_ss_n64<0, 0>(dpt, wgmma::kmajor(vs, kKeys, 64 * wg, 16 * kk),
-                              wgmma::kmajor(u.dout, kTile, 0, 16 * kk), kk > 0 ? 1 : kFresh);
+                              wgmma::kmajor(u.dout, kTile, 0, 16 * kk), kk > 0);
   wgmma::commit();
   wgmma::wait<1>();  // S^T is done; dP^T may still run
   wgmma::pin(st);
-  key_rows_probabilities<kKeys, (kV >= 3), (kV >= 4)>(st, u.lse, scale_log2, masked && meet, m, *u.qpos, u.nq, kpos,
-                                                      row0, nk);
+  key_rows_probabilities(st, u.lse, scale_log2, masked && meet, m, *u.qpos, u.nq, kpos, row0, nk);
   if (!meet) {  // no pair of the unit is visible to this group's keys
 #pragma unroll
     for (int i = 0; i < 8; ++i)
@@ -226,7 +215,7 @@ __device__ __forceinline__ void key_group_unit(float (&acc_dk)[kD / 8][4], float
   wgmma::wait<1>();  // dP^T is done; dV may still run
   wgmma::pin(pf);    // live until here: dV's products may still read them
   wgmma::pin(dpt);
-  key_rows_score_grad<(kV >= 4)>(dpt, st, u.delta);  // dS^T
+  key_rows_score_grad(dpt, st, u.delta);  // dS^T
   uint32_t dsf[4][4];
   rs_batch<kD>(acc_dk, dsf, dpt, u.q);  // dK += dS^T Q
   store_ds(ds, dsf, row0);
@@ -237,18 +226,11 @@ __device__ __forceinline__ void key_group_unit(float (&acc_dk)[kD / 8][4], float
   wgmma::pin(acc_dk);
 }
 
-// dQ (64 queries x D) += dS K over the keys of both groups' dS^T tile ds (D 128: this group's 64
-// columns; D 64: all columns over this group's keys), added into the unit's fp32 rows dq (row
-// stride `stride`, nq valid) with atomics. ds must be complete and visible (after a barrier).
-// The products of that into acc (fresh from variant 1 on), one committed batch, not waited for.
-template <int kD, int kV>
+// dQ (64 queries x D) = dS K over the keys of both groups' dS^T tile ds (D 128: this group's 64
+// columns; D 64: all columns over this group's keys) into acc (fresh): one committed batch, not
+// waited for. ds must be complete and visible (after a barrier).
+template <int kD>
 __device__ __forceinline__ void key_group_dq_issue(float (&acc)[8][4], const bf16* ds, const bf16* ks, int wg) {
-  if constexpr (kV < 1) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
-  }
   wgmma::pin(acc);
   wgmma::fence();
   constexpr int kSteps = kD == 128 ? kKeys / 16 : 4;
@@ -256,24 +238,15 @@ __device__ __forceinline__ void key_group_dq_issue(float (&acc)[8][4], const bf1
   for (int s = 0; s < kSteps; ++s) {
     const int kk = kD == 128 ? s : 4 * wg + s;  // D 64: this group's keys only
     wgmma::wgmma_ss_n64<1, 1>(acc, wgmma::mnmajor(ds, kKeys, 16 * kk),
-                              wgmma::mnmajor(ks, kKeys, 16 * kk, kD == 128 ? wg : 0), s > 0 || kV < 1 ? 1 : 0);
+                              wgmma::mnmajor(ks, kKeys, 16 * kk, kD == 128 ? wg : 0), s > 0);
   }
   wgmma::commit();
 }
-// The atomics of a completed batch.
+// The atomics of a completed batch: scale times acc into the unit's fp32 rows dq.
 template <int kD>
-__device__ __forceinline__ void key_group_dq_add(float* dq, int64_t stride, int nq, float (&acc)[8][4], int wg,
+__device__ __forceinline__ void key_group_dq_add(float* dq, int64_t stride, int nq, const float (&acc)[8][4], int wg,
                                                  int warp_in_group, float scale) {
   add_rows(dq + (kD == 128 ? 64 * wg : 0), stride, 16 * warp_in_group, nq, acc, scale);
-}
-template <int kD, int kV>
-__device__ __forceinline__ void key_group_dq(float* dq, int64_t stride, int nq, const bf16* ds, const bf16* ks, int wg,
-                                             int warp_in_group, float scale) {
-  float acc[8][4];
-  key_group_dq_issue<kD, kV>(acc, ds, ks, wg);
-  wgmma::wait<0>();
-  wgmma::pin(acc);
-  key_group_dq_add<kD>(dq, stride, nq, acc, wg, warp_in_group, scale);
 }
 #endif
 
@@ -292,8 +265,7 @@ constexpr int kForwardThreads = 3 * 128;
 constexpr int kProducerRegs = 56, kConsumerRegs = 224;
 static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kForwardThreads * 168);
 
-// kFresh: the scores start with accumulate 0 instead of zeroed registers (LOOM_FLASH_VARIANT >= 1).
-template <int kD, bool kFresh>
+template <int kD>
 __global__ void __launch_bounds__(kForwardThreads, 1)
     flash_forward_sm90_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
                               const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n,
@@ -390,19 +362,13 @@ __global__ void __launch_bounds__(kForwardThreads, 1)
       release(st);
       continue;
     }
-    float s[8][4];
-    if constexpr (!kFresh) {
-#pragma unroll
-      for (int a = 0; a < 8; ++a)
-#pragma unroll
-        for (int b = 0; b < 4; ++b) s[a][b] = 0.f;
-    }
+    float s[8][4];  // fresh: the first product runs with accumulate 0 (5% faster at 32K than zeroing)
     wgmma::pin(s);
     wgmma::fence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk)  // S = Q K^T
       wgmma::wgmma_rs_n64<0>(s, qf[kk], wgmma::kmajor(sm.ks + st * Smem::kKvElems, kTile, 0, 16 * kk),
-                             kk > 0 || !kFresh ? 1 : 0);
+                             kk > 0);
     wgmma::commit();
     if (pending >= 0) {
       issue_pv();  // the previous tile's O += P V, behind S
@@ -412,7 +378,7 @@ __global__ void __launch_bounds__(kForwardThreads, 1)
     }
     wgmma::pin(s);
     if (!plan.plain(cw, kt))
-      mask_query_rows(s, m, *sm.qpos, row0, nq, sm.kpos[st], rows_from(n.S, kt * kTile, kTile));
+      mask_scores(s, m, *sm.qpos, row0, nq, sm.kpos[st], rows_from(n.S, kt * kTile, kTile));
     float alpha[2];
     softmax_tile(s, row_max, row_sum, alpha, scale_log2);
     wgmma::wait<0>();
@@ -436,7 +402,7 @@ __global__ void __launch_bounds__(kForwardThreads, 1)
 // Thread 0 copies each unit's Q and dO through the tensor maps qmap and dmap, completing on the
 // stage's mbarrier, which every thread waits on before the unit (5% faster at 32K than every
 // thread's cp.async, 9% under S2); the threads copy lse, delta and positions with cp.async.
-template <int kD, int kV>
+template <int kD>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_dkdv_sm90_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                            const float* __restrict__ lse, const float* __restrict__ delta,
@@ -479,7 +445,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (unit < kb.units) issue(unit, 0);
   cp_async_commit();
   int stage = 0;
-  int64_t prev_unit = 0;  // variant 2: the unit whose dQ is still to add, its rows, whether this group adds
+  int64_t prev_unit = 0;  // the unit whose dQ is still to add, its valid rows, whether this group adds
   int prev_nq = 0;
   bool prev_adds = false;
   uint32_t phase = 0;  // of stage 0's barrier, then flipped each time stage 0 comes round
@@ -488,15 +454,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t t = u % kb.q_tiles;
     return m.s2_block > 0 && !(plan.plain(0, t) && plan.plain(1, t));
   };
-  // Variant 4: the entries of stage st's lse this thread copied (issue_vectors: thread r, row r) to
-  // their exp2 form, once its copies landed.
-  auto lse_to_exp2 = [&](int st) {
-    if constexpr (kV >= 4)
-      if (threadIdx.x < kTile) sm.lse[st * kTile + threadIdx.x] = lse_exp2(sm.lse[st * kTile + threadIdx.x]);
-  };
+  // Stage 1's dS^T tile zeroed: the first unit's "previous" dQ products read it (not added).
+  for (int i = threadIdx.x; i < Smem::kDsElems / 8; i += kThreads)
+    reinterpret_cast<uint4*>(sm.ds + Smem::kDsElems)[i] = make_uint4(0, 0, 0, 0);
   // The first unit's rows, the keys and their S2 ids in place.
   cp_async_wait<0>();
-  lse_to_exp2(0);
   wgmma::fence_smem();
   __syncthreads();
   if (m.s2_block > 0) {
@@ -517,59 +479,39 @@ __global__ void __launch_bounds__(kThreads, 1)
     const UnitRows rows{sm.qs + stage * Smem::kQueryElems, sm.dos + stage * Smem::kQueryElems,
                         sm.lse + stage * kTile, sm.delta + stage * kTile, &sm.qpos[stage],
                         rows_from(n.T, qt * kTile, kTile)};
-    const bool any = plan.meet(0, qt) || plan.meet(1, qt);
-    const bool adds = kD == 128 ? any : plan.meet(wg, qt);  // this group adds dQ of the unit
-    if constexpr (kV >= 2) {
-      // The previous unit's dQ products first, their atomics once S^T is issued (an empty
-      // batch's worth of work for the first unit: stage 1's dS^T, not added).
-      float acc_dq[8][4];
-      key_group_dq_issue<kD, kV>(acc_dq, sm.ds + (stage ^ 1) * Smem::kDsElems, sm.ks, wg);
-      auto add_prev = [&] {
-        wgmma::wait<1>();
-        wgmma::pin(acc_dq);
-        if (prev_adds) key_group_dq_add<kD>(dq_acc + kb.q_offset(prev_unit, n), kb.q_stride, prev_nq, acc_dq, wg,
-                                            warp % 4, scale);
-      };
-      // Every group runs every unit of the block (a group that does not meet the tile computes
-      // P = 0: its dV, dK and dS^T rows get zeros): products under a branch with a batch in
-      // flight make ptxas serialize every product of the kernel. Such a group would otherwise
-      // wait at the barrier for the other.
-      key_group_unit<kD, kV>(acc_dk, acc_dv, sm.ks, sm.vs, rows, ds_s, scale_log2, !plan.plain(wg, qt), m,
-                             *sm.kpos, wg, row0, nk, add_prev, plan.meet(wg, qt));
-    } else {
-      if (plan.meet(wg, qt)) {
-        key_group_unit<kD, kV>(acc_dk, acc_dv, sm.ks, sm.vs, rows, ds_s, scale_log2, !plan.plain(wg, qt), m,
-                               *sm.kpos, wg, row0, nk, [] {});
-      } else if (kD == 128 && any) {
-        // The other group's dQ products read these rows too: zeros instead of a skip inside the
-        // product loop (a conditional product makes ptxas serialize every product of the kernel).
-        const uint32_t zero[4][4] = {};
-        store_ds(ds_s, zero, row0);
-      }
-    }
+    // The previous unit's dQ products (its dS^T tiles in the other stage; for the first unit, on
+    // zeros, not added), their atomics once this unit's S^T is issued.
+    float acc_dq[8][4];
+    key_group_dq_issue<kD>(acc_dq, sm.ds + (stage ^ 1) * Smem::kDsElems, sm.ks, wg);
+    auto add_prev = [&] {
+      wgmma::wait<1>();  // the dQ batch; S^T may still run
+      wgmma::pin(acc_dq);
+      if (prev_adds)
+        key_group_dq_add<kD>(dq_acc + kb.q_offset(prev_unit, n), kb.q_stride, prev_nq, acc_dq, wg, warp % 4, scale);
+    };
+    // Every group runs every unit of the block, P = 0 where it does not meet the tile: products
+    // under a branch while a batch is in flight make ptxas serialize every product of the kernel
+    // (and such a group would only wait at the barrier for the other).
+    key_group_unit<kD>(acc_dk, acc_dv, sm.ks, sm.vs, rows, ds_s, scale_log2, plan.meet(wg, qt), !plan.plain(wg, qt),
+                       m, *sm.kpos, wg, row0, nk, add_prev);
     // The next unit's rows (issued at the top): this thread's copies have landed, and it fills
     // the S2 ids of the query rows whose positions it copied itself (the same rows, kThreads).
     cp_async_wait<0>();
-    if (next < kb.units) lse_to_exp2(stage ^ 1);
     if (next < kb.units && masked_unit(next)) fill_s2<kTile>(sm.qpos[stage ^ 1], m, kb.hk);
     wgmma::fence_smem();  // the dS^T rows and the next unit's copies, before the products read them
     __syncthreads();  // the block's one barrier per unit
-    // dQ of the unit over the keys of the halves that met the tile (variant 2: at the next unit).
-    if constexpr (kV >= 2) {
-      prev_unit = unit;
-      prev_nq = rows.nq;
-      prev_adds = adds;
-    } else if (adds) {
-      key_group_dq<kD, kV>(dq_acc + kb.q_offset(unit, n), kb.q_stride, rows.nq, ds_s, sm.ks, wg, warp % 4, scale);
-    }
+    // dQ of the unit, over the keys of the halves that met the tile, at the next unit.
+    prev_unit = unit;
+    prev_nq = rows.nq;
+    prev_adds = kD == 128 ? plan.meet(0, qt) || plan.meet(1, qt) : plan.meet(wg, qt);
     // No barrier before the next unit: this stage is refilled after this unit's barrier, which
     // every group reaches only once its products on the stage are complete.
     unit = next;
     stage ^= 1;
   }
-  if constexpr (kV >= 2) {  // the last unit's dQ (its dS^T in the stage before `stage`; products unconditional)
+  {  // the last unit's dQ (its dS^T tiles in the stage before `stage`; products unconditional, as above)
     float acc_dq[8][4];
-    key_group_dq_issue<kD, kV>(acc_dq, sm.ds + (stage ^ 1) * Smem::kDsElems, sm.ks, wg);
+    key_group_dq_issue<kD>(acc_dq, sm.ds + (stage ^ 1) * Smem::kDsElems, sm.ks, wg);
     wgmma::wait<0>();
     wgmma::pin(acc_dq);
     if (prev_adds)
@@ -582,15 +524,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// LOOM_FLASH_VARIANT (0..4, default 4): the dK dV kernel's cumulative steps (key_group_unit).
-int flash_variant() {
-  const char* v = std::getenv("LOOM_FLASH_VARIANT");
-  if (v == nullptr || *v == 0) return 4;
-  const int x = std::atoi(v);
-  LOOM_CHECK(x >= 0 && x <= 4) << "LOOM_FLASH_VARIANT=" << v << " is not 0..4";
-  return x;
-}
-
 }  // namespace
 
 void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, const void* k, const void* v,
@@ -600,7 +533,7 @@ void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, cons
     constexpr int kD = decltype(kd)::value;
     const CUtensorMap kmap = rows_tensor_map(k, n.B, n.S, n.Hkv, n.D, kTile);
     const CUtensorMap vmap = rows_tensor_map(v, n.B, n.S, n.Hkv, n.D, kTile);
-    auto kernel = flash_variant() >= 1 ? flash_forward_sm90_kernel<kD, true> : flash_forward_sm90_kernel<kD, false>;
+    auto kernel = flash_forward_sm90_kernel<kD>;
     const size_t smem = QuerySmem<kD, 1, true, kKvStages>::bytes(tiles_of(n.S));
     set_smem(kernel, smem);
     kernel<<<flash_grid(blocks_of(n.T), n.H, n.B), kForwardThreads, smem, stream>>>(
@@ -623,14 +556,7 @@ void flash::launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void
     const dim3 grid = flash_grid((n.S + kKeys - 1) / kKeys, n.Hkv, n.B);
     const CUtensorMap qmap = rows_tensor_map(q, n.B, n.T, n.H, n.D, kTile);
     const CUtensorMap dmap = rows_tensor_map(dout, n.B, n.T, n.H, n.D, kTile);
-    auto kernel = flash_dkdv_sm90_kernel<kD, 4>;
-    switch (flash_variant()) {
-      case 0: kernel = flash_dkdv_sm90_kernel<kD, 0>; break;
-      case 1: kernel = flash_dkdv_sm90_kernel<kD, 1>; break;
-      case 2: kernel = flash_dkdv_sm90_kernel<kD, 2>; break;
-      case 3: kernel = flash_dkdv_sm90_kernel<kD, 3>; break;
-      default: break;
-    }
+    auto kernel = flash_dkdv_sm90_kernel<kD>;
     set_smem(kernel, smem);
     kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc, lse, delta,
                                              static_cast<const bf16*>(k), static_cast<const bf16*>(v), n, mask, tb,
