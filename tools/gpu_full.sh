@@ -77,7 +77,7 @@ if [ -n "${SASS:-}" ]; then  # SASS=1: the warpgroup kernels' machine code, and 
   cuobjdump --dump-sass $B/kernels/CMakeFiles/loom_kernels.dir/cuda/flash_sm90.cu.o > $O/flash_sm90.sass 2>&1
   echo "cuobjdump rc $?"; gzip -kf $O/flash_sm90.sass
   # Each entry: the mangled name's start of one kernel that runs by default (its ncu name: up to "ILi").
-  for sk in ${SASS_KERNELS:-flash_forward_sm90_kernelILi128ELb1 flash_dkdv_sm90_kernelILi128ELi4}; do
+  for sk in ${SASS_KERNELS:-flash_forward_sm90_kernelILi128 flash_dkdv_sm90_kernelILi128}; do
     k=${sk%%ILi*}
     timeout 120 ncu --clock-control none -k "regex:$k" --launch-skip 2 --launch-count 1 --section SourceCounters \
       --section WarpStateStats -f -o $O/src-$k $B/loom-bench --families attention --seq 16384 --reps 10 \
