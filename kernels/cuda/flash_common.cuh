@@ -190,6 +190,17 @@ struct TilePlan {
     }
     return 32 * w + __ffs(word) - 1;
   }
+  // The last tile <= from that either half meets (-1 when none).
+  __device__ int64_t prev(int64_t from) const {
+    if (from < 0) return -1;
+    int64_t w = from / 32;
+    uint32_t word = (bits[w] | bits[words + w]) & (~0u >> (31 - from % 32));
+    while (word == 0) {
+      if (--w < 0) return -1;
+      word = bits[w] | bits[words + w];
+    }
+    return 32 * w + 31 - __clz(word);
+  }
 };
 
 __host__ __device__ constexpr int64_t plan_words(int64_t count) { return (count + 31) / 32; }
@@ -628,6 +639,15 @@ struct KeyBlock {
       from += q_tiles - from % q_tiles;  // the next head's first tile
     }
     return units;
+  }
+  // The last unit at or before `from` that the plan meets (-1 when none).
+  __device__ int64_t prev(const TilePlan& plan, int64_t from) const {
+    while (from >= 0) {
+      const int64_t qt = plan.prev(from % q_tiles);
+      if (qt >= 0) return from - from % q_tiles + qt;
+      from -= from % q_tiles + 1;  // the previous head's last tile
+    }
+    return -1;
   }
   __device__ int64_t head(int64_t unit) const { return hk * group + unit / q_tiles; }
   // Element offset of a unit's first query row in q-like tensors (B, T, H, D).

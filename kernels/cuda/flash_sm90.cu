@@ -39,6 +39,8 @@
 #include "kernels/cuda/wgmma.cuh"
 #include "kernels/cuda/wgmma_check.h"
 
+#include <cstdlib>
+
 
 namespace loom::cuda::detail {
 
@@ -407,7 +409,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     flash_dkdv_sm90_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                            const float* __restrict__ lse, const float* __restrict__ delta,
                            const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n, AttentionMask m, TileBounds tb,
-                           float scale, int64_t pair, const __grid_constant__ CUtensorMap qmap,
+                           float scale, int64_t pair, bool descending, const __grid_constant__ CUtensorMap qmap,
                            const __grid_constant__ CUtensorMap dmap) {
 #if defined(LOOM_WGMMA)
   static_assert(kThreads == 2 * 128 && kBlockRows == kKeys);
@@ -441,8 +443,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const float scale_log2 = scale * kLog2e;
   float acc_dk[kD / 8][4] = {}, acc_dv[kD / 8][4] = {};
-  int64_t unit = kb.next(plan, 0);
-  if (unit < kb.units) issue(unit, 0);
+  auto valid = [&](int64_t u) { return u >= 0 && u < kb.units; };
+  auto after = [&](int64_t u) { return descending ? kb.prev(plan, u - 1) : kb.next(plan, u + 1); };
+  int64_t unit = descending ? kb.prev(plan, kb.units - 1) : kb.next(plan, 0);
+  if (valid(unit)) issue(unit, 0);
   cp_async_commit();
   int stage = 0;
   int64_t prev_unit = 0;  // the unit whose dQ is still to add, its valid rows, whether this group adds
@@ -463,12 +467,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   if (m.s2_block > 0) {
     fill_s2<kKeys>(*sm.kpos, m, kb.hk);
-    if (unit < kb.units && masked_unit(unit)) fill_s2<kTile>(sm.qpos[0], m, kb.hk);
+    if (valid(unit) && masked_unit(unit)) fill_s2<kTile>(sm.qpos[0], m, kb.hk);
     __syncthreads();
   }
-  while (unit < kb.units) {
-    const int64_t next = kb.next(plan, unit + 1);
-    if (next < kb.units) issue(next, stage ^ 1);  // free since the last unit's barrier
+  while (valid(unit)) {
+    const int64_t next = after(unit);
+    if (valid(next)) issue(next, stage ^ 1);  // free since the last unit's barrier
     cp_async_commit();
     mbar_wait(&full[stage], phase);  // this unit's Q and dO (every thread waits on every phase)
     if (stage == 1) phase ^= 1u;
@@ -497,7 +501,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The next unit's rows (issued at the top): this thread's copies have landed, and it fills
     // the S2 ids of the query rows whose positions it copied itself (the same rows, kThreads).
     cp_async_wait<0>();
-    if (next < kb.units && masked_unit(next)) fill_s2<kTile>(sm.qpos[stage ^ 1], m, kb.hk);
+    if (valid(next) && masked_unit(next)) fill_s2<kTile>(sm.qpos[stage ^ 1], m, kb.hk);
     wgmma::fence_smem();  // the dS^T rows and the next unit's copies, before the products read them
     __syncthreads();  // the block's one barrier per unit
     // dQ of the unit, over the keys of the halves that met the tile, at the next unit.
@@ -557,10 +561,12 @@ void flash::launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void
     const CUtensorMap qmap = rows_tensor_map(q, n.B, n.T, n.H, n.D, kTile);
     const CUtensorMap dmap = rows_tensor_map(dout, n.B, n.T, n.H, n.D, kTile);
     auto kernel = flash_dkdv_sm90_kernel<kD>;
+    const char* env = std::getenv("LOOM_FLASH_DESC");
+    const bool descending = env == nullptr || env[0] != '0';
     set_smem(kernel, smem);
     kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc, lse, delta,
                                              static_cast<const bf16*>(k), static_cast<const bf16*>(v), n, mask, tb,
-                                             scale, pair, qmap, dmap);
+                                             scale, pair, descending, qmap, dmap);
     LOOM_CUDA_CHECK(cudaGetLastError());
   });
 }
