@@ -588,16 +588,49 @@ __host__ __device__ inline KeyTiles key_tiles_of(int64_t kb, int keys, int64_t S
   return {kb * (keys / kTile), 1};
 }
 
+// The launch order of paired S2 dK dV blocks (key_tiles_of's blocks, `blocks` per kv head):
+// first each head's strided pairs (the long columns under causal, assuming S2 block J is key
+// tile J), in groups of kGroup chunks of one head, low chunks first, so that a group starts and
+// walks its query tiles together (their Q, dO and dQ rows shared in L2); then the local pairs,
+// then the unpaired tail. A permutation of (block, head): only the speed depends on it.
+__device__ __forceinline__ BlockSlot s2_block_slot(int64_t blocks, int64_t heads, int64_t S, int64_t pair,
+                                                   int64_t offset) {
+  constexpr int64_t kGroup = 8;
+  const int64_t p = pair, whole = S / kTile / (2 * p);
+  const int64_t lin = int64_t{blockIdx.y} * gridDim.x + blockIdx.x;
+  auto strided_index = [&](int64_t h) { return ((-(h * offset)) % p + p) % p; };
+  const int64_t long_total = heads * whole;
+  if (lin < long_total) {
+    const int64_t cg = lin / (heads * kGroup), r = lin - cg * heads * kGroup;
+    const int64_t size = whole - cg * kGroup < kGroup ? whole - cg * kGroup : kGroup;
+    const int64_t h = r / size, c = cg * kGroup + r % size;
+    return {c * p + strided_index(h), h};
+  }
+  const int64_t local_per_head = whole * (p - 1);
+  int64_t r = lin - long_total;
+  if (r < heads * local_per_head) {
+    const int64_t h = r / local_per_head, q = r % local_per_head, c = q / (p - 1), j = q % (p - 1);
+    const int64_t si = strided_index(h);
+    return {c * p + (j < si ? j : j + 1), h};
+  }
+  r -= heads * local_per_head;
+  const int64_t tail = blocks - whole * p;
+  return {whole * p + r % tail, r / tail};
+}
+
 // A dK dV block: (key block, kv head, batch) from block_slot (low key blocks, the longest
-// under causal, first), its keys (key_tiles_of), and its units: (query head of the GQA group,
-// query tile) in that order, walked where either of the block's 64-key halves meets the query tile.
+// under causal, first; or s2_block_slot), its keys (key_tiles_of), and its units: (query head of
+// the GQA group, query tile) in that order, walked where either of the block's 64-key halves meets
+// the query tile.
 struct KeyBlock {
   int64_t kb, hk, b, group, j0, q_tiles, k_tiles, units, q_stride, kv_stride, kv_offset;
   int nk;    // valid keys of the block (contiguous), or all of them (paired halves are whole tiles)
   int step;  // tiles from the first half to the second
 
-  __device__ KeyBlock(const AttentionDims& n, int keys, int64_t pair = 1) {
-    const BlockSlot slot = block_slot();
+  __device__ KeyBlock(const AttentionDims& n, int keys, int64_t pair = 1, const AttentionMask* s2_order = nullptr) {
+    const BlockSlot slot = s2_order != nullptr && keys == 2 * kTile && pair > 1
+                               ? s2_block_slot(gridDim.y, n.Hkv, n.S, pair, s2_order->s2_offset)
+                               : block_slot();
     kb = slot.block;
     hk = slot.head;
     b = blockIdx.z;

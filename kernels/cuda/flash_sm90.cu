@@ -409,7 +409,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     flash_dkdv_sm90_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                            const float* __restrict__ lse, const float* __restrict__ delta,
                            const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n, AttentionMask m, TileBounds tb,
-                           float scale, int64_t pair, bool descending, const __grid_constant__ CUtensorMap qmap,
+                           float scale, int64_t pair, bool descending, bool s2_order, const __grid_constant__ CUtensorMap qmap,
                            const __grid_constant__ CUtensorMap dmap) {
 #if defined(LOOM_WGMMA)
   static_assert(kThreads == 2 * 128 && kBlockRows == kKeys);
@@ -417,7 +417,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ uint64_t full[2];  // a stage's Q and dO have landed
   using Smem = Sm90Smem<kD>;
   const Smem sm(smem_raw);
-  const KeyBlock kb(n, kKeys, pair);
+  const KeyBlock kb(n, kKeys, pair, s2_order ? &m : nullptr);
   const int warp = threadIdx.x / 32;
   const int wg = warp / 4, row0 = 16 * warp;  // this warp's group (64-key half) and first key
   const int nk = kb.nk;
@@ -563,10 +563,12 @@ void flash::launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void
     auto kernel = flash_dkdv_sm90_kernel<kD>;
     const char* env = std::getenv("LOOM_FLASH_DESC");
     const bool descending = env == nullptr || env[0] != '0';
+    const char* env_order = std::getenv("LOOM_S2_ORDER");
+    const bool s2_order = env_order == nullptr || env_order[0] != '0';
     set_smem(kernel, smem);
     kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc, lse, delta,
                                              static_cast<const bf16*>(k), static_cast<const bf16*>(v), n, mask, tb,
-                                             scale, pair, descending, qmap, dmap);
+                                             scale, pair, descending, s2_order, qmap, dmap);
     LOOM_CUDA_CHECK(cudaGetLastError());
   });
 }
