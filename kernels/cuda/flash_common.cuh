@@ -619,7 +619,7 @@ __device__ __forceinline__ BlockSlot s2_block_slot(int64_t blocks, int64_t heads
 }
 
 // A dK dV block: (key block, kv head, batch) from block_slot (low key blocks, the longest
-// under causal, first; or s2_block_slot), its keys (key_tiles_of), and its units: (query head of
+// under causal, first) or s2_block_slot, its keys (key_tiles_of), and its units: (query head of
 // the GQA group, query tile) in that order, walked where either of the block's 64-key halves meets
 // the query tile.
 struct KeyBlock {
@@ -627,10 +627,11 @@ struct KeyBlock {
   int nk;    // valid keys of the block (contiguous), or all of them (paired halves are whole tiles)
   int step;  // tiles from the first half to the second
 
-  __device__ KeyBlock(const AttentionDims& n, int keys, int64_t pair = 1, const AttentionMask* s2_order = nullptr) {
-    const BlockSlot slot = s2_order != nullptr && keys == 2 * kTile && pair > 1
-                               ? s2_block_slot(gridDim.y, n.Hkv, n.S, pair, s2_order->s2_offset)
-                               : block_slot();
+  // pair > 1 (S2 tiles paired vert_stride apart, 128 keys): s2_block_slot's order with the mask's
+  // s2_offset.
+  __device__ KeyBlock(const AttentionDims& n, int keys, int64_t pair = 1, int64_t s2_offset = 0) {
+    const BlockSlot slot =
+        keys == 2 * kTile && pair > 1 ? s2_block_slot(gridDim.y, n.Hkv, n.S, pair, s2_offset) : block_slot();
     kb = slot.block;
     hk = slot.head;
     b = blockIdx.z;

@@ -15,9 +15,10 @@
 //
 // Backward dK dV: the same work as flash_attention.cu's 8-warp fused kernel
 // (one block per (128-key block, kv head, batch), walking the 64-query tiles
-// of every head of the GQA group; dQ added into fp32 with atomics), with two
-// warpgroups of 64 keys each (under S2 with 64-key blocks, two tiles
-// vert_stride apart: key_tiles_of):
+// of every head of the GQA group, here from the last down; dQ added into fp32
+// with atomics), with two warpgroups of 64 keys each (under S2 with 64-key
+// blocks, two tiles vert_stride apart: key_tiles_of, launched in
+// s2_block_slot's order):
 //   S^T  = K Q^T      (64 keys x 64 queries, A = K, B = Q: both K-major)
 //   dV  += P^T dO     (A = P^T from registers, B = dO N-major)
 //   dP^T = V dO^T     (A = V, B = dO: both K-major)
@@ -38,8 +39,6 @@
 #include "kernels/cuda/tma.h"
 #include "kernels/cuda/wgmma.cuh"
 #include "kernels/cuda/wgmma_check.h"
-
-#include <cstdlib>
 
 
 namespace loom::cuda::detail {
@@ -409,7 +408,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     flash_dkdv_sm90_kernel(bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dq_acc,
                            const float* __restrict__ lse, const float* __restrict__ delta,
                            const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n, AttentionMask m, TileBounds tb,
-                           float scale, int64_t pair, bool descending, bool s2_order, const __grid_constant__ CUtensorMap qmap,
+                           float scale, int64_t pair, const __grid_constant__ CUtensorMap qmap,
                            const __grid_constant__ CUtensorMap dmap) {
 #if defined(LOOM_WGMMA)
   static_assert(kThreads == 2 * 128 && kBlockRows == kKeys);
@@ -417,7 +416,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ uint64_t full[2];  // a stage's Q and dO have landed
   using Smem = Sm90Smem<kD>;
   const Smem sm(smem_raw);
-  const KeyBlock kb(n, kKeys, pair, s2_order ? &m : nullptr);
+  const KeyBlock kb(n, kKeys, pair, m.s2_offset);
   const int warp = threadIdx.x / 32;
   const int wg = warp / 4, row0 = 16 * warp;  // this warp's group (64-key half) and first key
   const int nk = kb.nk;
@@ -443,9 +442,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const float scale_log2 = scale * kLog2e;
   float acc_dk[kD / 8][4] = {}, acc_dv[kD / 8][4] = {};
-  auto valid = [&](int64_t u) { return u >= 0 && u < kb.units; };
-  auto after = [&](int64_t u) { return descending ? kb.prev(plan, u - 1) : kb.next(plan, u + 1); };
-  int64_t unit = descending ? kb.prev(plan, kb.units - 1) : kb.next(plan, 0);
+  // Units from the last query tile down: blocks that start together walk the same query tiles
+  // together (under S2 with s2_block_slot's order: 78 ms against 99 for the dK dV pass at 128K, the
+  // L2 hit rate 86% against 28%; dense 32K 0.7% faster).
+  auto valid = [&](int64_t u) { return u >= 0; };
+  auto after = [&](int64_t u) { return kb.prev(plan, u - 1); };
+  int64_t unit = kb.prev(plan, kb.units - 1);
   if (valid(unit)) issue(unit, 0);
   cp_async_commit();
   int stage = 0;
@@ -561,14 +563,10 @@ void flash::launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void
     const CUtensorMap qmap = rows_tensor_map(q, n.B, n.T, n.H, n.D, kTile);
     const CUtensorMap dmap = rows_tensor_map(dout, n.B, n.T, n.H, n.D, kTile);
     auto kernel = flash_dkdv_sm90_kernel<kD>;
-    const char* env = std::getenv("LOOM_FLASH_DESC");
-    const bool descending = env == nullptr || env[0] != '0';
-    const char* env_order = std::getenv("LOOM_S2_ORDER");
-    const bool s2_order = env_order == nullptr || env_order[0] != '0';
     set_smem(kernel, smem);
     kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(dk), static_cast<bf16*>(dv), dq_acc, lse, delta,
                                              static_cast<const bf16*>(k), static_cast<const bf16*>(v), n, mask, tb,
-                                             scale, pair, descending, s2_order, qmap, dmap);
+                                             scale, pair, qmap, dmap);
     LOOM_CUDA_CHECK(cudaGetLastError());
   });
 }
