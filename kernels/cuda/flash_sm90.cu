@@ -40,7 +40,6 @@
 #include "kernels/cuda/wgmma.cuh"
 #include "kernels/cuda/wgmma_check.h"
 
-
 namespace loom::cuda::detail {
 
 namespace {
