@@ -8,6 +8,7 @@
 #include "kernels/cuda/attention_launch.h"
 #include "kernels/cuda/attention_mask.cuh"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/key_blocks.h"
 #include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/wgmma.cuh"
 
@@ -22,7 +23,6 @@ namespace loom::cuda::detail::flash {
 using namespace ::loom::cuda::mma;
 using bf16 = __nv_bfloat16;
 
-constexpr int kTile = 64;                 // rows of a streamed tile; granularity of the position bounds
 constexpr int kWarps = 8;                 // per block of the main kernels
 constexpr int kThreads = 32 * kWarps;
 constexpr int kBlockRows = 16 * kWarps;   // query rows (forward, dQ) or keys (dK dV) per block: 2 tiles
@@ -314,10 +314,7 @@ __device__ __forceinline__ void store_rows(bf16* dst, int64_t stride, int row0, 
 // A block's (row block, head): the grid is (heads, blocks, B), heads varying fastest,
 // so every head's longest blocks start before any head's shortest and the last wave
 // holds the shortest (measured at 32K against (blocks, heads, B): S2 fwd+bwd 18.5
-// against 20.9 ms, dense even; kernels/NOTES.md).
-struct BlockSlot {
-  int64_t block, head;
-};
+// against 20.9 ms, dense even; kernels/NOTES.md). kTile, BlockSlot: key_blocks.h.
 __device__ __forceinline__ BlockSlot block_slot() { return {blockIdx.y, blockIdx.x}; }
 
 // ---------------------------------------------------------------- query blocks (forward, dQ)
@@ -569,53 +566,10 @@ __device__ __forceinline__ void add_pair(float* p, float a, float b) {
 #endif
 }
 
-// The 64-key tiles of dK dV block kb of `keys` keys (64 or 128) over S keys: half h is tile
-// t0 + h step. Contiguous (step 1) unless pair > 1 and keys 128: then the full tiles come in
-// chunks of 2 pair, block i of a chunk taking tiles i and i + pair, so that under S2 with 64-key
-// blocks and pair = vert_stride both halves are on the same strided shard or both off it (the
-// same work); the tiles after the last whole chunk (a partial last tile among them) are paired
-// in order. The blocks number ceil(tiles / 2) either way.
-struct KeyTiles {
-  int64_t t0, step;
-};
-__host__ __device__ inline KeyTiles key_tiles_of(int64_t kb, int keys, int64_t S, int64_t pair) {
-  if (keys == 2 * kTile && pair > 1) {  // 32-bit arithmetic: blocks and tiles are < 2^17 (flash_grid)
-    const uint32_t b = static_cast<uint32_t>(kb), p = static_cast<uint32_t>(pair);
-    const uint32_t chunk = 2 * p, whole = static_cast<uint32_t>(S / kTile) / chunk;
-    if (b < whole * p) return {int64_t{chunk * (b / p) + b % p}, int64_t{p}};
-    return {int64_t{whole * chunk + 2 * (b - whole * p)}, 1};
-  }
-  return {kb * (keys / kTile), 1};
-}
-
-// The launch order of paired S2 dK dV blocks (key_tiles_of's blocks, `blocks` per kv head):
-// first each head's strided pairs (the long columns under causal, assuming S2 block J is key
-// tile J), in groups of kGroup chunks of one head, low chunks first, so that a group starts and
-// walks its query tiles together (their Q, dO and dQ rows shared in L2); then the local pairs,
-// then the unpaired tail. A permutation of (block, head): only the speed depends on it.
-__device__ __forceinline__ BlockSlot s2_block_slot(int64_t blocks, int64_t heads, int64_t S, int64_t pair,
-                                                   int64_t offset) {
-  constexpr int64_t kGroup = 8;
-  const int64_t p = pair, whole = S / kTile / (2 * p);
-  const int64_t lin = int64_t{blockIdx.y} * gridDim.x + blockIdx.x;
-  auto strided_index = [&](int64_t h) { return ((-(h * offset)) % p + p) % p; };
-  const int64_t long_total = heads * whole;
-  if (lin < long_total) {
-    const int64_t cg = lin / (heads * kGroup), r = lin - cg * heads * kGroup;
-    const int64_t size = whole - cg * kGroup < kGroup ? whole - cg * kGroup : kGroup;
-    const int64_t h = r / size, c = cg * kGroup + r % size;
-    return {c * p + strided_index(h), h};
-  }
-  const int64_t local_per_head = whole * (p - 1);
-  int64_t r = lin - long_total;
-  if (r < heads * local_per_head) {
-    const int64_t h = r / local_per_head, q = r % local_per_head, c = q / (p - 1), j = q % (p - 1);
-    const int64_t si = strided_index(h);
-    return {c * p + (j < si ? j : j + 1), h};
-  }
-  r -= heads * local_per_head;
-  const int64_t tail = blocks - whole * p;
-  return {whole * p + r % tail, r / tail};
+// The dK dV block this one runs in s2_block_order's launch order (key_blocks.h), on the grid
+// (heads, blocks per head, B).
+__device__ __forceinline__ BlockSlot s2_block_slot(int64_t S, int64_t pair, int64_t offset) {
+  return s2_block_order(int64_t{blockIdx.y} * gridDim.x + blockIdx.x, gridDim.y, gridDim.x, S, pair, offset);
 }
 
 // A dK dV block: (key block, kv head, batch) from block_slot (low key blocks, the longest
@@ -631,7 +585,7 @@ struct KeyBlock {
   // s2_offset.
   __device__ KeyBlock(const AttentionDims& n, int keys, int64_t pair = 1, int64_t s2_offset = 0) {
     const BlockSlot slot =
-        keys == 2 * kTile && pair > 1 ? s2_block_slot(gridDim.y, n.Hkv, n.S, pair, s2_offset) : block_slot();
+        keys == 2 * kTile && pair > 1 ? s2_block_slot(n.S, pair, s2_offset) : block_slot();
     kb = slot.block;
     hk = slot.head;
     b = blockIdx.z;

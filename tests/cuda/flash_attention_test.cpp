@@ -30,12 +30,14 @@
 #include <limits>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/s2_pattern.h"
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/cudnn_attention.h"
+#include "kernels/cuda/key_blocks.h"
 #include "kernels/cuda/wgmma_check.h"
 #include "kernels/dispatch.h"
 #include "tests/cuda/attention_testing.h"
@@ -317,6 +319,73 @@ TEST(CudaFlashAttention, MatchesTheCpuTwinOnLongRowsPositionsAndBatches) {
       seed += 10;
     }
   }
+}
+
+// The dK dV blocks' key tiles and their S2 launch order (key_blocks.h) are plain arithmetic: checked
+// here on the host, so without a GPU too.
+TEST(FlashKeyBlocks, EveryKeyTileIsTakenOnce) {
+  using cuda::detail::flash::key_tiles_of;
+  for (int64_t S : {1, 64, 65, 1000, 1100, 4097, 9536, 32768})
+    for (int keys : {64, 128})
+      for (int64_t pair : {1, 2, 4, 8}) {
+        const int64_t tiles = (S + 63) / 64, blocks = (S + keys - 1) / keys;
+        std::vector<int> taken(static_cast<size_t>(tiles), 0);
+        for (int64_t b = 0; b < blocks; ++b) {
+          const auto kt = key_tiles_of(b, keys, S, pair);
+          for (int h = 0; h < keys / 64; ++h) {
+            const int64_t t = kt.t0 + h * kt.step;
+            ASSERT_GE(t, 0) << "S " << S << " keys " << keys << " pair " << pair << " block " << b;
+            if (t < tiles) ++taken[static_cast<size_t>(t)];
+          }
+        }
+        for (int64_t t = 0; t < tiles; ++t)
+          EXPECT_EQ(taken[static_cast<size_t>(t)], 1)
+              << "tile " << t << " of S " << S << " keys " << keys << " pair " << pair;
+      }
+}
+
+TEST(FlashKeyBlocks, S2OrderIsAPermutationWithEachHeadsStridedPairsFirstInGroups) {
+  using cuda::detail::flash::kS2Group;
+  using cuda::detail::flash::key_tiles_of;
+  using cuda::detail::flash::s2_block_order;
+  for (int64_t S : {1000, 1100, 3072, 4097, 9536, 32768, 131072})
+    for (int64_t pair : {2, 4, 8})
+      for (int64_t heads : {1, 3, 16})
+        for (int64_t offset : {0, 1, 3, 5}) {
+          SCOPED_TRACE("S " + std::to_string(S) + " pair " + std::to_string(pair) + " heads " +
+                       std::to_string(heads) + " offset " + std::to_string(offset));
+          const int64_t blocks = (S + 127) / 128, whole = S / 64 / (2 * pair);
+          std::vector<char> seen(static_cast<size_t>(blocks * heads), 0);
+          std::vector<int64_t> last_chunk(static_cast<size_t>(heads), -1);
+          const int64_t full_groups = heads * kS2Group * (whole / kS2Group);  // slots in whole groups
+          int64_t window_head = -1, window_chunk = -1;
+          for (int64_t lin = 0; lin < blocks * heads; ++lin) {
+            const auto slot = s2_block_order(lin, blocks, heads, S, pair, offset);
+            ASSERT_TRUE(slot.block >= 0 && slot.block < blocks && slot.head >= 0 && slot.head < heads)
+                << "slot " << lin << " -> block " << slot.block << " head " << slot.head;
+            char& once = seen[static_cast<size_t>(slot.head * blocks + slot.block)];
+            ASSERT_EQ(once, 0) << "block " << slot.block << " of head " << slot.head << " launched twice";
+            once = 1;
+            const auto kt = key_tiles_of(slot.block, 128, S, pair);
+            const bool strided = kt.step == pair && (kt.t0 + slot.head * offset) % pair == 0;
+            // Every head's strided pairs take the first heads * whole slots, none after them.
+            EXPECT_EQ(strided, lin < heads * whole) << "slot " << lin << " -> tile " << kt.t0 << " head " << slot.head;
+            if (!strided) continue;
+            // A head's strided pairs go low chunks first; within whole groups, each aligned window of
+            // kS2Group slots is one head's consecutive chunks.
+            const int64_t chunk = kt.t0 / (2 * pair);
+            EXPECT_GT(chunk, last_chunk[static_cast<size_t>(slot.head)]) << "slot " << lin << ": head " << slot.head;
+            last_chunk[static_cast<size_t>(slot.head)] = chunk;
+            if (lin < full_groups) {
+              if (lin % kS2Group != 0) {
+                EXPECT_EQ(slot.head, window_head) << "slot " << lin << " leaves its group's head";
+                EXPECT_EQ(chunk, window_chunk + 1) << "slot " << lin;
+              }
+              window_head = slot.head;
+              window_chunk = chunk;
+            }
+          }
+        }
 }
 
 TEST(CudaFlashAttention, BackwardIsDeterministic) {

@@ -1,0 +1,77 @@
+// Which 64-key tiles each dK dV block of the flash backward takes, and the
+// launch order of those blocks: plain integer arithmetic, compiled for the
+// host too, so that the CPU tests check it (tests/cuda/flash_attention_test.cpp).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define LOOM_HOST_DEVICE __host__ __device__
+#else
+#define LOOM_HOST_DEVICE
+#endif
+
+namespace loom::cuda::detail::flash {
+
+constexpr int kTile = 64;  // rows of a streamed tile; granularity of the position bounds
+
+// A block's (row block, head).
+struct BlockSlot {
+  int64_t block, head;
+};
+
+// The 64-key tiles of dK dV block kb of `keys` keys (64 or 128) over S keys: half h is tile
+// t0 + h step. Contiguous (step 1) unless pair > 1 and keys 128: then the full tiles come in
+// chunks of 2 pair, block i of a chunk taking tiles i and i + pair, so that under S2 with 64-key
+// blocks and pair = vert_stride both halves are on the same strided shard or both off it (the
+// same work); the tiles after the last whole chunk (a partial last tile among them) are paired
+// in order. The blocks number ceil(tiles / 2) either way.
+struct KeyTiles {
+  int64_t t0, step;
+};
+LOOM_HOST_DEVICE inline KeyTiles key_tiles_of(int64_t kb, int keys, int64_t S, int64_t pair) {
+  if (keys == 2 * kTile && pair > 1) {  // 32-bit arithmetic: blocks and tiles are < 2^17 (flash_grid)
+    const uint32_t b = static_cast<uint32_t>(kb), p = static_cast<uint32_t>(pair);
+    const uint32_t chunk = 2 * p, whole = static_cast<uint32_t>(S / kTile) / chunk;
+    if (b < whole * p) return {int64_t{chunk * (b / p) + b % p}, int64_t{p}};
+    return {int64_t{whole * chunk + 2 * (b - whole * p)}, 1};
+  }
+  return {kb * (keys / kTile), 1};
+}
+
+// Chunks of one head that s2_block_order launches together.
+constexpr int64_t kS2Group = 8;
+
+// The launch order of paired S2 dK dV blocks (key_tiles_of's blocks with keys 128 and pair > 1,
+// `blocks` per kv head, `heads` kv heads): slot `lin` of the launch (blockIdx.y * heads +
+// blockIdx.x) runs block `block` of head `head`. First each head's strided pairs (the long
+// columns under causal, taking S2 block J as key tile J; offset: the mask's s2_offset), in
+// groups of kS2Group chunks of one head, low chunks first, so that a group starts and walks its
+// query tiles together (their Q, dO and dQ rows shared in L2); then the local pairs, then the
+// unpaired tail. A permutation of (block, head): only the speed depends on it.
+LOOM_HOST_DEVICE inline BlockSlot s2_block_order(int64_t lin, int64_t blocks, int64_t heads, int64_t S, int64_t pair,
+                                                 int64_t offset) {
+  const int64_t p = pair, whole = S / kTile / (2 * p);
+  const int64_t long_total = heads * whole;
+  auto strided_index = [&](int64_t h) { return ((-(h * offset)) % p + p) % p; };
+  if (lin < long_total) {
+    const int64_t cg = lin / (heads * kS2Group), r = lin - cg * heads * kS2Group;
+    const int64_t size = whole - cg * kS2Group < kS2Group ? whole - cg * kS2Group : kS2Group;
+    const int64_t h = r / size, c = cg * kS2Group + r % size;
+    return {c * p + strided_index(h), h};
+  }
+  const int64_t local_per_head = whole * (p - 1);
+  int64_t r = lin - long_total;
+  if (r < heads * local_per_head) {
+    const int64_t h = r / local_per_head, q = r % local_per_head, c = q / (p - 1), j = q % (p - 1);
+    const int64_t si = strided_index(h);
+    return {c * p + (j < si ? j : j + 1), h};
+  }
+  r -= heads * local_per_head;
+  const int64_t tail = blocks - whole * p;
+  return {whole * p + r % tail, r / tail};
+}
+
+}  // namespace loom::cuda::detail::flash
+
+#undef LOOM_HOST_DEVICE
