@@ -5,11 +5,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define LOOM_HOST_DEVICE __host__ __device__
-#else
-#define LOOM_HOST_DEVICE
-#endif
+#include "framework/host_device.h"
 
 namespace loom::cuda::detail::flash {
 
@@ -73,5 +69,3 @@ LOOM_HOST_DEVICE inline BlockSlot s2_block_order(int64_t lin, int64_t blocks, in
 }
 
 }  // namespace loom::cuda::detail::flash
-
-#undef LOOM_HOST_DEVICE
