@@ -468,8 +468,8 @@ __device__ __forceinline__ void walk_key_tiles(const Smem& sm, const TilePlan& p
 // Hidden scores to -inf (valid rows nq and nk; positions qp, kp). kKeyRows: a key-row tile (rows
 // row0.. are keys, columns queries) of the dK dV kernels instead.
 template <bool kKeyRows = false, int kQ, int kK>
-__device__ __forceinline__ void mask_scores(float (&s)[8][4], const AttentionMask& m, const RowPos<kQ>& qp,
-                                                int row0, int nq, const RowPos<kK>& kp, int nk) {
+__device__ __forceinline__ void mask_scores(float (&s)[8][4], const AttentionMask& m, const RowPos<kQ>& qp, int row0,
+                                            int nq, const RowPos<kK>& kp, int nk) {
   const int lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
 #pragma unroll
   for (int nt = 0; nt < 8; ++nt)
