@@ -11,12 +11,14 @@
 # loops, opcodes; flash_sm90.sass.gz) and ncu's stall samples per instruction.
 # QUICK=1 leaves out the mixer and the other CUDA tests. NOCHECK=1 leaves out memcheck and the parallel tests.
 # A flash failure with AB set reruns the flash tests with each switch at 0, then stops.
+# SAN_TIMEOUT: each sanitizer's limit in s (default 300: racecheck passed 150 s with ten
+# dK dV instances compiled in, and takes 40 s on one).
 # About 560 s on an H100 with four switches and NCU=1 (QUICK=1: about 80 s less).
 # Logs under $OUT (default /tmp/o).
 set -u; O=${OUT:-/tmp/o}; mkdir -p $O; B=build-gpu; T0=$SECONDS
 el() { echo "+$((SECONDS - T0))s"; }
 sanitize() {  # compute-sanitizer tool $1 on the warpgroup kernels (forward, fused dK dV) over the parity cases
-  timeout 150 compute-sanitizer --tool $1 --error-exitcode 9 --kernel-name kns=sm90 $B/loom_cuda_tests \
+  timeout ${SAN_TIMEOUT:-300} compute-sanitizer --tool $1 --error-exitcode 9 --kernel-name kns=sm90 $B/loom_cuda_tests \
     --gtest_filter='CudaFlashAttention.MatchesTheCpuTwinOverLengthsHeadDimsGroupsAndMasks' > $O/$1.log 2>&1
   echo "$1 rc $? $(el)"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED|rror" $O/$1.log | head -4
 }
