@@ -268,11 +268,12 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
   cp_async_commit();
   const TilePlan plan = kb.plan<kT, kHalves>(sm.plan, n, m, tb);
   auto issue = [&](int64_t unit, int stage) {
-    const int nq = rows_from(n.T, (unit % q_tiles) * kTile, kTile);
-    const int64_t at = kb.q_offset(unit, n);
+    const QueryUnit u = kb.at(unit);
+    const int nq = rows_from(n.T, int64_t{u.t} * kTile, kTile);
+    const int64_t at = kb.q_offset(u, n);
     load_rows_async<kD, kTile, kT>(sm.qs + stage * kTileElems<kD>, q + at, kb.q_stride, nq);
     load_rows_async<kD, kTile, kT>(sm.dos + stage * kTileElems<kD>, dout + at, kb.q_stride, nq);
-    kb.issue_vectors<kT>(sm.qpos[stage], sm.lse + stage * kTile, sm.delta + stage * kTile, lse, delta, unit, n, m);
+    kb.issue_vectors<kT>(sm.qpos[stage], sm.lse + stage * kTile, sm.delta + stage * kTile, lse, delta, u, n, m);
   };
 
   const float scale_log2 = scale * kLog2e;
@@ -358,8 +359,8 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
             mma_bf16(acc[2 * np + 1], a, bb[2], bb[3]);
           }
         }
-        add_rows(dq_acc + kb.q_offset(unit, n) + c0, kb.q_stride, 16 * mt, rows_from(n.T, qt * kTile, kTile), acc,
-                 scale);
+        add_rows(dq_acc + kb.q_offset(kb.at(unit), n) + c0, kb.q_stride, 16 * mt, rows_from(n.T, qt * kTile, kTile),
+                 acc, scale);
       }
     }
     // Before the next unit's loads refill this stage. The 8-warp fused kernel needs no barrier

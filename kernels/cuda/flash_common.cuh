@@ -572,6 +572,11 @@ __device__ __forceinline__ BlockSlot s2_block_slot(int64_t S, int64_t pair, int6
   return s2_block_order(int64_t{blockIdx.y} * gridDim.x + blockIdx.x, gridDim.y, gridDim.x, S, pair, offset);
 }
 
+// A dK dV block's unit: head g of the GQA group (0..group-1) and query tile t.
+struct QueryUnit {
+  int g, t;
+};
+
 // A dK dV block: (key block, kv head, batch) from block_slot (low key blocks, the longest
 // under causal, first) or s2_block_slot, its keys (key_tiles_of), and its units: (query head of
 // the GQA group, query tile) in that order, walked where either of the block's 64-key halves meets
@@ -628,19 +633,26 @@ struct KeyBlock {
     }
     return units;
   }
-  // The last unit at or before `from` that the plan meets (-1 when none).
-  __device__ int64_t prev(const TilePlan& plan, int64_t from) const {
-    while (from >= 0) {
-      const int64_t qt = plan.prev(from % q_tiles);
-      if (qt >= 0) return from - from % q_tiles + qt;
-      from -= from % q_tiles + 1;  // the previous head's last tile
-    }
-    return -1;
+  // Unit `unit` as (head of the group, query tile): two 64-bit divisions, which the walk down
+  // (prev) avoids by stepping the pair itself.
+  __device__ QueryUnit at(int64_t unit) const {
+    return {static_cast<int>(unit / q_tiles), static_cast<int>(unit % q_tiles)};
   }
-  __device__ int64_t head(int64_t unit) const { return hk * group + unit / q_tiles; }
+  // u becomes the last unit at or before u (query tiles down within a head, then the heads down)
+  // that the plan meets; false (u.g < 0) when none.
+  __device__ bool prev(const TilePlan& plan, QueryUnit& u) const {
+    while (u.g >= 0) {
+      u.t = static_cast<int>(plan.prev(u.t));
+      if (u.t >= 0) return true;
+      --u.g;
+      u.t = static_cast<int>(q_tiles) - 1;
+    }
+    return false;
+  }
+  __device__ int64_t head(QueryUnit u) const { return hk * group + u.g; }
   // Element offset of a unit's first query row in q-like tensors (B, T, H, D).
-  __device__ int64_t q_offset(int64_t unit, const AttentionDims& n) const {
-    return ((b * n.T + (unit % q_tiles) * kTile) * n.H + head(unit)) * n.D;
+  __device__ int64_t q_offset(QueryUnit u, const AttentionDims& n) const {
+    return ((b * n.T + int64_t{u.t} * kTile) * n.H + head(u)) * n.D;
   }
   // dK (times scale) and dV of this warp's 16 keys (rows row0.. of the block) as bf16.
   template <int kD>
@@ -655,9 +667,9 @@ struct KeyBlock {
   // (q, dO) are the caller's, whose tile layouts differ.
   template <int kT>
   __device__ void issue_vectors(RowPos<kTile>& qpos, float* lse_s, float* delta_s, const float* lse,
-                                const float* delta, int64_t unit, const AttentionDims& n,
+                                const float* delta, QueryUnit u, const AttentionDims& n,
                                 const AttentionMask& m) const {
-    const int64_t i0 = (unit % q_tiles) * kTile, row = (b * n.H + head(unit)) * n.T;
+    const int64_t i0 = int64_t{u.t} * kTile, row = (b * n.H + head(u)) * n.T;
     if (m.q_pos != nullptr) load_vec_async<kTile, kT>(qpos.pos, m.q_pos, i0, n.T);
     load_vec_async<kTile, kT>(lse_s, lse + row, i0, n.T);
     load_vec_async<kTile, kT>(delta_s, delta + row, i0, n.T);
