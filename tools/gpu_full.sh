@@ -9,6 +9,8 @@
 # of the warpgroup forward and dK dV kernels (stall reasons) before the last.
 # SASS=1 adds the warpgroup kernels' machine code (tools/sass_summary.py: size,
 # loops, opcodes; flash_sm90.sass.gz) and ncu's stall samples per instruction.
+# NCU_SEQ and NCU_ROWS pick the bench row both profile (default 16384, "flash fwd+bwd";
+# e.g. 131072, "flash s2 fwd+bwd").
 # QUICK=1 leaves out the mixer and the other CUDA tests. NOCHECK=1 leaves out memcheck and the parallel tests.
 # A flash failure with AB set reruns the flash tests with each switch at 0, then stops.
 # SAN_TIMEOUT: each sanitizer's limit in s (default 300: racecheck passed 150 s with ten
@@ -64,14 +66,16 @@ if [ -z "${NOCHECK:-}" ]; then
   OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 90 mpirun -np 1 $B/loom_cuda_parallel_tests \
     > $O/cuda_parallel.log 2>&1; echo "cuda parallel (1 rank) rc $? $(el)"; outcome $O/cuda_parallel.log
 fi
-if [ -n "${NCU:-}" ]; then  # NCU=1: where the warpgroup kernels stall (16K, one launch each)
+NSEQ=${NCU_SEQ:-16384}; NROWS=${NCU_ROWS:-flash fwd+bwd}
+if [ -n "${NCU:-}" ]; then  # NCU=1: where the warpgroup kernels stall (one launch each)
   for k in flash_forward_sm90 flash_dkdv_sm90; do
     timeout 90 ncu --clock-control none -k "regex:$k" --launch-skip 2 --launch-count 1 --section SpeedOfLight \
       --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis --section Occupancy \
+      --section MemoryWorkloadAnalysis \
       --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
-      $B/loom-bench --families attention --seq 16384 --reps 10 --rows "flash fwd+bwd" > $O/ncu-$k.txt 2>&1
+      $B/loom-bench --families attention --seq $NSEQ --reps 10 --rows "$NROWS" > $O/ncu-$k.txt 2>&1
     echo "ncu $k rc $? $(el)"
-    grep -E "Duration|Compute \(SM\) Throughput|Eligible Warps|Issued Warp|Registers Per|Achieved Occ|stalled_" $O/ncu-$k.txt |
+    grep -E "Duration|Compute \(SM\) Throughput|Eligible Warps|Issued Warp|Registers Per|Achieved Occ|L2 Hit|stalled_" $O/ncu-$k.txt |
       grep -vE " 0(\.0+)?$" | head -30
   done
 fi
@@ -82,12 +86,13 @@ if [ -n "${SASS:-}" ]; then  # SASS=1: the warpgroup kernels' machine code, and 
   for sk in ${SASS_KERNELS:-flash_forward_sm90_kernelILi128 flash_dkdv_sm90_kernelILi128}; do
     k=${sk%%ILi*}
     timeout 120 ncu --clock-control none -k "regex:$k" --launch-skip 2 --launch-count 1 --section SourceCounters \
-      --section WarpStateStats -f -o $O/src-$k $B/loom-bench --families attention --seq 16384 --reps 10 \
-      --rows "flash fwd+bwd" > $O/ncu-src-$k.log 2>&1
+      --section WarpStateStats -f -o $O/src-$k $B/loom-bench --families attention --seq $NSEQ --reps 10 \
+      --rows "$NROWS" > $O/ncu-src-$k.log 2>&1
     echo "ncu source $k rc $?"
     ncu --import $O/src-$k.ncu-rep --page source --print-source sass --csv > $O/src-$k.csv 2> $O/src-$k.err
     echo "source page rc $?"; head -c 400 $O/src-$k.err
     python3 tools/sass_summary.py $O/flash_sm90.sass --kernel "$sk" --stalls $O/src-$k.csv --top 40
+    gzip -f $O/src-$k.csv; rm -f $O/src-$k.ncu-rep
   done
   echo "sass $(el)"
 fi

@@ -232,11 +232,11 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
                      aligned16(dv.raw_data());
   auto run_flash = [&] {
     Storage scratch = scratch_i64(detail::flash_attention_scratch(n), q, s);
-    // The fused backward's fp32 dQ (B, T, H, D); none for the deterministic kernels.
+    // The fused backward's fp32 dQ accumulator; none for the deterministic kernels.
     std::unique_ptr<Storage> dq_acc;
     if (!deterministic_attention())
-      dq_acc = std::make_unique<Storage>(static_cast<size_t>(std::max<int64_t>(1, q.numel())) * sizeof(float),
-                                         q.device(), &s);
+      dq_acc = std::make_unique<Storage>(
+          static_cast<size_t>(std::max<int64_t>(1, detail::flash_dq_acc_elems(n))) * sizeof(float), q.device(), &s);
     detail::launch_flash_attention_backward(dq.raw_data(), dk.raw_data(), dv.raw_data(),
                                             static_cast<float*>(delta.data()), static_cast<int64_t*>(scratch.data()),
                                             dq_acc ? static_cast<float*>(dq_acc->data()) : nullptr, dout.raw_data(),

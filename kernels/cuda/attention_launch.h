@@ -54,9 +54,13 @@ int64_t flash_attention_scratch(const AttentionDims& n);
 void launch_flash_attention_forward(void* out, float* lse, const void* q, const void* k, const void* v,
                                     int64_t* scratch, const AttentionDims& n, const AttentionMask& mask,
                                     float scale, cudaStream_t stream);
+// fp32 scratch elements of the fused backward's dQ accumulator: B * H * D times T rounded up to
+// whole 64-row tiles (the warpgroup kernel accumulates dQ in tile order).
+int64_t flash_dq_acc_elems(const AttentionDims& n);
 // dout must not be null; delta is scratch of B * H * T floats. dq_acc: scratch
-// of B * T * H * D floats for the fused backward (dQ accumulated with atomics,
-// not bitwise reproducible), or null for the deterministic two-kernel one.
+// of flash_dq_acc_elems floats for the fused backward (dQ accumulated with
+// atomics or bulk reductions, not bitwise reproducible), or null for the
+// deterministic two-kernel one.
 void launch_flash_attention_backward(void* dq, void* dk, void* dv, float* delta, int64_t* scratch, float* dq_acc,
                                      const void* dout, const float* dlse, const void* q, const void* k,
                                      const void* v, const void* out, const float* lse, const AttentionDims& n,

@@ -189,6 +189,25 @@ __global__ void flash_dq_store_kernel(bf16* __restrict__ dq, const float* __rest
   }
 }
 
+// dq (bf16, (B, T, H, D)) <- dq_acc in tile order (dq_tile_index): one block per chunk (b, query
+// tile, head), each thread 4 floats (two rows by two columns) at a time; rows past T skipped.
+constexpr int kDqStoreThreads = 256;
+__global__ void __launch_bounds__(kDqStoreThreads)
+    flash_dq_store_tiles_kernel(bf16* __restrict__ dq, const float* __restrict__ dq_acc, AttentionDims n) {
+  const int64_t chunk = blockIdx.x, q_tiles = (n.T + kTile - 1) / kTile;
+  const int64_t h = chunk % n.H, t = (chunk / n.H) % q_tiles, b = chunk / n.H / q_tiles;
+  const float4* from = reinterpret_cast<const float4*>(dq_acc + chunk * kTile * n.D);
+  const int quads = kTile * static_cast<int>(n.D) / 4;
+  for (int i = threadIdx.x; i < quads; i += kDqStoreThreads) {
+    const float4 f = from[i];  // (row, col), (row, col + 1), (row + 8, col), (row + 8, col + 1)
+    const TileCell c = dq_tile_cell(4 * (i % (kDqTileElems / 4)));
+    const int64_t i0 = t * kTile + c.row;
+    bf16* out = dq + ((b * n.T + i0) * n.H + h) * n.D + 64 * (i / (kDqTileElems / 4)) + c.col;
+    if (i0 < n.T) *reinterpret_cast<__nv_bfloat162*>(out) = __floats2bfloat162_rn(f.x, f.y);
+    if (i0 + 8 < n.T) *reinterpret_cast<__nv_bfloat162*>(out + 8 * n.H * n.D) = __floats2bfloat162_rn(f.z, f.w);
+  }
+}
+
 // ---- dK, dV: one block per (128-key block, kv head, batch); warp -> 16 keys;
 // loops over the 64-query tiles of every query head of the GQA group.
 
@@ -424,6 +443,8 @@ bool flash_attention_supports(DType dtype, int64_t D) { return dtype == DType::b
 
 int64_t flash_attention_scratch(const AttentionDims& n) { return 2 * (tiles_of(n.T) + tiles_of(n.S)); }
 
+int64_t flash_dq_acc_elems(const AttentionDims& n) { return n.B * tiles_of(n.T) * kTile * n.H * n.D; }
+
 void launch_flash_attention_forward(void* out, float* lse, const void* q, const void* k, const void* v,
                                     int64_t* scratch, const AttentionDims& n, const AttentionMask& mask,
                                     float scale, cudaStream_t stream) {
@@ -456,7 +477,8 @@ void launch_flash_attention_backward(void* dq, void* dk, void* dv, float* delta,
   const bool fused = dq_acc != nullptr;
   const int64_t dq_elems = n.B * n.T * n.H * n.D;
   if (fused && dq_elems > 0)
-    LOOM_CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, static_cast<size_t>(dq_elems) * sizeof(float), stream));
+    LOOM_CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, static_cast<size_t>(flash_dq_acc_elems(n)) * sizeof(float), stream));
+  bool tiled = false;  // dq_acc in tile order (the warpgroup kernel's), else (B, T, H, D)
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
     if (n.T > 0 && !fused) {
@@ -475,6 +497,7 @@ void launch_flash_attention_backward(void* dq, void* dk, void* dv, float* delta,
     const bool four = fused && mask.s2_block > 0 && mask.s2_block % kBlockRows != 0 && !paired;
     if (n.S > 0 && fused && !four && sm90) {
       launch_flash_dkdv_sm90(dk, dv, dq_acc, dout, lse, delta, q, k, v, n, mask, tb, scale, stream);
+      tiled = true;
     } else if (n.S > 0) {
       auto kernel = !fused ? flash_backward_dkdv_kernel<kD, false, 8>
                     : four ? flash_backward_dkdv_kernel<kD, true, 4>
@@ -491,7 +514,13 @@ void launch_flash_attention_backward(void* dq, void* dk, void* dv, float* delta,
       LOOM_CUDA_CHECK(cudaGetLastError());
     }
   });
-  if (fused && dq_elems > 0) {
+  if (fused && dq_elems > 0 && tiled) {
+    const int64_t chunks = n.B * tiles_of(n.T) * n.H;
+    LOOM_CHECK(chunks <= std::numeric_limits<int>::max()) << "flash attention (CUDA): " << chunks << " dQ tiles";
+    flash_dq_store_tiles_kernel<<<static_cast<unsigned>(chunks), kDqStoreThreads, 0, stream>>>(static_cast<bf16*>(dq),
+                                                                                             dq_acc, n);
+    LOOM_CUDA_CHECK(cudaGetLastError());
+  } else if (fused && dq_elems > 0) {
     const int64_t pairs = dq_elems / 2;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((pairs + 255) / 256, 4096));
     flash_dq_store_kernel<<<blocks, 256, 0, stream>>>(static_cast<bf16*>(dq), dq_acc, dq_elems);

@@ -650,6 +650,10 @@ struct KeyBlock {
     return false;
   }
   __device__ int64_t head(QueryUnit u) const { return hk * group + u.g; }
+  // Element offset of a unit's chunk of dQ in tile order (dq_tile_index).
+  __device__ int64_t dq_chunk(QueryUnit u, const AttentionDims& n) const {
+    return ((b * q_tiles + u.t) * n.H + head(u)) * kTile * n.D;
+  }
   // Element offset of a unit's first query row in q-like tensors (B, T, H, D).
   __device__ int64_t q_offset(QueryUnit u, const AttentionDims& n) const {
     return ((b * n.T + int64_t{u.t} * kTile) * n.H + head(u)) * n.D;
@@ -679,36 +683,66 @@ struct KeyBlock {
 // Key-row tiles of the dK dV kernels: a warp's 16 keys (rows row0 + g and + 8 of
 // the block) by a 64-query tile (columns 8 nt + 2 t4 and + 1), as m16n8 accumulators.
 
+// A query tile's per-row values (lse or delta) as the key-row tiles use them: v[nt][e] is query
+// column 8 nt + 2 t4 + e, read from shared memory in pairs. (Reading them ahead of the wait for
+// S^T or dP^T in the warpgroup kernel, with the lse turned into exp2 form in shared memory once per
+// unit, made ptxas spill and was 2% slower at 32K: kernels/NOTES.md, session 14.)
+struct QueryCols {
+  float v[8][2];
+  __device__ __forceinline__ explicit QueryCols(const float* s) {
+    const int t4 = threadIdx.x % 4;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const float2 p = *reinterpret_cast<const float2*>(s + 8 * nt + 2 * t4);
+      v[nt][0] = p.x;
+      v[nt][1] = p.y;
+    }
+  }
+};
+
 // P^T in place of S^T: p = 2^(s scale_log2 - lse2(query)), 0 where hidden (when masked: hidden
 // scores are set to -inf first, which the exponentials take to 0; 23% faster fwd+bwd at 32K on the
-// warpgroup kernel than testing each probability, where the tests cost on every unit).
+// warpgroup kernel than testing each probability, where the tests cost on every unit). lse2 is
+// the lse in exp2 form (lse_exp2: +inf for a row that sees nothing, so p = 0).
 template <int kKeys>
-__device__ __forceinline__ void key_rows_probabilities(float (&st)[8][4], const float* lse, float scale_log2,
+__device__ __forceinline__ void key_rows_probabilities(float (&st)[8][4], const QueryCols& lse2, float scale_log2,
                                                        bool masked, const AttentionMask& m, const RowPos<kTile>& qp,
                                                        int nq, const RowPos<kKeys>& kp, int row0, int nk) {
-  const int t4 = threadIdx.x % 4;
   if (masked) mask_scores<true>(st, m, qp, row0, nq, kp, nk);
 #pragma unroll
   for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const float l2 = lse_exp2(lse[8 * nt + 2 * t4 + e]);  // +inf for a row that sees nothing: p = 0
+    for (int e = 0; e < 2; ++e)
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr) st[nt][2 * hr + e] = fast_exp2(fmaf(st[nt][2 * hr + e], scale_log2, -l2));
-    }
+      for (int hr = 0; hr < 2; ++hr)
+        st[nt][2 * hr + e] = fast_exp2(fmaf(st[nt][2 * hr + e], scale_log2, -lse2.v[nt][e]));
 }
-
-// dS^T in place of dP^T: ds = p (dp - delta(query)).
-__device__ __forceinline__ void key_rows_score_grad(float (&dpt)[8][4], const float (&pt)[8][4], const float* delta) {
-  const int t4 = threadIdx.x % 4;
+// The same from the tile's lse as stored (natural log).
+template <int kKeys>
+__device__ __forceinline__ void key_rows_probabilities(float (&st)[8][4], const float* lse, float scale_log2,
+                                                       bool masked, const AttentionMask& m, const RowPos<kTile>& qp,
+                                                       int nq, const RowPos<kKeys>& kp, int row0, int nk) {
+  QueryCols lse2(lse);
 #pragma unroll
   for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const float dl = delta[8 * nt + 2 * t4 + e];
+    for (int e = 0; e < 2; ++e) lse2.v[nt][e] = lse_exp2(lse2.v[nt][e]);
+  key_rows_probabilities(st, lse2, scale_log2, masked, m, qp, nq, kp, row0, nk);
+}
+
+// dS^T in place of dP^T: ds = p (dp - delta(query)).
+__device__ __forceinline__ void key_rows_score_grad(float (&dpt)[8][4], const float (&pt)[8][4],
+                                                    const QueryCols& delta) {
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr) dpt[nt][2 * hr + e] = pt[nt][2 * hr + e] * (dpt[nt][2 * hr + e] - dl);
-    }
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr)
+        dpt[nt][2 * hr + e] = pt[nt][2 * hr + e] * (dpt[nt][2 * hr + e] - delta.v[nt][e]);
+}
+__device__ __forceinline__ void key_rows_score_grad(float (&dpt)[8][4], const float (&pt)[8][4], const float* delta) {
+  key_rows_score_grad(dpt, pt, QueryCols(delta));
 }
 
 // Adds scale times a 16 x 8 kN accumulator (rows row0 + g and + 8, columns 8 nt + 2 t4 and + 1)

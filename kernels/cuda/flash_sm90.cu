@@ -16,7 +16,8 @@
 // Backward dK dV: the same work as flash_attention.cu's 8-warp fused kernel
 // (one block per (128-key block, kv head, batch), walking the 64-query tiles
 // of every head of the GQA group, here from the last down; dQ added into fp32
-// with atomics), with two warpgroups of 64 keys each (under S2 with 64-key
+// in tile order with bulk reductions, key_group_dq_reduce), with two
+// warpgroups of 64 keys each (under S2 with 64-key
 // blocks, two tiles vert_stride apart: key_tiles_of, launched in
 // s2_block_slot's order):
 //   S^T  = K Q^T      (64 keys x 64 queries, A = K, B = Q: both K-major)
@@ -28,8 +29,8 @@
 //                      128 keys; D 64: each group all columns over its keys)
 // One block barrier per unit, the dS^T exchange (two dS^T tiles, one per
 // stage): a unit's dQ products are issued at the top of the next unit, before
-// its S^T, and their atomics run while S^T does. Both groups run every unit
-// of the block (P = 0 for a group that does not meet it), so no product sits
+// its S^T, and their reduction is handed off while S^T runs. Both groups run
+// every unit of the block (P = 0 for a group that does not meet it), so no product sits
 // under a branch. Thread 0 copies the next unit's Q and dO through tensor maps
 // (TMA) into the other stage, completing on that stage's mbarrier.
 // P and dS are rounded to bf16 as in the mma.sync kernels, so results agree
@@ -49,12 +50,13 @@ using namespace flash;
 constexpr int kKeys = 128;  // keys per block: 2 warpgroups x 64
 
 // Shared memory: the block's K and V (128 rows), 2 stages of Q and dO (64 rows) and of dS^T
-// (128 keys x 64 queries), all panel tiles from a 1024-byte aligned base; then positions, lse,
-// delta and the plan.
+// (128 keys x 64 queries), all panel tiles from a 1024-byte aligned base; each key group's fp32 dQ
+// tile (64 x 64, in dq_tile order); then positions, lse, delta and the plan.
 template <int kD>
 struct Sm90Smem {
   static constexpr int kKeyElems = kKeys * kD, kQueryElems = kTile * kD, kDsElems = kKeys * kTile;
-  static constexpr size_t kTiles = sizeof(bf16) * (2 * kKeyElems + 4 * kQueryElems + 2 * kDsElems);
+  static constexpr size_t kTiles =
+      sizeof(bf16) * (2 * kKeyElems + 4 * kQueryElems + 2 * kDsElems) + sizeof(float) * 2 * kDqTileElems;
   static constexpr size_t kBase =
       kTiles + sizeof(RowPos<kKeys>) + 2 * sizeof(RowPos<kTile>) + 2 * 2 * kTile * sizeof(float);
   static_assert(kTiles % 1024 == 0);
@@ -65,6 +67,7 @@ struct Sm90Smem {
   bf16* qs;   // 2 stages
   bf16* dos;  // 2 stages
   bf16* ds;   // 2 stages
+  float* dqs;  // 2 key groups
   RowPos<kKeys>* kpos;
   RowPos<kTile>* qpos;  // 2 stages
   float* lse;           // 2 stages x 64
@@ -78,7 +81,8 @@ struct Sm90Smem {
     qs = vs + kKeyElems;
     dos = qs + 2 * kQueryElems;
     ds = dos + 2 * kQueryElems;
-    kpos = reinterpret_cast<RowPos<kKeys>*>(ds + 2 * kDsElems);
+    dqs = reinterpret_cast<float*>(ds + 2 * kDsElems);
+    kpos = reinterpret_cast<RowPos<kKeys>*>(dqs + 2 * kDqTileElems);
     qpos = reinterpret_cast<RowPos<kTile>*>(kpos + 1);
     lse = reinterpret_cast<float*>(qpos + 2);
     delta = lse + 2 * kTile;
@@ -104,22 +108,23 @@ __device__ __forceinline__ void shrink_registers() {
 }
 
 // One committed batch acc (64 x kD) += A B over 64 k: A = the bf16 fragments f, B = the N-major
-// 64-row panel tile b. f must stay unchanged (pin it) until a wait completes the batch.
+// 64-row panel tile at units b (wgmma::units). f must stay unchanged (pin it) until a wait
+// completes the batch.
 template <int kD>
-__device__ __forceinline__ void rs_products(float (&acc)[kD / 8][4], uint32_t (&f)[4][4], const bf16* b) {
+__device__ __forceinline__ void rs_products(float (&acc)[kD / 8][4], uint32_t (&f)[4][4], uint32_t b) {
   wgmma::pin(f);
   wgmma::pin(acc);
   wgmma::fence();
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
-    if constexpr (kD == 128) wgmma::wgmma_rs_n128<1>(acc, f[kk], wgmma::mnmajor(b, kTile, 16 * kk));
-    else wgmma::wgmma_rs_n64<1>(acc, f[kk], wgmma::mnmajor(b, kTile, 16 * kk));
+    if constexpr (kD == 128) wgmma::wgmma_rs_n128<1>(acc, f[kk], wgmma::mnmajor_at(b, kTile, 16 * kk));
+    else wgmma::wgmma_rs_n64<1>(acc, f[kk], wgmma::mnmajor_at(b, kTile, 16 * kk));
   }
   wgmma::commit();
 }
 // rs_products, waited for (every batch of this thread done; acc and f free).
 template <int kD>
-__device__ __forceinline__ void rs_products_now(float (&acc)[kD / 8][4], uint32_t (&f)[4][4], const bf16* b) {
+__device__ __forceinline__ void rs_products_now(float (&acc)[kD / 8][4], uint32_t (&f)[4][4], uint32_t b) {
   rs_products<kD>(acc, f, b);
   wgmma::wait<0>();
   wgmma::pin(acc);
@@ -128,7 +133,7 @@ __device__ __forceinline__ void rs_products_now(float (&acc)[kD / 8][4], uint32_
 // The same with A = c (64 x 64 fp32 accumulators) packed into f first.
 template <int kD>
 __device__ __forceinline__ void rs_batch(float (&acc)[kD / 8][4], uint32_t (&f)[4][4], const float (&c)[8][4],
-                                         const bf16* b) {
+                                         uint32_t b) {
   c_to_a(f, c);
   rs_products<kD>(acc, f, b);
 }
@@ -163,11 +168,11 @@ __device__ __forceinline__ void issue_block_keys(bf16* ks, bf16* vs, RowPos<kKey
   }
 }
 
-// A unit's rows in shared memory as a key group reads them: Q and dO (64-row panel tiles), lse,
-// delta and positions of the query tile.
+// A unit's rows in shared memory as a key group reads them: Q and dO (64-row panel tiles, as
+// wgmma::units), lse, delta and positions of the query tile.
 struct UnitRows {
-  const bf16* q;
-  const bf16* dout;
+  uint32_t q;
+  uint32_t dout;
   const float* lse;
   const float* delta;
   const RowPos<kTile>* qpos;
@@ -176,12 +181,12 @@ struct UnitRows {
 
 // Key group wg's products on one unit (its 64 keys, rows row0.. of the warp): S^T = K Q^T and
 // dP^T = V dO^T, P, dV += P^T dO, dS, dK += dS^T Q, and its dS^T rows into ds. between() runs once
-// S^T is issued, before dP^T (the previous unit's dQ atomics: its products, issued before S^T,
+// S^T is issued, before dP^T (the previous unit's dQ reduction: its products, issued before S^T,
 // are the batch it waits for). A group that does not `meet` the unit computes P = 0 (zeros into
 // dV, dK and its dS^T rows). Returns once every product is done (the unit's rows are free).
 template <int kD, typename Between>
 __device__ __forceinline__ void key_group_unit(float (&acc_dk)[kD / 8][4], float (&acc_dv)[kD / 8][4],
-                                               const bf16* ks, const bf16* vs, const UnitRows& u, bf16* ds,
+                                               uint32_t ks, uint32_t vs, const UnitRows& u, bf16* ds,
                                                float scale_log2, bool meet, bool masked, const AttentionMask& m,
                                                const RowPos<kKeys>& kpos, int wg, int row0, int nk,
                                                Between&& between) {
@@ -190,16 +195,16 @@ __device__ __forceinline__ void key_group_unit(float (&acc_dk)[kD / 8][4], float
   wgmma::fence();
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk)  // S^T = K Q^T
-    wgmma::wgmma_ss_n64<0, 0>(st, wgmma::kmajor(ks, kKeys, 64 * wg, 16 * kk), wgmma::kmajor(u.q, kTile, 0, 16 * kk),
-                              kk > 0);
+    wgmma::wgmma_ss_n64<0, 0>(st, wgmma::kmajor_at(ks, kKeys, 64 * wg, 16 * kk),
+                              wgmma::kmajor_at(u.q, kTile, 0, 16 * kk), kk > 0);
   wgmma::commit();
   between();
   wgmma::pin(dpt);
   wgmma::fence();
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk)  // dP^T = V dO^T
-    wgmma::wgmma_ss_n64<0, 0>(dpt, wgmma::kmajor(vs, kKeys, 64 * wg, 16 * kk),
-                              wgmma::kmajor(u.dout, kTile, 0, 16 * kk), kk > 0);
+    wgmma::wgmma_ss_n64<0, 0>(dpt, wgmma::kmajor_at(vs, kKeys, 64 * wg, 16 * kk),
+                              wgmma::kmajor_at(u.dout, kTile, 0, 16 * kk), kk > 0);
   wgmma::commit();
   wgmma::wait<1>();  // S^T is done; dP^T may still run
   wgmma::pin(st);
@@ -228,25 +233,47 @@ __device__ __forceinline__ void key_group_unit(float (&acc_dk)[kD / 8][4], float
 
 // dQ (64 queries x D) = dS K over the keys of both groups' dS^T tile ds (D 128: this group's 64
 // columns; D 64: all columns over this group's keys) into acc (fresh): one committed batch, not
-// waited for. ds must be complete and visible (after a barrier).
+// waited for. ds must be complete and visible (after a barrier). Tiles as wgmma::units.
 template <int kD>
-__device__ __forceinline__ void key_group_dq_issue(float (&acc)[8][4], const bf16* ds, const bf16* ks, int wg) {
+__device__ __forceinline__ void key_group_dq_issue(float (&acc)[8][4], uint32_t ds, uint32_t ks, int wg) {
   wgmma::pin(acc);
   wgmma::fence();
   constexpr int kSteps = kD == 128 ? kKeys / 16 : 4;
 #pragma unroll
   for (int s = 0; s < kSteps; ++s) {
     const int kk = kD == 128 ? s : 4 * wg + s;  // D 64: this group's keys only
-    wgmma::wgmma_ss_n64<1, 1>(acc, wgmma::mnmajor(ds, kKeys, 16 * kk),
-                              wgmma::mnmajor(ks, kKeys, 16 * kk, kD == 128 ? wg : 0), s > 0);
+    wgmma::wgmma_ss_n64<1, 1>(acc, wgmma::mnmajor_at(ds, kKeys, 16 * kk),
+                              wgmma::mnmajor_at(ks, kKeys, 16 * kk, kD == 128 ? wg : 0), s > 0);
   }
   wgmma::commit();
 }
-// The atomics of a completed batch: scale times acc into the unit's fp32 rows dq.
+// A completed batch into dQ: scale times acc into the group's staging tile dqs (dq_tile order,
+// conflict-free 16-byte stores), then the group's first thread adds the tile into its place in the
+// unit's chunk of dq_acc with one bulk reduction (D 128: the group's 64 columns; D 64: all of
+// them, both groups into the same place). Replaces 16 vector atomics per thread, whose source
+// registers stayed held until the loads/stores unit took them: the next products' writes to those
+// registers waited (13% of the loop's stall samples at 16K). The caller waits for the reduction to
+// have read dqs (bulk_read_wait) before the block barrier that precedes the next write. `adds`
+// false (the unit met none of the group's keys): nothing is added, but the group still passes its
+// barrier, so both groups pass as many barriers. When only adding groups passed it, racecheck
+// reported hazards on D 64 (where one group can add without the other) between the lse copies and
+// reads, which the block barrier orders; with every group passing it, 0 hazards.
 template <int kD>
-__device__ __forceinline__ void key_group_dq_add(float* dq, int64_t stride, int nq, const float (&acc)[8][4], int wg,
-                                                 int warp_in_group, float scale) {
-  add_rows(dq + (kD == 128 ? 64 * wg : 0), stride, 16 * warp_in_group, nq, acc, scale);
+__device__ __forceinline__ void key_group_dq_reduce(float* chunk, float* dqs, const float (&acc)[8][4], bool adds,
+                                                    int wg, int warp_in_group, float scale) {
+  const int lane = threadIdx.x % 32;
+  if (adds) {
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+      *reinterpret_cast<float4*>(dqs + dq_tile_index(warp_in_group, nt, lane)) =
+          make_float4(scale * acc[nt][0], scale * acc[nt][1], scale * acc[nt][2], scale * acc[nt][3]);
+    wgmma::fence_smem();  // the stores, before the bulk reduction reads them (async proxy)
+  }
+  tma::named_barrier(1 + wg, 128);
+  if (adds && threadIdx.x % 128 == 0) {
+    tma::bulk_reduce_add(chunk + (kD == 128 ? wg * kDqTileElems : 0), dqs, kDqTileElems * sizeof(float));
+    tma::bulk_commit();
+  }
 }
 #endif
 
@@ -346,8 +373,11 @@ __global__ void __launch_bounds__(kForwardThreads, 1)
   float acc_o[kD / 8][4] = {};
   uint32_t pf[4][4];
   int pending = -1;
-  auto issue_pv = [&] { rs_products<kD>(acc_o, pf, sm.vs + pending * Smem::kKvElems); };
-  auto finish_pv = [&] { rs_products_now<kD>(acc_o, pf, sm.vs + pending * Smem::kKvElems); };
+  // Tiles as wgmma::units: a stage's K and V tiles are constant offsets from the first stage's.
+  const uint32_t ks_units = wgmma::units(sm.ks), vs_units = wgmma::units(sm.vs);
+  constexpr uint32_t kKvUnits = Smem::kKvElems / 8;
+  auto issue_pv = [&] { rs_products<kD>(acc_o, pf, vs_units + pending * kKvUnits); };
+  auto finish_pv = [&] { rs_products_now<kD>(acc_o, pf, vs_units + pending * kKvUnits); };
   auto release = [&](int st) { mbar_arrive(&bars[kKvStages + st]); };
   int64_t i = 0;
   for (int64_t kt = plan.next(0); kt < plan.count; kt = plan.next(kt + 1), ++i) {
@@ -367,7 +397,7 @@ __global__ void __launch_bounds__(kForwardThreads, 1)
     wgmma::fence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk)  // S = Q K^T
-      wgmma::wgmma_rs_n64<0>(s, qf[kk], wgmma::kmajor(sm.ks + st * Smem::kKvElems, kTile, 0, 16 * kk),
+      wgmma::wgmma_rs_n64<0>(s, qf[kk], wgmma::kmajor_at(ks_units + st * kKvUnits, kTile, 0, 16 * kk),
                              kk > 0);
     wgmma::commit();
     if (pending >= 0) {
@@ -416,8 +446,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   using Smem = Sm90Smem<kD>;
   const Smem sm(smem_raw);
   const KeyBlock kb(n, kKeys, pair, m.s2_offset);
-  const int warp = threadIdx.x / 32;
+  // Broadcast from lane 0, so the compiler may treat the warp (and the products' descriptors
+  // derived from it) as the same over the warp: uniform registers, fewer moves into them.
+  const int warp = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 32), 0);
   const int wg = warp / 4, row0 = 16 * warp;  // this warp's group (64-key half) and first key
+  // The tiles as wgmma::units: constant offsets from the keys' tile, a stage's from the first's.
+  const uint32_t ks_u = wgmma::units(sm.ks), vs_u = wgmma::units(sm.vs), qs_u = wgmma::units(sm.qs),
+                 dos_u = wgmma::units(sm.dos), ds_u = wgmma::units(sm.ds);
+  constexpr uint32_t kQueryUnits = Smem::kQueryElems / 8, kDsUnits = Smem::kDsElems / 8;
   const int nk = kb.nk;
 
   issue_block_keys<kD, kThreads>(sm.ks, sm.vs, *sm.kpos, kb, k, v, n, m);
@@ -450,8 +486,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (have) issue(unit, 0);
   cp_async_commit();
   int stage = 0;
-  QueryUnit prev_unit{0, 0};  // the unit whose dQ is still to add, its valid rows, whether this group adds
-  int prev_nq = 0;
+  QueryUnit prev_unit{0, 0};  // the unit whose dQ is still to add, whether this group adds
   bool prev_adds = false;
   uint32_t phase = 0;  // of stage 0's barrier, then flipped each time stage 0 comes round
   // Whether S2 needs per-element masks somewhere on unit u's query tile (then its S2 ids are filled).
@@ -479,33 +514,34 @@ __global__ void __launch_bounds__(kThreads, 1)
     // One dS^T tile per stage, so the next unit's rows can be written while the other group's dQ
     // products still read this unit's.
     bf16* const ds_s = sm.ds + stage * Smem::kDsElems;
-    const UnitRows rows{sm.qs + stage * Smem::kQueryElems, sm.dos + stage * Smem::kQueryElems,
+    const UnitRows rows{qs_u + stage * kQueryUnits, dos_u + stage * kQueryUnits,
                         sm.lse + stage * kTile, sm.delta + stage * kTile, &sm.qpos[stage],
                         rows_from(n.T, int64_t{qt} * kTile, kTile)};
     // The previous unit's dQ products (its dS^T tiles in the other stage; for the first unit, on
-    // zeros, not added), their atomics once this unit's S^T is issued.
+    // zeros, not added), their reduction once this unit's S^T is issued.
     float acc_dq[8][4];
-    key_group_dq_issue<kD>(acc_dq, sm.ds + (stage ^ 1) * Smem::kDsElems, sm.ks, wg);
+    key_group_dq_issue<kD>(acc_dq, ds_u + (stage ^ 1) * kDsUnits, ks_u, wg);
     auto add_prev = [&] {
       wgmma::wait<1>();  // the dQ batch; S^T may still run
       wgmma::pin(acc_dq);
-      if (prev_adds)
-        key_group_dq_add<kD>(dq_acc + kb.q_offset(prev_unit, n), kb.q_stride, prev_nq, acc_dq, wg, warp % 4, scale);
+      key_group_dq_reduce<kD>(dq_acc + kb.dq_chunk(prev_unit, n), sm.dqs + wg * kDqTileElems, acc_dq, prev_adds, wg,
+                              warp % 4, scale);
     };
     // Every group runs every unit of the block, P = 0 where it does not meet the tile: products
     // under a branch while a batch is in flight make ptxas serialize every product of the kernel
     // (and such a group would only wait at the barrier for the other).
-    key_group_unit<kD>(acc_dk, acc_dv, sm.ks, sm.vs, rows, ds_s, scale_log2, plan.meet(wg, qt), !plan.plain(wg, qt),
+    key_group_unit<kD>(acc_dk, acc_dv, ks_u, vs_u, rows, ds_s, scale_log2, plan.meet(wg, qt), !plan.plain(wg, qt),
                        m, *sm.kpos, wg, row0, nk, add_prev);
     // The next unit's rows (issued at the top): this thread's copies have landed, and it fills
     // the S2 ids of the query rows whose positions it copied itself (the same rows, kThreads).
+    // The dQ reduction issued at this unit's top has read the staging tile.
+    if (threadIdx.x % 128 == 0) tma::bulk_read_wait<0>();
     cp_async_wait<0>();
     if (have_next && masked_unit(next)) fill_s2<kTile>(sm.qpos[stage ^ 1], m, kb.hk);
     wgmma::fence_smem();  // the dS^T rows and the next unit's copies, before the products read them
     __syncthreads();  // the block's one barrier per unit
     // dQ of the unit, over the keys of the halves that met the tile, at the next unit.
     prev_unit = unit;
-    prev_nq = rows.nq;
     prev_adds = kD == 128 ? plan.meet(0, qt) || plan.meet(1, qt) : plan.meet(wg, qt);
     // No barrier before the next unit: this stage is refilled after this unit's barrier, which
     // every group reaches only once its products on the stage are complete.
@@ -515,11 +551,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   {  // the last unit's dQ (its dS^T tiles in the stage before `stage`; products unconditional, as above)
     float acc_dq[8][4];
-    key_group_dq_issue<kD>(acc_dq, sm.ds + (stage ^ 1) * Smem::kDsElems, sm.ks, wg);
+    key_group_dq_issue<kD>(acc_dq, ds_u + (stage ^ 1) * kDsUnits, ks_u, wg);
     wgmma::wait<0>();
     wgmma::pin(acc_dq);
-    if (prev_adds)
-      key_group_dq_add<kD>(dq_acc + kb.q_offset(prev_unit, n), kb.q_stride, prev_nq, acc_dq, wg, warp % 4, scale);
+    key_group_dq_reduce<kD>(dq_acc + kb.dq_chunk(prev_unit, n), sm.dqs + wg * kDqTileElems, acc_dq, prev_adds, wg,
+                            warp % 4, scale);
+    if (threadIdx.x % 128 == 0) tma::bulk_wait<0>();  // complete before the block exits
   }
   cp_async_wait<0>();
   kb.store_grads<kD>(dk, dv, row0, acc_dk, acc_dv, scale, n);

@@ -1,6 +1,7 @@
-// Which 64-key tiles each dK dV block of the flash backward takes, and the
-// launch order of those blocks: plain integer arithmetic, compiled for the
-// host too, so that the CPU tests check it (tests/cuda/flash_attention_test.cpp).
+// Which 64-key tiles each dK dV block of the flash backward takes, the launch
+// order of those blocks, and the tile order of its fp32 dQ: plain integer
+// arithmetic, compiled for the host too, so that the CPU tests check it
+// (tests/cuda/flash_attention_test.cpp).
 #pragma once
 
 #include <cstdint>
@@ -66,6 +67,23 @@ LOOM_HOST_DEVICE inline BlockSlot s2_block_order(int64_t lin, int64_t blocks, in
   r -= heads * local_per_head;
   const int64_t tail = blocks - whole * p;
   return {whole * p + r % tail, r / tail};
+}
+
+// dQ in tile order, the warpgroup dK dV kernel's fp32 dq_acc (flash_dq_acc_elems floats): chunk
+// (b, query tile t, head h) of kTile x D floats at ((b * tiles + t) * H + h) kTile D, as D / 64
+// tiles of 64 x 64. In a tile, warp w's accumulator fragment of columns 8 nt .. 8 nt + 7 (m16n8:
+// lane = 4 g + t4 holds rows 16 w + g, + 8 by columns 8 nt + 2 t4, + 1) sits at
+// dq_tile_index(w, nt, lane) as 4 floats (row g: 2, then row g + 8: 2), so each thread stores its
+// fragments as 16-byte vectors and a warp's stores are contiguous. Rows past T are padding.
+constexpr int kDqTileElems = kTile * 64;
+LOOM_HOST_DEVICE constexpr int dq_tile_index(int w, int nt, int lane) { return 4 * (32 * (8 * w + nt) + lane); }
+// The (row, column) within its 64 x 64 tile of float i of a tile in that order.
+struct TileCell {
+  int row, col;
+};
+LOOM_HOST_DEVICE constexpr TileCell dq_tile_cell(int i) {
+  const int q = i / 4, j = i % 4, lane = q % 32, nt = q / 32 % 8, w = q / 256;
+  return {16 * w + lane / 4 + 8 * (j / 2), 8 * nt + 2 * (lane % 4) + j % 2};
 }
 
 }  // namespace loom::cuda::detail::flash

@@ -74,4 +74,30 @@ __device__ __forceinline__ uint32_t load_rows(__nv_bfloat16* tile, const CUtenso
   return kRows * kD * 2;
 }
 
+// Bulk reduction (sm_90): adds `bytes` (a multiple of 16) of fp32 from shared memory src into
+// global memory dst (both 16-byte aligned) asynchronously, in L2, as one operation of this thread's
+// current bulk group. Shared-memory writes the copy reads must precede it in the async proxy
+// (wgmma.cuh's fence_smem by each writing thread, then a barrier).
+__device__ __forceinline__ void bulk_reduce_add(float* dst, const float* src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+               "r"(smem_addr(src)), "r"(bytes)
+               : "memory");
+}
+// Closes this thread's bulk group; waits until at most kPending of its groups have not finished
+// reading their shared memory (read_wait) or have not completed (wait).
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void bulk_read_wait() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Barrier `id` (1..15; __syncthreads is 0) over `threads` threads (a multiple of 32).
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 }  // namespace loom::cuda::tma

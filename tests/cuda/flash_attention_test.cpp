@@ -388,6 +388,39 @@ TEST(FlashKeyBlocks, S2OrderIsAPermutationWithEachHeadsStridedPairsFirstInGroups
         }
 }
 
+// The warpgroup backward's fp32 dQ tile order: every (warp, column block, lane) fragment's four
+// floats land on distinct slots of the 64 x 64 tile, at the cells of the m16n8 accumulator layout,
+// and dq_tile_cell (the store kernel's way back) inverts dq_tile_index.
+TEST(FlashKeyBlocks, DqTileOrderIsAPermutationOfTheAccumulatorCells) {
+  using cuda::detail::flash::dq_tile_cell;
+  using cuda::detail::flash::dq_tile_index;
+  using cuda::detail::flash::kDqTileElems;
+  std::vector<char> slot(kDqTileElems, 0), cell(kDqTileElems, 0);
+  for (int w = 0; w < 4; ++w)
+    for (int nt = 0; nt < 8; ++nt)
+      for (int lane = 0; lane < 32; ++lane)
+        for (int j = 0; j < 4; ++j) {
+          const int i = dq_tile_index(w, nt, lane) + j;
+          ASSERT_TRUE(i >= 0 && i < kDqTileElems) << "w " << w << " nt " << nt << " lane " << lane;
+          ASSERT_EQ(slot[static_cast<size_t>(i)], 0) << "slot " << i << " taken twice";
+          slot[static_cast<size_t>(i)] = 1;
+          const auto c = dq_tile_cell(i);
+          EXPECT_EQ(c.row, 16 * w + lane / 4 + 8 * (j / 2)) << "slot " << i;
+          EXPECT_EQ(c.col, 8 * nt + 2 * (lane % 4) + j % 2) << "slot " << i;
+          ASSERT_TRUE(c.row >= 0 && c.row < 64 && c.col >= 0 && c.col < 64) << "slot " << i;
+          char& once = cell[static_cast<size_t>(64 * c.row + c.col)];
+          EXPECT_EQ(once, 0) << "cell " << c.row << ", " << c.col << " twice";
+          once = 1;
+        }
+  // A fragment's first float is 16-byte aligned (the kernel stores float4s) and a warp's 32 lanes
+  // are contiguous.
+  for (int w = 0; w < 4; ++w)
+    for (int nt = 0; nt < 8; ++nt) {
+      EXPECT_EQ(dq_tile_index(w, nt, 0) % 4, 0);
+      EXPECT_EQ(dq_tile_index(w, nt, 31) - dq_tile_index(w, nt, 0), 4 * 31);
+    }
+}
+
 TEST(CudaFlashAttention, BackwardIsDeterministic) {
   LOOM_SKIP_WITHOUT_GPU();
   const Shape q_shape{1, 300, 4, 128}, kv_shape{1, 300, 1, 128};
