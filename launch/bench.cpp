@@ -249,8 +249,11 @@ void bench_memory_bound(Bench& b, const ModelShape& m) {
 // packing measurement: 3/4 of the queries (every fourth position dropped, as a
 // head with 75% of the tokens routed to it sees) against all keys, counted as
 // dense too. "cudnn gate headwise" / "cudnn gate elementwise" (16K, 32K) add the
-// S mixer's fused sigmoid gate to the cuDNN rows: their time over "cudnn" is the
-// gate epilogue's overhead as PERF.md counts it.
+// S mixer's fused sigmoid gate (headwise: one z per (token, head), the shape of
+// MoH's head scale too; elementwise: one per output) to the cuDNN rows, counted
+// as them: their time over "cudnn" is the gate epilogue's overhead as PERF.md
+// counts it (the gate's projection, a GEMM, is not in it: --families mixer
+// times the whole layer).
 // `only_t`: run only the shapes of that sequence length (0: all).
 void bench_attention(Bench& b, int64_t only_t) {
   Stream& s = b.stream();
@@ -264,6 +267,7 @@ void bench_attention(Bench& b, int64_t only_t) {
     bool s2;
     bool deterministic = false;  // the two-kernel flash backward (train.deterministic)
     bool packed = false;         // queries: 3/4 of the positions (MoH row packing)
+    int64_t gate_span = 0;       // > 0: the S mixer's sigmoid gate after it, one z per gate_span outputs
   };
   const Run runs[] = {{"flash", cuda::AttentionKernel::flash, 4096, false},
                       {"flash", cuda::AttentionKernel::flash, 16384, false},
@@ -273,6 +277,10 @@ void bench_attention(Bench& b, int64_t only_t) {
                       {"cudnn", cuda::AttentionKernel::cudnn, 4096, false},
                       {"cudnn", cuda::AttentionKernel::cudnn, 16384, false},
                       {"cudnn", cuda::AttentionKernel::cudnn, 32768, false},
+                      {"cudnn gate headwise", cuda::AttentionKernel::cudnn, 16384, false, false, false, D},
+                      {"cudnn gate headwise", cuda::AttentionKernel::cudnn, 32768, false, false, false, D},
+                      {"cudnn gate elementwise", cuda::AttentionKernel::cudnn, 16384, false, false, false, 1},
+                      {"cudnn gate elementwise", cuda::AttentionKernel::cudnn, 32768, false, false, false, 1},
                       {"interim", cuda::AttentionKernel::interim, 4096, false},
                       {"interim", cuda::AttentionKernel::interim, 16384, false},
                       {"flash moh rows", cuda::AttentionKernel::flash, 16384, false, false, true},
@@ -305,54 +313,27 @@ void bench_attention(Bench& b, int64_t only_t) {
     const double pairs = 0.5 * static_cast<double>(r.T) * static_cast<double>(r.T + 1);
     const double fwd_flops = 4.0 * static_cast<double>(D * H) * pairs;
     const std::string shape_text = "1x" + std::to_string(r.T) + "x16x128 causal";
+    // Gate rows: y = out * sigmoid(z) after the attention, its gradient (into dx, the attention's
+    // dout) before the attention's backward.
+    Tensor z, y, dx, dz;
+    if (r.gate_span > 0) {
+      const Shape z_shape = r.gate_span == 1 ? q_shape : Shape{1, Tq, H};
+      z = filled(z_shape, bf, 0.3, s), dz = filled(z_shape, bf, 0, s);
+      y = filled(q_shape, bf, 0, s), dx = filled(q_shape, bf, 0, s);
+    }
     auto forward = [&] {
       cuda::attention_forward(out, lse, q, k, v, q_pos, pos, scale, true, s2, s, r.kernel, form);
+      if (r.gate_span > 0) cuda::sigmoid_gate_forward(y, out, z, r.gate_span, s);
     };
     b.compute("attention", label + " fwd", shape_text, fwd_flops, forward);
     cuda::set_deterministic_attention(r.deterministic);
     b.compute("attention", label + " fwd+bwd", shape_text, 3.5 * fwd_flops, [&] {
       forward();
-      cuda::attention_backward(dq, dk, dv, dout, Tensor(), q, k, v, out, lse, q_pos, pos, scale, true, s2, s,
-                               r.kernel, form);
+      if (r.gate_span > 0) cuda::sigmoid_gate_backward(dx, dz, dout, out, z, r.gate_span, s);
+      cuda::attention_backward(dq, dk, dv, r.gate_span > 0 ? dx : dout, Tensor(), q, k, v, out, lse, q_pos, pos,
+                               scale, true, s2, s, r.kernel, form);
     });
     cuda::set_deterministic_attention(false);
-  }
-  // Gate epilogues as PERF.md counts them (<= 5% over the plain attention kernel's time): the
-  // dense cuDNN attention `auto` takes, then the fused sigmoid gate of the S mixer's output
-  // (headwise: one z per (token, head), the shape MoH's head scale has too; elementwise: one per
-  // element), and in the backward the gate's gradient before the attention's. Counted as the plain
-  // rows, so the time over the "cudnn" row of the same T is the epilogue's overhead. The gate
-  // projection (the mixer's, a GEMM) is not in it: `--families mixer` times the whole layer.
-  for (int64_t T : {16384, 32768}) {
-    if (only_t > 0 && T != only_t) continue;
-    for (const bool elementwise : {false, true}) {
-      const std::string label = std::string("cudnn gate ") + (elementwise ? "elementwise" : "headwise");
-      if (!b.selected(label + " fwd") && !b.selected(label + " fwd+bwd")) continue;
-      const Shape shape{1, T, H, D}, z_shape = elementwise ? shape : Shape{1, T, H};
-      Tensor q = filled(shape, bf, 0.1, s), k = filled(shape, bf, 0.1, s), v = filled(shape, bf, 0.1, s);
-      Tensor out = filled(shape, bf, 0, s), y = filled(shape, bf, 0, s), dy = filled(shape, bf, 0.1, s);
-      Tensor dx = filled(shape, bf, 0, s), z = filled(z_shape, bf, 0.3, s), dz = filled(z_shape, bf, 0, s);
-      Tensor dq = filled(shape, bf, 0, s), dk = filled(shape, bf, 0, s), dv = filled(shape, bf, 0, s);
-      Tensor lse = filled({1, H, T}, DType::f32, 0, s);
-      Tensor pos = Tensor::arange(T).to(gpu());
-      const cpu::MaskForm form = cpu::MaskForm::diagonal(0);
-      const int64_t span = elementwise ? 1 : D;  // elements of the attention output per z
-      const double fwd_flops = 4.0 * static_cast<double>(D * H) * 0.5 * static_cast<double>(T) *
-                               static_cast<double>(T + 1);
-      const std::string shape_text = "1x" + std::to_string(T) + "x16x128 causal";
-      auto forward = [&] {
-        cuda::attention_forward(out, lse, q, k, v, pos, pos, scale, true, S2Pattern{}, s, cuda::AttentionKernel::cudnn,
-                                form);
-        cuda::sigmoid_gate_forward(y, out, z, span, s);
-      };
-      b.compute("attention", label + " fwd", shape_text, fwd_flops, forward);
-      b.compute("attention", label + " fwd+bwd", shape_text, 3.5 * fwd_flops, [&] {
-        forward();
-        cuda::sigmoid_gate_backward(dx, dz, dy, out, z, span, s);
-        cuda::attention_backward(dq, dk, dv, dx, Tensor(), q, k, v, out, lse, pos, pos, scale, true, S2Pattern{}, s,
-                                 cuda::AttentionKernel::cudnn, form);
-      });
-    }
   }
 }
 

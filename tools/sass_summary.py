@@ -131,6 +131,12 @@ def stalls(path, code, top):
             continue
         text = r[src_col].strip() if src_col is not None and src_col < len(r) else ""
         samples.append((addr, number(r[col]), text))
+    # ncu prints the kernel's run-time addresses; the dump's start at the kernel's first
+    # instruction: rebase them so that loops can be attributed (the page lists every instruction,
+    # so its lowest address is the kernel's start).
+    if code and samples and not any(a == code[0][0] for a, _, _ in samples):
+        base = min(a for a, _, _ in samples) - code[0][0]
+        samples = [(a - base, s, t) for a, s, t in samples]
     total = sum(s for _, s, _ in samples) or 1.0
     print(f"stalls: {len(samples)} instructions, {total:.0f} samples ({header[col].strip()})")
     print(f"top {top} instructions:")
