@@ -279,15 +279,13 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const int half = warp / 4, row0 = 16 * warp;  // this warp's 64-key tile of the block and first key
   const int nk = kb.nk;
-  const int64_t q_tiles = kb.q_tiles, units = kb.units;
 
   load_rows_async<kD, kKeys, kT>(sm.ks, k + kb.kv_offset, kb.kv_stride, nk);
   load_rows_async<kD, kKeys, kT>(sm.vs, v + kb.kv_offset, kb.kv_stride, nk);
   if (m.q_pos != nullptr) load_vec_async<kKeys, kT>(sm.kpos->pos, m.k_pos, kb.j0, n.S);
   cp_async_commit();
   const TilePlan plan = kb.plan<kT, kHalves>(sm.plan, n, m, tb);
-  auto issue = [&](int64_t unit, int stage) {
-    const QueryUnit u = kb.at(unit);
+  auto issue = [&](QueryUnit u, int stage) {
     const int nq = rows_from(n.T, int64_t{u.t} * kTile, kTile);
     const int64_t at = kb.q_offset(u, n);
     load_rows_async<kD, kTile, kT>(sm.qs + stage * kTileElems<kD>, q + at, kb.q_stride, nq);
@@ -297,18 +295,21 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
 
   const float scale_log2 = scale * kLog2e;
   float acc_dk[kD / 8][4] = {}, acc_dv[kD / 8][4] = {};
-  int64_t unit = kb.next(plan, 0);
-  if (unit < units) issue(unit, 0);
+  // Units stepped as (head, query tile) pairs, up: no 64-bit division per unit.
+  QueryUnit unit{0, 0};
+  bool have = kb.next(plan, unit);
+  if (have) issue(unit, 0);
   cp_async_commit();
   int stage = 0;
   bool first = true;
-  while (unit < units) {
-    const int64_t next = kb.next(plan, unit + 1);
-    if (next < units) issue(next, stage ^ 1);
+  while (have) {
+    QueryUnit next{unit.g, unit.t + 1};
+    const bool have_next = kb.next(plan, next);
+    if (have_next) issue(next, stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    const int64_t qt = unit % q_tiles;
+    const int64_t qt = unit.t;
     if (m.s2_block > 0) {
       const bool tile_masked = !(plan.plain(0, qt) && (kHalves < 2 || plan.plain(1, qt)));
       if (first || tile_masked) {
@@ -378,8 +379,8 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
             mma_bf16(acc[2 * np + 1], a, bb[2], bb[3]);
           }
         }
-        add_rows(dq_acc + kb.q_offset(kb.at(unit), n) + c0, kb.q_stride, 16 * mt, rows_from(n.T, qt * kTile, kTile),
-                 acc, scale);
+        add_rows(dq_acc + kb.q_offset(unit, n) + c0, kb.q_stride, 16 * mt, rows_from(n.T, qt * kTile, kTile), acc,
+                 scale);
       }
     }
     // Before the next unit's loads refill this stage. The 8-warp fused kernel needs no barrier
@@ -388,6 +389,7 @@ __global__ void __launch_bounds__(32 * kW, 8 / kW)
     if constexpr (!kFusedDq || kDsInDo) __syncthreads();
     first = false;
     unit = next;
+    have = have_next;
     stage ^= 1;
   }
   cp_async_wait<0>();

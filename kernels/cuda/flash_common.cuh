@@ -582,7 +582,7 @@ struct QueryUnit {
 // the GQA group, query tile) in that order, walked where either of the block's 64-key halves meets
 // the query tile.
 struct KeyBlock {
-  int64_t kb, hk, b, group, j0, q_tiles, k_tiles, units, q_stride, kv_stride, kv_offset;
+  int64_t kb, hk, b, group, j0, q_tiles, k_tiles, q_stride, kv_stride, kv_offset;
   int nk;    // valid keys of the block (contiguous), or all of them (paired halves are whole tiles)
   int step;  // tiles from the first half to the second
 
@@ -601,7 +601,6 @@ struct KeyBlock {
     j0 = tiles.t0 * kTile;
     step = static_cast<int>(tiles.step);
     nk = step == 1 ? rows_from(n.S, j0, keys) : keys;
-    units = group * q_tiles;
     q_stride = n.H * n.D;
     kv_stride = n.Hkv * n.D;
     kv_offset = ((b * n.S + j0) * n.Hkv + hk) * n.D;
@@ -624,19 +623,19 @@ struct KeyBlock {
       plain = tiles_unmasked(m, tb, qt, kt, n, hk);
     });
   }
-  // The first unit at or after `from` that the plan meets (units when none).
-  __device__ int64_t next(const TilePlan& plan, int64_t from) const {
-    while (from < units) {
-      const int64_t qt = plan.next(from % q_tiles);
-      if (qt < q_tiles) return from - from % q_tiles + qt;
-      from += q_tiles - from % q_tiles;  // the next head's first tile
+  // u becomes the first unit at or after u (query tiles up within a head, then the heads up) that
+  // the plan meets; false (u.g = group) when none.
+  __device__ bool next(const TilePlan& plan, QueryUnit& u) const {
+    while (u.g < group) {
+      const int64_t t = plan.next(u.t);
+      if (t < q_tiles) {
+        u.t = static_cast<int>(t);
+        return true;
+      }
+      ++u.g;
+      u.t = 0;
     }
-    return units;
-  }
-  // Unit `unit` as (head of the group, query tile): two 64-bit divisions, which the walk down
-  // (prev) avoids by stepping the pair itself.
-  __device__ QueryUnit at(int64_t unit) const {
-    return {static_cast<int>(unit / q_tiles), static_cast<int>(unit % q_tiles)};
+    return false;
   }
   // u becomes the last unit at or before u (query tiles down within a head, then the heads down)
   // that the plan meets; false (u.g < 0) when none.
