@@ -201,8 +201,20 @@ Variable rope(const Variable& x, const Tensor& positions, double theta) {
   });
 }
 
-AttentionResult attention(const Variable& q, const Variable& k, const Variable& v, const AttentionOptions& options) {
-  const char* op = "attention";
+namespace {
+
+// attention's operands checked, contiguous, with the positions on the data's device and the mask
+// form (for a fixed-diagonal backend, cuDNN).
+struct AttentionCall {
+  Tensor qc, kc, vc, q_pos, k_pos;
+  double scale;
+  bool causal;
+  S2Pattern s2;
+  cpu::MaskForm form;
+};
+
+AttentionCall prepare_attention(const Variable& q, const Variable& k, const Variable& v,
+                                const AttentionOptions& options, const char* op) {
   check_input(q, op, "q");
   check_input(k, op, "k");
   check_input(v, op, "v");
@@ -214,7 +226,7 @@ AttentionResult attention(const Variable& q, const Variable& k, const Variable& 
   LOOM_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3))
       << op << ": k " << shape_str(k.shape()) << " does not match q " << shape_str(q.shape())
       << " in batch B or head dim D";
-  int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), S = k.size(1), Hkv = k.size(2);
+  int64_t T = q.size(1), H = q.size(2), D = q.size(3), S = k.size(1), Hkv = k.size(2);
   LOOM_CHECK(Hkv > 0 && H % Hkv == 0) << op << ": H = " << H << " query heads is not a multiple of Hkv = " << Hkv
                                       << " kv heads";
   LOOM_CHECK(q.dtype() == k.dtype() && q.dtype() == v.dtype())
@@ -245,25 +257,98 @@ AttentionResult attention(const Variable& q, const Variable& k, const Variable& 
                                           : cpu::mask_form(q_pos.data<int64_t>(), T, k_pos.data<int64_t>(), S, causal);
   q_pos = index_on(q_pos, q.device());  // owned host copies above; moved once to the data's device
   k_pos = index_on(k_pos, q.device());
-  Tensor qc = q.data().contiguous();  // (B, T, H, D)
-  Tensor kc = k.data().contiguous();  // (B, S, Hkv, D)
-  Tensor vc = v.data().contiguous();  // (B, S, Hkv, D)
-  Tensor out = Tensor::empty({B, T, H, D}, q.dtype(), q.device());           // (B, T, H, D)
-  Tensor lse = Tensor::empty({B, H, T}, stats_dtype(q.dtype()), q.device());  // (B, H, T), fp32 for 16-bit q
-  dispatch::attention_forward(out, lse, qc, kc, vc, q_pos, k_pos, scale, causal, s2, stream_of(qc), form);
+  return AttentionCall{q.data().contiguous(),  // (B, T, H, D)
+                       k.data().contiguous(),  // (B, S, Hkv, D)
+                       v.data().contiguous(),  // (B, S, Hkv, D)
+                       q_pos, k_pos, scale, causal, s2, form};
+}
 
-  auto backward = [qc, kc, vc, out, lse, q_pos, k_pos, scale, causal, s2, form](const std::vector<Tensor>& grads) {
+}  // namespace
+AttentionResult attention(const Variable& q, const Variable& k, const Variable& v, const AttentionOptions& options) {
+  const AttentionCall c = prepare_attention(q, k, v, options, "attention");
+  const Tensor& qc = c.qc;
+  Tensor out = Tensor::empty(qc.shape(), qc.dtype(), qc.device());                                      // (B, T, H, D)
+  Tensor lse = Tensor::empty({qc.size(0), qc.size(2), qc.size(1)}, stats_dtype(qc.dtype()), qc.device());  // (B, H, T)
+  dispatch::attention_forward(out, lse, qc, c.kc, c.vc, c.q_pos, c.k_pos, c.scale, c.causal, c.s2, stream_of(qc),
+                              c.form);
+
+  auto backward = [c, out, lse](const std::vector<Tensor>& grads) {
     if (!grads[0].defined() && !grads[1].defined()) return std::vector<Tensor>{Tensor(), Tensor(), Tensor()};
     Tensor dout = grads[0].defined() ? grads[0].contiguous() : Tensor();  // (B, T, H, D) or none
     Tensor dlse = grads[1].defined() ? grads[1].contiguous() : Tensor();  // (B, H, T) or none
-    Tensor dq = Tensor::empty(qc.shape(), qc.dtype(), qc.device());  // (B, T, H, D)
-    Tensor dk = Tensor::empty(kc.shape(), kc.dtype(), kc.device());  // (B, S, Hkv, D)
-    Tensor dv = Tensor::empty(vc.shape(), vc.dtype(), vc.device());  // (B, S, Hkv, D)
-    dispatch::attention_backward(dq, dk, dv, dout, dlse, qc, kc, vc, out, lse, q_pos, k_pos, scale, causal, s2,
-                                 stream_of(qc), form);
+    Tensor dq = Tensor::empty(c.qc.shape(), c.qc.dtype(), c.qc.device());  // (B, T, H, D)
+    Tensor dk = Tensor::empty(c.kc.shape(), c.kc.dtype(), c.kc.device());  // (B, S, Hkv, D)
+    Tensor dv = Tensor::empty(c.vc.shape(), c.vc.dtype(), c.vc.device());  // (B, S, Hkv, D)
+    dispatch::attention_backward(dq, dk, dv, dout, dlse, c.qc, c.kc, c.vc, out, lse, c.q_pos, c.k_pos, c.scale,
+                                 c.causal, c.s2, stream_of(c.qc), c.form);
     return std::vector<Tensor>{dq, dk, dv};
   };
   std::vector<Variable> outputs = make_outputs({out, lse}, {q, k, v}, "Attention", std::move(backward));
+  return AttentionResult{outputs[0], outputs[1]};
+}
+
+AttentionResult gated_attention(const Variable& q, const Variable& k, const Variable& v,
+                                const AttentionOutputGate& gate, const AttentionOptions& options) {
+  const char* op = "gated_attention";
+  const AttentionCall c = prepare_attention(q, k, v, options, op);
+  const Tensor& qc = c.qc;
+  const int64_t B = qc.size(0), T = qc.size(1), H = qc.size(2), D = qc.size(3);
+  const bool has_z = gate.z.defined(), has_w = gate.w.defined();
+  LOOM_CHECK(has_z || has_w) << op << ": the gate has neither z nor w (use attention)";
+  cpu::OutputGate g;
+  if (has_z) {
+    check_input(gate.z, op, "gate z");
+    check_device(op, gate.z.data(), "gate z", q.device());
+    LOOM_CHECK(gate.z.dtype() == q.dtype()) << op << ": gate z dtype " << gate.z.dtype() << " differs from q's "
+                                            << q.dtype();
+    LOOM_CHECK(gate.z.shape() == Shape({B, T, H}) || gate.z.shape() == qc.shape())
+        << op << ": gate z shape " << shape_str(gate.z.shape()) << " must be " << shape_str({B, T, H})
+        << " (headwise) or " << shape_str(qc.shape()) << " (elementwise)";
+    g.z = gate.z.data().contiguous();
+  }
+  if (has_w) {
+    check_input(gate.w, op, "gate w");
+    check_device(op, gate.w.data(), "gate w", q.device());
+    LOOM_CHECK(gate.w.dtype() == q.dtype()) << op << ": gate w dtype " << gate.w.dtype() << " differs from q's "
+                                            << q.dtype();
+    LOOM_CHECK(gate.w.shape() == Shape({B, T, H}))
+        << op << ": gate w shape " << shape_str(gate.w.shape()) << " must be " << shape_str({B, T, H});
+    g.w = gate.w.data().contiguous();
+  }
+  Tensor out = Tensor::empty({B, T, H, D}, qc.dtype(), qc.device());             // (B, T, H, D)
+  Tensor lse = Tensor::empty({B, H, T}, stats_dtype(qc.dtype()), qc.device());   // (B, H, T)
+  Tensor ungated;  // o, where the backward needs it
+  dispatch::attention_forward_gated(out, ungated, lse, qc, c.kc, c.vc, g, c.q_pos, c.k_pos, c.scale, c.causal, c.s2,
+                                    stream_of(qc), c.form);
+
+  std::vector<Variable> inputs{q, k, v};
+  if (has_z) inputs.push_back(gate.z);
+  if (has_w) inputs.push_back(gate.w);
+  auto backward = [c, g, out, ungated, lse, has_z, has_w](const std::vector<Tensor>& grads) {
+    std::vector<Tensor> result(3 + has_z + has_w);
+    if (!grads[0].defined() && !grads[1].defined()) return result;
+    const Tensor& qc = c.qc;
+    Tensor dlse = grads[1].defined() ? grads[1].contiguous() : Tensor();  // (B, H, T) or none
+    Tensor dq = Tensor::empty(qc.shape(), qc.dtype(), qc.device());        // (B, T, H, D)
+    Tensor dk = Tensor::empty(c.kc.shape(), c.kc.dtype(), c.kc.device());  // (B, S, Hkv, D)
+    Tensor dv = Tensor::empty(c.vc.shape(), c.vc.dtype(), c.vc.device());  // (B, S, Hkv, D)
+    Tensor dz, dw;
+    if (!grads[0].defined()) {  // lse only: the plain backward (out is not read); the gate gets nothing
+      dispatch::attention_backward(dq, dk, dv, Tensor(), dlse, qc, c.kc, c.vc, out, lse, c.q_pos, c.k_pos, c.scale,
+                                   c.causal, c.s2, stream_of(qc), c.form);
+    } else {
+      if (has_z) dz = Tensor::empty(g.z.shape(), g.z.dtype(), g.z.device());
+      if (has_w) dw = Tensor::empty(g.w.shape(), g.w.dtype(), g.w.device());
+      dispatch::attention_backward_gated(dq, dk, dv, dz, dw, grads[0].contiguous(), dlse, qc, c.kc, c.vc, out,
+                                         ungated, lse, g, c.q_pos, c.k_pos, c.scale, c.causal, c.s2, stream_of(qc),
+                                         c.form);
+    }
+    result[0] = dq, result[1] = dk, result[2] = dv;
+    if (has_z) result[3] = dz;
+    if (has_w) result[3 + has_z] = dw;
+    return result;
+  };
+  std::vector<Variable> outputs = make_outputs({out, lse}, inputs, "GatedAttention", std::move(backward));
   return AttentionResult{outputs[0], outputs[1]};
 }
 

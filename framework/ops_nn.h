@@ -51,6 +51,22 @@ struct AttentionResult {
 // visible key give out = 0 and lse = -inf. Both outputs are differentiable.
 AttentionResult attention(const Variable& q, const Variable& k, const Variable& v, const AttentionOptions& options);
 
+// The output gate of gated attention and MoH (ALGORITHMS.md §8, §9), applied in the
+// attention kernels' epilogue with its gradient in the backward pre-pass:
+// out = o * sigmoid(z) * w, z (B, T, H) (headwise: one per token and head) or (B, T, H, D)
+// (elementwise), w (B, T, H) (MoH's head weights); either undefined counts as 1. Same dtype
+// as q. With the sigmoid gate alone the op keeps only its output for the backward (o is not
+// saved: one (B, T, H, D) tensor less than attention followed by sigmoid_gate); with w it
+// keeps o too (w may be 0, where out says nothing of o).
+struct AttentionOutputGate {
+  Variable z;
+  Variable w;
+};
+// attention(q, k, v, options) with the gate applied to `out`; lse is the ungated one.
+// q, k, v, z, w all differentiable.
+AttentionResult gated_attention(const Variable& q, const Variable& k, const Variable& v,
+                                const AttentionOutputGate& gate, const AttentionOptions& options);
+
 enum class Reduction { mean, sum };
 // logits (N, V), targets integer (N); targets equal to ignore_index contribute
 // nothing. mean: sum of losses / number of non-ignored targets (0 when none).

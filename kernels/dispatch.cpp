@@ -261,6 +261,31 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
                       cuda::attention_backward(dq, dk, dv, dout, dlse, q, k, v, out, lse, q_positions, k_positions,
                                                scale, causal, s2, s, cuda_attention_kernel(), form));
 }
+void attention_forward_gated(Tensor& out, Tensor& ungated, Tensor& lse, const Tensor& q, const Tensor& k,
+                             const Tensor& v, const cpu::OutputGate& gate, const Tensor& q_positions,
+                             const Tensor& k_positions, double scale, bool causal, const S2Pattern& s2, Stream& s,
+                             cpu::MaskForm form) {
+  if (on_cpu("attention", {&out, &lse, &q, &k, &v, &gate.z, &gate.w, &q_positions, &k_positions}, s))
+    return cpu::attention_forward_gated(out, ungated, lse, q, k, v, gate, q_positions, k_positions, scale, causal,
+                                        s2, s);
+  WITH_CUDA("attention", s,
+            cuda::attention_forward_gated(out, ungated, lse, q, k, v, gate, q_positions, k_positions, scale, causal,
+                                          s2, s, cuda_attention_kernel(), form));
+}
+void attention_backward_gated(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dz, Tensor& dw, const Tensor& dy,
+                              const Tensor& dlse, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& y,
+                              const Tensor& ungated, const Tensor& lse, const cpu::OutputGate& gate,
+                              const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
+                              const S2Pattern& s2, Stream& s, cpu::MaskForm form) {
+  if (on_cpu("attention_backward", {&dq, &dk, &dv, &dz, &dw, &dy, &dlse, &q, &k, &v, &y, &ungated, &lse, &gate.z,
+                                    &gate.w, &q_positions, &k_positions},
+             s))
+    return cpu::attention_backward_gated(dq, dk, dv, dz, dw, dy, dlse, q, k, v, y, ungated, lse, gate, q_positions,
+                                         k_positions, scale, causal, s2, s);
+  WITH_CUDA("attention_backward", s,
+            cuda::attention_backward_gated(dq, dk, dv, dz, dw, dy, dlse, q, k, v, y, ungated, lse, gate, q_positions,
+                                           k_positions, scale, causal, s2, s, cuda_attention_kernel(), form));
+}
 void attention_merge(Tensor& out_acc, Tensor& lse_acc, const Tensor& part_out, const Tensor& part_lse,
                      int64_t row_start, Stream& s) {
   if (on_cpu("attention_merge", {&out_acc, &lse_acc, &part_out, &part_lse}, s))

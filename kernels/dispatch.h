@@ -90,6 +90,18 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
                         const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                         const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
                         const S2Pattern& s2, Stream& s, cpu::MaskForm form = {});
+// Gated attention: out = attention * gate, the gate in the kernels' epilogue and its gradient
+// in the backward pre-pass (kernels/cpu/attention.h: OutputGate; `ungated` comes back holding o
+// where the backward needs it, else undefined; dz, dw like gate.z, gate.w).
+void attention_forward_gated(Tensor& out, Tensor& ungated, Tensor& lse, const Tensor& q, const Tensor& k,
+                             const Tensor& v, const cpu::OutputGate& gate, const Tensor& q_positions,
+                             const Tensor& k_positions, double scale, bool causal, const S2Pattern& s2, Stream& s,
+                             cpu::MaskForm form = {});
+void attention_backward_gated(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dz, Tensor& dw, const Tensor& dy,
+                              const Tensor& dlse, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& y,
+                              const Tensor& ungated, const Tensor& lse, const cpu::OutputGate& gate,
+                              const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
+                              const S2Pattern& s2, Stream& s, cpu::MaskForm form = {});
 // Folds a partial attention result into a running one (ALGORITHMS.md §1,
 // kernels/cpu/attention_merge.h); on CUDA out_acc, lse_acc and part_lse are
 // f32 and part_out may be bf16 (part of the "attention" family).

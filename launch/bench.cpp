@@ -248,12 +248,15 @@ void bench_memory_bound(Bench& b, const ModelShape& m) {
 // their TFLOP/s over dense's is the speedup. "flash moh rows" is the MoH row
 // packing measurement: 3/4 of the queries (every fourth position dropped, as a
 // head with 75% of the tokens routed to it sees) against all keys, counted as
-// dense too. "cudnn gate headwise" / "cudnn gate elementwise" (16K, 32K) add the
-// S mixer's fused sigmoid gate (headwise: one z per (token, head), the shape of
-// MoH's head scale too; elementwise: one per output) to the cuDNN rows, counted
-// as them: their time over "cudnn" is the gate epilogue's overhead as PERF.md
-// counts it (the gate's projection, a GEMM, is not in it: --families mixer
-// times the whole layer).
+// dense too. The "gate" and "moh" rows run the gated calls the S mixer makes
+// (cuda::attention_forward_gated / attention_backward_gated): the sigmoid gate
+// (headwise: one z per (token, head); elementwise: one per output) or MoH's
+// head weights w (one per (token, head), a third of them 0), counted as the
+// plain rows: their time over the plain row of their kernel is the epilogue's
+// overhead as PERF.md counts it (the gate's projection and MoH's router are not
+// in it: --families mixer times the whole layer). On the flash rows the gate is
+// in the forward's epilogue and its gradient in the backward's pre-pass; cuDNN
+// runs the plain attention and the gate kernels beside it.
 // `only_t`: run only the shapes of that sequence length (0: all).
 void bench_attention(Bench& b, int64_t only_t) {
   Stream& s = b.stream();
@@ -267,7 +270,8 @@ void bench_attention(Bench& b, int64_t only_t) {
     bool s2;
     bool deterministic = false;  // the two-kernel flash backward (train.deterministic)
     bool packed = false;         // queries: 3/4 of the positions (MoH row packing)
-    int64_t gate_span = 0;       // > 0: the S mixer's sigmoid gate after it, one z per gate_span outputs
+    int64_t gate_span = 0;       // > 0: the S mixer's sigmoid gate, one z per gate_span outputs (D or 1)
+    bool moh = false;            // MoH's head weights w as the gate
   };
   const Run runs[] = {{"flash", cuda::AttentionKernel::flash, 4096, false},
                       {"flash", cuda::AttentionKernel::flash, 16384, false},
@@ -281,6 +285,14 @@ void bench_attention(Bench& b, int64_t only_t) {
                       {"cudnn gate headwise", cuda::AttentionKernel::cudnn, 32768, false, false, false, D},
                       {"cudnn gate elementwise", cuda::AttentionKernel::cudnn, 16384, false, false, false, 1},
                       {"cudnn gate elementwise", cuda::AttentionKernel::cudnn, 32768, false, false, false, 1},
+                      {"cudnn moh weights", cuda::AttentionKernel::cudnn, 16384, false, false, false, 0, true},
+                      {"cudnn moh weights", cuda::AttentionKernel::cudnn, 32768, false, false, false, 0, true},
+                      {"flash gate headwise", cuda::AttentionKernel::flash, 16384, false, false, false, D},
+                      {"flash gate headwise", cuda::AttentionKernel::flash, 32768, false, false, false, D},
+                      {"flash gate elementwise", cuda::AttentionKernel::flash, 16384, false, false, false, 1},
+                      {"flash gate elementwise", cuda::AttentionKernel::flash, 32768, false, false, false, 1},
+                      {"flash moh weights", cuda::AttentionKernel::flash, 16384, false, false, false, 0, true},
+                      {"flash moh weights", cuda::AttentionKernel::flash, 32768, false, false, false, 0, true},
                       {"interim", cuda::AttentionKernel::interim, 4096, false},
                       {"interim", cuda::AttentionKernel::interim, 16384, false},
                       {"flash moh rows", cuda::AttentionKernel::flash, 16384, false, false, true},
@@ -288,7 +300,8 @@ void bench_attention(Bench& b, int64_t only_t) {
                       {"flash s2", cuda::AttentionKernel::flash, 32768, true},
                       {"flash", cuda::AttentionKernel::flash, 131072, false},
                       {"cudnn", cuda::AttentionKernel::cudnn, 131072, false},
-                      {"flash s2", cuda::AttentionKernel::flash, 131072, true}};
+                      {"flash s2", cuda::AttentionKernel::flash, 131072, true},
+                      {"flash s2 gate headwise", cuda::AttentionKernel::flash, 131072, true, false, false, D}};
   for (const Run& r : runs) {
     if (only_t > 0 && r.T != only_t) continue;
     const std::string label = r.label;
@@ -313,25 +326,35 @@ void bench_attention(Bench& b, int64_t only_t) {
     const double pairs = 0.5 * static_cast<double>(r.T) * static_cast<double>(r.T + 1);
     const double fwd_flops = 4.0 * static_cast<double>(D * H) * pairs;
     const std::string shape_text = "1x" + std::to_string(r.T) + "x16x128 causal";
-    // Gate rows: y = out * sigmoid(z) after the attention, its gradient (into dx, the attention's
-    // dout) before the attention's backward.
-    Tensor z, y, dx, dz;
+    // Gate rows: the gated calls (y = o * gate), the gate's gradient into dz, dw.
+    cpu::OutputGate gate;
+    Tensor ungated, dz, dw;
     if (r.gate_span > 0) {
-      const Shape z_shape = r.gate_span == 1 ? q_shape : Shape{1, Tq, H};
-      z = filled(z_shape, bf, 0.3, s), dz = filled(z_shape, bf, 0, s);
-      y = filled(q_shape, bf, 0, s), dx = filled(q_shape, bf, 0, s);
+      gate.z = filled(r.gate_span == 1 ? q_shape : Shape{1, Tq, H}, bf, 0.3, s);
+      dz = filled(gate.z.shape(), bf, 0, s);
+    }
+    if (r.moh) {  // a third of the weights 0 (unrouted), the rest 1.5
+      std::vector<float> w(static_cast<size_t>(Tq * H), 1.5f);
+      for (size_t i = 0; i < w.size(); i += 3) w[i] = 0.f;
+      gate.w = Tensor::from_vector(w, {1, Tq, H}).to(bf).to(gpu());
+      dw = filled(gate.w.shape(), bf, 0, s);
     }
     auto forward = [&] {
-      cuda::attention_forward(out, lse, q, k, v, q_pos, pos, scale, true, s2, s, r.kernel, form);
-      if (r.gate_span > 0) cuda::sigmoid_gate_forward(y, out, z, r.gate_span, s);
+      if (gate.defined())
+        cuda::attention_forward_gated(out, ungated, lse, q, k, v, gate, q_pos, pos, scale, true, s2, s, r.kernel, form);
+      else
+        cuda::attention_forward(out, lse, q, k, v, q_pos, pos, scale, true, s2, s, r.kernel, form);
     };
     b.compute("attention", label + " fwd", shape_text, fwd_flops, forward);
     cuda::set_deterministic_attention(r.deterministic);
     b.compute("attention", label + " fwd+bwd", shape_text, 3.5 * fwd_flops, [&] {
       forward();
-      if (r.gate_span > 0) cuda::sigmoid_gate_backward(dx, dz, dout, out, z, r.gate_span, s);
-      cuda::attention_backward(dq, dk, dv, r.gate_span > 0 ? dx : dout, Tensor(), q, k, v, out, lse, q_pos, pos,
-                               scale, true, s2, s, r.kernel, form);
+      if (gate.defined())
+        cuda::attention_backward_gated(dq, dk, dv, dz, dw, dout, Tensor(), q, k, v, out, ungated, lse, gate, q_pos,
+                                       pos, scale, true, s2, s, r.kernel, form);
+      else
+        cuda::attention_backward(dq, dk, dv, dout, Tensor(), q, k, v, out, lse, q_pos, pos, scale, true, s2, s,
+                                 r.kernel, form);
     });
     cuda::set_deterministic_attention(false);
   }

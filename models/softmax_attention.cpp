@@ -105,6 +105,14 @@ Variable SoftmaxAttention::forward(const Variable& x, SequenceContext& ctx) cons
   options.q_positions = ctx.positions;
   options.k_positions = ctx.positions;
   options.s2 = s2_;
+  // The gate (ALGORITHMS.md §9) and MoH's head weights (§8): applied in the attention kernels'
+  // epilogue on one rank (gated_attention), after the merged result under sequence parallelism.
+  AttentionOutputGate gate;
+  if (gate_proj_) {
+    Variable z = gate_proj_->forward(x);  // (B, T, H) headwise or (B, T, H*D) elementwise
+    gate.z = options_.gate == "headwise" ? z : reshape(z, {b, t, n_heads_, head_dim_});
+  }
+  if (router_proj_) gate.w = moh_gate(x, ctx);  // (B, T, H)
   Variable o;  // (B, T, H, D)
   if (ctx.cp.active()) {
     // Sequence parallel: this rank's queries against the whole sequence's keys,
@@ -117,16 +125,14 @@ Variable SoftmaxAttention::forward(const Variable& x, SequenceContext& ctx) cons
                                                 << "\" is not one of ring, allgather";
       o = allgather_attention(q, k, v, options, *ctx.cp.layout, group, ctx.cp.attention_stats).out;
     }
+    // One fused node each: σ in the activation dtype on CPU (f32/f64), in fp32 on CUDA.
+    if (gate.z.defined()) o = sigmoid_gate(o, gate.z);                             // (B, T, H, D)
+    if (gate.w.defined()) o = mul(o, reshape(gate.w, {b, t, n_heads_, 1}));       // (B, T, H, D)
+  } else if (gate.z.defined() || gate.w.defined()) {
+    o = gated_attention(q, k, v, gate, options).out;
   } else {
     o = attention(q, k, v, options).out;
   }
-  if (gate_proj_) {
-    // One fused node: σ in the activation dtype on CPU (f32/f64), in fp32 on CUDA.
-    Variable z = gate_proj_->forward(x);  // (B, T, H) headwise or (B, T, H*D) elementwise
-    Shape shape = options_.gate == "headwise" ? Shape{b, t, n_heads_} : Shape{b, t, n_heads_, head_dim_};
-    o = sigmoid_gate(o, reshape(z, shape));  // (B, T, H, D)
-  }
-  if (router_proj_) o = mul(o, reshape(moh_gate(x, ctx), {b, t, n_heads_, 1}));  // (B, T, H, D)
   Variable merged = reshape(o, {b, t, n_heads_ * head_dim_});  // (B, T, H*D)
   return o_proj_->forward(merged);                             // (B, T, C)
 }

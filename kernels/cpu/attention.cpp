@@ -103,15 +103,18 @@ void attention_forward_kernel(T* out, T* lse, const T* q, const T* k, const T* v
 
 template <typename T>
 void attention_backward_kernel(T* dq, T* dk, T* dv, const T* dout, const T* dlse, const T* q, const T* k, const T* v,
-                               const T* out, const T* lse, const Mask& mask, const AttentionDims& n, double scale) {
+                               const T* out, const T* lse, const T* delta_given, const Mask& mask,
+                               const AttentionDims& n, double scale) {
   using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
   const Acc sc = static_cast<Acc>(scale);
   const bool parallel = n.work() > kParallelWork;
   const int64_t rows = n.B * n.H * n.T;
 
-  // delta (B, H, T) = rowsum(dout * out); the softmax-backward term of each row.
+  // delta (B, H, T) = rowsum(dout * out); the softmax-backward term of each row (given: dlse in it).
   std::vector<Acc> delta(rows, Acc(0));
-  if (dout != nullptr) {
+  if (delta_given != nullptr) {
+    for (int64_t r = 0; r < rows; ++r) delta[r] = static_cast<Acc>(delta_given[r]);
+  } else if (dout != nullptr) {
 #pragma omp parallel for schedule(static) collapse(3) if (parallel)
     for (int64_t b = 0; b < n.B; ++b)
       for (int64_t h = 0; h < n.H; ++h)
@@ -264,7 +267,7 @@ void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& 
 void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& dlse, const Tensor& q,
                         const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                         const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
-                        const S2Pattern& s2, Stream& s) {
+                        const S2Pattern& s2, Stream& s, const Tensor& delta) {
   (void)s;
   const char* op = "attention_backward";
   Mask mask;
@@ -285,11 +288,134 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
     check_operand(dlse, op, "dlse");
     check_shape(dlse, {n.B, n.H, n.T}, q.dtype(), op, "dlse");
   }
+  if (delta.defined()) {
+    check_operand(delta, op, "delta");
+    check_shape(delta, {n.B, n.H, n.T}, q.dtype(), op, "delta");
+  }
   LOOM_DISPATCH_FLOAT(q.dtype(), T, [&] {
     attention_backward_kernel<T>(dq.data<T>(), dk.data<T>(), dv.data<T>(), dout.defined() ? dout.data<T>() : nullptr,
-                                 dlse.defined() ? dlse.data<T>() : nullptr, q.data<T>(), k.data<T>(), v.data<T>(),
-                                 out.data<T>(), lse.data<T>(), mask, n, scale);
+                                 dlse.defined() && !delta.defined() ? dlse.data<T>() : nullptr, q.data<T>(),
+                                 k.data<T>(), v.data<T>(), out.data<T>(), lse.data<T>(),
+                                 delta.defined() ? delta.data<T>() : nullptr, mask, n, scale);
   });
+}
+
+namespace {
+
+// Checks the gate's tensors against out (B, T, H, D).
+void check_gate(const OutputGate& gate, const Tensor& out, const char* op) {
+  const Shape& o = out.shape();
+  if (gate.z.defined()) {
+    check_operand(gate.z, op, "gate z");
+    const bool per_row = gate.z.dim() == 3;
+    check_shape(gate.z, per_row ? Shape{o[0], o[1], o[2]} : o, out.dtype(), op, "gate z");
+  }
+  if (gate.w.defined()) {
+    check_operand(gate.w, op, "gate w");
+    check_shape(gate.w, {o[0], o[1], o[2]}, out.dtype(), op, "gate w");
+  }
+}
+
+template <typename Acc>
+Acc sigmoid(Acc x) {
+  return Acc(1) / (Acc(1) + std::exp(-x));
+}
+
+}  // namespace
+
+void attention_forward_gated(Tensor& out, Tensor& ungated, Tensor& lse, const Tensor& q, const Tensor& k,
+                             const Tensor& v, const OutputGate& gate, const Tensor& q_positions,
+                             const Tensor& k_positions, double scale, bool causal, const S2Pattern& s2, Stream& s) {
+  const char* op = "attention_forward_gated";
+  check_operand(out, op, "out");
+  check_shape(out, q.shape(), q.dtype(), op, "out");
+  check_gate(gate, out, op);
+  Tensor o = Tensor::empty(q.shape(), q.dtype(), q.device());
+  attention_forward(o, lse, q, k, v, q_positions, k_positions, scale, causal, s2, s);
+  const int64_t rows = q.numel() / std::max<int64_t>(1, q.size(-1)), D = q.size(-1);
+  LOOM_DISPATCH_FLOAT(q.dtype(), T, [&] {
+    const T* z = gate.z.defined() ? gate.z.data<T>() : nullptr;
+    const T* w = gate.w.defined() ? gate.w.data<T>() : nullptr;
+    const bool per_row = gate.z_per_row();
+    const T* src = o.data<T>();
+    T* dst = out.data<T>();
+    for (int64_t r = 0; r < rows; ++r) {
+      T row_gate = w != nullptr ? w[r] : T(1);
+      if (z != nullptr && per_row) row_gate *= sigmoid<T>(z[r]);
+      for (int64_t e = r * D; e < (r + 1) * D; ++e)
+        dst[e] = src[e] * (z != nullptr && !per_row ? row_gate * sigmoid<T>(z[e]) : row_gate);
+    }
+  });
+  ungated = gate.w.defined() ? o : Tensor();
+}
+
+void attention_gate_prepass(Tensor& dout, Tensor& dz, Tensor& dw, Tensor& delta, const Tensor& dy, const Tensor& y,
+                            const Tensor& ungated, const Tensor& dlse, const OutputGate& gate) {
+  const char* op = "attention_gate_prepass";
+  check_operand(y, op, "y");
+  LOOM_CHECK(y.dim() == 4) << op << ": y " << shape_str(y.shape()) << " must be (B, T, H, D)";
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&dout, "dout"}, {&dy, "dy"}}) {
+    check_operand(*t, op, name);
+    check_shape(*t, y.shape(), y.dtype(), op, name);
+  }
+  check_gate(gate, y, op);
+  const int64_t B = y.size(0), T_ = y.size(1), H = y.size(2), D = y.size(3), rows = B * T_ * H;
+  const Shape row_shape{B, T_, H}, stat_shape{B, H, T_};
+  if (dz.defined()) check_shape(dz, gate.z.shape(), y.dtype(), op, "dz");
+  if (dw.defined()) {
+    check_shape(dw, row_shape, y.dtype(), op, "dw");
+    check_operand(ungated, op, "ungated");
+    check_shape(ungated, y.shape(), y.dtype(), op, "ungated");
+  }
+  if (delta.defined()) check_shape(delta, stat_shape, y.dtype(), op, "delta");
+  if (dlse.defined()) check_shape(dlse, stat_shape, y.dtype(), op, "dlse");
+  LOOM_DISPATCH_FLOAT(y.dtype(), T, [&] {
+    using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    const T* z = gate.z.defined() ? gate.z.data<T>() : nullptr;
+    const T* w = gate.w.defined() ? gate.w.data<T>() : nullptr;
+    const T* o = dw.defined() ? ungated.data<T>() : nullptr;
+    const T *dyp = dy.data<T>(), *yp = y.data<T>(), *dl = dlse.defined() ? dlse.data<T>() : nullptr;
+    T* dop = dout.data<T>();
+    T* dzp = dz.defined() ? dz.data<T>() : nullptr;
+    T* dwp = dw.defined() ? dw.data<T>() : nullptr;
+    T* dp = delta.defined() ? delta.data<T>() : nullptr;
+    const bool per_row = gate.z_per_row();
+    for (int64_t r = 0; r < rows; ++r) {
+      const Acc wr = w != nullptr ? static_cast<Acc>(w[r]) : Acc(1);
+      const Acc zr = z != nullptr && per_row ? sigmoid<Acc>(static_cast<Acc>(z[r])) : Acc(1);
+      Acc dyy = 0, dyo = 0;  // sums over the row of dy y and dy o sigmoid(z)
+      for (int64_t e = r * D; e < (r + 1) * D; ++e) {
+        const Acc dye = static_cast<Acc>(dyp[e]), dyye = dye * static_cast<Acc>(yp[e]);
+        Acc ge = zr;  // sigmoid(z) of this element
+        if (z != nullptr && !per_row) {
+          ge = sigmoid<Acc>(static_cast<Acc>(z[e]));
+          if (dzp != nullptr) dzp[e] = static_cast<T>((1 - ge) * dyye);
+        }
+        dyy += dyye;
+        if (o != nullptr) dyo += dye * static_cast<Acc>(o[e]) * ge;
+        dop[e] = static_cast<T>(dye * ge * wr);
+      }
+      if (dzp != nullptr && per_row) dzp[r] = static_cast<T>((1 - zr) * dyy);
+      if (dwp != nullptr) dwp[r] = static_cast<T>(dyo);
+      if (dp != nullptr) {
+        const int64_t h = r % H, i = (r / H) % T_, b = r / (H * T_), row = (b * H + h) * T_ + i;
+        dp[row] = static_cast<T>(dyy - (dl != nullptr ? static_cast<Acc>(dl[row]) : Acc(0)));
+      }
+    }
+  });
+}
+
+void attention_backward_gated(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dz, Tensor& dw, const Tensor& dy,
+                              const Tensor& dlse, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& y,
+                              const Tensor& ungated, const Tensor& lse, const OutputGate& gate,
+                              const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
+                              const S2Pattern& s2, Stream& s) {
+  Tensor dout = Tensor::empty(q.shape(), q.dtype(), q.device());
+  // y alone (the sigmoid gate): the pre-pass gives delta; with o kept, the plain backward does.
+  Tensor delta = ungated.defined() ? Tensor() : Tensor::empty({q.size(0), q.size(2), q.size(1)}, q.dtype(), q.device());
+  attention_gate_prepass(dout, dz, dw, delta, dy, y, ungated, delta.defined() ? dlse : Tensor(), gate);
+  attention_backward(dq, dk, dv, dout, delta.defined() ? Tensor() : dlse, q, k, v, ungated.defined() ? ungated : y,
+                     lse, q_positions, k_positions, scale, causal, s2, s, delta);
 }
 
 }  // namespace loom::cpu

@@ -12,8 +12,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + __expf(-x)); }
-
 // SwiGLU math in fp32 on one element.
 struct SwigluForward {
   __device__ __forceinline__ void operator()(float gate, float up, float, float& out, float&) const {

@@ -167,6 +167,48 @@ bool run_cudnn_or_best(AttentionKernel kernel, const ChoiceKey& key, const std::
   return has_plan;  // written by the winner; without a plan nothing is written
 }
 
+// ---- the output gate
+
+void check_gate(const cpu::OutputGate& gate, const detail::AttentionDims& n, DType dtype, const Stream& s,
+                const char* op) {
+  if (gate.z.defined()) {
+    const bool per_row = gate.z.dim() == 3;
+    check_like(gate.z, per_row ? Shape{n.B, n.T, n.H} : Shape{n.B, n.T, n.H, n.D}, dtype, s, op, "gate z");
+  }
+  if (gate.w.defined()) check_like(gate.w, {n.B, n.T, n.H}, dtype, s, op, "gate w");
+}
+
+detail::AttentionGate raw_gate(const cpu::OutputGate& gate) {
+  detail::AttentionGate g;
+  g.z = gate.z.defined() ? gate.z.raw_data() : nullptr;
+  g.w = gate.w.defined() ? gate.w.raw_data() : nullptr;
+  g.z_per_row = gate.z_per_row();
+  return g;
+}
+
+// The fused epilogue reads z in pairs: 16-byte aligned gate tensors (as allocated).
+bool gate_aligned(const cpu::OutputGate& gate) {
+  return (!gate.z.defined() || aligned16(gate.z.raw_data())) && (!gate.w.defined() || aligned16(gate.w.raw_data()));
+}
+
+// The flash backward (fused, or the deterministic two kernels): delta is computed from dout
+// and out, or, with out null, given.
+void run_flash_backward(Tensor& dq, Tensor& dk, Tensor& dv, float* delta, const void* dout, const float* dlse,
+                        const Tensor& q, const Tensor& k, const Tensor& v, const void* out, const Tensor& lse,
+                        const detail::AttentionDims& n, const detail::AttentionMask& mask, double scale, Stream& s) {
+  Storage scratch = scratch_i64(detail::flash_attention_scratch(n), q, s);
+  // The fused backward's fp32 dQ accumulator; none for the deterministic kernels.
+  std::unique_ptr<Storage> dq_acc;
+  if (!deterministic_attention())
+    dq_acc = std::make_unique<Storage>(
+        static_cast<size_t>(std::max<int64_t>(1, detail::flash_dq_acc_elems(n))) * sizeof(float), q.device(), &s);
+  detail::launch_flash_attention_backward(dq.raw_data(), dk.raw_data(), dv.raw_data(), delta,
+                                          static_cast<int64_t*>(scratch.data()),
+                                          dq_acc ? static_cast<float*>(dq_acc->data()) : nullptr, dout, dlse,
+                                          q.raw_data(), k.raw_data(), v.raw_data(), out, lse.data<float>(), n, mask,
+                                          static_cast<float>(scale), static_cast<cudaStream_t>(s.handle()));
+}
+
 
 }  // namespace
 
@@ -183,32 +225,83 @@ bool flash_attention_applies(const Tensor& q, const Tensor& k, const Tensor& v) 
          aligned16(k.raw_data()) && aligned16(v.raw_data());
 }
 
-void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
-                       const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
-                       const S2Pattern& s2, Stream& s, AttentionKernel kernel, cpu::MaskForm form) {
-  const char* op = "attention_forward";
+namespace {
+
+// The forward, plain (gate undefined: o into out) or gated (attention_forward_gated).
+void run_forward(Tensor& out, Tensor& ungated, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                 const cpu::OutputGate& gate, const Tensor& q_positions, const Tensor& k_positions, double scale,
+                 bool causal, const S2Pattern& s2, Stream& s, AttentionKernel kernel, cpu::MaskForm form,
+                 const char* op) {
   detail::AttentionMask mask;
   detail::AttentionDims n = check_inputs(q, k, v, q_positions, k_positions, scale, causal, s2, s, op, mask);
   check_like(out, q.shape(), q.dtype(), s, op, "out");
   check_like(lse, {n.B, n.H, n.T}, DType::f32, s, op, "lse");
+  const bool gated = gate.defined();
+  if (gated) check_gate(gate, n, q.dtype(), s, op);
+  detail::AttentionGate g = raw_gate(gate);
+  cudaStream_t stream = static_cast<cudaStream_t>(s.handle());
   // The flash forward keeps row maxima of the raw scores (scaled on use), which needs scale > 0.
   const bool flash = kernel != AttentionKernel::interim && scale > 0 && flash_attention_applies(q, k, v) &&
-                     aligned16(out.raw_data());
+                     aligned16(out.raw_data()) && gate_aligned(gate);
+  // Where o goes on the paths without the fused gate: out, or (gated) `ungated`, the gate after it.
+  auto o_target = [&]() -> Tensor& {
+    if (!gated) return out;
+    if (!ungated.defined()) ungated = Tensor::empty(q.shape(), q.dtype(), q.device());
+    return ungated;
+  };
+  auto gate_after = [&] {
+    if (gated) detail::launch_attention_gate_apply(q.dtype(), out.raw_data(), ungated.raw_data(), g, n, stream);
+  };
+  bool fused = false;  // the output the call leaves is the flash kernels' (the gate in their epilogue)
   auto run_flash = [&] {
     Storage scratch = scratch_i64(detail::flash_attention_scratch(n), q, s);
+    g.ungated = gate.w.defined() ? o_target().raw_data() : nullptr;  // o too where the gate has w
     detail::launch_flash_attention_forward(out.raw_data(), lse.data<float>(), q.raw_data(), k.raw_data(),
                                            v.raw_data(), static_cast<int64_t*>(scratch.data()), n, mask,
-                                           static_cast<float>(scale), static_cast<cudaStream_t>(s.handle()));
+                                           static_cast<float>(scale), stream, g);
+    fused = true;
+  };
+  // The sigmoid gate alone: the fused forward's backward works from out; o is not kept.
+  auto finish = [&] {
+    if (gated && fused && !gate.w.defined()) ungated = Tensor();
   };
   if (flash && aligned16(lse.raw_data()) && cudnn_candidate(kernel, form, s2, q, k, v, false)) {
     const int64_t diagonal = causal ? std::min(form.offset, n.S) : n.S;
-    auto run_cudnn = [&] { return cudnn_attention_forward(out, lse, q, k, v, diagonal, scale, s); };
-    if (run_cudnn_or_best(kernel, attention_shape(q, k, false, diagonal), run_cudnn, run_flash, s)) return;
+    auto run_cudnn = [&] {
+      const bool ran = cudnn_attention_forward(o_target(), lse, q, k, v, diagonal, scale, s);
+      if (ran) gate_after();
+      fused = false;
+      return ran;
+    };
+    if (run_cudnn_or_best(kernel, attention_shape(q, k, false, diagonal), run_cudnn, run_flash, s)) return finish();
   }
-  if (flash) return run_flash();
-  detail::launch_attention_forward(q.dtype(), out.raw_data(), lse.data<float>(), q.raw_data(), k.raw_data(),
-                                   v.raw_data(), n, mask, static_cast<float>(scale),
-                                   static_cast<cudaStream_t>(s.handle()));
+  if (flash) {
+    run_flash();
+    return finish();
+  }
+  detail::launch_attention_forward(q.dtype(), o_target().raw_data(), lse.data<float>(), q.raw_data(), k.raw_data(),
+                                   v.raw_data(), n, mask, static_cast<float>(scale), stream);
+  gate_after();
+}
+
+}  // namespace
+
+void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                       const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
+                       const S2Pattern& s2, Stream& s, AttentionKernel kernel, cpu::MaskForm form) {
+  Tensor none;
+  run_forward(out, none, lse, q, k, v, cpu::OutputGate{}, q_positions, k_positions, scale, causal, s2, s, kernel,
+              form, "attention_forward");
+}
+
+void attention_forward_gated(Tensor& out, Tensor& ungated, Tensor& lse, const Tensor& q, const Tensor& k,
+                             const Tensor& v, const cpu::OutputGate& gate, const Tensor& q_positions,
+                             const Tensor& k_positions, double scale, bool causal, const S2Pattern& s2, Stream& s,
+                             AttentionKernel kernel, cpu::MaskForm form) {
+  LOOM_CHECK(gate.defined()) << "attention_forward_gated: the gate has neither z nor w";
+  ungated = Tensor();
+  run_forward(out, ungated, lse, q, k, v, gate, q_positions, k_positions, scale, causal, s2, s, kernel, form,
+              "attention_forward_gated");
 }
 
 void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& dlse, const Tensor& q,
@@ -231,19 +324,8 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
                      aligned16(dout.raw_data()) && aligned16(dq.raw_data()) && aligned16(dk.raw_data()) &&
                      aligned16(dv.raw_data());
   auto run_flash = [&] {
-    Storage scratch = scratch_i64(detail::flash_attention_scratch(n), q, s);
-    // The fused backward's fp32 dQ accumulator; none for the deterministic kernels.
-    std::unique_ptr<Storage> dq_acc;
-    if (!deterministic_attention())
-      dq_acc = std::make_unique<Storage>(
-          static_cast<size_t>(std::max<int64_t>(1, detail::flash_dq_acc_elems(n))) * sizeof(float), q.device(), &s);
-    detail::launch_flash_attention_backward(dq.raw_data(), dk.raw_data(), dv.raw_data(),
-                                            static_cast<float*>(delta.data()), static_cast<int64_t*>(scratch.data()),
-                                            dq_acc ? static_cast<float*>(dq_acc->data()) : nullptr, dout.raw_data(),
-                                            dlse.defined() ? dlse.data<float>() : nullptr,
-                                            q.raw_data(), k.raw_data(), v.raw_data(), out.raw_data(),
-                                            lse.data<float>(), n, mask, static_cast<float>(scale),
-                                            static_cast<cudaStream_t>(s.handle()));
+    run_flash_backward(dq, dk, dv, static_cast<float*>(delta.data()), dout.raw_data(),
+                       dlse.defined() ? dlse.data<float>() : nullptr, q, k, v, out.raw_data(), lse, n, mask, scale, s);
   };
   // cuDNN's backward has no lse gradient: calls with one stay on flash.
   if (flash && !dlse.defined() && aligned16(out.raw_data()) && aligned16(lse.raw_data()) &&
@@ -258,6 +340,46 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
                                     dlse.defined() ? dlse.data<float>() : nullptr, q.raw_data(), k.raw_data(),
                                     v.raw_data(), out.raw_data(), lse.data<float>(), n, mask,
                                     static_cast<float>(scale), static_cast<cudaStream_t>(s.handle()));
+}
+
+void attention_backward_gated(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dz, Tensor& dw, const Tensor& dy,
+                              const Tensor& dlse, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& y,
+                              const Tensor& ungated, const Tensor& lse, const cpu::OutputGate& gate,
+                              const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
+                              const S2Pattern& s2, Stream& s, AttentionKernel kernel, cpu::MaskForm form) {
+  const char* op = "attention_backward_gated";
+  detail::AttentionMask mask;
+  detail::AttentionDims n = check_inputs(q, k, v, q_positions, k_positions, scale, causal, s2, s, op, mask);
+  LOOM_CHECK(gate.defined()) << op << ": the gate has neither z nor w";
+  check_gate(gate, n, q.dtype(), s, op);
+  check_like(dy, q.shape(), q.dtype(), s, op, "dy");
+  check_like(y, q.shape(), q.dtype(), s, op, "y");
+  if (gate.z.defined()) check_like(dz, gate.z.shape(), q.dtype(), s, op, "dz");
+  if (gate.w.defined()) check_like(dw, gate.w.shape(), q.dtype(), s, op, "dw");
+  if (dlse.defined()) check_like(dlse, {n.B, n.H, n.T}, DType::f32, s, op, "dlse");
+  detail::AttentionGate g = raw_gate(gate);
+  cudaStream_t stream = static_cast<cudaStream_t>(s.handle());
+  Tensor dout = Tensor::empty(q.shape(), q.dtype(), q.device());  // gate * dy
+  void* dz_ptr = gate.z.defined() ? dz.raw_data() : nullptr;
+  if (ungated.defined()) {  // o kept: the pre-pass, then the plain backward on dout and o
+    check_like(ungated, q.shape(), q.dtype(), s, op, "ungated");
+    g.ungated = ungated.raw_data();  // read
+    detail::launch_attention_gate_prepass(q.dtype(), dout.raw_data(), dz_ptr,
+                                          gate.w.defined() ? dw.raw_data() : nullptr, nullptr, dy.raw_data(),
+                                          y.raw_data(), nullptr, g, n, stream);
+    return attention_backward(dq, dk, dv, dout, dlse, q, k, v, ungated, lse, q_positions, k_positions, scale, causal,
+                              s2, s, kernel, form);
+  }
+  // The fused forward of the sigmoid gate: y alone, the pre-pass gives delta, the flash backward runs on it.
+  LOOM_CHECK(!gate.w.defined() && flash_attention_applies(q, k, v) && aligned16(dq.raw_data()) &&
+             aligned16(dk.raw_data()) && aligned16(dv.raw_data()))
+      << op << ": without the ungated output only the flash kernels' backward of a sigmoid gate applies";
+  Storage delta(static_cast<size_t>(std::max<int64_t>(1, n.B * n.H * n.T)) * sizeof(float), q.device(), &s);
+  detail::launch_attention_gate_prepass(q.dtype(), dout.raw_data(), dz_ptr, nullptr, static_cast<float*>(delta.data()),
+                                        dy.raw_data(), y.raw_data(), dlse.defined() ? dlse.data<float>() : nullptr, g,
+                                        n, stream);
+  run_flash_backward(dq, dk, dv, static_cast<float*>(delta.data()), dout.raw_data(), nullptr, q, k, v, nullptr, lse, n,
+                     mask, scale, s);
 }
 
 }  // namespace loom::cuda

@@ -237,6 +237,65 @@ __global__ void __launch_bounds__(kThreads)
   if (lane == 0) delta[row] = s - (dlse != nullptr ? dlse[row] : 0.f);
 }
 
+// ---- the output gate (AttentionGate) where the flash epilogue does not apply it, and the gated
+// backward's pre-pass. A warp per (token, head) row r, token-major ((b, i, h) flattened: the row's
+// first element is r * D, its per-row gate values z[r], w[r]).
+
+// The per-row factor w[r] sigmoid(z[r]) (1 for what the gate does not hold per row).
+template <typename T>
+__device__ __forceinline__ float row_gate(const AttentionGate& g, int64_t r) {
+  float f = g.w != nullptr ? to_float(static_cast<const T*>(g.w)[r]) : 1.f;
+  if (g.z != nullptr && g.z_per_row) f *= sigmoidf(to_float(static_cast<const T*>(g.z)[r]));
+  return f;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    attention_gate_apply_kernel(T* __restrict__ out, const T* __restrict__ ungated, AttentionGate g, AttentionDims n) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (r >= n.B * n.T * n.H) return;
+  const float rg = row_gate<T>(g, r);
+  const T* z = g.z_per_row ? nullptr : static_cast<const T*>(g.z);  // elementwise z
+  for (int64_t e = r * n.D + threadIdx.x % 32; e < (r + 1) * n.D; e += 32)
+    out[e] = from_float<T>(to_float(ungated[e]) * (z != nullptr ? rg * sigmoidf(to_float(z[e])) : rg));
+}
+
+// dout = g dy; dz, dw, delta (attention_launch.h: launch_attention_gate_prepass).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    attention_gate_prepass_kernel(T* __restrict__ dout, T* __restrict__ dz, T* __restrict__ dw,
+                                  float* __restrict__ delta, const T* __restrict__ dy, const T* __restrict__ y,
+                                  const float* __restrict__ dlse, AttentionGate g, AttentionDims n) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (r >= n.B * n.T * n.H) return;
+  const int lane = threadIdx.x % 32;
+  const T* z = static_cast<const T*>(g.z);
+  const T* o = static_cast<const T*>(g.ungated);
+  const float w = g.w != nullptr ? to_float(static_cast<const T*>(g.w)[r]) : 1.f;
+  const float zr = z != nullptr && g.z_per_row ? sigmoidf(to_float(z[r])) : 1.f;
+  float dyy = 0.f, dyo = 0.f;  // sums over the row of dy y and dy o sigmoid(z)
+  for (int64_t e = r * n.D + lane; e < (r + 1) * n.D; e += 32) {
+    const float dye = to_float(dy[e]), dyye = dye * to_float(y[e]);
+    float ge = zr;  // sigmoid(z) of this element
+    if (z != nullptr && !g.z_per_row) {
+      ge = sigmoidf(to_float(z[e]));
+      if (dz != nullptr) dz[e] = from_float<T>((1.f - ge) * dyye);
+    }
+    dyy += dyye;
+    if (dw != nullptr) dyo += dye * to_float(o[e]) * ge;
+    dout[e] = from_float<T>(dye * ge * w);
+  }
+  dyy = warp_sum(dyy);
+  if (dw != nullptr) dyo = warp_sum(dyo);
+  if (lane != 0) return;
+  if (dz != nullptr && g.z_per_row) dz[r] = from_float<T>((1.f - zr) * dyy);
+  if (dw != nullptr) dw[r] = from_float<T>(dyo);
+  if (delta != nullptr) {
+    const int64_t h = r % n.H, i = (r / n.H) % n.T, b = r / (n.H * n.T), row = (b * n.H + h) * n.T + i;
+    delta[row] = dyy - (dlse != nullptr ? dlse[row] : 0.f);
+  }
+}
+
 // dq for one 32-query tile of one head: dq_i = scale * sum_j p_ij (dp_ij - delta_i) k_j.
 template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads, 2)
@@ -475,6 +534,32 @@ void launch_attention_delta(DType dtype, float* delta, const void* dout, const v
     using T = decltype(tag);
     attention_delta_kernel<T><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
         delta, static_cast<const T*>(dout), static_cast<const T*>(out), dlse, n);
+    LOOM_CUDA_CHECK(cudaGetLastError());
+  });
+}
+
+void launch_attention_gate_apply(DType dtype, void* out, const void* ungated, const AttentionGate& gate,
+                                 const AttentionDims& n, cudaStream_t stream) {
+  const int64_t rows = n.B * n.T * n.H;
+  if (rows == 0 || n.D == 0) return;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    attention_gate_apply_kernel<T><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
+        static_cast<T*>(out), static_cast<const T*>(ungated), gate, n);
+    LOOM_CUDA_CHECK(cudaGetLastError());
+  });
+}
+
+void launch_attention_gate_prepass(DType dtype, void* dout, void* dz, void* dw, float* delta, const void* dy,
+                                   const void* y, const float* dlse, const AttentionGate& gate,
+                                   const AttentionDims& n, cudaStream_t stream) {
+  const int64_t rows = n.B * n.T * n.H;
+  if (rows == 0) return;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    attention_gate_prepass_kernel<T><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
+        static_cast<T*>(dout), static_cast<T*>(dz), static_cast<T*>(dw), delta, static_cast<const T*>(dy),
+        static_cast<const T*>(y), dlse, gate, n);
     LOOM_CUDA_CHECK(cudaGetLastError());
   });
 }

@@ -55,4 +55,24 @@ void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, 
                         const S2Pattern& s2, Stream& s, AttentionKernel kernel = AttentionKernel::interim,
                        cpu::MaskForm form = {});
 
+// Gated attention (cpu::OutputGate; the CPU twins in kernels/cpu/attention.h): out = o * gate.
+// The flash kernels apply the gate where they write o (the fused epilogue); the other paths
+// (cuDNN, the interim kernels) run the plain forward into `ungated` and the gate after it.
+// `ungated` comes back holding o where the backward needs it (the gate has w, or the forward
+// was not fused), else undefined. bf16 or f32 like q; z, w 16-byte aligned for the fused path.
+void attention_forward_gated(Tensor& out, Tensor& ungated, Tensor& lse, const Tensor& q, const Tensor& k,
+                             const Tensor& v, const cpu::OutputGate& gate, const Tensor& q_positions,
+                             const Tensor& k_positions, double scale, bool causal, const S2Pattern& s2, Stream& s,
+                             AttentionKernel kernel = AttentionKernel::interim, cpu::MaskForm form = {});
+
+// The gated backward: the pre-pass (dout = gate dy, dz, dw and, when `ungated` is undefined,
+// delta from dy and y: then the flash backward runs on them; else the plain backward above
+// on dout and o). dz, dw (like gate.z, gate.w) are written where the gate has them.
+void attention_backward_gated(Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dz, Tensor& dw, const Tensor& dy,
+                              const Tensor& dlse, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& y,
+                              const Tensor& ungated, const Tensor& lse, const cpu::OutputGate& gate,
+                              const Tensor& q_positions, const Tensor& k_positions, double scale, bool causal,
+                              const S2Pattern& s2, Stream& s, AttentionKernel kernel = AttentionKernel::interim,
+                              cpu::MaskForm form = {});
+
 }  // namespace loom::cuda

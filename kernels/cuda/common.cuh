@@ -25,6 +25,9 @@ __device__ __forceinline__ T from_float(float v) {
   else return __float2half_rn(v);
 }
 
+// sigmoid in fp32 (0 where exp(-x) overflows).
+__device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + __expf(-x)); }
+
 // Elements of T per 16-byte vector.
 template <typename T>
 constexpr int kVec = 16 / static_cast<int>(sizeof(T));

@@ -81,7 +81,7 @@ template <int kD>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_forward_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
                          const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n, AttentionMask m,
-                         TileBounds tb, float scale) {
+                         TileBounds tb, float scale, AttentionGate gate) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const QuerySmem<kD, 1> sm(smem_raw);
   const QueryBlock blk = query_block(n);
@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   });
 
   finish_query_rows<kD>(acc_o, lse + (blk.b * n.H + blk.h) * n.T + blk.i0, row_max, row_sum, row0, nq, scale);
-  store_rows<kD>(out + blk.q_offset, blk.q_stride, row0, nq, acc_o, 1.f);
+  store_out_rows<kD>(out, gate, blk.q_offset, blk.q_stride, row0, nq, acc_o);
 }
 
 // ---------------------------------------------------------------- backward
@@ -449,11 +449,11 @@ int64_t flash_dq_acc_elems(const AttentionDims& n) { return n.B * tiles_of(n.T) 
 
 void launch_flash_attention_forward(void* out, float* lse, const void* q, const void* k, const void* v,
                                     int64_t* scratch, const AttentionDims& n, const AttentionMask& mask,
-                                    float scale, cudaStream_t stream) {
+                                    float scale, cudaStream_t stream, const AttentionGate& gate) {
   if (n.B == 0 || n.H == 0 || n.T == 0) return;
   const TileBounds tb = compute_bounds(scratch, n, mask, stream);
   if (use_sm90({q, k, v})) {
-    launch_flash_forward_sm90(out, lse, q, k, v, n, mask, tb, scale, stream);
+    launch_flash_forward_sm90(out, lse, q, k, v, gate, n, mask, tb, scale, stream);
     return;
   }
   dispatch_flash_head_dim(n.D, [&](auto kd) {
@@ -464,7 +464,7 @@ void launch_flash_attention_forward(void* out, float* lse, const void* q, const 
     const dim3 grid = flash_grid(blocks_of(n.T), n.H, n.B);
     kernel<<<grid, kThreads, smem, stream>>>(static_cast<bf16*>(out), lse, static_cast<const bf16*>(q),
                                              static_cast<const bf16*>(k), static_cast<const bf16*>(v), n, mask, tb,
-                                             scale);
+                                             scale, gate);
     LOOM_CUDA_CHECK(cudaGetLastError());
   });
 }
@@ -474,7 +474,7 @@ void launch_flash_attention_backward(void* dq, void* dk, void* dv, float* delta,
                                      const void* v, const void* out, const float* lse, const AttentionDims& n,
                                      const AttentionMask& mask, float scale, cudaStream_t stream) {
   if (n.B == 0 || n.H == 0) return;
-  launch_attention_delta(DType::bf16, delta, dout, out, dlse, n, stream);
+  if (out != nullptr) launch_attention_delta(DType::bf16, delta, dout, out, dlse, n, stream);  // else: given
   const TileBounds tb = compute_bounds(scratch, n, mask, stream);
   const bool fused = dq_acc != nullptr;
   const int64_t dq_elems = n.B * n.T * n.H * n.D;

@@ -310,6 +310,40 @@ __device__ __forceinline__ void store_rows(bf16* dst, int64_t stride, int row0, 
   }
 }
 
+// The forward's output rows (offset: the block's first element, stride: between rows): o, or
+// with a gate o * sigmoid(z) * w in fp32 before the bf16 rounding, and o also into
+// gate.ungated where set (attention_launch.h: AttentionGate). A row's (token, head) index, the
+// per-row gate's, is its first element / kD.
+template <int kD>
+__device__ __forceinline__ void store_out_rows(bf16* out, const AttentionGate& gate, int64_t offset, int64_t stride,
+                                               int row0, int rows, const float (&acc)[kD / 8][4]) {
+  if (!gate.any()) return store_rows<kD>(out + offset, stride, row0, rows, acc, 1.f);
+  if (gate.ungated != nullptr) store_rows<kD>(static_cast<bf16*>(gate.ungated) + offset, stride, row0, rows, acc, 1.f);
+  const bf16* z = static_cast<const bf16*>(gate.z);
+  const bf16* w = static_cast<const bf16*>(gate.w);
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = row0 + g + 8 * half;
+    if (r >= rows) continue;
+    const int64_t at = offset + r * stride;
+    float row_gate = w != nullptr ? __bfloat162float(w[at / kD]) : 1.f;
+    if (z != nullptr && gate.z_per_row) row_gate *= sigmoidf(__bfloat162float(z[at / kD]));
+#pragma unroll
+    for (int nt = 0; nt < kD / 8; ++nt) {
+      const int64_t e = at + 8 * nt + 2 * t;
+      float g0 = row_gate, g1 = row_gate;
+      if (z != nullptr && !gate.z_per_row) {
+        const float2 ze = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(z + e));
+        g0 *= sigmoidf(ze.x);
+        g1 *= sigmoidf(ze.y);
+      }
+      *reinterpret_cast<__nv_bfloat162*>(out + e) =
+          __floats2bfloat162_rn(g0 * acc[nt][2 * half], g1 * acc[nt][2 * half + 1]);
+    }
+  }
+}
+
 
 // A block's (row block, head): the grid is (heads, blocks, B), heads varying fastest,
 // so every head's longest blocks start before any head's shortest and the last wave
@@ -792,7 +826,7 @@ inline dim3 flash_grid(int64_t blocks, int64_t heads, int64_t batch) {
 // The forward and the fused dK dV pass on warpgroup products (flash_sm90.cu); callers check
 // wgmma_available() (wgmma_check.h) and that q, k, v (and dout) are 16-byte aligned (the tensor
 // maps' rule). Same arguments as the mma.sync kernels.
-void launch_flash_forward_sm90(void* out, float* lse, const void* q, const void* k, const void* v,
+void launch_flash_forward_sm90(void* out, float* lse, const void* q, const void* k, const void* v, const AttentionGate& gate,
                                const AttentionDims& n, const AttentionMask& mask, const TileBounds& tb, float scale,
                                cudaStream_t stream);
 void launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void* dout, const float* lse, const float* delta,

@@ -297,7 +297,7 @@ __global__ void __launch_bounds__(kForwardThreads, 1)
     flash_forward_sm90_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
                               const bf16* __restrict__ k, const bf16* __restrict__ v, AttentionDims n,
                               AttentionMask m, TileBounds tb, float scale, const __grid_constant__ CUtensorMap kmap,
-                              const __grid_constant__ CUtensorMap vmap) {
+                              const __grid_constant__ CUtensorMap vmap, AttentionGate gate) {
 #if defined(LOOM_WGMMA)
   using Smem = QuerySmem<kD, 1, true, kKvStages>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -421,7 +421,7 @@ __global__ void __launch_bounds__(kForwardThreads, 1)
   }
   if (pending >= 0) finish_pv();
   finish_query_rows<kD>(acc_o, lse + (blk.b * n.H + blk.h) * n.T + blk.i0, row_max, row_sum, row0, nq, scale);
-  store_rows<kD>(out + blk.q_offset, blk.q_stride, row0, nq, acc_o, 1.f);
+  store_out_rows<kD>(out, gate, blk.q_offset, blk.q_stride, row0, nq, acc_o);
 #else
   __trap();  // launched only where wgmma_available()
 #endif
@@ -568,6 +568,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 }  // namespace
 
 void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, const void* k, const void* v,
+                                      const AttentionGate& gate,
                                       const AttentionDims& n, const AttentionMask& mask, const TileBounds& tb,
                                       float scale, cudaStream_t stream) {
   dispatch_flash_head_dim(n.D, [&](auto kd) {
@@ -579,7 +580,7 @@ void flash::launch_flash_forward_sm90(void* out, float* lse, const void* q, cons
     set_smem(kernel, smem);
     kernel<<<flash_grid(blocks_of(n.T), n.H, n.B), kForwardThreads, smem, stream>>>(
         static_cast<bf16*>(out), lse, static_cast<const bf16*>(q), static_cast<const bf16*>(k),
-        static_cast<const bf16*>(v), n, mask, tb, scale, kmap, vmap);
+        static_cast<const bf16*>(v), n, mask, tb, scale, kmap, vmap, gate);
     LOOM_CUDA_CHECK(cudaGetLastError());
   });
 }

@@ -36,6 +36,7 @@
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/s2_pattern.h"
 #include "kernels/cuda/attention.h"
+#include "kernels/cuda/attention_launch.h"
 #include "kernels/cuda/cudnn_attention.h"
 #include "kernels/cuda/key_blocks.h"
 #include "kernels/cuda/wgmma_check.h"
@@ -318,6 +319,227 @@ TEST(CudaFlashAttention, MatchesTheCpuTwinOnLongRowsPositionsAndBatches) {
       check_case(c, seed);
       seed += 10;
     }
+  }
+}
+
+// ---- the output gate (cpu::OutputGate): out = o * sigmoid(z) * w in the forward's epilogue, its
+// gradient in the backward's pre-pass.
+
+// The gate forms: z per (token, head) row or per element, w per row.
+struct GateForm {
+  const char* name;
+  bool z, z_per_row, w;
+};
+constexpr GateForm kGateForms[] = {{"headwise z", true, true, false},
+                                   {"elementwise z", true, false, false},
+                                   {"w", false, true, true},
+                                   {"headwise z and w", true, true, true},
+                                   {"elementwise z and w", true, false, true}};
+
+// |a - b| <= rel * scale + 1e-6 per element (scale: a per-element magnitude); names the worst.
+::testing::AssertionResult within(const std::vector<double>& a, const std::vector<double>& b,
+                                  const std::vector<double>& scale, double rel, const char* what) {
+  size_t bad = 0, worst = 0;
+  double worst_ratio = 0;
+  for (size_t e = 0; e < a.size(); ++e) {
+    const double ratio = std::fabs(a[e] - b[e]) / (rel * scale[e] + 1e-6);
+    if (!(ratio <= 1.0)) ++bad;
+    if (!(ratio <= worst_ratio)) worst_ratio = ratio, worst = e;
+  }
+  if (bad == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << what << ": " << bad << " of " << a.size() << " elements off; worst #" << worst
+                                       << ": " << a[worst] << " against " << b[worst] << " (error / tolerance "
+                                       << worst_ratio << ")";
+}
+
+std::vector<double> magnitudes(const Tensor& t) {
+  std::vector<double> v = download(t).to_vector<double>();
+  for (double& x : v) x = std::fabs(x);
+  return v;
+}
+
+// The gated flash forward against the plain one of the same kernels (o, lse), and the gated
+// backward against the CPU twin. The forward: lse and (with w) the kept o bitwise the plain
+// call's; out within two bf16 roundings of o times the gate. The pre-pass (launched alone on
+// the GPU's outputs) against cpu::attention_gate_prepass on the same values: dout and the
+// per-element dz within one bf16 rounding, delta, the per-row dz and dw within fp32 sums of
+// their terms' magnitudes plus a rounding. The backward's dq, dk, dv against the CPU backward
+// given the GPU pre-pass's dout and delta (the sigmoid gate alone: o is not kept) or dout and
+// o (with w), within the rounding bounds of the plain check; its dz, dw bitwise the pre-pass's.
+void check_gated_case(const Case& c, const GateForm& form, uint64_t seed) {
+  SCOPED_TRACE(::testing::Message() << "gate " << form.name << ", B " << c.B << " T " << c.T << " H " << c.H
+                                    << " Hkv " << c.Hkv << " D " << c.D << " s2 " << c.s2);
+  const DType bf = DType::bf16;
+  const Shape q_shape{c.B, c.T, c.H, c.D}, kv_shape{c.B, c.S, c.Hkv, c.D}, row_shape{c.B, c.H, c.T};
+  const Shape gate_rows{c.B, c.T, c.H};
+  Tensor q = random_rounded(q_shape, seed, bf, 1.5), k = random_rounded(kv_shape, seed + 1, bf, 1.5);
+  Tensor v = random_rounded(kv_shape, seed + 2, bf), dy = random_rounded(q_shape, seed + 3, bf);
+  Tensor dlse = testing::random_tensor(row_shape, seed + 4, DType::f32, 0.5);
+  cpu::OutputGate g_host, g;  // f32 on the host, bf16 on the GPU
+  if (form.z) g_host.z = random_rounded(form.z_per_row ? gate_rows : q_shape, seed + 5, bf, 2.0);
+  if (form.w) {  // MoH's weights: every third row's exactly 0
+    std::vector<float> w = random_rounded(gate_rows, seed + 6, bf).to_vector<float>();
+    for (size_t i = 0; i < w.size(); i += 3) w[i] = 0.f;
+    g_host.w = Tensor::from_vector(w, gate_rows);
+  }
+  if (form.z) g.z = g_host.z.to(bf).to(gpu());
+  if (form.w) g.w = g_host.w.to(bf).to(gpu());
+  Tensor qp, kp;
+  make_positions(c.positions, c.T, c.S, seed + 7, qp, kp);
+  const S2Pattern s2 = c.s2 ? S2Pattern{64, 2, 4} : S2Pattern{};
+  const double scale = 1.0 / std::sqrt(static_cast<double>(c.D));
+  Tensor qg = q.to(bf).to(gpu()), kg = k.to(bf).to(gpu()), vg = v.to(bf).to(gpu()), qpg = qp.to(gpu()),
+         kpg = kp.to(gpu());
+  const cuda::AttentionKernel flash = cuda::AttentionKernel::flash;
+
+  // Forward: plain and gated.
+  Tensor o = poisoned(q_shape, bf), lse_plain = poisoned(row_shape, DType::f32);
+  cuda::attention_forward(o, lse_plain, qg, kg, vg, qpg, kpg, scale, c.causal, s2, gpu_stream(), flash);
+  Tensor y = poisoned(q_shape, bf), lse = poisoned(row_shape, DType::f32), ungated;
+  cuda::attention_forward_gated(y, ungated, lse, qg, kg, vg, g, qpg, kpg, scale, c.causal, s2, gpu_stream(), flash);
+  EXPECT_TRUE(testing::tensors_close(download(lse), download(lse_plain), 0, 0)) << "lse";
+  ASSERT_EQ(ungated.defined(), form.w) << "o is kept exactly when the gate has w";
+  if (form.w) EXPECT_TRUE(testing::tensors_close(download(ungated), download(o), 0, 0)) << "ungated";
+  Tensor o_host = o.to(Device::cpu()).to(DType::f32), y_host = y.to(Device::cpu()).to(DType::f32);
+  {
+    // The CPU gate on the GPU's o (the forward twin's second half): out = o * gate.
+    std::vector<double> ov = o_host.to_vector<double>(), ev(ov.size());
+    const std::vector<double> zv = form.z ? g_host.z.to_vector<double>() : std::vector<double>{};
+    const std::vector<double> wv = form.w ? g_host.w.to_vector<double>() : std::vector<double>{};
+    for (size_t e = 0; e < ov.size(); ++e) {
+      const size_t r = e / static_cast<size_t>(c.D);
+      double gate = form.w ? wv[r] : 1.0;
+      if (form.z) gate /= 1.0 + std::exp(-zv[form.z_per_row ? r : e]);
+      ev[e] = ov[e] * gate;
+    }
+    std::vector<double> mag(ev.size());
+    for (size_t e = 0; e < ev.size(); ++e) mag[e] = std::fabs(ev[e]);
+    EXPECT_TRUE(within(download(y).to_vector<double>(), ev, mag, std::ldexp(1.0, -8), "out"));
+  }
+
+  // The pre-pass alone on the GPU, and its CPU twin on the same values.
+  cuda::detail::AttentionGate raw;
+  raw.z = form.z ? g.z.raw_data() : nullptr;
+  raw.w = form.w ? g.w.raw_data() : nullptr;
+  raw.ungated = form.w ? ungated.raw_data() : nullptr;
+  raw.z_per_row = form.z_per_row;
+  const cuda::detail::AttentionDims n{c.B, c.T, c.S, c.H, c.Hkv, c.D};
+  Tensor dyg = dy.to(bf).to(gpu()), dlseg = dlse.to(gpu());
+  Tensor dout = poisoned(q_shape, bf), delta = poisoned(row_shape, DType::f32);
+  Tensor dz_pre = form.z ? poisoned(g.z.shape(), bf) : Tensor(), dw_pre = form.w ? poisoned(gate_rows, bf) : Tensor();
+  cuda::detail::launch_attention_gate_prepass(bf, dout.raw_data(), form.z ? dz_pre.raw_data() : nullptr,
+                                              form.w ? dw_pre.raw_data() : nullptr, delta.data<float>(),
+                                              dyg.raw_data(), y.raw_data(), dlseg.data<float>(), raw, n,
+                                              static_cast<cudaStream_t>(gpu_stream().handle()));
+  Tensor dout_ref = Tensor::empty(q_shape), delta_ref = Tensor::empty(row_shape);
+  Tensor dz_ref = form.z ? Tensor::empty(g_host.z.shape()) : Tensor(), dw_ref = form.w ? Tensor::empty(gate_rows) : Tensor();
+  cpu::attention_gate_prepass(dout_ref, dz_ref, dw_ref, delta_ref, dy, y_host, o_host, dlse, g_host);
+  const double u = std::ldexp(1.0, -8), sums = static_cast<double>(c.D) * std::ldexp(1.0, -23);
+  EXPECT_TRUE(within(download(dout).to_vector<double>(), dout_ref.to_vector<double>(), magnitudes(dout_ref), u, "dout"));
+  // Row magnitudes: sum over the row of |dy y| and |dy o|, per (b, h, i) and per (b, i, h).
+  const std::vector<double> dyv = dy.to_vector<double>(), yv = y_host.to_vector<double>(), ov = o_host.to_vector<double>();
+  std::vector<double> dyy_row(static_cast<size_t>(c.B * c.T * c.H)), dyo_row(dyy_row.size()), delta_mag(dyy_row.size());
+  for (size_t r = 0; r < dyy_row.size(); ++r) {
+    for (int64_t d = 0; d < c.D; ++d) {
+      const size_t e = r * static_cast<size_t>(c.D) + static_cast<size_t>(d);
+      dyy_row[r] += std::fabs(dyv[e] * yv[e]);
+      dyo_row[r] += std::fabs(dyv[e] * ov[e]);
+    }
+    const int64_t ri = static_cast<int64_t>(r), h = ri % c.H, i = (ri / c.H) % c.T, b = ri / (c.H * c.T);
+    delta_mag[static_cast<size_t>((b * c.H + h) * c.T + i)] = dyy_row[r];
+  }
+  EXPECT_TRUE(within(download(delta).to_vector<double>(), delta_ref.to_vector<double>(), delta_mag, sums, "delta"));
+  if (form.z) {
+    std::vector<double> dz_mag = form.z_per_row ? dyy_row : magnitudes(dz_ref);
+    for (size_t e = 0; e < dz_mag.size(); ++e) dz_mag[e] = form.z_per_row ? dz_mag[e] * (sums + u) : dz_mag[e] * u;
+    EXPECT_TRUE(within(download(dz_pre).to_vector<double>(), dz_ref.to_vector<double>(), dz_mag, 1.0, "dz"));
+  }
+  if (form.w) EXPECT_TRUE(within(download(dw_pre).to_vector<double>(), dw_ref.to_vector<double>(), dyo_row, sums + u, "dw"));
+
+  // The whole gated backward, both flash backwards.
+  Tensor dout_host = dout.to(Device::cpu()).to(DType::f32), delta_host = delta.to(Device::cpu());
+  Tensor lse_host = lse.to(Device::cpu());
+  Tensor dq_ref = Tensor::empty(q_shape), dk_ref = Tensor::empty(kv_shape), dv_ref = Tensor::empty(kv_shape);
+  if (form.w)  // o kept: the plain backward on dout and o
+    cpu::attention_backward(dq_ref, dk_ref, dv_ref, dout_host, dlse, q, k, v, o_host, lse_host, qp, kp, scale,
+                            c.causal, s2, cpu_stream());
+  else  // y alone: the pre-pass's delta (dlse in it)
+    cpu::attention_backward(dq_ref, dk_ref, dv_ref, dout_host, Tensor(), q, k, v, y_host, lse_host, qp, kp, scale,
+                            c.causal, s2, cpu_stream(), delta_host);
+  const RoundingBounds bound = rounding_bounds(c, q, k, v, dout_host, dlse, o, lse_host, qp, kp, s2, scale, false);
+  for (bool deterministic : {false, true}) {
+    SCOPED_TRACE(deterministic ? "deterministic backward" : "fused backward");
+    const DeterministicScope scope(deterministic);
+    Tensor dq = poisoned(q_shape, bf), dk = poisoned(kv_shape, bf), dv = poisoned(kv_shape, bf);
+    Tensor dz = form.z ? poisoned(g.z.shape(), bf) : Tensor(), dw = form.w ? poisoned(gate_rows, bf) : Tensor();
+    cuda::attention_backward_gated(dq, dk, dv, dz, dw, dyg, dlseg, qg, kg, vg, y, ungated, lse, g, qpg, kpg, scale,
+                                   c.causal, s2, gpu_stream(), flash);
+    EXPECT_TRUE(within_rounding(dq, dq_ref, bound.dq, bound.dq_abs)) << "dq";
+    EXPECT_TRUE(within_rounding(dk, dk_ref, bound.dk, bound.dk_abs)) << "dk";
+    EXPECT_TRUE(within_rounding(dv, dv_ref, bound.dv, bound.dv_abs)) << "dv";
+    if (form.z) EXPECT_TRUE(testing::tensors_close(download(dz), download(dz_pre), 0, 0)) << "dz";
+    if (form.w) EXPECT_TRUE(testing::tensors_close(download(dw), download(dw_pre), 0, 0)) << "dw";
+  }
+}
+
+TEST(CudaFlashAttention, GatedOutputMatchesTheCpuTwin) {
+  LOOM_SKIP_WITHOUT_GPU();
+  for (bool wgmma : flash_families()) {
+    SCOPED_TRACE(wgmma ? "wgmma kernels" : "mma.sync kernels");
+    const FlashFamily family(wgmma);
+    uint64_t seed = 12000;
+    int form = 0;
+    for (int64_t T : {1, 17, 1000})
+      for (int64_t D : {64, 128})
+        for (auto [H, Hkv] : {std::pair<int64_t, int64_t>{2, 2}, {4, 1}}) {
+          check_gated_case(Case{1, T, T, H, Hkv, D, true, form % 2 == 1}, kGateForms[form % 5], seed);
+          ++form;
+          seed += 10;
+        }
+    check_gated_case(Case{1, 4097, 4097, 2, 1, 128, true, false}, kGateForms[3], seed);
+    check_gated_case(Case{2, 1000, 1000, 4, 2, 64, true, true, Positions::zigzag}, kGateForms[4], seed + 10);
+  }
+}
+
+// The paths without the fused epilogue (cuDNN, the f32 interim kernels) run the plain forward into
+// o and the gate after it, and keep o: the same gate math, checked against the CPU twin.
+TEST(CudaFlashAttention, GatedOutputOffTheFlashKernelsKeepsO) {
+  LOOM_SKIP_WITHOUT_GPU();
+  const int64_t B = 1, T = 300, H = 4, Hkv = 2, D = 64;
+  const Shape q_shape{B, T, H, D}, kv_shape{B, T, Hkv, D}, rows{B, T, H};
+  for (const GateForm& form : kGateForms) {
+    SCOPED_TRACE(form.name);
+    Tensor q = testing::random_tensor(q_shape, 1, DType::f32), k = testing::random_tensor(kv_shape, 2, DType::f32);
+    Tensor v = testing::random_tensor(kv_shape, 3, DType::f32), dy = testing::random_tensor(q_shape, 4, DType::f32);
+    cpu::OutputGate g_host, g;
+    if (form.z) g_host.z = testing::random_tensor(form.z_per_row ? rows : q_shape, 5, DType::f32, 2.0);
+    if (form.w) g_host.w = testing::random_tensor(rows, 6, DType::f32);
+    if (form.z) g.z = g_host.z.to(gpu());
+    if (form.w) g.w = g_host.w.to(gpu());
+    Tensor pos = Tensor::arange(T);
+    const double scale = 0.125;
+    Tensor y_ref = Tensor::empty(q_shape), lse_ref = Tensor::empty({B, H, T}), o_ref;
+    cpu::attention_forward_gated(y_ref, o_ref, lse_ref, q, k, v, g_host, pos, pos, scale, true, S2Pattern{},
+                                 cpu_stream());
+    Tensor dq_ref = Tensor::empty(q_shape), dk_ref = Tensor::empty(kv_shape), dv_ref = Tensor::empty(kv_shape);
+    Tensor dz_ref = form.z ? Tensor::empty(g_host.z.shape()) : Tensor(), dw_ref = form.w ? Tensor::empty(rows) : Tensor();
+    cpu::attention_backward_gated(dq_ref, dk_ref, dv_ref, dz_ref, dw_ref, dy, Tensor(), q, k, v, y_ref, o_ref, lse_ref,
+                                  g_host, pos, pos, scale, true, S2Pattern{}, cpu_stream());
+    Tensor qg = q.to(gpu()), kg = k.to(gpu()), vg = v.to(gpu()), pg = pos.to(gpu()), dyg = dy.to(gpu());
+    Tensor y = poisoned(q_shape, DType::f32), lse = poisoned({B, H, T}, DType::f32), o;
+    cuda::attention_forward_gated(y, o, lse, qg, kg, vg, g, pg, pg, scale, true, S2Pattern{}, gpu_stream(),
+                                  cuda::AttentionKernel::interim);
+    ASSERT_TRUE(o.defined()) << "the interim kernels keep o";
+    EXPECT_TRUE(close_to_reference(y, y_ref, DType::f32, 1e-4, 1e-5)) << "out";
+    Tensor dq = poisoned(q_shape, DType::f32), dk = poisoned(kv_shape, DType::f32), dv = poisoned(kv_shape, DType::f32);
+    Tensor dz = form.z ? poisoned(g.z.shape(), DType::f32) : Tensor(), dw = form.w ? poisoned(rows, DType::f32) : Tensor();
+    cuda::attention_backward_gated(dq, dk, dv, dz, dw, dyg, Tensor(), qg, kg, vg, y, o, lse, g, pg, pg, scale, true,
+                                   S2Pattern{}, gpu_stream(), cuda::AttentionKernel::interim);
+    EXPECT_TRUE(close_to_reference(dq, dq_ref, DType::f32, 1e-4, 1e-5)) << "dq";
+    EXPECT_TRUE(close_to_reference(dk, dk_ref, DType::f32, 1e-4, 1e-5)) << "dk";
+    EXPECT_TRUE(close_to_reference(dv, dv_ref, DType::f32, 1e-4, 1e-5)) << "dv";
+    if (form.z) EXPECT_TRUE(close_to_reference(dz, dz_ref, DType::f32, 1e-4, 1e-5)) << "dz";
+    if (form.w) EXPECT_TRUE(close_to_reference(dw, dw_ref, DType::f32, 1e-4, 1e-5)) << "dw";
   }
 }
 
