@@ -112,12 +112,7 @@ Variable finite_part(const Variable& lse) {
   });
 }
 
-GradCheckOptions attention_tolerance() {
-  GradCheckOptions o;
-  o.rtol = 1e-5;
-  o.atol = 1e-7;
-  return o;
-}
+using testing::attention_tolerance;
 
 TEST(Attention, CausalForwardMatchesReference) {
   // T = S, GQA ratio 2 and 1.

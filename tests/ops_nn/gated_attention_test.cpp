@@ -18,7 +18,6 @@
 namespace loom {
 namespace {
 
-using testing::GradCheckOptions;
 using testing::random_tensor;
 using testing::values;
 
@@ -71,13 +70,6 @@ AttentionOptions causal_options(int64_t T, int64_t offset) {
   return o;
 }
 
-GradCheckOptions tolerance() {
-  GradCheckOptions o;
-  o.rtol = 1e-5;
-  o.atol = 1e-7;
-  return o;
-}
-
 TEST(GatedAttention, ForwardIsAttentionTimesTheGate) {
   const int64_t B = 2, T = 9, H = 4, Hkv = 2, D = 5;
   for (const GateForm& form : gate_forms()) {
@@ -109,7 +101,7 @@ TEST(GatedAttention, GradCheckEveryGateForm) {
       AttentionResult r = gated_attention(in[0], in[1], in[2], gate_of(form, in), causal_options(7, 0));
       return std::vector<Variable>{r.out, r.lse};
     };
-    EXPECT_GRADCHECK(fn, operands(form, 1, 7, 4, 2, 3, 21).inputs, tolerance());
+    EXPECT_GRADCHECK(fn, operands(form, 1, 7, 4, 2, 3, 21).inputs, testing::attention_tolerance());
   }
 }
 
@@ -124,8 +116,8 @@ TEST(GatedAttention, GradCheckEachOutputAlone) {
       return std::vector<Variable>{gated_attention(in[0], in[1], in[2], gate_of(form, in), AttentionOptions{}).lse};
     };
     const std::vector<Tensor> inputs = operands(form, 1, 5, 2, 1, 3, 31).inputs;
-    EXPECT_GRADCHECK(out_only, inputs, tolerance());
-    EXPECT_GRADCHECK(lse_only, inputs, tolerance());
+    EXPECT_GRADCHECK(out_only, inputs, testing::attention_tolerance());
+    EXPECT_GRADCHECK(lse_only, inputs, testing::attention_tolerance());
   }
 }
 
@@ -138,7 +130,7 @@ TEST(GatedAttention, GradCheckS2) {
     AttentionResult r = gated_attention(in[0], in[1], in[2], gate_of(form, in), options);
     return std::vector<Variable>{r.out, r.lse};
   };
-  EXPECT_GRADCHECK(fn, operands(form, 2, 9, 2, 2, 3, 41).inputs, tolerance());
+  EXPECT_GRADCHECK(fn, operands(form, 2, 9, 2, 2, 3, 41).inputs, testing::attention_tolerance());
 }
 
 TEST(GatedAttention, KeepsTheUngatedOutputOnlyForW) {

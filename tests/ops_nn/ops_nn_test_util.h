@@ -82,4 +82,12 @@ inline ::testing::AssertionResult spot_gradcheck(const GradFn& fn, const std::ve
   return ::testing::AssertionSuccess();
 }
 
+// Finite-difference tolerances of the attention gradchecks (f64, scores through exp).
+inline GradCheckOptions attention_tolerance() {
+  GradCheckOptions o;
+  o.rtol = 1e-5;
+  o.atol = 1e-7;
+  return o;
+}
+
 }  // namespace loom::testing
