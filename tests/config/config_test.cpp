@@ -4,7 +4,6 @@
 #include "framework/config.h"
 
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -12,6 +11,7 @@
 #include <vector>
 
 #include "framework/error.h"
+#include "tests/testing.h"
 
 namespace loom {
 namespace {
@@ -40,8 +40,10 @@ RunConfig from_string(const std::string& yaml, const std::vector<std::string>& o
 
 RunConfig from_overrides(const std::vector<std::string>& overrides) { return load_config("", overrides); }
 
+// A fresh folder `name` under this process's temporary folder (removed at exit).
 std::filesystem::path temp_dir(const std::string& name) {
-  auto dir = std::filesystem::temp_directory_path() / ("loom_config_test_" + std::to_string(::getpid())) / name;
+  static const testing::TempDir root("loom_config_test");
+  auto dir = root.path() / name;
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
   return dir;

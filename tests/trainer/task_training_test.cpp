@@ -26,18 +26,33 @@ namespace fs = std::filesystem;
 using testing::cpu_stream;
 using testing::mpi_context;
 
-// A directory every rank agrees on: rank 0 makes it, its name travels as numbers.
-std::string task_temp_dir(MpiCommunicator& world, const std::string& tag) {
-  std::string templ = (fs::temp_directory_path() / ("loom_task_" + tag + "_XXXXXX")).string();
-  Tensor code = Tensor::zeros({6}, DType::i64);
-  if (world.rank() == 0) {
-    LOOM_CHECK(mkdtemp(templ.data()) != nullptr) << "mkdtemp " << templ;
-    for (int i = 0; i < 6; ++i) code.data<int64_t>()[i] = static_cast<unsigned char>(templ[templ.size() - 6 + i]);
+// A directory every rank agrees on: rank 0 makes it, its name travels as numbers; removed (by
+// rank 0, once every rank is done with it) at scope end.
+class TaskTempDir {
+ public:
+  TaskTempDir(MpiCommunicator& world, const std::string& tag) : world_(world) {
+    path_ = (fs::temp_directory_path() / ("loom_task_" + tag + "_XXXXXX")).string();
+    Tensor code = Tensor::zeros({6}, DType::i64);
+    if (world.rank() == 0) {
+      LOOM_CHECK(mkdtemp(path_.data()) != nullptr) << "mkdtemp " << path_;
+      for (int i = 0; i < 6; ++i) code.data<int64_t>()[i] = static_cast<unsigned char>(path_[path_.size() - 6 + i]);
+    }
+    world.broadcast(code, 0, cpu_stream());
+    for (int i = 0; i < 6; ++i) path_[path_.size() - 6 + i] = static_cast<char>(code.data<int64_t>()[i]);
   }
-  world.broadcast(code, 0, cpu_stream());
-  for (int i = 0; i < 6; ++i) templ[templ.size() - 6 + i] = static_cast<char>(code.data<int64_t>()[i]);
-  return templ;
-}
+  ~TaskTempDir() {
+    world_.barrier();
+    std::error_code ec;
+    if (world_.rank() == 0) fs::remove_all(path_, ec);
+  }
+  TaskTempDir(const TaskTempDir&) = delete;
+  TaskTempDir& operator=(const TaskTempDir&) = delete;
+  const std::string& path() const { return path_; }
+
+ private:
+  MpiCommunicator& world_;
+  std::string path_;
+};
 
 RunConfig tiny_task_run(const std::string& log_dir, const std::string& name, std::vector<std::string> extra = {}) {
   std::vector<std::string> overrides = {
@@ -60,7 +75,8 @@ std::vector<nlohmann::json> read_metrics(const std::string& path) {
 
 TEST(TaskTraining, RecallRunWritesAccuracyRecordsPerLength) {
   MpiCommunicator& world = mpi_context().world();
-  std::string dir = task_temp_dir(world, "recall");
+  const TaskTempDir temp(world, "recall");
+  const std::string& dir = temp.path();
   std::ostringstream out;
   TrainSummary s = run_training(tiny_task_run(dir, "recall"), world, out);
   EXPECT_EQ(s.final_step, 6);
@@ -97,7 +113,8 @@ TEST(TaskTraining, RecallRunWritesAccuracyRecordsPerLength) {
 // loads) are read after each step and still reach metrics.jsonl.
 TEST(TaskTraining, RouterStatisticsReachTheMetrics) {
   MpiCommunicator& world = mpi_context().world();
-  std::string dir = task_temp_dir(world, "routers");
+  const TaskTempDir temp(world, "routers");
+  const std::string& dir = temp.path();
   std::ostringstream out;
   TrainSummary s = run_training(tiny_task_run(dir, "routers",
                                               {"model.ffn=moe", "model.moe.experts=4", "model.moe.topk=2",
@@ -123,7 +140,8 @@ TEST(TaskTraining, RouterStatisticsReachTheMetrics) {
 
 TEST(TaskTraining, ResumeContinuesTheTaskStream) {
   MpiCommunicator& world = mpi_context().world();
-  std::string dir = task_temp_dir(world, "resume");
+  const TaskTempDir temp(world, "resume");
+  const std::string& dir = temp.path();
   std::ostringstream out;
   TrainSummary whole = run_training(tiny_task_run(dir, "whole"), world, out);
   // The same run stopped after 3 steps, then resumed to 6 (constant lr: train.steps does not shape the schedule).
@@ -172,7 +190,8 @@ TEST(TaskTraining, EvaluatorUnderDpEqualsOneRank) {
 
 TEST(TaskTraining, NeedleRunReportsAccuracyPerDepth) {
   MpiCommunicator& world = mpi_context().world();
-  std::string dir = task_temp_dir(world, "needle");
+  const TaskTempDir temp(world, "needle");
+  const std::string& dir = temp.path();
   if (world.rank() == 0) {
     std::ofstream text(dir + "/filler.txt");
     for (int i = 0; i < 400; ++i) text << "the hacker wrote a kernel for every machine and it ran. ";
