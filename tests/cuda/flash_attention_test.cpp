@@ -9,13 +9,14 @@
 // Tolerances follow from where the kernels round. Scores, softmax statistics
 // and every accumulation are fp32 (lse is compared at fp32 precision), but P
 // is rounded to bf16 as the operand of P V and P^T dO, and dS as the operand
-// of dS K and dS^T Q. A round-to-nearest bf16 operand is off by at most 2^-9
-// of itself, so an output moves by at most 2^-9 times the sum of magnitudes of
-// the terms it adds up, e.g. |d out_i| <= 2^-9 sum_j p_ij |v_j|. Those sums are
-// computed here in f64 (`RoundingBounds`); each element must lie within
-// 2^-8 of its bound (twice the analysis, for the fp32 sums) plus one bf16
-// rounding of the reference value itself. Two absolute terms join it where
-// relative ones cannot hold: dS = P (dP - delta) cancels to ~0 when a row's
+// of dS K and dS^T Q. A round-to-nearest bf16 operand is off by at most 2^-8
+// of itself (half an ulp of 8 significant bits, at the bottom of a binade), so
+// an output moves by at most 2^-8 times the sum of magnitudes of the terms it
+// adds up, e.g. |d out_i| <= 2^-8 sum_j p_ij |v_j|. Those sums are computed
+// here in f64 (`RoundingBounds`); each element must lie within 2^-8 of its
+// bound plus one bf16 rounding of the reference value itself (2^-8 of it).
+// Two absolute terms join it where relative ones cannot hold: dS = P (dP -
+// delta) cancels to ~0 when a row's
 // keys agree, and the two fp32 sums of D exact bf16 products behind dP and
 // delta are each off by at most D 2^-24 times their sums of magnitudes
 // (added to dq and dk through dS); and cuDNN's GQA backward rounds each query
