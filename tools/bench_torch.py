@@ -14,8 +14,8 @@ so it moves 28 bytes per parameter where loom moves 30), torch._foreach_norm.
 Attention rows (dense, causal) are timed with F.scaled_dot_product_attention
 twice, pinned to its flash backend and to its cuDNN backend (is_causal=True,
 B 1, H 16, D 128, bf16; fwd+bwd through autograd), and printed with both
-ratios; S2 rows and the gate-epilogue rows (attention plus loom's sigmoid gate) have no
-PyTorch counterpart.
+ratios; S2 rows and the gated rows (attention with loom's sigmoid gate or MoH's head weights
+in its epilogue) have no PyTorch counterpart.
 Rows without a counterpart (RoPE, embedding) are listed with loom's time only.
 """
 import argparse
@@ -67,8 +67,8 @@ def parameter_shapes(model, layers=4):
 
 
 def attention_counterparts(row):
-    """{backend: closure} timing SDPA at the row's shape, pinned to each backend; {} for S2 and gate rows."""
-    if "s2" in row["name"] or "gate" in row["name"]:
+    """{backend: closure} timing SDPA at the row's shape, pinned to each backend; {} for S2 and gated rows."""
+    if "s2" in row["name"] or "gate" in row["name"] or "moh weights" in row["name"]:
         return {}
     from torch.nn.attention import SDPBackend, sdpa_kernel
     b, t, h, d = dims(row["shape"])[:4]
