@@ -623,15 +623,15 @@ struct KeyBlock {
   // pair > 1 (S2 tiles paired vert_stride apart, 128 keys): s2_block_slot's order with the mask's
   // s2_offset.
   __device__ KeyBlock(const AttentionDims& n, int keys, int64_t pair = 1, int64_t s2_offset = 0) {
-    const BlockSlot slot =
-        keys == 2 * kTile && pair > 1 ? s2_block_slot(n.S, pair, s2_offset) : block_slot();
+    const BlockSlot slot = keys == 2 * kTile && pair > 1 ? s2_block_slot(n.S, pair, s2_offset) : block_slot();
     kb = slot.block;
     hk = slot.head;
     b = blockIdx.z;
     group = n.H / n.Hkv;
     q_tiles = (n.T + kTile - 1) / kTile;
     k_tiles = (n.S + kTile - 1) / kTile;
-    const KeyTiles tiles = key_tiles_of(kb, keys, n.S, pair);
+    const bool paired = keys == 2 * kTile && pair > 1;
+    const KeyTiles tiles = key_tiles_of(kb, keys, n.S, pair, paired ? s2_strided_index(hk, s2_offset, pair) : -1);
     j0 = tiles.t0 * kTile;
     step = static_cast<int>(tiles.step);
     nk = step == 1 ? rows_from(n.S, j0, keys) : keys;

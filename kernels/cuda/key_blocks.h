@@ -17,21 +17,42 @@ struct BlockSlot {
   int64_t block, head;
 };
 
+// The tile index within a chunk of 2 pair tiles that is on the strided shard of kv head hk under
+// S2 with 64-key blocks and vert_stride = pair (offset: the mask's s2_offset): the chunk's tiles
+// s and s + pair, with (s + hk offset) % pair == 0.
+LOOM_HOST_DEVICE inline int64_t s2_strided_index(int64_t hk, int64_t offset, int64_t pair) {
+  return ((-(hk * offset)) % pair + pair) % pair;
+}
+
 // The 64-key tiles of dK dV block kb of `keys` keys (64 or 128) over S keys: half h is tile
 // t0 + h step. Contiguous (step 1) unless pair > 1 and keys 128: then the full tiles come in
 // chunks of 2 pair, block i of a chunk taking tiles i and i + pair, so that under S2 with 64-key
 // blocks and pair = vert_stride both halves are on the same strided shard or both off it (the
 // same work); the tiles after the last whole chunk (a partial last tile among them) are paired
-// in order. The blocks number ceil(tiles / 2) either way.
+// in order. With `strided` (s2_strided_index of the block's kv head; -1: none), only block
+// `strided` of a chunk takes its two strided tiles that way: the others pair the chunk's 2 pair
+// - 2 local tiles in ascending order (steps 1 to 3), so a block's two local windows overlap
+// (16 + step query tiles instead of 16 + pair, most of them met by one half only). The blocks
+// number ceil(tiles / 2) either way.
 struct KeyTiles {
   int64_t t0, step;
 };
-LOOM_HOST_DEVICE inline KeyTiles key_tiles_of(int64_t kb, int keys, int64_t S, int64_t pair) {
+LOOM_HOST_DEVICE inline KeyTiles key_tiles_of(int64_t kb, int keys, int64_t S, int64_t pair, int64_t strided = -1) {
   if (keys == 2 * kTile && pair > 1) {  // 32-bit arithmetic: blocks and tiles are < 2^17 (flash_grid)
     const uint32_t b = static_cast<uint32_t>(kb), p = static_cast<uint32_t>(pair);
     const uint32_t chunk = 2 * p, whole = static_cast<uint32_t>(S / kTile) / chunk;
-    if (b < whole * p) return {int64_t{chunk * (b / p) + b % p}, int64_t{p}};
-    return {int64_t{whole * chunk + 2 * (b - whole * p)}, 1};
+    if (b >= whole * p) return {int64_t{whole * chunk + 2 * (b - whole * p)}, 1};
+    const uint32_t c = b / p, i = b % p;
+    if (strided < 0 || i == static_cast<uint32_t>(strided)) return {int64_t{chunk * c + i}, int64_t{p}};
+    // Local pair j of the chunk: its local tiles k = 2 j and 2 j + 1 of 2 p - 2, ascending (the
+    // first p - 1 in the chunk's first half, the rest in its second; each half skips its strided tile).
+    const uint32_t s = static_cast<uint32_t>(strided), j = i < s ? i : i - 1;
+    auto local = [&](uint32_t k) {
+      const uint32_t half = k < p - 1 ? 0 : 1, r = k - half * (p - 1);
+      return half * p + (r < s ? r : r + 1);
+    };
+    const uint32_t first = local(2 * j), second = local(2 * j + 1);
+    return {int64_t{chunk * c + first}, int64_t{second - first}};
   }
   return {kb * (keys / kTile), 1};
 }
@@ -50,7 +71,7 @@ LOOM_HOST_DEVICE inline BlockSlot s2_block_order(int64_t lin, int64_t blocks, in
                                                  int64_t offset) {
   const int64_t p = pair, whole = S / kTile / (2 * p);
   const int64_t long_total = heads * whole;
-  auto strided_index = [&](int64_t h) { return ((-(h * offset)) % p + p) % p; };
+  auto strided_index = [&](int64_t h) { return s2_strided_index(h, offset, p); };
   if (lin < long_total) {
     const int64_t cg = lin / (heads * kS2Group), r = lin - cg * heads * kS2Group;
     const int64_t size = whole - cg * kS2Group < kS2Group ? whole - cg * kS2Group : kS2Group;

@@ -563,21 +563,31 @@ TEST(FlashKeyBlocks, EveryKeyTileIsTakenOnce) {
   using cuda::detail::flash::key_tiles_of;
   for (int64_t S : {1, 64, 65, 1000, 1100, 4097, 9536, 32768})
     for (int keys : {64, 128})
-      for (int64_t pair : {1, 2, 4, 8}) {
-        const int64_t tiles = (S + 63) / 64, blocks = (S + keys - 1) / keys;
-        std::vector<int> taken(static_cast<size_t>(tiles), 0);
-        for (int64_t b = 0; b < blocks; ++b) {
-          const auto kt = key_tiles_of(b, keys, S, pair);
-          for (int h = 0; h < keys / 64; ++h) {
-            const int64_t t = kt.t0 + h * kt.step;
-            ASSERT_GE(t, 0) << "S " << S << " keys " << keys << " pair " << pair << " block " << b;
-            if (t < tiles) ++taken[static_cast<size_t>(t)];
+      for (int64_t pair : {1, 2, 4, 8})
+        for (int64_t strided = -1; strided < pair; ++strided) {  // -1: every chunk block pairs i, i + pair
+          SCOPED_TRACE("S " + std::to_string(S) + " keys " + std::to_string(keys) + " pair " + std::to_string(pair) +
+                       " strided " + std::to_string(strided));
+          const int64_t tiles = (S + 63) / 64, blocks = (S + keys - 1) / keys, whole = S / 64 / (2 * pair);
+          std::vector<int> taken(static_cast<size_t>(tiles), 0);
+          for (int64_t b = 0; b < blocks; ++b) {
+            const auto kt = key_tiles_of(b, keys, S, pair, strided);
+            for (int h = 0; h < keys / 64; ++h) {
+              const int64_t t = kt.t0 + h * kt.step;
+              ASSERT_GE(t, 0) << "block " << b;
+              if (t < tiles) ++taken[static_cast<size_t>(t)];
+            }
+            // Paired chunks (keys 128, pair > 1): the strided block takes the chunk's two strided tiles,
+            // every other block two local tiles at most 3 apart.
+            if (keys != 128 || pair == 1 || strided < 0 || b >= whole * pair) continue;
+            const bool on_shard = kt.t0 % pair == strided, second_on_shard = (kt.t0 + kt.step) % pair == strided;
+            EXPECT_EQ(on_shard, b % pair == strided) << "block " << b;
+            EXPECT_EQ(second_on_shard, on_shard) << "block " << b;
+            if (!on_shard) {
+              EXPECT_LE(kt.step, 3) << "block " << b;
+            }
           }
+          for (int64_t t = 0; t < tiles; ++t) EXPECT_EQ(taken[static_cast<size_t>(t)], 1) << "tile " << t;
         }
-        for (int64_t t = 0; t < tiles; ++t)
-          EXPECT_EQ(taken[static_cast<size_t>(t)], 1)
-              << "tile " << t << " of S " << S << " keys " << keys << " pair " << pair;
-      }
 }
 
 TEST(FlashKeyBlocks, S2OrderIsAPermutationWithEachHeadsStridedPairsFirstInGroups) {
@@ -602,7 +612,8 @@ TEST(FlashKeyBlocks, S2OrderIsAPermutationWithEachHeadsStridedPairsFirstInGroups
             char& once = seen[static_cast<size_t>(slot.head * blocks + slot.block)];
             ASSERT_EQ(once, 0) << "block " << slot.block << " of head " << slot.head << " launched twice";
             once = 1;
-            const auto kt = key_tiles_of(slot.block, 128, S, pair);
+            const auto kt = key_tiles_of(slot.block, 128, S, pair,
+                                         cuda::detail::flash::s2_strided_index(slot.head, offset, pair));
             const bool strided = kt.step == pair && (kt.t0 + slot.head * offset) % pair == 0;
             // Every head's strided pairs take the first heads * whole slots, none after them.
             EXPECT_EQ(strided, lin < heads * whole) << "slot " << lin << " -> tile " << kt.t0 << " head " << slot.head;
