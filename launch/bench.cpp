@@ -1,5 +1,5 @@
 // loom-bench [--json out.json] [--reps N] [--families gemm,memory,optimizer,attention,mixer] [--seq T]
-//            [--rows TEXT]
+//            [--rows TEXT] [--data const|normal]
 // Times the CUDA kernels at the shapes of the recipes (launch/recipes: d 128,
 // 4 heads, F 384, byte vocab, 8 x 128 tokens) and of a 1.3B model (d 2048,
 // 16 heads of 128, SwiGLU F 5632, vocab 32000, 16K tokens per step), one
@@ -27,6 +27,7 @@
 #include "framework/error.h"
 #include "framework/storage.h"
 #include "framework/stream.h"
+#include "framework/random.h"
 #include "framework/tensor.h"
 
 #ifdef LOOM_WITH_CUDA
@@ -153,6 +154,24 @@ Tensor filled(const Shape& shape, DType dtype, double value, Stream& s) {
   return t;
 }
 
+// An attention input (B, T, H, D) in bf16: 0.1 everywhere, or with `normal` standard normal values
+// (Philox, seed `seed`) drawn on the host for the first kPeriod positions and repeated along T
+// (host fills of 128K x 16 x 128 values would take longer than the timings).
+Tensor attention_input(const Shape& shape, bool normal, uint64_t seed, Stream& s) {
+  if (!normal) return filled(shape, DType::bf16, 0.1, s);
+  constexpr int64_t kPeriod = 2048;
+  const int64_t T = shape[1], period = std::min(T, kPeriod);
+  Tensor block = Tensor::empty({shape[0], period, shape[2], shape[3]}, DType::f32);
+  fill_normal(block, 0.0, 1.0, seed, 0);
+  block = block.to(DType::bf16).to(gpu());
+  Tensor t = Tensor::empty(shape, DType::bf16, gpu());
+  for (int64_t t0 = 0; t0 < T; t0 += period) {
+    const int64_t n = std::min(period, T - t0);
+    t.narrow(1, t0, n).copy_(block.narrow(1, 0, n));
+  }
+  return t;
+}
+
 // Device-to-device copy bandwidth (bytes read + written), 1 GiB.
 double copy_bandwidth(Bench& b) {
   const size_t bytes = size_t{1} << 30;
@@ -257,8 +276,10 @@ void bench_memory_bound(Bench& b, const ModelShape& m) {
 // in it: --families mixer times the whole layer). On the flash rows the gate is
 // in the forward's epilogue and its gradient in the backward's pre-pass; cuDNN
 // runs the plain attention and the gate kernels beside it.
-// `only_t`: run only the shapes of that sequence length (0: all).
-void bench_attention(Bench& b, int64_t only_t) {
+// `only_t`: run only the shapes of that sequence length (0: all). `normal`: q, k, v and dout
+// standard normal (scores of unit variance at scale D^-1/2) instead of the constant fills, whose
+// scores are all equal; data-dependent shortcuts (the forward's skipped rescales) show there.
+void bench_attention(Bench& b, int64_t only_t, bool normal) {
   Stream& s = b.stream();
   const DType bf = DType::bf16;
   const int64_t H = 16, D = 128;
@@ -308,8 +329,9 @@ void bench_attention(Bench& b, int64_t only_t) {
     if (!b.selected(label + " fwd") && !b.selected(label + " fwd+bwd")) continue;  // --rows: no setup either
     const int64_t Tq = r.packed ? r.T - r.T / 4 : r.T;
     const Shape shape{1, r.T, H, D}, q_shape{1, Tq, H, D};
-    Tensor q = filled(q_shape, bf, 0.1, s), k = filled(shape, bf, 0.1, s), v = filled(shape, bf, 0.1, s);
-    Tensor out = filled(q_shape, bf, 0, s), dout = filled(q_shape, bf, 0.1, s);
+    Tensor q = attention_input(q_shape, normal, 1, s), k = attention_input(shape, normal, 2, s);
+    Tensor v = attention_input(shape, normal, 3, s), dout = attention_input(q_shape, normal, 4, s);
+    Tensor out = filled(q_shape, bf, 0, s);
     Tensor dq = filled(q_shape, bf, 0, s), dk = filled(shape, bf, 0, s), dv = filled(shape, bf, 0, s);
     Tensor lse = filled({1, H, Tq}, DType::f32, 0, s);
     Tensor pos = Tensor::arange(r.T).to(gpu());
@@ -475,7 +497,7 @@ bool wanted(const std::string& families, const std::string& family) {
 }
 
 int run(const std::string& json_path, int reps, const std::string& families, int64_t only_t,
-        const std::string& rows) {
+        const std::string& rows, const std::string& data) {
   if (!cuda_is_available()) {
     std::printf("loom-bench: no usable GPU (%s); nothing to time.\n", cuda_unavailable_reason().c_str());
     return 0;
@@ -496,7 +518,7 @@ int run(const std::string& json_path, int reps, const std::string& families, int
     for (const ModelShape& m : kModels) bench_memory_bound(b, m);
   if (wanted(families, "optimizer"))
     for (const ModelShape& m : kModels) bench_optimizer(b, m);
-  if (wanted(families, "attention")) bench_attention(b, only_t);
+  if (wanted(families, "attention")) bench_attention(b, only_t, data == "normal");
   if (wanted(families, "mixer")) bench_mixer(b, only_t);
   b.print(copy_gbps);
   if (!json_path.empty()) {
@@ -510,7 +532,7 @@ int run(const std::string& json_path, int reps, const std::string& families, int
 
 #else
 
-int run(const std::string&, int, const std::string&, int64_t, const std::string&) {
+int run(const std::string&, int, const std::string&, int64_t, const std::string&, const std::string&) {
   std::printf("loom-bench: built without CUDA (no nvcc at configure time); nothing to time.\n");
   return 0;
 }
@@ -533,9 +555,12 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   std::string rows;
   app.add_option("--rows", rows, "time only the rows whose name contains this text (e.g. 'moh'; default: all)");
+  std::string data = "const";
+  app.add_option("--data", data, "attention inputs: const (0.1 everywhere) or normal (standard normal; default const)")
+      ->check(CLI::IsMember({"const", "normal"}));
   CLI11_PARSE(app, argc, argv);
   try {
-    return run(json_path, reps, families, only_t, rows);
+    return run(json_path, reps, families, only_t, rows, data);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "loom-bench: %s\n", e.what());
     return 1;

@@ -7,7 +7,8 @@
 # folder copies it over the tree, builds incrementally and puts A's files back (the build folder
 # ends with the last version's objects; each version's binary and flash_sm90 object stay in
 # /tmp/ab-NAME). Then each entry of RUNS (';'-separated SEQ:ROWS, loom-bench's --seq and --rows;
-# default "32768:flash fwd;32768:flash s2"), the versions alternated PASSES times (default 2).
+# default "32768:flash fwd;32768:flash s2"; SEQ:ROWS:DATA times with --data DATA, const or normal),
+# the versions alternated PASSES times (default 2).
 # AFTER_A: a command run right after A's build, on A's tree and build folder (parity tests, say).
 # Logs under $OUT (default /tmp/o).
 set -u; O=${OUT:-/tmp/o}; mkdir -p $O; B=${B_DIR:-build-gpu}; T0=$SECONDS
@@ -34,11 +35,12 @@ for d in $BASE; do
 done
 IFS=';' read -ra runs <<< "${RUNS:-32768:flash fwd;32768:flash s2}"
 for run in "${runs[@]}"; do
-  seq=${run%%:*}; r=${run#*:}
+  seq=${run%%:*}; r=${run#*:}; data=const
+  [[ $r == *:* ]] && { data=${r##*:}; r=${r%:*}; }
   for pass in $(seq ${PASSES:-2}); do for v in $versions; do
-    log=$O/ab-$v-$seq-${r// /_}-$pass.log
-    timeout 120 /tmp/ab-$v/loom-bench --families attention --seq $seq --reps 10 --rows "$r" > $log 2>&1
-    echo "$v seq $seq \"$r\" pass $pass rc $?:"; grep -E "fwd" $log | sed 's/^/  /'
+    log=$O/ab-$v-$seq-${r// /_}-$data-$pass.log
+    timeout 120 /tmp/ab-$v/loom-bench --families attention --seq $seq --reps 10 --rows "$r" --data $data > $log 2>&1
+    echo "$v seq $seq \"$r\" $data pass $pass rc $?:"; grep -E "fwd" $log | sed 's/^/  /'
   done; done
 done
 echo "a/b done $(el)"
