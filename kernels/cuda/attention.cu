@@ -76,7 +76,7 @@ __device__ __forceinline__ void load_positions(TilePositions& tp, const int64_t*
   tp.pos[threadIdx.x] = p;
   tp.valid[threadIdx.x] = valid;
   if (m.s2_block > 0) {  // rows past `count` are masked elsewhere; their block fields are never used
-    const int64_t blk = valid ? p / m.s2_block : 0;
+    const int64_t blk = valid ? div_pos(p, m.s2_block) : 0;
     tp.block[threadIdx.x] = blk;
     tp.strided[threadIdx.x] = valid && s2_strided(m, blk, hk);
   }

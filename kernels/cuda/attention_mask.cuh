@@ -4,6 +4,7 @@
 #pragma once
 
 #include "kernels/cuda/attention_launch.h"
+#include "kernels/cuda/key_blocks.h"  // div_pos, mod_pos
 
 #include <cstdint>
 
@@ -11,7 +12,7 @@ namespace loom::cuda::detail {
 
 // Whether S2 key block J is on kv head hk's strided shard.
 __host__ __device__ __forceinline__ bool s2_strided(const AttentionMask& m, int64_t J, int64_t hk) {
-  return (J + hk * m.s2_offset) % m.s2_stride == 0;
+  return mod_pos(J + hk * m.s2_offset, m.s2_stride) == 0;
 }
 
 // The CPU twin's rule for a query at position qp and a key at kp, given their S2 block ids

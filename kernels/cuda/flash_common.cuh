@@ -98,8 +98,8 @@ __device__ __forceinline__ bool tiles_meet(const AttentionMask& m, const TileBou
   const int64_t q_lo = tb.q_lo[qt], q_hi = tb.q_hi[qt], k_lo = tb.k_lo[kt], k_hi = tb.k_hi[kt];
   if (m.causal && k_lo > q_hi) return false;
   if (m.s2_block > 0) {
-    const int64_t i_lo = q_lo / m.s2_block, i_hi = q_hi / m.s2_block;
-    const int64_t j_lo = k_lo / m.s2_block, j_hi = k_hi / m.s2_block;
+    const int64_t i_lo = div_pos(q_lo, m.s2_block), i_hi = div_pos(q_hi, m.s2_block);
+    const int64_t j_lo = div_pos(k_lo, m.s2_block), j_hi = div_pos(k_hi, m.s2_block);
     if (j_lo > i_hi) return false;  // every key block after every query block
     if (i_lo - j_hi >= m.s2_local && j_hi - j_lo + 1 < m.s2_stride) {  // all outside the local window
       bool strided = false;  // some key block of the range on kv head hk's strided shard
@@ -120,8 +120,8 @@ __device__ __forceinline__ bool tiles_unmasked(const AttentionMask& m, const Til
   const int64_t q_lo = tb.q_lo[qt], k_hi = tb.k_hi[kt];
   if (m.causal && k_hi > q_lo) return false;
   if (m.s2_block > 0) {
-    const int64_t I = q_lo / m.s2_block, J = tb.k_lo[kt] / m.s2_block;
-    if (tb.q_hi[qt] / m.s2_block != I || k_hi / m.s2_block != J || J > I) return false;
+    const int64_t I = div_pos(q_lo, m.s2_block), J = div_pos(tb.k_lo[kt], m.s2_block);
+    if (div_pos(tb.q_hi[qt], m.s2_block) != I || div_pos(k_hi, m.s2_block) != J || J > I) return false;
     return I - J < m.s2_local || s2_strided(m, J, hk);
   }
   return true;
@@ -139,7 +139,7 @@ struct RowPos {
 template <int kRows, int kT = kThreads>
 __device__ __forceinline__ void fill_s2(RowPos<kRows>& rp, const AttentionMask& m, int64_t hk) {
   for (int r = threadIdx.x; r < kRows; r += kT) {
-    const int64_t J = rp.pos[r] / m.s2_block;
+    const int64_t J = div_pos(rp.pos[r], m.s2_block);
     rp.blk[r] = J;
     rp.strided[r] = s2_strided(m, J, hk);
   }

@@ -1,12 +1,29 @@
 // Which 64-key tiles each dK dV block of the flash backward takes, the launch
-// order of those blocks, and the tile order of its fp32 dQ: plain integer
-// arithmetic, compiled for the host too, so that the CPU tests check it
-// (tests/cuda/flash_attention_test.cpp).
+// order of those blocks, the tile order of its fp32 dQ, and the divisions of the
+// masks' position arithmetic: plain integer arithmetic, compiled for the host
+// too, so that the CPU tests check it (tests/cuda/flash_attention_test.cpp).
 #pragma once
 
 #include <cstdint>
 
 #include "framework/host_device.h"
+
+namespace loom::cuda::detail {
+
+// a / b and a % b as C++ computes them, in 32 bits where a and b are both in [0, 2^32) (every
+// real position and block id): a 64-bit division is a long subroutine on the GPU, and the tile
+// plans of S2 blocks run several per tile of the sequence.
+LOOM_HOST_DEVICE inline bool fits_u32(int64_t a, int64_t b) {
+  return ((static_cast<uint64_t>(a) | static_cast<uint64_t>(b)) >> 32) == 0;
+}
+LOOM_HOST_DEVICE inline int64_t div_pos(int64_t a, int64_t b) {
+  return fits_u32(a, b) ? int64_t{static_cast<uint32_t>(a) / static_cast<uint32_t>(b)} : a / b;
+}
+LOOM_HOST_DEVICE inline int64_t mod_pos(int64_t a, int64_t b) {
+  return fits_u32(a, b) ? int64_t{static_cast<uint32_t>(a) % static_cast<uint32_t>(b)} : a % b;
+}
+
+}  // namespace loom::cuda::detail
 
 namespace loom::cuda::detail::flash {
 

@@ -590,6 +590,22 @@ TEST(FlashKeyBlocks, EveryKeyTileIsTakenOnce) {
         }
 }
 
+// The masks' divisions (div_pos, mod_pos) take a 32-bit path where both operands fit: the same
+// quotients and remainders as C++'s 64-bit ones on both sides of that bound, negatives included.
+TEST(FlashKeyBlocks, PositionDivisionsMatchCpp) {
+  using cuda::detail::div_pos;
+  using cuda::detail::mod_pos;
+  const int64_t big = int64_t{1} << 32;
+  const int64_t as[] = {0, 1, 63, 64, 65, 131071, 131072, big - 1, big, big + 1, 3 * big + 7,
+                        std::numeric_limits<int64_t>::max(), -1, -64, -65, -big, std::numeric_limits<int64_t>::min() + 1};
+  const int64_t bs[] = {1, 3, 8, 64, 100, big - 1, big, big + 5, -1, -8};
+  for (int64_t a : as)
+    for (int64_t b : bs) {
+      EXPECT_EQ(div_pos(a, b), a / b) << a << " / " << b;
+      EXPECT_EQ(mod_pos(a, b), a % b) << a << " % " << b;
+    }
+}
+
 TEST(FlashKeyBlocks, S2OrderIsAPermutationWithEachHeadsStridedPairsFirstInGroups) {
   using cuda::detail::flash::kS2Group;
   using cuda::detail::flash::key_tiles_of;
