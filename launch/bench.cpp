@@ -276,9 +276,11 @@ void bench_memory_bound(Bench& b, const ModelShape& m) {
 // in it: --families mixer times the whole layer). On the flash rows the gate is
 // in the forward's epilogue and its gradient in the backward's pre-pass; cuDNN
 // runs the plain attention and the gate kernels beside it.
-// `only_t`: run only the shapes of that sequence length (0: all). `normal`: q, k, v and dout
-// standard normal (scores of unit variance at scale D^-1/2) instead of the constant fills, whose
-// scores are all equal; data-dependent shortcuts (the forward's skipped rescales) show there.
+// `only_t`: run only the shapes of that sequence length (0: all). `normal` (the default): q, k, v
+// and dout standard normal (scores of unit variance at scale D^-1/2), as tools/bench_torch.py
+// times SDPA; otherwise 0.1 everywhere (every score equal), which the tables before session 16
+// used: cuDNN's dense kernel ran 23% faster on those than on normal inputs at 128K, loom's S2
+// kernels 9% (kernels/NOTES.md), so the two fills give different ratios.
 void bench_attention(Bench& b, int64_t only_t, bool normal) {
   Stream& s = b.stream();
   const DType bf = DType::bf16;
@@ -555,8 +557,10 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   std::string rows;
   app.add_option("--rows", rows, "time only the rows whose name contains this text (e.g. 'moh'; default: all)");
-  std::string data = "const";
-  app.add_option("--data", data, "attention inputs: const (0.1 everywhere) or normal (standard normal; default const)")
+  std::string data = "normal";
+  app.add_option("--data", data,
+                 "attention inputs: normal (standard normal, as tools/bench_torch.py's; default) or const (0.1 "
+                 "everywhere: every score equal, the GPU at lower power; the tables before 2026-12-06's session 16)")
       ->check(CLI::IsMember({"const", "normal"}));
   CLI11_PARSE(app, argc, argv);
   try {

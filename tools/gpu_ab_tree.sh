@@ -7,7 +7,8 @@
 # folder copies it over the tree, builds incrementally and puts A's files back (the build folder
 # ends with the last version's objects; each version's binary and flash_sm90 object stay in
 # /tmp/ab-NAME). Then each entry of RUNS (';'-separated SEQ:ROWS, loom-bench's --seq and --rows;
-# default "32768:flash fwd;32768:flash s2"; SEQ:ROWS:DATA times with --data DATA, const or normal),
+# default "32768:flash fwd;32768:flash s2"; SEQ:ROWS:DATA times with --data DATA, normal (the
+# default) or const),
 # the versions alternated PASSES times (default 2).
 # AFTER_A: a command run right after A's build, on A's tree and build folder (parity tests, say).
 # Logs under $OUT (default /tmp/o).
@@ -35,7 +36,7 @@ for d in $BASE; do
 done
 IFS=';' read -ra runs <<< "${RUNS:-32768:flash fwd;32768:flash s2}"
 for run in "${runs[@]}"; do
-  seq=${run%%:*}; r=${run#*:}; data=const
+  seq=${run%%:*}; r=${run#*:}; data=normal
   [[ $r == *:* ]] && { data=${r##*:}; r=${r%:*}; }
   for pass in $(seq ${PASSES:-2}); do for v in $versions; do
     log=$O/ab-$v-$seq-${r// /_}-$data-$pass.log
