@@ -494,7 +494,8 @@ void launch_flash_attention_backward(void* dq, void* dk, void* dv, float* delta,
       LOOM_CUDA_CHECK(cudaGetLastError());
     }
     // S2 blocks narrower than 128 keys: the 4-warp kernel, or the warpgroup kernel with its key
-    // tiles paired vert_stride apart where the S2 blocks are whole tiles (7% faster at 32K).
+    // tiles paired within chunks of 2 vert_stride tiles where the S2 blocks are whole tiles (7%
+    // faster at 32K than the 4-warp kernel; key_tiles_of).
     const bool sm90 = use_sm90({q, k, v, dout}), paired = sm90 && mask.s2_block == kTile;
     const bool four = fused && mask.s2_block > 0 && mask.s2_block % kBlockRows != 0 && !paired;
     if (n.S > 0 && fused && !four && sm90) {

@@ -620,8 +620,8 @@ struct KeyBlock {
   int nk;    // valid keys of the block (contiguous), or all of them (paired halves are whole tiles)
   int step;  // tiles from the first half to the second
 
-  // pair > 1 (S2 tiles paired vert_stride apart, 128 keys): s2_block_slot's order with the mask's
-  // s2_offset.
+  // pair > 1 (S2 blocks of one tile, vert_stride = pair, 128 keys: key_tiles_of's pairs within
+  // chunks of 2 pair tiles): s2_block_slot's order with the mask's s2_offset.
   __device__ KeyBlock(const AttentionDims& n, int keys, int64_t pair = 1, int64_t s2_offset = 0) {
     const BlockSlot slot = keys == 2 * kTile && pair > 1 ? s2_block_slot(n.S, pair, s2_offset) : block_slot();
     kb = slot.block;

@@ -18,8 +18,9 @@
 // of every head of the GQA group, here from the last down; dQ added into fp32
 // in tile order with bulk reductions, key_group_dq_reduce), with two
 // warpgroups of 64 keys each (under S2 with 64-key
-// blocks, two tiles vert_stride apart: key_tiles_of, launched in
-// s2_block_slot's order):
+// blocks, two tiles of one 2 vert_stride chunk: its two strided tiles
+// vert_stride apart, or two of its local tiles in order: key_tiles_of,
+// launched in s2_block_slot's order):
 //   S^T  = K Q^T      (64 keys x 64 queries, A = K, B = Q: both K-major)
 //   dV  += P^T dO     (A = P^T from registers, B = dO N-major)
 //   dP^T = V dO^T     (A = V, B = dO: both K-major)
@@ -589,8 +590,8 @@ void flash::launch_flash_dkdv_sm90(void* dk, void* dv, float* dq_acc, const void
                                    const float* delta, const void* q, const void* k, const void* v,
                                    const AttentionDims& n, const AttentionMask& mask, const TileBounds& tb,
                                    float scale, cudaStream_t stream) {
-  // S2 blocks of one tile: pair tiles vert_stride apart (key_tiles_of), so both groups of a
-  // block have the same work.
+  // S2 blocks of one tile: pair each chunk's strided tiles vert_stride apart and its local tiles
+  // in order (key_tiles_of), so both groups of a block have nearly the same work.
   const int64_t pair = mask.s2_block == kTile ? mask.s2_stride : 1;
   dispatch_flash_head_dim(n.D, [&](auto kd) {
     constexpr int kD = decltype(kd)::value;
