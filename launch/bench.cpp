@@ -26,8 +26,8 @@
 #include "framework/ops.h"
 #include "framework/error.h"
 #include "framework/storage.h"
-#include "framework/stream.h"
 #include "framework/random.h"
+#include "framework/stream.h"
 #include "framework/tensor.h"
 
 #ifdef LOOM_WITH_CUDA
@@ -279,8 +279,8 @@ void bench_memory_bound(Bench& b, const ModelShape& m) {
 // `only_t`: run only the shapes of that sequence length (0: all). `normal` (the default): q, k, v
 // and dout standard normal (scores of unit variance at scale D^-1/2), as tools/bench_torch.py
 // times SDPA; otherwise 0.1 everywhere (every score equal), which the tables before session 16
-// used: cuDNN's dense kernel ran 23% faster on those than on normal inputs at 128K, loom's S2
-// kernels 9% (kernels/NOTES.md), so the two fills give different ratios.
+// used: at 128K cuDNN's dense kernel took 23% longer on normal inputs than on those, loom's S2
+// kernels 9-10% longer (kernels/NOTES.md), so the two fills give different ratios.
 void bench_attention(Bench& b, int64_t only_t, bool normal) {
   Stream& s = b.stream();
   const DType bf = DType::bf16;

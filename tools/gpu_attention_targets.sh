@@ -26,7 +26,7 @@ nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader -lms 100 > $O/
 smi=$!
 for d in normal const; do for r in "flash s2 fwd" "cudnn fwd"; do
   timeout 60 $B/loom-bench --families attention --seq 131072 --reps 10 --rows "$r" --data $d > $O/l128.log 2>&1
-  echo "mark $d:${r// /_}" >> $O/clocks.csv; echo "128K \"$r\" $d rc $?"; grep -E "fwd" $O/l128.log
+  rc=$?; echo "mark $d:${r// /_}" >> $O/clocks.csv; echo "128K \"$r\" $d rc $rc"; grep -E "fwd" $O/l128.log
 done; done
 kill $smi
 python3 - $O/clocks.csv <<'PY'
