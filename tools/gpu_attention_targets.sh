@@ -20,27 +20,21 @@ for r in "flash fwd" "cudnn fwd"; do
   timeout 60 $B/loom-bench --families attention --seq 32768 --reps 10 --rows "$r" --json $O/l32.json > $O/l32.log 2>&1
   echo "loom 32K \"$r\" rc $? $(el)"
   timeout 90 python3 tools/bench_torch.py $O/l32.json > $O/torch32-${r// /_}.log 2>&1
-  echo "torch rc $? $(el)"; grep -E "attention" $O/torch32-${r// /_}.log | head -6
+  echo "torch rc $? $(el)"; sed -n '/== attention/,$p' $O/torch32-${r// /_}.log | head -8
 done
-nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader -lms 100 > $O/clocks.csv 2>&1 &
-smi=$!
+# One sample file per row: nvidia-smi writes at its own offset, so a marker appended to a shared file is lost.
 for d in normal const; do for r in "flash s2 fwd" "cudnn fwd"; do
+  nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader -lms 100 > $O/clocks-$d-${r// /_}.csv 2>&1 &
+  smi=$!
   timeout 60 $B/loom-bench --families attention --seq 131072 --reps 10 --rows "$r" --data $d > $O/l128.log 2>&1
-  rc=$?; echo "mark $d:${r// /_}" >> $O/clocks.csv; echo "128K \"$r\" $d rc $rc"; grep -E "fwd" $O/l128.log
+  rc=$?; kill $smi; echo "128K \"$r\" $d rc $rc"; grep -E "fwd" $O/l128.log
 done; done
-kill $smi
-python3 - $O/clocks.csv <<'PY'
+python3 - $O/clocks-*.csv <<'PY'
 import re, sys
-seg, rows = [], []
-for line in open(sys.argv[1]):
-    if line.startswith("mark"):
-        rows.append((line.split()[1], seg))
-        seg = []
-        continue
-    m = re.match(r"\s*(\d+) MHz, ([\d.]+) W", line)
-    if m:
-        seg.append((int(m.group(1)), float(m.group(2))))
-for name, s in rows:
+for path in sys.argv[1:]:
+    name = path.rsplit("clocks-", 1)[1][:-4]
+    s = [(int(m.group(1)), float(m.group(2))) for m in
+         (re.match(r"\s*(\d+) MHz, ([\d.]+) W", line) for line in open(path)) if m]
     busy = [x for x in s if x[1] > 250] or s
     if busy:
         mhz, watts = [c for c, _ in busy], [w for _, w in busy]
